@@ -1,0 +1,125 @@
+"""The error hierarchy of every service and its mapping to rich gRPC statuses.
+
+Domain code raises a :class:`CarillonError` subclass; each class carries its gRPC status code. The
+server interceptor turns it into a ``google.rpc.Status`` with an ``ErrorInfo`` (reason and domain)
+and, for bad input, a ``BadRequest`` listing every offending field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request: its path (``entity.attributes[2].type``) and what is wrong."""
+
+    field: str
+    description: str
+
+
+class CarillonError(Exception):
+    """Base of every error a service raises on purpose; maps to one gRPC status code."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    default_reason = "ERROR"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        violations: Iterable[FieldViolation] = (),
+        field: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        found = list(violations)
+        if field is not None:
+            found.insert(0, FieldViolation(field, message))
+        self.violations: list[FieldViolation] = found
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class InvalidArgument(CarillonError):
+    """The request is malformed or refers to something that cannot exist (bad field values)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+
+class NotFound(CarillonError):
+    """A named resource does not exist in the caller's sandbox."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(CarillonError):
+    """A resource with the requested id already exists."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(CarillonError):
+    """The request is valid but the resource's state does not allow it (an illegal transition)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(CarillonError):
+    """A guardrail or quota is reached; the message names the limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "LIMIT_EXCEEDED"
+
+
+class Unavailable(CarillonError):
+    """A dependency (another service, the database) cannot be reached; retrying may succeed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "DEPENDENCY_UNAVAILABLE"
+
+
+def to_status(error: CarillonError, domain: str) -> status_pb2.Status:
+    """Build the ``google.rpc.Status`` for ``error``, with ErrorInfo and BadRequest details."""
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata)
+    details = [info]
+    if error.violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+        details.append(bad)  # type: ignore[arg-type]
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    return status_pb2.Status(code=error.code.value[0], message=error.message, details=packed)
+
+
+def internal_status(message: str) -> status_pb2.Status:
+    """The status sent for an unexpected failure (a bug), without leaking its text."""
+    return status_pb2.Status(code=code_pb2.INTERNAL, message=message)
+
+
+def error_from_rpc(err: grpc.RpcError) -> CarillonError:
+    """Turn a status received from another service into the matching local error class."""
+    mapping: dict[grpc.StatusCode, type[CarillonError]] = {
+        cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted)
+    }
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    cls = mapping.get(code, Unavailable)
+    return cls(f"{code.name}: {err.details() if hasattr(err, 'details') else err}")

@@ -101,7 +101,7 @@ def to_status(error: CarillonError, domain: str) -> status_pb2.Status:
                 for v in error.violations
             ]
         )
-        details.append(bad)  # type: ignore[arg-type]
+        details.append(bad)
     packed = []
     for detail in details:
         holder = any_pb2.Any()

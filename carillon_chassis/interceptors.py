@@ -44,9 +44,7 @@ class _CallScope:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         self.request_id = metadata.get(REQUEST_ID_METADATA_KEY) or uuid.uuid4().hex
         self.raw_sandbox = metadata.get(SANDBOX_METADATA_KEY, DEFAULT_SANDBOX)
-        structlog.contextvars.bind_contextvars(
-            request_id=self.request_id, rpc=method, sandbox=self.raw_sandbox
-        )
+        structlog.contextvars.bind_contextvars(request_id=self.request_id, rpc=method, sandbox=self.raw_sandbox)
 
     def enter(self) -> None:
         """Validate and install the call's sandbox (raises InvalidArgument for a bad name)."""

@@ -27,9 +27,7 @@ def parse_name(name: str, *collections: str, field: str = "name") -> list[str]:
     parts = name.split("/")
     expected = "/".join(f"{c}/{{{c[:-1]}}}" for c in collections)
     if len(parts) != 2 * len(collections) or any(parts[2 * i] != c for i, c in enumerate(collections)):
-        raise InvalidArgument(
-            f"{field} must look like {expected}; got {name!r}", field=field, reason="INVALID_NAME"
-        )
+        raise InvalidArgument(f"{field} must look like {expected}; got {name!r}", field=field, reason="INVALID_NAME")
     ids = parts[1::2]
     for value in ids:
         validate_id(value, field)

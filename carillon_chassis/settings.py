@@ -28,7 +28,7 @@ class ServiceSettings(BaseSettings):
     database_url: str | None = None
     database_schema: str | None = None
     log_format: Literal["console", "json"] = Field(
-        default_factory=lambda: os.environ.get("CARILLON_LOG_FORMAT", "console")  # type: ignore[arg-type,return-value]
+        default_factory=lambda: os.environ.get("CARILLON_LOG_FORMAT", "console")  # type: ignore[arg-type]
     )
     log_level: str = Field(default_factory=lambda: os.environ.get("CARILLON_LOG_LEVEL", "info"))
     grace_period_s: float = 10.0

@@ -19,9 +19,7 @@ import sqlalchemy as sa
 
 from carillon_chassis.database import Database
 
-POSTGRES_URL = os.environ.get(
-    "CARILLON_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+POSTGRES_URL = os.environ.get("CARILLON_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 

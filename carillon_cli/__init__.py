@@ -1,0 +1,1 @@
+"""The carillon command line: start the services, run the demo, inspect campaigns."""

@@ -1,0 +1,272 @@
+"""Message templates: validation, compilation and rendering in a Jinja2 sandbox, and their store.
+
+Every part of a template is a Jinja2 template compiled in an immutable sandboxed environment with
+``StrictUndefined``: an undefined variable is an error (``| default(...)`` still works), an unsafe
+attribute (``''.__class__``) is an error, and huge string or power operations are refused. HTML parts
+are autoescaped, the other parts are not. A template is compiled when it is created, so a syntax error
+is reported then, naming the part (``template.email.subject``).
+
+Rendering context: ``profile`` (id, name, first_name, last_name, locale, time_zone, email,
+attributes) and ``target`` (the recipient's working-set row as Python values).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from jinja2 import StrictUndefined, TemplateError
+from jinja2 import Template as JinjaTemplate
+from jinja2.exceptions import SecurityError
+from jinja2.runtime import Context
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from carillon_chassis.database import Database, as_utc, utcnow
+from carillon_chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
+from carillon_chassis.names import validate_id
+from carillon_chassis.pagination import decode_token, encode_token
+from delivery_svc.tables import TemplateRow
+
+CHANNELS = ("email", "sms", "push", "direct_mail")
+# The parts of each kind of content, and the channel each kind is for.
+CONTENT_PARTS: dict[str, tuple[str, ...]] = {
+    "email": ("subject", "html_body", "text_body", "sender_name", "sender_address"),
+}
+CONTENT_CHANNEL = {"email": "email"}
+# Parts rendered with HTML autoescaping.
+HTML_PARTS = frozenset({"html_body"})
+# Parts that end up in a single-line header: whitespace runs (newlines included) become one space.
+SINGLE_LINE_PARTS = frozenset({"subject", "sender_name", "sender_address"})
+
+MAX_PART_CHARS = 100_000
+MAX_RENDERED_CHARS = 1_000_000
+MAX_DISPLAY_NAME_CHARS = 200
+_MAX_EXPONENT = 128
+
+
+class RenderError(Exception):
+    """A template part could not be rendered for one recipient (undefined variable, sandbox violation...)."""
+
+    def __init__(self, part: str, message: str) -> None:
+        super().__init__(f"{part}: {message}")
+        self.part = part
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The sandbox of every template: immutable, strict about undefined names, bounded operators."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Context, operator_name: str, left: Any, right: Any) -> Any:
+        if operator_name == "**":
+            if isinstance(right, int | float) and abs(right) > _MAX_EXPONENT:
+                raise SecurityError("exponent too large")
+            return operator.pow(left, right)
+        for seq, count in ((left, right), (right, left)):
+            if isinstance(seq, str | list | tuple) and isinstance(count, int) and len(seq) * count > MAX_RENDERED_CHARS:
+                raise SecurityError("sequence repetition too large")
+        return operator.mul(left, right)
+
+
+_TEXT_ENV = _Sandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_HTML_ENV = _Sandbox(undefined=StrictUndefined, autoescape=True, keep_trailing_newline=True)
+
+
+@dataclass
+class Template:
+    """A template as the domain sees it: its channel and the named parts of its content."""
+
+    template_id: str
+    channel: str
+    content_kind: str
+    content: dict[str, str] = field(default_factory=dict)
+    display_name: str = ""
+    create_time: datetime | None = None
+
+    @property
+    def name(self) -> str:
+        """The resource name, ``templates/{template}``."""
+        return f"templates/{self.template_id}"
+
+
+class CompiledTemplate:
+    """A template whose parts are compiled, ready to render once per recipient."""
+
+    def __init__(self, template: Template, parts: Mapping[str, JinjaTemplate]) -> None:
+        self.template = template
+        self._parts = dict(parts)
+
+    def render(self, context: Mapping[str, Any]) -> dict[str, str]:
+        """Every part rendered with ``context``; raises RenderError naming the first part that fails."""
+        rendered: dict[str, str] = {}
+        for part, compiled in self._parts.items():
+            try:
+                text = compiled.render(context)
+            except Exception as exc:  # template code is user code: any failure is a render error
+                raise RenderError(part, f"{type(exc).__name__}: {exc}") from exc
+            if len(text) > MAX_RENDERED_CHARS:
+                raise RenderError(part, f"rendered text exceeds {MAX_RENDERED_CHARS} characters")
+            if part in SINGLE_LINE_PARTS:
+                text = " ".join(text.split())
+            rendered[part] = text
+        return rendered
+
+
+def _field(kind: str, part: str) -> str:
+    return f"template.{kind}.{part}"
+
+
+def validate_template(template: Template) -> list[FieldViolation]:
+    """Every problem of a new template that is not about compiling its parts."""
+    violations: list[FieldViolation] = []
+    if template.channel not in CHANNELS:
+        violations.append(FieldViolation("template.channel", "channel must be set"))
+    if len(template.display_name) > MAX_DISPLAY_NAME_CHARS:
+        violations.append(FieldViolation("template.display_name", f"at most {MAX_DISPLAY_NAME_CHARS} characters"))
+    kind = template.content_kind
+    if kind not in CONTENT_PARTS:
+        violations.append(FieldViolation("template.content", "the content must be set"))
+        return violations
+    if template.channel in CHANNELS and CONTENT_CHANNEL[kind] != template.channel:
+        violations.append(
+            FieldViolation(f"template.{kind}", f"{kind} content does not match channel {template.channel!r}")
+        )
+    for part, text in template.content.items():
+        if len(text) > MAX_PART_CHARS:
+            violations.append(FieldViolation(_field(kind, part), f"at most {MAX_PART_CHARS} characters"))
+    if kind == "email":
+        if not template.content.get("subject", "").strip():
+            violations.append(FieldViolation(_field(kind, "subject"), "a subject is required"))
+        if not template.content.get("html_body") and not template.content.get("text_body"):
+            for part in ("html_body", "text_body"):
+                violations.append(FieldViolation(_field(kind, part), "an HTML or a text body is required"))
+    return violations
+
+
+def compile_template(template: Template) -> CompiledTemplate:
+    """Compile every non-empty part; a syntax error is InvalidArgument naming each failing part."""
+    kind = template.content_kind
+    compiled: dict[str, JinjaTemplate] = {}
+    violations: list[FieldViolation] = []
+    for part in CONTENT_PARTS.get(kind, ()):
+        source = template.content.get(part, "")
+        if not source:
+            continue
+        env = _HTML_ENV if part in HTML_PARTS else _TEXT_ENV
+        try:
+            compiled[part] = env.from_string(source)
+        except TemplateError as exc:
+            line = getattr(exc, "lineno", None)
+            where = f" (line {line})" if line else ""
+            violations.append(FieldViolation(_field(kind, part), f"does not compile{where}: {exc.message or exc}"))
+        except RecursionError:
+            violations.append(FieldViolation(_field(kind, part), "is nested too deeply"))
+    if violations:
+        raise InvalidArgument("the template does not compile", violations=violations, reason="TEMPLATE_SYNTAX_ERROR")
+    return CompiledTemplate(template, compiled)
+
+
+def check_new_template(template_id: str, template: Template) -> CompiledTemplate:
+    """Validate a template about to be created and compile it (InvalidArgument lists every problem)."""
+    violations: list[FieldViolation] = []
+    try:
+        validate_id(template_id, "template_id")
+    except InvalidArgument as exc:
+        violations += exc.violations
+    violations += validate_template(template)
+    if violations:
+        raise InvalidArgument("invalid template", violations=violations, reason="INVALID_TEMPLATE")
+    return compile_template(template)
+
+
+def _from_row(row: sa.RowMapping) -> Template:
+    stored = dict(row["content"] or {})
+    kind = str(stored.pop("kind", ""))
+    return Template(
+        template_id=row["template_id"],
+        channel=row["channel"],
+        content_kind=kind,
+        content={k: str(v) for k, v in stored.items()},
+        display_name=row["display_name"],
+        create_time=as_utc(row["create_time"]),
+    )
+
+
+class TemplateStore:
+    """The templates of one database, per sandbox."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._table: sa.Table = TemplateRow.__table__  # type: ignore[attr-defined]
+
+    def create(self, sandbox: str, template_id: str, template: Template) -> Template:
+        """Validate, compile and store a new template; ALREADY_EXISTS when the id is taken."""
+        check_new_template(template_id, template)
+        parts = CONTENT_PARTS[template.content_kind]
+        created = Template(
+            template_id=template_id,
+            channel=template.channel,
+            content_kind=template.content_kind,
+            content={part: template.content.get(part, "") for part in parts},
+            display_name=template.display_name,
+            create_time=utcnow(),
+        )
+        row = {
+            "sandbox": sandbox,
+            "template_id": template_id,
+            "channel": created.channel,
+            "display_name": created.display_name,
+            "content": {"kind": created.content_kind, **created.content},
+            "create_time": created.create_time,
+        }
+        taken = AlreadyExists(
+            f"template {template_id!r} already exists", field="template_id", reason="TEMPLATE_ALREADY_EXISTS"
+        )
+        try:
+            with self.database.engine.begin() as conn:
+                exists = conn.execute(
+                    sa.select(self._table.c.template_id).where(
+                        self._table.c.sandbox == sandbox, self._table.c.template_id == template_id
+                    )
+                ).first()
+                if exists is not None:
+                    raise taken
+                conn.execute(self._table.insert().values(**row))
+        except sa.exc.IntegrityError as exc:
+            raise taken from exc
+        return created
+
+    def get(self, sandbox: str, template_id: str, *, field_name: str = "name") -> Template:
+        """One template; NOT_FOUND naming ``field_name`` when it does not exist."""
+        with self.database.engine.connect() as conn:
+            row = (
+                conn.execute(
+                    sa.select(self._table).where(
+                        self._table.c.sandbox == sandbox, self._table.c.template_id == template_id
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise NotFound(f"template {template_id!r} does not exist", field=field_name, reason="TEMPLATE_NOT_FOUND")
+        return _from_row(row)
+
+    def list(self, sandbox: str, size: int, token: str) -> tuple[list[Template], str]:
+        """One page of templates in id order and the token of the next page ("" on the last)."""
+        after = decode_token(token)
+        if after is not None and not isinstance(after, str):
+            raise InvalidArgument("page_token is not a token returned by this RPC", field="page_token")
+        query = sa.select(self._table).where(self._table.c.sandbox == sandbox)
+        if after is not None:
+            query = query.where(self._table.c.template_id > after)
+        query = query.order_by(self._table.c.template_id).limit(size + 1)
+        with self.database.engine.connect() as conn:
+            rows = list(conn.execute(query).mappings())
+        templates = [_from_row(r) for r in rows[:size]]
+        next_token = encode_token(templates[-1].template_id) if len(rows) > size else ""
+        return templates, next_token

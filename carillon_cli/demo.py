@@ -178,7 +178,9 @@ def demo_template() -> template_pb2.Template:
         channel=channel_pb2.CHANNEL_EMAIL,
         display_name="Paris weekend offer",
         email=template_pb2.EmailContent(
-            subject="{{ profile.first_name | default('Hello') }}, a Paris weekend for {{ target.loyalty_tier }} members",
+            subject=(
+                "{{ profile.first_name | default('Hello') }}, a Paris weekend for {{ target.loyalty_tier }} members"
+            ),
             text_body=(
                 "Hi {{ profile.first_name | default('there') }},\n\n"
                 "As a {{ target.loyalty_tier }} member you get 20% off two nights in Paris.\n\n"
@@ -219,7 +221,9 @@ class Demo:
     def __init__(self, endpoints: Endpoints, sandbox: str = "demo") -> None:
         self.endpoints = endpoints
         self.metadata = call_metadata(sandbox)
-        self._channels = {name: open_channel(endpoints.of(name)) for name in ("audience", "scheduler", "delivery", "profile")}
+        self._channels = {
+            name: open_channel(endpoints.of(name)) for name in ("audience", "scheduler", "delivery", "profile")
+        }
         self.audience = aud_grpc.AudienceServiceStub(self._channels["audience"])
         self.campaigns = sch_grpc.CampaignServiceStub(self._channels["scheduler"])
         self.delivery = dlv_grpc.DeliveryServiceStub(self._channels["delivery"])
@@ -277,7 +281,9 @@ class Demo:
             )
         total = 0
         for chunk in _chunks(profiles, 100):
-            reply = await self.profiles.UpsertProfiles(prf.UpsertProfilesRequest(profiles=chunk), metadata=self.metadata)
+            reply = await self.profiles.UpsertProfiles(
+                prf.UpsertProfilesRequest(profiles=chunk), metadata=self.metadata
+            )
             total += reply.created + reply.updated
         return total
 
@@ -319,7 +325,8 @@ class Demo:
             if on_progress is not None:
                 on_progress(reply.run)
             if reply.run.state in finished:
-                return reply.run
+                final: run_pb2.Run = reply.run
+                return final
             if loop.time() > deadline:
                 raise TimeoutError(f"run {run} did not finish within {timeout_s:.0f}s")
             await asyncio.sleep(0.2)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from carillon.scheduler.v1 import run_pb2
@@ -71,10 +71,14 @@ def _run_demo(endpoints: Endpoints, sandbox: str, delivered_to: str) -> DemoResu
     async def _go() -> DemoResult:
         demo = Demo(endpoints, sandbox=sandbox)
         with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
         ) as progress:
-            bars: dict[str, int] = {}
+            bars: dict[str, TaskID] = {}
 
             def on_progress(run: run_pb2.Run) -> None:
                 for task in run.tasks:
@@ -200,7 +204,7 @@ def cmd_campaigns_list(args: argparse.Namespace) -> int:
 def _state(value: int) -> str:
     from carillon.scheduler.v1 import campaign_pb2
 
-    return str(campaign_pb2.CampaignState.Name(value)).removeprefix("CAMPAIGN_STATE_").lower()
+    return str(campaign_pb2.CampaignState.Name(value)).removeprefix("CAMPAIGN_STATE_").lower()  # type: ignore[arg-type]
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
@@ -213,8 +217,10 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
     table = Table("run", "state", "scheduled", "error")
     for run in reply.runs:
         table.add_row(
-            run.name, run_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_").lower(),
-            run.scheduled_time.ToDatetime().isoformat() if run.HasField("scheduled_time") else "", run.error,
+            run.name,
+            run_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_").lower(),
+            run.scheduled_time.ToDatetime().isoformat() if run.HasField("scheduled_time") else "",
+            run.error,
         )
     console.print(table)
     return 0
@@ -239,18 +245,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = commands.add_parser("up", help="start the four services; Ctrl-C stops them",
-                             description="Start audience, profile, delivery (email) and scheduler as child "
-                             "processes on embedded SQLite (or --database-url), wait until each is SERVING, "
-                             "optionally run the demo, then serve until Ctrl-C.")
+    up = commands.add_parser(
+        "up",
+        help="start the four services; Ctrl-C stops them",
+        description="Start audience, profile, delivery (email) and scheduler as child "
+        "processes on embedded SQLite (or --database-url), wait until each is SERVING, "
+        "optionally run the demo, then serve until Ctrl-C.",
+    )
     up.add_argument("--demo", action="store_true", help="run the demo campaign once everything is up")
     up.add_argument("--exit-after-demo", action="store_true", help="stop the services after the demo (for scripts)")
     up.add_argument("--data-dir", default="var", help="where SQLite files, logs and the outbox go (default ./var)")
-    up.add_argument("--port-base", type=int, default=50051,
-                    help="audience listens here, scheduler +1, delivery +2, profile +3; 0 picks free ports")
+    up.add_argument(
+        "--port-base",
+        type=int,
+        default=50051,
+        help="audience listens here, scheduler +1, delivery +2, profile +3; 0 picks free ports",
+    )
     up.add_argument("--database-url", help="a postgresql+psycopg:// URL shared by all services (one schema each)")
-    up.add_argument("--email-provider", choices=["outbox", "smtp"], default="outbox",
-                    help="outbox writes .eml files under DATA_DIR/outbox; smtp sends to --smtp-host/--smtp-port")
+    up.add_argument(
+        "--email-provider",
+        choices=["outbox", "smtp"],
+        default="outbox",
+        help="outbox writes .eml files under DATA_DIR/outbox; smtp sends to --smtp-host/--smtp-port",
+    )
     up.add_argument("--smtp-host", default="127.0.0.1")
     up.add_argument("--smtp-port", type=int, default=25)
     up.add_argument("--log-format", choices=["console", "json"], default="console")
@@ -293,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except grpc.RpcError as err:
-        console.print(f"[red]{err.code().name}[/red]: {err.details()}")  # type: ignore[attr-defined]
+        console.print(f"[red]{err.code().name}[/red]: {err.details()}")
         return 2
     return code
 

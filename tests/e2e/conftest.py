@@ -84,9 +84,7 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(
-    database_factory: DatabaseFactory, smtp_server: tuple[RecordingHandler, int]
-) -> AsyncIterator[Stack]:
+async def stack(database_factory: DatabaseFactory, smtp_server: tuple[RecordingHandler, int]) -> AsyncIterator[Stack]:
     """All four services, wired to one another, on the test's database backend."""
     handler, smtp_port = smtp_server
     servers: dict[str, GrpcServer] = {}

@@ -23,3 +23,5 @@ class AudienceSettings(ServiceSettings):
     max_filter_depth: int = Field(default=32, ge=1)
     # A query's filter tree may hold at most this many nodes (conditions and lists alike).
     max_filter_nodes: int = Field(default=1000, ge=1)
+    # How often expired working sets are purged, in seconds.
+    working_set_purge_interval_s: float = Field(default=3600, gt=0)

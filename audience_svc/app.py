@@ -1,0 +1,89 @@
+"""Wiring of audience_svc: settings → database (migrated) → domain stores → servicer → server.
+
+The server also runs one background task, started once it serves and cancelled when it stops: the
+purge of expired working sets, once at start and then every ``working_set_purge_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+import grpc
+import structlog
+
+from audience_svc import DOMAIN, SERVICE_NAME
+from audience_svc.audiences import AudienceEvaluator
+from audience_svc.entities import EntityCatalog
+from audience_svc.query import FilterLimits
+from audience_svc.servicer import AudienceServicer
+from audience_svc.settings import AudienceSettings
+from audience_svc.tables import MIGRATIONS
+from audience_svc.working_sets import WorkingSetStore
+from carillon.audience.v1 import audience_service_pb2, audience_service_pb2_grpc
+from carillon_chassis.database import Database
+from carillon_chassis.server import GrpcServer
+
+FULL_NAME = audience_service_pb2.DESCRIPTOR.services_by_name["AudienceService"].full_name
+
+log = structlog.get_logger("carillon.audience")
+
+
+async def purge_periodically(store: WorkingSetStore, interval_s: float) -> None:
+    """Purge expired working sets now and then every ``interval_s`` seconds, until cancelled."""
+    while True:
+        try:
+            purged = await store.database.run(store.purge_expired)
+            if purged:
+                log.info("expired working sets purged", count=purged)
+        except Exception:  # a failed pass must not end the loop; the next one retries
+            log.exception("working set purge failed")
+        await asyncio.sleep(interval_s)
+
+
+async def build_server(settings: AudienceSettings) -> GrpcServer:
+    """Create the database (applying migrations) and a server that is ready to start."""
+    database = Database(
+        settings.resolved_database_url(), schema=settings.resolved_schema(), threads=settings.db_threads
+    )
+    database.migrate(MIGRATIONS)
+    limits = FilterLimits(max_depth=settings.max_filter_depth, max_nodes=settings.max_filter_nodes)
+    catalog = EntityCatalog(database, max_entities=settings.max_entities)
+    evaluator = AudienceEvaluator(catalog, limits=limits)
+    working_sets = WorkingSetStore(
+        catalog, limits=limits, retention=timedelta(days=settings.working_set_retention_days)
+    )
+    servicer = AudienceServicer(catalog, evaluator, working_sets)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        audience_service_pb2_grpc.add_AudienceServiceServicer_to_server(servicer, server)
+        return [FULL_NAME]
+
+    server = GrpcServer(
+        name=SERVICE_NAME,
+        domain=DOMAIN,
+        host=settings.host,
+        port=settings.port,
+        register=register,
+        grace_period_s=settings.grace_period_s,
+        port_file=settings.port_file,
+    )
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start_purge() -> None:
+        tasks.append(asyncio.create_task(purge_periodically(working_sets, settings.working_set_purge_interval_s)))
+
+    async def stop_purge() -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def close() -> None:
+        database.close()
+
+    server.on_stop(close)
+    server.on_start(start_purge)
+    server.on_stop(stop_purge)
+    return server

@@ -1,0 +1,203 @@
+"""Record ingestion: versioned upserts and deletes, one batch all-or-nothing in one transaction.
+
+A batch is first checked as a whole: every value is coerced strictly to its attribute's type, and
+every unknown attribute, missing required attribute or bad value of every change is reported
+together (``changes[3].values.age``) before anything is written. Then, within the batch, the changes
+of one key collapse to the one with the highest version (the later one on a tie); the others count
+as stale. The survivors are written set-based in one transaction:
+
+* upserts as ``INSERT … ON CONFLICT (key) DO UPDATE … WHERE excluded.version > stored.version``
+  (one statement per batch, split only to respect the database's bound-parameter limit), so a
+  change whose version is not higher than the stored one is ignored and counted as stale;
+* deletes as one parameterized ``DELETE … WHERE key = :key AND version <= :version`` executed for
+  all of them, then one count of the keys that survived (their stored version was higher: stale).
+
+Deleted records leave no tombstone: a late upsert with a version older than a delete re-creates the
+record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from audience_svc.coercion import CoercionError, RawValue, coerce_value
+from audience_svc.schema import Entity
+from audience_svc.violations import invalid_argument
+from carillon_chassis.database import Database
+from carillon_chassis.errors import FieldViolation
+from carillon_chassis.values import PyValue
+
+UPSERT = "upsert"
+DELETE = "delete"
+# Bound parameters per statement: below SQLite's 32766 and PostgreSQL's 65535.
+MAX_PARAMETERS = 30000
+
+
+@dataclass(frozen=True)
+class RecordChange:
+    """One change of one record: ``upsert`` or ``delete`` (anything else is invalid), with its values."""
+
+    operation: str
+    values: Mapping[str, RawValue]
+
+
+@dataclass
+class IngestResult:
+    """What a batch (or a whole stream) did."""
+
+    upserted: int = 0
+    deleted: int = 0
+    ignored_stale: int = 0
+
+    def add(self, other: IngestResult) -> None:
+        """Add another batch's counts to these."""
+        self.upserted += other.upserted
+        self.deleted += other.deleted
+        self.ignored_stale += other.ignored_stale
+
+
+@dataclass(frozen=True)
+class _Checked:
+    operation: str
+    key: tuple[Any, ...]
+    version: Any
+    row: dict[str, PyValue]
+
+
+def check_changes(entity: Entity, changes: Sequence[RecordChange], path: str = "changes") -> list[_Checked]:
+    """Coerce every change; raise InvalidArgument listing every bad value of every change."""
+    schema = entity.schema
+    violations: list[FieldViolation] = []
+    checked: list[_Checked] = []
+    for i, change in enumerate(changes):
+        before = len(violations)
+        if change.operation not in (UPSERT, DELETE):
+            violations.append(FieldViolation(f"{path}[{i}].operation", "the operation must be UPSERT or DELETE"))
+            continue
+        coerced: dict[str, PyValue] = {}
+        for name, raw in change.values.items():
+            attribute = schema.attribute(name)
+            if attribute is None:
+                violations.append(FieldViolation(f"{path}[{i}].values.{name}", f"unknown attribute {name!r}"))
+                continue
+            try:
+                coerced[name] = coerce_value(attribute, raw)
+            except CoercionError as exc:
+                violations.append(FieldViolation(f"{path}[{i}].values.{name}", str(exc)))
+        required = (
+            [a.name for a in schema.attributes if not a.nullable]
+            if change.operation == UPSERT
+            else [*schema.primary_key, schema.version_attribute]
+        )
+        violations += [
+            FieldViolation(f"{path}[{i}].values.{name}", f"{name} is required")
+            for name in required
+            if name not in change.values
+        ]
+        if len(violations) > before:
+            continue
+        if change.operation == UPSERT:
+            row = {a.name: coerced.get(a.name) for a in schema.attributes}
+        else:
+            row = {name: coerced[name] for name in [*schema.primary_key, schema.version_attribute]}
+        checked.append(
+            _Checked(
+                operation=change.operation,
+                key=tuple(coerced[name] for name in schema.primary_key),
+                version=coerced[schema.version_attribute],
+                row=row,
+            )
+        )
+    if violations:
+        bad_rows = len({v.field.split(".", 1)[0] for v in violations})
+        raise invalid_argument(
+            f"{bad_rows} of {len(changes)} changes are invalid; nothing of this batch was written",
+            violations,
+            "INVALID_RECORDS",
+        )
+    return checked
+
+
+def collapse(checked: Sequence[_Checked]) -> tuple[list[_Checked], int]:
+    """One change per key, the highest version winning (the later on a tie); and how many lost."""
+    winners: dict[tuple[Any, ...], _Checked] = {}
+    for change in checked:
+        current = winners.get(change.key)
+        if current is None or change.version >= current.version:
+            winners[change.key] = change
+    return list(winners.values()), len(checked) - len(winners)
+
+
+def apply_changes(database: Database, entity: Entity, changes: Sequence[RecordChange]) -> IngestResult:
+    """Check and apply one batch of changes to ``entity`` in one transaction."""
+    checked = check_changes(entity, changes)
+    survivors, superseded = collapse(checked)
+    upserts = [c.row for c in survivors if c.operation == UPSERT]
+    deletes = [c for c in survivors if c.operation == DELETE]
+    result = IngestResult(ignored_stale=superseded)
+    if not survivors:
+        return result
+    with database.engine.begin() as conn:
+        if upserts:
+            written = _upsert(conn, entity, upserts)
+            result.upserted += written
+            result.ignored_stale += len(upserts) - written
+        if deletes:
+            deleted, stale = _delete(conn, entity, deletes)
+            result.deleted += deleted
+            result.ignored_stale += stale
+    return result
+
+
+def _dialect_insert(conn: sa.Connection) -> Callable[[sa.Table], Any]:
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert
+    return sqlite.insert
+
+
+def _upsert(conn: sa.Connection, entity: Entity, rows: list[dict[str, PyValue]]) -> int:
+    """Insert or replace ``rows`` where their version is higher; return how many were written."""
+    table = entity.table
+    schema = entity.schema
+    insert = _dialect_insert(conn)
+    per_statement = max(1, MAX_PARAMETERS // len(schema.attributes))
+    written = 0
+    for start in range(0, len(rows), per_statement):
+        statement = insert(table).values(rows[start : start + per_statement])
+        statement = statement.on_conflict_do_update(
+            index_elements=entity.key_columns(),
+            set_={a.name: statement.excluded[a.name] for a in schema.attributes if a.name not in schema.primary_key},
+            where=statement.excluded[schema.version_attribute] > table.c[schema.version_attribute],
+        )
+        result = conn.execution_options(preserve_rowcount=True).execute(statement)
+        written += result.rowcount
+    return written
+
+
+def _delete(conn: sa.Connection, entity: Entity, deletes: list[_Checked]) -> tuple[int, int]:
+    """Delete records whose stored version is not higher; return (deleted, stale)."""
+    table = entity.table
+    schema = entity.schema
+    keys = entity.key_columns()
+    version = table.c[schema.version_attribute]
+    statement = table.delete().where(
+        *[column == sa.bindparam(f"key_{i}") for i, column in enumerate(keys)],
+        version <= sa.bindparam("version"),
+    )
+    parameters = [
+        {**{f"key_{i}": value for i, value in enumerate(change.key)}, "version": change.version} for change in deletes
+    ]
+    deleted = conn.execution_options(preserve_rowcount=True).execute(statement, parameters).rowcount
+    # The keys still present now had a higher stored version: those deletes were stale.
+    stale = 0
+    per_statement = max(1, MAX_PARAMETERS // len(keys))
+    for start in range(0, len(deletes), per_statement):
+        chunk = [change.key for change in deletes[start : start + per_statement]]
+        matcher = keys[0].in_([k[0] for k in chunk]) if len(keys) == 1 else sa.tuple_(*keys).in_(chunk)
+        stale += conn.execute(sa.select(sa.func.count()).select_from(table).where(matcher)).scalar_one()
+    return deleted, stale

@@ -1,0 +1,168 @@
+"""Strict value coercion to attribute types, the reading of Value messages, and canonical key text."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+import pytest
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from audience_svc.coercion import (
+    CoercionError,
+    Malformed,
+    canonical_text,
+    coerce_operand,
+    coerce_value,
+    key_text,
+)
+from audience_svc.schema import Attribute
+from audience_svc.servicer import raw_value
+from carillon.type.v1 import value_pb2
+
+STOCKHOLM = dt.timezone(dt.timedelta(hours=2))
+
+
+@pytest.mark.parametrize(
+    ("attribute_type", "value", "expected"),
+    [
+        ("string", "hello", "hello"),
+        ("integer", 42, 42),
+        ("decimal", Decimal("12.50"), Decimal("12.5")),
+        ("decimal", 7, Decimal(7)),
+        ("boolean", False, False),
+        ("date", dt.date(2024, 2, 29), dt.date(2024, 2, 29)),
+        (
+            "timestamp",
+            dt.datetime(2024, 1, 1, 12, tzinfo=STOCKHOLM),
+            dt.datetime(2024, 1, 1, 10, tzinfo=dt.UTC),
+        ),
+    ],
+)
+def test_a_value_of_the_attribute_type_is_accepted(attribute_type: str, value: object, expected: object) -> None:
+    coerced = coerce_operand(attribute_type, value)  # type: ignore[arg-type]
+    assert coerced == expected
+    assert type(coerced) is type(expected)
+
+
+def test_a_timestamp_is_normalized_to_utc() -> None:
+    coerced = coerce_operand("timestamp", dt.datetime(2024, 1, 1, 12, tzinfo=STOCKHOLM))
+    assert isinstance(coerced, dt.datetime)
+    assert coerced.tzinfo == dt.UTC
+
+
+@pytest.mark.parametrize(
+    ("attribute_type", "value"),
+    [
+        ("string", 1),
+        ("integer", "1"),
+        ("integer", True),
+        ("integer", Decimal("1")),
+        ("decimal", "1.5"),
+        ("decimal", True),
+        ("boolean", 1),
+        ("boolean", "true"),
+        ("date", "2024-01-01"),
+        ("date", dt.datetime(2024, 1, 1, tzinfo=dt.UTC)),
+        ("timestamp", dt.date(2024, 1, 1)),
+        ("timestamp", dt.datetime(2024, 1, 1)),
+        ("enum", 3),
+    ],
+)
+def test_a_value_of_another_type_is_refused(attribute_type: str, value: object) -> None:
+    with pytest.raises(CoercionError):
+        coerce_operand(attribute_type, value, ("gold",))  # type: ignore[arg-type]
+
+
+def test_an_enum_value_must_be_one_of_the_allowed_values() -> None:
+    assert coerce_operand("enum", "gold", ("gold", "silver")) == "gold"
+    with pytest.raises(CoercionError):
+        coerce_operand("enum", "bronze", ("gold", "silver"))
+
+
+@pytest.mark.parametrize("value", [Decimal("NaN"), Decimal("Infinity"), Decimal("1e28"), Decimal("0.00000000001")])
+def test_a_decimal_that_does_not_fit_numeric_38_10_is_refused(value: Decimal) -> None:
+    with pytest.raises(CoercionError):
+        coerce_operand("decimal", value)
+
+
+def test_an_integer_beyond_64_bits_is_refused() -> None:
+    with pytest.raises(CoercionError):
+        coerce_operand("integer", 2**63)
+
+
+def test_a_string_with_a_nul_character_is_refused() -> None:
+    with pytest.raises(CoercionError):
+        coerce_operand("string", "a\x00b")
+
+
+def test_null_is_stored_only_in_a_nullable_attribute() -> None:
+    assert coerce_value(Attribute("age", "integer", nullable=True), None) is None
+    with pytest.raises(CoercionError):
+        coerce_value(Attribute("age", "integer"), None)
+
+
+def test_null_is_never_an_operand() -> None:
+    with pytest.raises(CoercionError):
+        coerce_operand("integer", None)
+
+
+def test_a_malformed_value_is_refused_with_its_problem() -> None:
+    with pytest.raises(CoercionError, match="not a date"):
+        coerce_operand("date", Malformed("date", "'x' is not a date"))
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (value_pb2.Value(string_value="x"), "x"),
+        (value_pb2.Value(integer_value=5), 5),
+        (value_pb2.Value(decimal_value="-12.50"), Decimal("-12.50")),
+        (value_pb2.Value(boolean_value=True), True),
+        (value_pb2.Value(date_value="2024-02-29"), dt.date(2024, 2, 29)),
+        (value_pb2.Value(null_value=struct_pb2.NULL_VALUE), None),
+        (
+            value_pb2.Value(timestamp_value=timestamp_pb2.Timestamp(seconds=0)),
+            dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
+        ),
+    ],
+)
+def test_a_value_message_reads_as_the_python_value_of_its_kind(message: value_pb2.Value, expected: object) -> None:
+    assert raw_value(message) == expected
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        value_pb2.Value(),
+        value_pb2.Value(decimal_value="abc"),
+        value_pb2.Value(decimal_value="1_000"),
+        value_pb2.Value(decimal_value=" 1"),
+        value_pb2.Value(date_value="2024-02-30"),
+        value_pb2.Value(date_value="20240101"),
+    ],
+)
+def test_an_unreadable_value_message_reads_as_malformed(message: value_pb2.Value) -> None:
+    assert isinstance(raw_value(message), Malformed)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("abc", "abc"),
+        (-3, "-3"),
+        (Decimal("12.5000000000"), "12.5"),
+        (Decimal("1E+2"), "100"),
+        (Decimal("0E-10"), "0"),
+        (True, "true"),
+        (dt.date(2024, 1, 2), "2024-01-02"),
+        (dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=STOCKHOLM), "2024-01-02T01:04:05Z"),
+        (None, ""),
+    ],
+)
+def test_canonical_text_of_each_type(value: object, text: str) -> None:
+    assert canonical_text(value) == text  # type: ignore[arg-type]
+
+
+def test_a_composite_key_joins_its_texts_with_a_bar() -> None:
+    assert key_text(["acme", 42, dt.date(2024, 1, 2)]) == "acme|42|2024-01-02"

@@ -27,6 +27,9 @@ SKIPPED = "skipped"
 FAILED = "failed"
 STATUSES = (PENDING, SENT, SKIPPED, FAILED)
 _CHUNK = 1000
+# Keys per lookup query: a whole batch of the default maximum size (two bound values per key stay
+# under the parameter limits of SQLite and PostgreSQL).
+_FIND_CHUNK = 10000
 
 LedgerKey = tuple[str, str]
 """(profile key, entity key): the part of a ledger key that varies within one activity."""
@@ -108,12 +111,12 @@ class Ledger:
         self._table: sa.Table = LedgerRow.__table__  # type: ignore[attr-defined]
 
     def find(self, sandbox: str, run: str, activity: str, keys: Iterable[LedgerKey]) -> dict[LedgerKey, LedgerEntry]:
-        """The existing rows of ``keys`` in one run and activity (one query per thousand keys)."""
+        """The existing rows of ``keys`` in one run and activity (one query per 10,000 keys)."""
         t = self._table
         wanted = list(dict.fromkeys(keys))
         found: dict[LedgerKey, LedgerEntry] = {}
         with self.database.engine.connect() as conn:
-            for chunk in _chunks(wanted):
+            for chunk in _chunks(wanted, _FIND_CHUNK):
                 query = sa.select(t).where(
                     t.c.sandbox == sandbox,
                     t.c.run == run,

@@ -133,7 +133,7 @@ def validate_template(template: Template) -> list[FieldViolation]:
         return violations
     if template.channel in CHANNELS and CONTENT_CHANNEL[kind] != template.channel:
         violations.append(
-            FieldViolation(f"template.{kind}", f"{kind} content does not match channel {template.channel!r}")
+            FieldViolation("template.channel", f"{kind} content does not match channel {template.channel!r}")
         )
     for part, text in template.content.items():
         if len(text) > MAX_PART_CHARS:

@@ -1,0 +1,42 @@
+"""``python -m delivery_svc --channel email``: serve the DeliveryService for one channel."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from carillon_chassis.entrypoint import run_service
+from carillon_chassis.server import GrpcServer
+from delivery_svc.app import ChannelNotImplemented, build_server
+from delivery_svc.settings import DeliverySettings
+
+CHANNEL_CHOICES = ("email", "sms", "push", "direct_mail")
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--channel", choices=CHANNEL_CHOICES, help="the channel this worker serves (default email)")
+    parser.add_argument("--profile-target", help="host:port of the ProfileService")
+    parser.add_argument("--email-provider", choices=("outbox", "smtp"), help="where emails go")
+
+
+async def _build(settings: DeliverySettings) -> GrpcServer:
+    try:
+        return await build_server(settings)
+    except ChannelNotImplemented as exc:
+        raise SystemExit(f"delivery_svc: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the arguments and serve until SIGTERM or SIGINT."""
+    run_service(
+        DeliverySettings,
+        _build,
+        "Carillon delivery_svc: a delivery worker for one channel.",
+        argv,
+        extend=_arguments,
+        extra=("channel", "profile_target", "email_provider"),
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

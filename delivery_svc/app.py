@@ -1,0 +1,95 @@
+"""Wiring of delivery_svc: settings → database (migrated) → templates, ledger, profile gateway and
+provider → pipeline → servicer → server."""
+
+from __future__ import annotations
+
+import grpc
+
+from carillon.delivery.v1 import delivery_service_pb2, delivery_service_pb2_grpc
+from carillon_chassis.database import Database
+from carillon_chassis.server import GrpcServer
+from delivery_svc import DOMAIN, SERVICE_NAME
+from delivery_svc.eligibility import ProfileServiceGateway
+from delivery_svc.ledger import Ledger
+from delivery_svc.pipeline import DeliveryPipeline
+from delivery_svc.providers import EmailProvider, OutboxProvider, RetryPolicy, SmtpConfig, SmtpProvider
+from delivery_svc.servicer import DeliveryServicer
+from delivery_svc.settings import DeliverySettings
+from delivery_svc.tables import MIGRATIONS
+from delivery_svc.templates import TemplateStore
+
+FULL_NAME = delivery_service_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name
+IMPLEMENTED_CHANNELS = ("email",)
+
+
+class ChannelNotImplemented(ValueError):
+    """The worker was configured for a channel that has no implementation yet."""
+
+
+def build_provider(settings: DeliverySettings) -> EmailProvider:
+    """The email provider the settings name."""
+    if settings.email_provider == "smtp":
+        password = settings.smtp_password.get_secret_value() if settings.smtp_password is not None else None
+        return SmtpProvider(
+            SmtpConfig(
+                host=settings.smtp_host,
+                port=settings.smtp_port,
+                starttls=settings.smtp_starttls,
+                username=settings.smtp_username,
+                password=password,
+                timeout_s=settings.smtp_timeout_s,
+            )
+        )
+    return OutboxProvider(settings.resolved_outbox_dir())
+
+
+async def build_server(settings: DeliverySettings) -> GrpcServer:
+    """Create the database (applying migrations) and a server that is ready to start.
+
+    Raises ChannelNotImplemented for a channel other than email.
+    """
+    if settings.channel not in IMPLEMENTED_CHANNELS:
+        raise ChannelNotImplemented(
+            f"delivery channel {settings.channel!r} is not implemented yet "
+            f"(implemented: {', '.join(IMPLEMENTED_CHANNELS)})"
+        )
+    database = Database(
+        settings.resolved_database_url(), schema=settings.resolved_schema(), threads=settings.db_threads
+    )
+    database.migrate(MIGRATIONS)
+    templates = TemplateStore(database)
+    gateway = ProfileServiceGateway(settings.profile_target, timeout_s=settings.profile_timeout_s)
+    pipeline = DeliveryPipeline(
+        database=database,
+        templates=templates,
+        ledger=Ledger(database),
+        gateway=gateway,
+        provider=build_provider(settings),
+        channel=settings.channel,
+        max_batch=settings.max_batch,
+        sender_name=settings.sender_name,
+        sender_address=settings.sender_address,
+        retry=RetryPolicy(settings.send_attempts, settings.send_retry_initial_s, settings.send_retry_max_s),
+    )
+    servicer = DeliveryServicer(templates, pipeline)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        delivery_service_pb2_grpc.add_DeliveryServiceServicer_to_server(servicer, server)
+        return [FULL_NAME]
+
+    server = GrpcServer(
+        name=f"{SERVICE_NAME}-{settings.channel}",
+        domain=DOMAIN,
+        host=settings.host,
+        port=settings.port,
+        register=register,
+        grace_period_s=settings.grace_period_s,
+        port_file=settings.port_file,
+    )
+
+    async def close() -> None:
+        await gateway.close()
+        database.close()
+
+    server.on_stop(close)
+    return server

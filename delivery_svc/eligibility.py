@@ -1,0 +1,191 @@
+"""The profile service as delivery sees it: batch eligibility verdicts and the communication history.
+
+:class:`EligibilityGateway` is what the pipeline needs; :class:`ProfileServiceGateway` implements it
+over the ProfileService gRPC API (one ``CheckEligibility`` call per batch, one
+``RecordCommunications`` call per batch). A profile service that cannot be reached in time is
+:class:`Unavailable` (``PROFILE_UNAVAILABLE``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, cast
+
+import grpc
+
+from carillon.profile.v1 import profile_pb2, profile_service_pb2, profile_service_pb2_grpc
+from carillon.type.v1 import channel_pb2, value_pb2
+from carillon_chassis.channels import category_value, channel_value
+from carillon_chassis.clients import call_metadata, open_channel
+from carillon_chassis.errors import CarillonError, Unavailable, error_from_rpc
+from carillon_chassis.values import from_value_map, to_timestamp
+
+Identity = tuple[str, str]
+"""(namespace, value) of an identity."""
+
+_VERDICT_NAMES = {
+    profile_pb2.VERDICT_ALLOWED: "allowed",
+    profile_pb2.VERDICT_NO_CONSENT: "no_consent",
+    profile_pb2.VERDICT_QUARANTINED: "quarantined",
+    profile_pb2.VERDICT_CAPPED: "capped",
+    profile_pb2.VERDICT_MISSING_ADDRESS: "missing_address",
+    profile_pb2.VERDICT_UNKNOWN_PROFILE: "unknown_profile",
+}
+# Codes that mean "the profile service is not able to answer now", as opposed to a refusal.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+@dataclass(frozen=True)
+class ProfileView:
+    """The thin profile of a recipient, for ledger keys and personalization."""
+
+    profile_id: str
+    first_name: str = ""
+    last_name: str = ""
+    locale: str = ""
+    time_zone: str = ""
+    identities: tuple[Identity, ...] = ()
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+    def identity(self, namespace: str) -> str:
+        """The profile's first identity in ``namespace`` ("" when none)."""
+        return next((value for ns, value in self.identities if ns == namespace), "")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether one identity may get the message: ``allowed``, ``no_consent``, ``quarantined``,
+    ``capped``, ``missing_address`` or ``unknown_profile``, with the profile and address when known."""
+
+    identity: Identity
+    verdict: str
+    profile: ProfileView | None = None
+    address: str = ""
+
+
+@dataclass(frozen=True)
+class Communication:
+    """One sent message, for the profile's communication history."""
+
+    message_id: str
+    profile_id: str
+    channel: str
+    category: str
+    campaign: str
+    run: str
+    activity: str
+    send_time: datetime
+
+
+class EligibilityGateway(Protocol):
+    """The profile service operations a delivery worker needs."""
+
+    async def check(self, sandbox: str, channel: str, category: str, identities: Sequence[Identity]) -> list[Verdict]:
+        """One verdict per identity, in order."""
+        ...
+
+    async def record(self, sandbox: str, communications: Sequence[Communication]) -> int:
+        """Record sent messages (idempotent on the message id); returns how many were new."""
+        ...
+
+
+def _channel(name: str) -> channel_pb2.Channel.ValueType:
+    return cast(channel_pb2.Channel.ValueType, channel_value(name))
+
+
+def _category(name: str) -> channel_pb2.MessageCategory.ValueType:
+    return cast(channel_pb2.MessageCategory.ValueType, category_value(name))
+
+
+def _rpc_error(operation: str, err: grpc.RpcError) -> CarillonError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    if code in _UNAVAILABLE_CODES:
+        details = err.details() if hasattr(err, "details") else str(err)
+        return Unavailable(f"profile service {operation}: {code.name}: {details}", reason="PROFILE_UNAVAILABLE")
+    return error_from_rpc(err)
+
+
+def _verdict(result: profile_pb2.EligibilityResult) -> Verdict:
+    profile = None
+    if result.HasField("profile") and result.profile.name.startswith("profiles/"):
+        message = result.profile
+        profile = ProfileView(
+            profile_id=message.name.removeprefix("profiles/"),
+            first_name=message.first_name,
+            last_name=message.last_name,
+            locale=message.locale,
+            time_zone=message.time_zone,
+            identities=tuple((i.namespace, i.value) for i in message.identities),
+            attributes=from_value_map(result.attributes),
+        )
+    return Verdict(
+        identity=(result.identity.namespace, result.identity.value),
+        verdict=_VERDICT_NAMES.get(result.verdict, "unspecified"),
+        profile=profile,
+        address=result.address,
+    )
+
+
+class ProfileServiceGateway:
+    """The EligibilityGateway over the ProfileService gRPC API."""
+
+    def __init__(self, target: str, *, timeout_s: float) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = open_channel(target)
+        self._stub = profile_service_pb2_grpc.ProfileServiceStub(self._channel)
+
+    async def check(self, sandbox: str, channel: str, category: str, identities: Sequence[Identity]) -> list[Verdict]:
+        """One CheckEligibility call for the whole batch."""
+        request = profile_service_pb2.CheckEligibilityRequest(
+            channel=_channel(channel),
+            category=_category(category),
+            identities=[value_pb2.Identity(namespace=ns, value=value) for ns, value in identities],
+        )
+        try:
+            response = await self._stub.CheckEligibility(
+                request, metadata=call_metadata(sandbox), timeout=self.timeout_s
+            )
+        except grpc.RpcError as err:
+            raise _rpc_error("CheckEligibility", err) from err
+        return [_verdict(result) for result in response.results]
+
+    async def record(self, sandbox: str, communications: Sequence[Communication]) -> int:
+        """One RecordCommunications call for the whole batch."""
+        request = profile_service_pb2.RecordCommunicationsRequest(
+            communications=[
+                profile_pb2.Communication(
+                    profile=f"profiles/{c.profile_id}",
+                    channel=_channel(c.channel),
+                    category=_category(c.category),
+                    campaign=c.campaign,
+                    run=c.run,
+                    activity=c.activity,
+                    message_id=c.message_id,
+                    send_time=to_timestamp(c.send_time),
+                )
+                for c in communications
+            ]
+        )
+        try:
+            response = await self._stub.RecordCommunications(
+                request, metadata=call_metadata(sandbox), timeout=self.timeout_s
+            )
+        except grpc.RpcError as err:
+            raise _rpc_error("RecordCommunications", err) from err
+        return int(response.recorded)
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()

@@ -1,0 +1,404 @@
+"""The send pipeline: what a delivery worker does with each batch of a Send stream.
+
+Per batch: validate the recipients → one eligibility call for the whole batch → one ledger lookup of
+the batch's keys → classify each recipient (already sent, recorded skip or failure, newly ineligible,
+to render) → render in the sandbox → write ``pending`` (and ``skipped``) ledger rows in one
+transaction → send through the provider → mark ``sent`` / ``failed`` in one transaction → record the
+communications in one call → return the acknowledgement. The acknowledgement exists only once the
+ledger is durable, so a crash at any point is repaired by replaying the batch:
+
+- a ``sent`` row is counted ``already_sent`` and not sent again;
+- a ``skipped`` or ``failed`` row reports its recorded reason again;
+- a ``pending`` row (a crash between the ledger write and the send) is sent again with the same
+  message id, the provider idempotency key, if the recipient is still eligible.
+
+Plain domain code: the gateway, the provider, the ledger and the templates are given, so the pipeline
+runs with fakes in tests. Database work runs on the database worker pool and rendering and sending on
+worker threads; nothing blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from carillon_chassis.database import Database, utcnow
+from carillon_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
+from carillon_chassis.names import parse_name, validate_id
+from delivery_svc.eligibility import Communication, EligibilityGateway, ProfileView, Verdict
+from delivery_svc.emails import InvalidAddress, OutgoingEmail, compose_email
+from delivery_svc.ledger import (
+    FAILED,
+    PENDING,
+    SENT,
+    SKIPPED,
+    Ledger,
+    LedgerEntry,
+    LedgerKey,
+    StatusChange,
+    message_id,
+    profile_key,
+)
+from delivery_svc.providers import DeliveryReport, EmailProvider, RetryPolicy, deliver_batch
+from delivery_svc.templates import CHANNELS, CompiledTemplate, RenderError, TemplateStore, compile_template
+
+log = structlog.get_logger("carillon.delivery")
+
+# Reasons a recipient is skipped.
+NO_CONSENT = "NO_CONSENT"
+QUARANTINED = "QUARANTINED"
+CAPPED = "CAPPED"
+MISSING_ADDRESS = "MISSING_ADDRESS"
+UNKNOWN_PROFILE = "UNKNOWN_PROFILE"
+INELIGIBLE = "INELIGIBLE"  # a verdict this worker does not know
+RENDER_ERROR = "RENDER_ERROR"
+INVALID_ADDRESS = "INVALID_ADDRESS"
+DUPLICATE = "DUPLICATE"  # the same profile and entity key earlier in the same batch
+SKIP_REASONS = {
+    "no_consent": NO_CONSENT,
+    "quarantined": QUARANTINED,
+    "capped": CAPPED,
+    "missing_address": MISSING_ADDRESS,
+    "unknown_profile": UNKNOWN_PROFILE,
+}
+CATEGORIES = ("marketing", "transactional")
+MAX_NAMESPACE_CHARS = 63
+MAX_IDENTITY_CHARS = 320
+MAX_ENTITY_KEY_CHARS = 255
+_MAX_VIOLATIONS = 100
+
+
+@dataclass(frozen=True)
+class SendHeader:
+    """What a Send stream delivers: names as in the API, channel and category as domain names."""
+
+    campaign: str
+    run: str
+    activity: str
+    channel: str
+    category: str
+    template: str
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """One recipient: an identity, the working-set record's key and row."""
+
+    namespace: str
+    value: str
+    entity_key: str = ""
+    target: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BatchAck:
+    """The acknowledgement of one batch."""
+
+    sequence: int
+    sent: int = 0
+    already_sent: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+
+
+def profile_context(profile: ProfileView, address: str) -> dict[str, Any]:
+    """The ``profile`` variable of a template."""
+    return {
+        "id": profile.profile_id,
+        "name": f"profiles/{profile.profile_id}",
+        "first_name": profile.first_name,
+        "last_name": profile.last_name,
+        "locale": profile.locale,
+        "time_zone": profile.time_zone,
+        "email": profile.identity("email") or address,
+        "attributes": dict(profile.attributes),
+    }
+
+
+@dataclass
+class _Job:
+    """A recipient to render and send."""
+
+    message_id: str
+    key: LedgerKey
+    recipient: Recipient
+    verdict: Verdict
+    existing: LedgerEntry | None
+
+
+class DeliveryPipeline:
+    """Eligibility, rendering, ledger and provider of one channel worker."""
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        templates: TemplateStore,
+        ledger: Ledger,
+        gateway: EligibilityGateway,
+        provider: EmailProvider,
+        channel: str,
+        max_batch: int,
+        sender_name: str,
+        sender_address: str,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.database = database
+        self.templates = templates
+        self.ledger = ledger
+        self.gateway = gateway
+        self.provider = provider
+        self.channel = channel
+        self.max_batch = max_batch
+        self.sender_name = sender_name
+        self.sender_address = sender_address
+        self.retry = retry or RetryPolicy()
+
+    async def open(self, sandbox: str, header: SendHeader) -> SendSession:
+        """Check a stream's header and load its template; the session then takes the batches."""
+        self._check_header(header)
+        (template_id,) = parse_name(header.template, "templates", field="header.template")
+        template = await self.database.run(self.templates.get, sandbox, template_id, field_name="header.template")
+        if template.channel != header.channel:
+            raise FailedPrecondition(
+                f"template {header.template!r} is for channel {template.channel!r}, not {header.channel!r}",
+                field="header.template",
+                reason="TEMPLATE_CHANNEL_MISMATCH",
+            )
+        try:
+            compiled = compile_template(template)
+        except InvalidArgument as exc:
+            raise FailedPrecondition(
+                f"template {header.template!r} no longer compiles", field="header.template", reason="TEMPLATE_INVALID"
+            ) from exc
+        structlog.contextvars.bind_contextvars(campaign=header.campaign, run=header.run, activity=header.activity)
+        return SendSession(self, sandbox, header, compiled)
+
+    def _check_header(self, header: SendHeader) -> None:
+        if header.channel not in CHANNELS:
+            raise InvalidArgument("channel must be set", field="header.channel", reason="INVALID_HEADER")
+        if header.channel != self.channel:
+            raise InvalidArgument(
+                f"this worker serves channel {self.channel!r}, not {header.channel!r}",
+                field="header.channel",
+                reason="CHANNEL_NOT_SERVED",
+            )
+        violations: list[FieldViolation] = []
+        if header.category not in CATEGORIES:
+            violations.append(FieldViolation("header.category", "category must be set"))
+        ids: dict[str, list[str]] = {}
+        for name, collections in (("campaign", ("campaigns",)), ("run", ("campaigns", "runs"))):
+            try:
+                ids[name] = parse_name(getattr(header, name), *collections, field=f"header.{name}")
+            except InvalidArgument as exc:
+                violations += exc.violations
+        if "campaign" in ids and "run" in ids and ids["campaign"][0] != ids["run"][0]:
+            violations.append(FieldViolation("header.run", "the run belongs to another campaign"))
+        try:
+            validate_id(header.activity, "header.activity")
+        except InvalidArgument as exc:
+            violations += exc.violations
+        if violations:
+            raise InvalidArgument("invalid send header", violations=violations, reason="INVALID_HEADER")
+
+
+class SendSession:
+    """One Send stream after its header: delivers batches one at a time."""
+
+    def __init__(
+        self, pipeline: DeliveryPipeline, sandbox: str, header: SendHeader, template: CompiledTemplate
+    ) -> None:
+        self.pipeline = pipeline
+        self.sandbox = sandbox
+        self.header = header
+        self.template = template
+
+    # -- validation -----------------------------------------------------------------------------
+    def _check_batch(self, recipients: Sequence[Recipient]) -> None:
+        if len(recipients) > self.pipeline.max_batch:
+            raise InvalidArgument(
+                f"at most {self.pipeline.max_batch} recipients per batch",
+                field="batch.recipients",
+                reason="BATCH_TOO_LARGE",
+            )
+        violations: list[FieldViolation] = []
+        for i, r in enumerate(recipients):
+            where = f"batch.recipients[{i}]"
+            if not r.namespace or not r.value:
+                violations.append(FieldViolation(f"{where}.identity", "an identity needs a namespace and a value"))
+            elif len(r.namespace) > MAX_NAMESPACE_CHARS or len(r.value) > MAX_IDENTITY_CHARS:
+                violations.append(FieldViolation(f"{where}.identity", "the identity is too long"))
+            if len(r.entity_key) > MAX_ENTITY_KEY_CHARS:
+                violations.append(FieldViolation(f"{where}.entity_key", f"at most {MAX_ENTITY_KEY_CHARS} characters"))
+            if len(violations) >= _MAX_VIOLATIONS:
+                break
+        if violations:
+            raise InvalidArgument("invalid recipients", violations=violations, reason="INVALID_BATCH")
+
+    # -- the batch ------------------------------------------------------------------------------
+    async def deliver(self, sequence: int, recipients: Sequence[Recipient]) -> BatchAck:
+        """Deliver one batch and return its acknowledgement once its ledger rows are durable."""
+        self._check_batch(recipients)
+        ack = BatchAck(sequence)
+        if not recipients:
+            return ack
+        pipeline, header, sandbox = self.pipeline, self.header, self.sandbox
+        verdicts = await pipeline.gateway.check(
+            sandbox, header.channel, header.category, [(r.namespace, r.value) for r in recipients]
+        )
+        if len(verdicts) != len(recipients):
+            raise Unavailable(
+                f"the profile service answered {len(verdicts)} verdicts for {len(recipients)} identities",
+                reason="PROFILE_BAD_RESPONSE",
+            )
+        keys = [
+            (profile_key(v.profile.profile_id if v.profile else None, r.namespace, r.value), r.entity_key)
+            for r, v in zip(recipients, verdicts, strict=True)
+        ]
+        existing = await pipeline.database.run(pipeline.ledger.find, sandbox, header.run, header.activity, keys)
+
+        new_rows: list[LedgerEntry] = []
+        changes: list[StatusChange] = []
+        jobs: list[_Job] = []
+        to_record: list[tuple[str, str]] = []  # (message id, profile id)
+        seen: set[LedgerKey] = set()
+
+        def skip(mid: str, key: LedgerKey, reason: str, row: LedgerEntry | None) -> None:
+            ack.skipped[reason] += 1
+            if row is None:
+                new_rows.append(self._entry(mid, key, SKIPPED, reason))
+            else:
+                changes.append(StatusChange(mid, SKIPPED, reason))
+
+        for recipient, verdict, key in zip(recipients, verdicts, keys, strict=True):
+            if key in seen:
+                ack.skipped[DUPLICATE] += 1
+                continue
+            seen.add(key)
+            row = existing.get(key)
+            if row is not None and row.status == SENT:
+                ack.already_sent += 1
+                if verdict.profile is not None:
+                    to_record.append((row.message_id, verdict.profile.profile_id))
+                continue
+            if row is not None and row.status == SKIPPED:
+                ack.skipped[row.reason] += 1
+                continue
+            if row is not None and row.status == FAILED:
+                ack.failed[row.reason] += 1
+                continue
+            mid = row.message_id if row is not None else message_id(sandbox, header.run, header.activity, *key)
+            if verdict.verdict != "allowed":
+                skip(mid, key, SKIP_REASONS.get(verdict.verdict, INELIGIBLE), row)
+            elif not verdict.address:
+                skip(mid, key, MISSING_ADDRESS, row)
+            else:
+                jobs.append(_Job(mid, key, recipient, verdict, row))
+
+        rendered = await asyncio.to_thread(self._render_all, jobs)
+        emails: list[OutgoingEmail] = []
+        profiles: dict[str, str] = {}
+        for job, result in zip(jobs, rendered, strict=True):
+            if isinstance(result, str):
+                skip(job.message_id, job.key, result, job.existing)
+                continue
+            emails.append(result)
+            if job.verdict.profile is not None:
+                profiles[job.message_id] = job.verdict.profile.profile_id
+            if job.existing is None:
+                new_rows.append(self._entry(job.message_id, job.key, PENDING, "", result.recipient))
+            elif job.existing.address != result.recipient:
+                changes.append(StatusChange(job.message_id, PENDING, "", result.recipient))
+
+        if new_rows or changes:
+            await pipeline.database.run(pipeline.ledger.write, new_rows, changes)
+        report = await asyncio.to_thread(deliver_batch, pipeline.provider, emails, pipeline.retry) if emails else None
+        if report is not None:
+            await self._mark(report, ack)
+            to_record += [(mid, profiles[mid]) for mid in report.sent if mid in profiles]
+            if report.unsent:
+                log.warning("provider unavailable", sequence=sequence, unsent=len(report.unsent), error=report.error)
+                raise Unavailable(
+                    f"the {header.channel} provider is unavailable: {report.error}", reason="PROVIDER_UNAVAILABLE"
+                )
+        if to_record:
+            await pipeline.gateway.record(sandbox, self._communications(to_record))
+        log.info(
+            "batch delivered",
+            sequence=sequence,
+            recipients=len(recipients),
+            sent=ack.sent,
+            already_sent=ack.already_sent,
+            skipped=dict(ack.skipped),
+            failed=dict(ack.failed),
+        )
+        return ack
+
+    async def _mark(self, report: DeliveryReport, ack: BatchAck) -> None:
+        changes = [StatusChange(mid, SENT) for mid in report.sent]
+        changes += [StatusChange(mid, FAILED, reason) for mid, reason in report.failed.items()]
+        if changes:
+            await self.pipeline.database.run(self.pipeline.ledger.mark, changes)
+        ack.sent += len(report.sent)
+        ack.failed.update(report.failed.values())
+
+    def _entry(self, mid: str, key: LedgerKey, status: str, reason: str, address: str = "") -> LedgerEntry:
+        header = self.header
+        return LedgerEntry(
+            message_id=mid,
+            sandbox=self.sandbox,
+            campaign=header.campaign,
+            run=header.run,
+            activity=header.activity,
+            profile_key=key[0],
+            entity_key=key[1],
+            channel=header.channel,
+            status=status,
+            reason=reason,
+            address=address,
+        )
+
+    def _communications(self, sent: Sequence[tuple[str, str]]) -> list[Communication]:
+        header, now = self.header, utcnow()
+        return [
+            Communication(
+                message_id=mid,
+                profile_id=profile_id,
+                channel=header.channel,
+                category=header.category,
+                campaign=header.campaign,
+                run=header.run,
+                activity=header.activity,
+                send_time=now,
+            )
+            for mid, profile_id in sent
+        ]
+
+    def _render_all(self, jobs: Sequence[_Job]) -> list[OutgoingEmail | str]:
+        """Each job's email, or the reason it is skipped (blocking: runs on a worker thread)."""
+        return [self._render(job) for job in jobs]
+
+    def _render(self, job: _Job) -> OutgoingEmail | str:
+        verdict = job.verdict
+        address = verdict.address
+        profile = verdict.profile or ProfileView(profile_id="")
+        context = {"profile": profile_context(profile, address), "target": dict(job.recipient.target)}
+        try:
+            parts = self.template.render(context)
+            return compose_email(
+                job.message_id,
+                parts,
+                address,
+                default_sender_name=self.pipeline.sender_name,
+                default_sender_address=self.pipeline.sender_address,
+            )
+        except InvalidAddress:
+            return INVALID_ADDRESS
+        except (RenderError, ValueError) as exc:
+            log.info("render failed", message_id=job.message_id, error=str(exc))
+            return RENDER_ERROR

@@ -1,0 +1,288 @@
+"""Email providers behind one interface, and the retrying delivery of a batch through one of them.
+
+A provider opens a session per batch (an SMTP provider keeps one connection for the whole batch)
+whose ``send`` either returns or raises :class:`TransientProviderError` (may succeed if retried),
+:class:`ProviderUnavailableError` (a transient error of the provider itself: it cannot be reached or
+used) or :class:`PermanentProviderError` (retrying cannot help). :func:`deliver_batch` retries transient
+errors with tenacity (exponential backoff with jitter); a message still failing is ``failed`` with
+reason ``PROVIDER_TRANSIENT`` or ``PROVIDER_PERMANENT``, but an unavailable provider stops the batch:
+the messages not sent stay pending in the ledger for the next attempt.
+
+Providers are synchronous and run on a worker thread, never on the event loop.
+
+- :class:`OutboxProvider` writes each email as ``<message id>.eml`` into a directory (a temporary file
+  renamed into place, so a file is complete or absent; an existing file means already sent).
+- :class:`SmtpProvider` sends over SMTP with smtplib, optionally with STARTTLS and login.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import smtplib
+import ssl
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from delivery_svc.emails import OutgoingEmail
+
+log = structlog.get_logger("carillon.delivery.providers")
+
+PROVIDER_PERMANENT = "PROVIDER_PERMANENT"
+PROVIDER_TRANSIENT = "PROVIDER_TRANSIENT"
+_SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+class ProviderError(Exception):
+    """A provider could not send one message."""
+
+
+class TransientProviderError(ProviderError):
+    """Sending may succeed if retried (a 4xx reply, a greylisted recipient)."""
+
+
+class ProviderUnavailableError(TransientProviderError):
+    """The provider itself cannot be reached or used (connection, TLS, login, disk)."""
+
+
+class PermanentProviderError(ProviderError):
+    """Retrying cannot help (a 5xx reply, a rejected recipient)."""
+
+
+class ProviderSession(Protocol):
+    """The sending side of a provider for one batch."""
+
+    def send(self, message: OutgoingEmail) -> None:
+        """Send one email or raise a ProviderError."""
+
+    def close(self) -> None:
+        """Release what the session holds (connections); never raises."""
+
+
+class EmailProvider(Protocol):
+    """A way to deliver emails."""
+
+    def open(self) -> ProviderSession:
+        """A session for one batch; connecting may be deferred to the first send."""
+        ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient provider errors are retried: attempts per message and the backoff bounds."""
+
+    attempts: int = 4
+    initial_s: float = 0.5
+    max_s: float = 10.0
+
+
+@dataclass
+class DeliveryReport:
+    """The outcome of a batch: sent ids, failed ids with their reason, and ids left unsent."""
+
+    sent: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    unsent: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    log.warning("provider send failed; retrying", attempt=state.attempt_number, error=repr(error))
+
+
+def deliver_batch(provider: EmailProvider, messages: Sequence[OutgoingEmail], policy: RetryPolicy) -> DeliveryReport:
+    """Send ``messages`` in order through one session, retrying transient errors (blocking)."""
+    report = DeliveryReport()
+    if not messages:
+        return report
+    try:
+        session = provider.open()
+    except ProviderUnavailableError as exc:
+        report.unsent = [m.message_id for m in messages]
+        report.error = str(exc)
+        return report
+    try:
+        for index, message in enumerate(messages):
+            retrying = Retrying(
+                stop=stop_after_attempt(policy.attempts),
+                wait=wait_exponential_jitter(multiplier=policy.initial_s, max=policy.max_s, jitter=policy.initial_s),
+                retry=retry_if_exception_type(TransientProviderError),
+                before_sleep=_log_retry,
+                reraise=True,
+            )
+            try:
+                for attempt in retrying:
+                    with attempt:
+                        session.send(message)
+            except ProviderUnavailableError as exc:
+                report.unsent = [m.message_id for m in messages[index:]]
+                report.error = str(exc)
+                break
+            except TransientProviderError as exc:
+                report.failed[message.message_id] = PROVIDER_TRANSIENT
+                log.warning("message failed", message_id=message.message_id, error=str(exc))
+            except PermanentProviderError as exc:
+                report.failed[message.message_id] = PROVIDER_PERMANENT
+                log.warning("message failed", message_id=message.message_id, error=str(exc))
+            else:
+                report.sent.append(message.message_id)
+    finally:
+        session.close()
+    return report
+
+
+# -- outbox -------------------------------------------------------------------------------------
+class OutboxProvider:
+    """Writes every email as ``<message id>.eml`` into a directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def open(self) -> OutboxSession:
+        """A session writing into the directory (created when missing)."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ProviderUnavailableError(f"cannot create the outbox {self.directory}: {exc}") from exc
+        return OutboxSession(self.directory)
+
+
+class OutboxSession:
+    """One batch of outbox writes; the directory entry is synced when the batch ends."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._wrote = False
+
+    def send(self, message: OutgoingEmail) -> None:
+        """Write the email atomically; a file already there means it was sent before."""
+        if not _SAFE_FILE_NAME.match(message.message_id):
+            raise PermanentProviderError(f"message id {message.message_id!r} is not a safe file name")
+        final = self.directory / f"{message.message_id}.eml"
+        if final.exists():
+            return
+        temporary = self.directory / f".{message.message_id}.{uuid.uuid4().hex}.tmp"
+        try:
+            with temporary.open("wb") as handle:
+                handle.write(message.data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise ProviderUnavailableError(f"cannot write {final}: {exc}") from exc
+        self._wrote = True
+
+    def close(self) -> None:
+        """Sync the directory so that the renames are durable."""
+        if not self._wrote:
+            return
+        with contextlib.suppress(OSError):
+            descriptor = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+
+
+# -- SMTP ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SmtpConfig:
+    """Where and how to reach the SMTP relay."""
+
+    host: str
+    port: int
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = None
+    timeout_s: float = 30.0
+
+
+class SmtpProvider:
+    """Sends emails over SMTP, one connection per batch."""
+
+    def __init__(self, config: SmtpConfig) -> None:
+        self.config = config
+
+    def open(self) -> SmtpSession:
+        """A session that connects on its first send."""
+        return SmtpSession(self.config)
+
+
+def _classify(code: int, text: str) -> ProviderError:
+    if code == 421:
+        return ProviderUnavailableError(f"{code} {text}")
+    if 400 <= code < 500:
+        return TransientProviderError(f"{code} {text}")
+    return PermanentProviderError(f"{code} {text}")
+
+
+def _reply_text(raw: bytes | str) -> str:
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+
+
+class SmtpSession:
+    """One SMTP connection reused for every email of a batch, reopened after a disconnection."""
+
+    def __init__(self, config: SmtpConfig) -> None:
+        self.config = config
+        self._smtp: smtplib.SMTP | None = None
+
+    def _connect(self) -> smtplib.SMTP:
+        config = self.config
+        smtp = smtplib.SMTP(timeout=config.timeout_s)
+        try:
+            smtp.connect(config.host, config.port)
+            smtp.ehlo_or_helo_if_needed()
+            if config.starttls:
+                smtp.starttls(context=ssl.create_default_context())
+                smtp.ehlo()
+            if config.username:
+                smtp.login(config.username, config.password or "")
+        except (smtplib.SMTPException, OSError) as exc:
+            with contextlib.suppress(Exception):
+                smtp.close()
+            raise ProviderUnavailableError(f"SMTP {config.host}:{config.port}: {exc!r}") from exc
+        return smtp
+
+    def _drop(self) -> None:
+        if self._smtp is not None:
+            with contextlib.suppress(Exception):
+                self._smtp.close()
+            self._smtp = None
+
+    def send(self, message: OutgoingEmail) -> None:
+        """Send one email over the session's connection."""
+        if self._smtp is None:
+            self._smtp = self._connect()
+        try:
+            self._smtp.sendmail(message.envelope_from, [message.recipient], message.data)
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, text = exc.recipients.get(message.recipient, (550, b"recipient refused"))
+            raise _classify(code, _reply_text(text)) from exc
+        except smtplib.SMTPResponseException as exc:
+            error = _classify(exc.smtp_code, _reply_text(exc.smtp_error))
+            if isinstance(error, ProviderUnavailableError):
+                self._drop()
+            raise error from exc
+        except (smtplib.SMTPNotSupportedError, UnicodeEncodeError) as exc:
+            raise PermanentProviderError(f"cannot send to {message.recipient!r}: {exc}") from exc
+        except (smtplib.SMTPException, OSError) as exc:
+            self._drop()
+            raise ProviderUnavailableError(f"SMTP connection lost: {exc!r}") from exc
+
+    def close(self) -> None:
+        """Say QUIT and close the connection."""
+        if self._smtp is not None:
+            with contextlib.suppress(Exception):
+                self._smtp.quit()
+        self._drop()

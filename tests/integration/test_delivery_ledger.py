@@ -1,0 +1,161 @@
+"""The send ledger and the template store on a real database (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy as sa
+
+from carillon_chassis.database import Database, utcnow
+from carillon_chassis.errors import AlreadyExists, InvalidArgument, NotFound
+from delivery_svc.ledger import Ledger, LedgerEntry, StatusChange, message_id
+from delivery_svc.tables import MIGRATIONS, LedgerRow
+from delivery_svc.templates import Template, TemplateStore
+
+RUN = "campaigns/c1/runs/r1"
+
+
+@pytest.fixture
+def database(make_database: Callable[[str], Database]) -> Database:
+    database = make_database("delivery")
+    database.migrate(MIGRATIONS)
+    return database
+
+
+def entry(profile: str, entity_key: str = "", status: str = "pending", *, activity: str = "a1") -> LedgerEntry:
+    return LedgerEntry(
+        message_id=message_id("prod", RUN, activity, profile, entity_key),
+        sandbox="prod",
+        campaign="campaigns/c1",
+        run=RUN,
+        activity=activity,
+        profile_key=profile,
+        entity_key=entity_key,
+        channel="email",
+        status=status,
+        address=f"{profile}@example.com",
+    )
+
+
+def test_the_database_refuses_a_second_row_for_the_same_ledger_key(database: Database) -> None:
+    row = {
+        "sandbox": "prod",
+        "campaign": "campaigns/c1",
+        "run": RUN,
+        "activity": "a1",
+        "profile_key": "ada",
+        "entity_key": "r1",
+        "channel": "email",
+        "status": "pending",
+        "reason": "",
+        "address": "ada@example.com",
+        "create_time": utcnow(),
+        "update_time": utcnow(),
+    }
+    table = LedgerRow.__table__  # type: ignore[attr-defined]
+    with database.engine.begin() as conn:
+        conn.execute(table.insert().values(id="first", **row))
+
+    with pytest.raises(sa.exc.IntegrityError), database.engine.begin() as conn:
+        conn.execute(table.insert().values(id="second", **row))
+
+
+def test_writing_a_row_whose_key_exists_keeps_the_existing_row(database: Database) -> None:
+    ledger = Ledger(database)
+    ledger.write([entry("ada", "r1")])
+    ledger.mark([StatusChange(entry("ada", "r1").message_id, "sent")])
+
+    ledger.write([entry("ada", "r1"), entry("bob", "r1")])
+
+    rows = {e.profile_key: e.status for e in ledger.entries("prod", RUN, "a1")}
+    assert rows == {"ada": "sent", "bob": "pending"}
+
+
+def test_find_returns_only_the_rows_of_the_keys_in_the_run_and_activity(database: Database) -> None:
+    ledger = Ledger(database)
+    ledger.write([entry("ada", "r1"), entry("ada", "r2"), entry("bob", ""), entry("ada", "r1", activity="a2")])
+
+    found = ledger.find("prod", RUN, "a1", [("ada", "r1"), ("bob", ""), ("cy", "")])
+
+    assert set(found) == {("ada", "r1"), ("bob", "")}
+    assert found[("ada", "r1")].message_id == entry("ada", "r1").message_id
+
+
+def test_find_handles_more_keys_than_one_query_chunk(database: Database) -> None:
+    ledger = Ledger(database)
+    ledger.write([entry(f"p{i}", "r") for i in range(2500)])
+
+    found = ledger.find("prod", RUN, "a1", [(f"p{i}", "r") for i in range(0, 3000)])
+
+    assert len(found) == 2500
+
+
+def test_mark_records_status_and_reason_in_one_transaction(database: Database) -> None:
+    ledger = Ledger(database)
+    ledger.write([entry("ada"), entry("bob")])
+
+    ledger.mark(
+        [StatusChange(entry("ada").message_id, "sent"), StatusChange(entry("bob").message_id, "failed", "PROVIDER_X")]
+    )
+
+    rows = {e.profile_key: (e.status, e.reason) for e in ledger.entries("prod", RUN, "a1")}
+    assert rows == {"ada": ("sent", ""), "bob": ("failed", "PROVIDER_X")}
+
+
+def email_template() -> Template:
+    return Template(
+        template_id="",
+        channel="email",
+        content_kind="email",
+        content={"subject": "Hi {{ profile.first_name }}", "text_body": "Hello"},
+        display_name="Welcome",
+    )
+
+
+def test_a_created_template_reads_back_with_its_parts(database: Database) -> None:
+    store = TemplateStore(database)
+    store.create("prod", "welcome", email_template())
+
+    template = store.get("prod", "welcome")
+
+    assert (template.name, template.channel, template.display_name) == ("templates/welcome", "email", "Welcome")
+    assert template.content["subject"] == "Hi {{ profile.first_name }}"
+    assert template.create_time is not None and template.create_time.tzinfo is not None
+
+
+def test_a_taken_template_id_is_already_exists(database: Database) -> None:
+    store = TemplateStore(database)
+    store.create("prod", "welcome", email_template())
+
+    with pytest.raises(AlreadyExists) as caught:
+        store.create("prod", "welcome", email_template())
+
+    assert caught.value.reason == "TEMPLATE_ALREADY_EXISTS"
+
+
+def test_templates_belong_to_their_sandbox(database: Database) -> None:
+    store = TemplateStore(database)
+    store.create("prod", "welcome", email_template())
+
+    with pytest.raises(NotFound):
+        store.get("staging", "welcome")
+
+
+def test_templates_are_listed_in_pages_in_id_order(database: Database) -> None:
+    store = TemplateStore(database)
+    for template_id in ("c", "a", "b"):
+        store.create("prod", template_id, email_template())
+
+    first, token = store.list("prod", 2, "")
+    second, last_token = store.list("prod", 2, token)
+
+    assert [t.template_id for t in first + second] == ["a", "b", "c"]
+    assert last_token == ""
+
+
+def test_a_forged_page_token_is_invalid(database: Database) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        TemplateStore(database).list("prod", 2, "not-a-token!")
+
+    assert [v.field for v in caught.value.violations] == ["page_token"]

@@ -1,0 +1,96 @@
+"""Wiring of scheduler_svc: settings → database (migrated) → stores, gateways, engine, runner → server.
+
+The runner starts once the server is serving and stops before the peer channels and the database
+close (stop hooks run in reverse order of registration).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from carillon.scheduler.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
+from carillon_chassis.clients import open_channel
+from carillon_chassis.database import Database
+from carillon_chassis.server import GrpcServer
+from scheduler_svc import DOMAIN, SERVICE_NAME
+from scheduler_svc.campaigns import CampaignStore
+from scheduler_svc.engine import Engine, EngineOptions
+from scheduler_svc.gateways import DeliveryGateway, GrpcAudienceGateway, GrpcDeliveryGateway
+from scheduler_svc.runner import Runner, StoreJournal
+from scheduler_svc.runs import Lease, RunStore
+from scheduler_svc.servicer import CampaignServicer
+from scheduler_svc.settings import SchedulerSettings
+from scheduler_svc.tables import MIGRATIONS
+from scheduler_svc.validation import Limits
+
+FULL_NAME = scheduler_service_pb2.DESCRIPTOR.services_by_name["CampaignService"].full_name
+
+
+async def build_server(settings: SchedulerSettings) -> GrpcServer:
+    """Create the database (applying migrations), the runner and a server that is ready to start."""
+    database = Database(
+        settings.resolved_database_url(), schema=settings.resolved_schema(), threads=settings.db_threads
+    )
+    database.migrate(MIGRATIONS)
+    limits = Limits(max_activities=settings.max_activities, max_channel_activities=settings.max_channel_activities)
+    campaigns = CampaignStore(database, limits)
+    runs = RunStore(database)
+    servicer = CampaignServicer(campaigns, runs)
+
+    audience_channel = open_channel(settings.audience_target)
+    delivery_channels = {channel: open_channel(target) for channel, target in settings.delivery_targets.items()}
+    deliveries: dict[str, DeliveryGateway] = {
+        channel: GrpcDeliveryGateway(delivery_channels[channel], target, connect_timeout_s=settings.connect_timeout_s)
+        for channel, target in settings.delivery_targets.items()
+    }
+    lease = Lease(owner=settings.replica_id, duration_s=settings.lease_s)
+    engine = Engine(
+        GrpcAudienceGateway(
+            audience_channel,
+            settings.audience_target,
+            timeout_s=settings.call_timeout_s,
+            connect_timeout_s=settings.connect_timeout_s,
+        ),
+        deliveries,
+        StoreJournal(database, runs, lease),
+        EngineOptions(
+            max_unacked_batches=settings.max_unacked_batches,
+            default_batch_size=settings.default_batch_size,
+            activity_attempts=settings.activity_attempts,
+        ),
+    )
+    runner = Runner(
+        database=database,
+        runs=runs,
+        engine=engine,
+        lease=lease,
+        poll_interval_s=settings.poll_interval_s,
+        max_concurrent_runs=settings.max_concurrent_runs,
+    )
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        scheduler_service_pb2_grpc.add_CampaignServiceServicer_to_server(servicer, server)
+        return [FULL_NAME]
+
+    server = GrpcServer(
+        name=SERVICE_NAME,
+        domain=DOMAIN,
+        host=settings.host,
+        port=settings.port,
+        register=register,
+        grace_period_s=settings.grace_period_s,
+        port_file=settings.port_file,
+    )
+
+    async def close_database() -> None:
+        database.close()
+
+    async def close_channels() -> None:
+        for channel in [audience_channel, *delivery_channels.values()]:
+            await channel.close()
+
+    server.on_stop(close_database)
+    server.on_stop(close_channels)
+    server.on_start(runner.start)
+    server.on_stop(runner.stop)
+    return server

@@ -1,0 +1,416 @@
+"""Runs: claiming due runs with leases, recording their progress, and reading them back.
+
+A run is *due* when it is PENDING with ``scheduled_time <= now``, or RUNNING with an expired lease
+(the replica executing it crashed or lost its database). Claiming sets ``lease_owner`` and
+``lease_expires`` and moves the run to RUNNING and its campaign to LIVE:
+
+- on PostgreSQL, due runs are selected ``FOR UPDATE SKIP LOCKED``, so replicas claiming at the same
+  time never block on, nor take, the same run;
+- on SQLite (the single-replica, embedded default) each candidate is taken with a conditional
+  ``UPDATE ... WHERE <still due>``; SQLite serializes writers, so a run is still claimed at most once.
+
+Every progress write checks and renews the lease in the same transaction, so a replica that lost
+its run (another replica claimed it after the lease expired) cannot write to it any more: it gets
+:class:`LeaseLost`. Counts and the checkpoint of a channel task change in one transaction per
+acknowledged batch; an acknowledgement at or before the stored checkpoint is already counted and is
+ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from carillon_chassis.database import Database, as_utc, utcnow
+from carillon_chassis.errors import InvalidArgument, NotFound
+from carillon_chassis.pagination import decode_token, encode_token, page_size
+from scheduler_svc.model import (
+    Ack,
+    CampaignState,
+    ClaimedRun,
+    LeaseLost,
+    Run,
+    RunKey,
+    RunState,
+    Task,
+    TaskState,
+    canvas_from_json,
+)
+from scheduler_svc.tables import CAMPAIGNS, RUN_TASKS, RUNS
+
+_FINISHED_TASKS = (TaskState.SUCCEEDED.value, TaskState.FAILED.value, TaskState.SKIPPED.value)
+_ACTIVE_CAMPAIGNS = (CampaignState.SCHEDULED.value, CampaignState.LIVE.value)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who holds a lease and for how long each claim or renewal extends it."""
+
+    owner: str
+    duration_s: float
+
+    def expiry(self, now: datetime) -> datetime:
+        """When a lease taken or renewed at ``now`` expires."""
+        return now + timedelta(seconds=self.duration_s)
+
+
+def _merge(stored: Mapping[str, int] | None, added: Mapping[str, int] | None) -> dict[str, int]:
+    merged = dict(stored or {})
+    for reason, count in (added or {}).items():
+        if count:
+            merged[reason] = merged.get(reason, 0) + int(count)
+    return merged
+
+
+def _key_where(table: sa.Table, key: RunKey) -> tuple[sa.ColumnElement[bool], ...]:
+    return (
+        table.c.sandbox == key.sandbox,
+        table.c.campaign_id == key.campaign_id,
+        table.c.run_id == key.run_id,
+    )
+
+
+def task_from_row(row: Any) -> Task:
+    """The domain task of a ``run_tasks`` row mapping."""
+    return Task(
+        activity=row["activity"],
+        state=TaskState(row["state"]),
+        targeted=row["targeted"],
+        sent=row["sent"],
+        already_sent=row["already_sent"],
+        skipped=dict(row["skipped"] or {}),
+        failed=dict(row["failed"] or {}),
+        working_set=row["working_set"],
+        checkpoint=row["checkpoint"],
+        message=row["message"],
+        start_time=as_utc(row["start_time"]),
+        end_time=as_utc(row["end_time"]),
+    )
+
+
+def run_from_row(row: Any, tasks: list[Task]) -> Run:
+    """The domain run of a ``runs`` row mapping and its tasks."""
+    return Run(
+        key=RunKey(row["sandbox"], row["campaign_id"], row["run_id"]),
+        state=RunState(row["state"]),
+        scheduled_time=as_utc(row["scheduled_time"]) or utcnow(),
+        create_time=as_utc(row["create_time"]) or utcnow(),
+        tasks=tasks,
+        start_time=as_utc(row["start_time"]),
+        end_time=as_utc(row["end_time"]),
+        error=row["error"],
+        lease_owner=row["lease_owner"],
+        lease_expires=as_utc(row["lease_expires"]),
+    )
+
+
+class RunStore:
+    """The runs of one database: claims, leases, progress and reads."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    # -- claiming -----------------------------------------------------------------------------
+    def claim_due_runs(self, lease: Lease, limit: int, now: datetime | None = None) -> list[ClaimedRun]:
+        """Claim up to ``limit`` due runs for ``lease.owner``, oldest due first, with their canvases."""
+        now = now or utcnow()
+        if limit <= 0:
+            return []
+        due = sa.or_(
+            sa.and_(RUNS.c.state == RunState.PENDING.value, RUNS.c.scheduled_time <= now),
+            sa.and_(
+                RUNS.c.state == RunState.RUNNING.value,
+                sa.or_(RUNS.c.lease_expires.is_(None), RUNS.c.lease_expires < now),
+            ),
+        )
+        pk = (RUNS.c.sandbox, RUNS.c.campaign_id, RUNS.c.run_id)
+        candidates = sa.select(*pk).where(due).order_by(RUNS.c.scheduled_time, *pk).limit(limit)
+        if self.database.is_postgres:
+            with self.database.engine.begin() as conn:
+                keys = [RunKey(*r) for r in conn.execute(candidates.with_for_update(skip_locked=True))]
+                for key in keys:
+                    self._take(conn, key, lease, now, sa.true())
+                return [self._load_claimed(conn, key) for key in keys]
+        # SQLite: read the candidates, then take each with its own write transaction whose UPDATE
+        # re-checks that the run is still due (a transaction that writes first never reads stale data).
+        with self.database.engine.connect() as conn:
+            keys = [RunKey(*r) for r in conn.execute(candidates)]
+        claimed: list[ClaimedRun] = []
+        for key in keys:
+            with self.database.engine.begin() as conn:
+                if self._take(conn, key, lease, now, due):
+                    claimed.append(self._load_claimed(conn, key))
+        return claimed
+
+    @staticmethod
+    def _take(conn: sa.Connection, key: RunKey, lease: Lease, now: datetime, still_due: Any) -> bool:
+        taken = conn.execute(
+            RUNS.update()
+            .where(*_key_where(RUNS, key), still_due)
+            .values(
+                state=RunState.RUNNING.value,
+                start_time=sa.func.coalesce(RUNS.c.start_time, now),
+                lease_owner=lease.owner,
+                lease_expires=lease.expiry(now),
+            )
+        ).rowcount
+        if taken:
+            conn.execute(
+                CAMPAIGNS.update()
+                .where(
+                    CAMPAIGNS.c.sandbox == key.sandbox,
+                    CAMPAIGNS.c.campaign_id == key.campaign_id,
+                    CAMPAIGNS.c.state == CampaignState.SCHEDULED.value,
+                )
+                .values(state=CampaignState.LIVE.value, update_time=now)
+            )
+        return bool(taken)
+
+    def _load_claimed(self, conn: sa.Connection, key: RunKey) -> ClaimedRun:
+        canvas = conn.execute(
+            sa.select(CAMPAIGNS.c.canvas).where(
+                CAMPAIGNS.c.sandbox == key.sandbox, CAMPAIGNS.c.campaign_id == key.campaign_id
+            )
+        ).scalar_one()
+        run = self._load_run(conn, key)
+        assert run is not None
+        return ClaimedRun(run=run, canvas=canvas_from_json(canvas))
+
+    def renew_lease(self, key: RunKey, lease: Lease, now: datetime | None = None) -> bool:
+        """Extend this replica's lease on a running run; False when it no longer owns the run."""
+        now = now or utcnow()
+        with self.database.engine.begin() as conn:
+            return self._renew(conn, key, lease, now, raise_lost=False)
+
+    def release_lease(self, key: RunKey, lease: Lease, now: datetime | None = None) -> None:
+        """Give a running run back (on shutdown): any replica may claim it at once."""
+        now = now or utcnow()
+        with self.database.engine.begin() as conn:
+            conn.execute(
+                RUNS.update()
+                .where(*_key_where(RUNS, key), RUNS.c.lease_owner == lease.owner)
+                .values(lease_expires=now - timedelta(microseconds=1))
+            )
+
+    @staticmethod
+    def _renew(conn: sa.Connection, key: RunKey, lease: Lease, now: datetime, *, raise_lost: bool = True) -> bool:
+        renewed = conn.execute(
+            RUNS.update()
+            .where(
+                *_key_where(RUNS, key),
+                RUNS.c.state == RunState.RUNNING.value,
+                RUNS.c.lease_owner == lease.owner,
+            )
+            .values(lease_expires=lease.expiry(now))
+        ).rowcount
+        if not renewed and raise_lost:
+            raise LeaseLost(f"{key.name} is no longer leased to {lease.owner}")
+        return bool(renewed)
+
+    # -- progress (each write checks and renews the lease) ------------------------------------
+    def start_task(self, key: RunKey, lease: Lease, activity: str, targeted: int | None = None) -> None:
+        """Mark a task RUNNING (keeping its first start time); set ``targeted`` when given."""
+        now = utcnow()
+        values: dict[str, Any] = {
+            "state": TaskState.RUNNING.value,
+            "start_time": sa.func.coalesce(RUN_TASKS.c.start_time, now),
+            "message": "",
+        }
+        if targeted is not None:
+            values["targeted"] = targeted
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            conn.execute(
+                RUN_TASKS.update().where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity).values(**values)
+            )
+
+    def record_working_set(self, key: RunKey, lease: Lease, activity: str, working_set: str, count: int) -> None:
+        """A targeting task built its working set: store it and its count; the task SUCCEEDED."""
+        now = utcnow()
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            conn.execute(
+                RUN_TASKS.update()
+                .where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
+                .values(
+                    state=TaskState.SUCCEEDED.value,
+                    working_set=working_set,
+                    targeted=count,
+                    end_time=now,
+                )
+            )
+
+    def record_ack(self, key: RunKey, lease: Lease, activity: str, ack: Ack) -> bool:
+        """Add an acknowledged batch's counts and move the checkpoint to its sequence, atomically.
+
+        Returns False (and changes nothing) when the checkpoint is already at or past the sequence.
+        """
+        now = utcnow()
+        where = (*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            row = conn.execute(sa.select(RUN_TASKS).where(*where)).mappings().one()
+            if ack.sequence <= row["checkpoint"]:
+                return False
+            conn.execute(
+                RUN_TASKS.update()
+                .where(*where, RUN_TASKS.c.checkpoint == row["checkpoint"])
+                .values(
+                    sent=RUN_TASKS.c.sent + ack.sent,
+                    already_sent=RUN_TASKS.c.already_sent + ack.already_sent,
+                    skipped=_merge(row["skipped"], ack.skipped),
+                    failed=_merge(row["failed"], ack.failed),
+                    checkpoint=ack.sequence,
+                )
+            )
+        return True
+
+    def finish_task(self, key: RunKey, lease: Lease, activity: str) -> None:
+        """Mark a task SUCCEEDED."""
+        now = utcnow()
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            conn.execute(
+                RUN_TASKS.update()
+                .where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
+                .values(state=TaskState.SUCCEEDED.value, end_time=now)
+            )
+
+    def fail_run(self, key: RunKey, lease: Lease, activity: str | None, message: str) -> None:
+        """The run FAILED: the activity's task FAILED with ``message``, unfinished tasks SKIPPED.
+
+        Without an activity (the scheduler itself failed), the tasks that were RUNNING fail instead.
+        """
+        now = utcnow()
+        error = f"activity {activity!r} failed: {message}" if activity else message
+        failing = (
+            RUN_TASKS.c.activity == activity if activity is not None else RUN_TASKS.c.state == TaskState.RUNNING.value
+        )
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            conn.execute(
+                RUN_TASKS.update()
+                .where(*_key_where(RUN_TASKS, key), failing)
+                .values(state=TaskState.FAILED.value, message=message, end_time=now)
+            )
+            conn.execute(
+                RUN_TASKS.update()
+                .where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.state.not_in(_FINISHED_TASKS))
+                .values(state=TaskState.SKIPPED.value, end_time=now)
+            )
+            self._end(conn, key, RunState.FAILED, now, error)
+
+    def succeed_run(self, key: RunKey, lease: Lease) -> None:
+        """The run SUCCEEDED (every task finished)."""
+        now = utcnow()
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            self._end(conn, key, RunState.SUCCEEDED, now, "")
+
+    @staticmethod
+    def _end(conn: sa.Connection, key: RunKey, state: RunState, now: datetime, error: str) -> None:
+        conn.execute(
+            RUNS.update()
+            .where(*_key_where(RUNS, key))
+            .values(state=state.value, end_time=now, error=error, lease_owner=None, lease_expires=None)
+        )
+        # A once-scheduled campaign has one run: when it ends, the campaign is complete.
+        conn.execute(
+            CAMPAIGNS.update()
+            .where(
+                CAMPAIGNS.c.sandbox == key.sandbox,
+                CAMPAIGNS.c.campaign_id == key.campaign_id,
+                CAMPAIGNS.c.state.in_(_ACTIVE_CAMPAIGNS),
+            )
+            .values(state=CampaignState.COMPLETED.value, update_time=now)
+        )
+
+    # -- reads --------------------------------------------------------------------------------
+    def get(self, key: RunKey, field: str = "name") -> Run:
+        """One run with its tasks in execution order; NOT_FOUND naming ``field``."""
+        with self.database.engine.connect() as conn:
+            run = self._load_run(conn, key)
+        if run is None:
+            raise NotFound(f"run {key.name!r} does not exist", field=field, reason="RUN_NOT_FOUND")
+        return run
+
+    def list_runs(
+        self, sandbox: str, campaign_id: str, requested_size: int = 0, token: str = ""
+    ) -> tuple[list[Run], str]:
+        """One page of a campaign's runs, newest first; NOT_FOUND (``parent``) for an unknown campaign."""
+        size = page_size(requested_size)
+        after = decode_token(token)
+        if after is not None and not (
+            isinstance(after, list) and len(after) == 2 and all(isinstance(v, str) for v in after)
+        ):
+            raise InvalidArgument("page_token is not a token returned by this RPC", field="page_token")
+        query = sa.select(RUNS).where(RUNS.c.sandbox == sandbox, RUNS.c.campaign_id == campaign_id)
+        if after is not None:
+            try:
+                created = datetime.fromisoformat(after[0]).astimezone(UTC)
+            except ValueError:
+                raise InvalidArgument("page_token is not a token returned by this RPC", field="page_token") from None
+            query = query.where(
+                sa.or_(
+                    RUNS.c.create_time < created,
+                    sa.and_(RUNS.c.create_time == created, RUNS.c.run_id < after[1]),
+                )
+            )
+        with self.database.engine.connect() as conn:
+            exists = conn.execute(
+                sa.select(CAMPAIGNS.c.campaign_id).where(
+                    CAMPAIGNS.c.sandbox == sandbox, CAMPAIGNS.c.campaign_id == campaign_id
+                )
+            ).first()
+            if exists is None:
+                raise NotFound(f"campaign {campaign_id!r} does not exist", field="parent", reason="CAMPAIGN_NOT_FOUND")
+            rows = (
+                conn.execute(query.order_by(RUNS.c.create_time.desc(), RUNS.c.run_id.desc()).limit(size + 1))
+                .mappings()
+                .all()
+            )
+            tasks = self._load_tasks_of(conn, sandbox, campaign_id, [r["run_id"] for r in rows[:size]])
+            runs = [run_from_row(r, tasks.get(r["run_id"], [])) for r in rows]
+        page = runs[:size]
+        next_token = ""
+        if len(runs) > size:
+            last = page[-1]
+            next_token = encode_token([last.create_time.isoformat(), last.key.run_id])
+        return page, next_token
+
+    def _load_run(self, conn: sa.Connection, key: RunKey) -> Run | None:
+        row = conn.execute(sa.select(RUNS).where(*_key_where(RUNS, key))).mappings().first()
+        if row is None:
+            return None
+        return run_from_row(row, self._load_tasks(conn, key))
+
+    @staticmethod
+    def _load_tasks_of(
+        conn: sa.Connection, sandbox: str, campaign_id: str, run_ids: list[str]
+    ) -> dict[str, list[Task]]:
+        found: dict[str, list[Task]] = {}
+        if not run_ids:
+            return found
+        rows = conn.execute(
+            sa.select(RUN_TASKS)
+            .where(
+                RUN_TASKS.c.sandbox == sandbox,
+                RUN_TASKS.c.campaign_id == campaign_id,
+                RUN_TASKS.c.run_id.in_(run_ids),
+            )
+            .order_by(RUN_TASKS.c.run_id, RUN_TASKS.c.position)
+        ).mappings()
+        for r in rows:
+            found.setdefault(r["run_id"], []).append(task_from_row(r))
+        return found
+
+    @staticmethod
+    def _load_tasks(conn: sa.Connection, key: RunKey) -> list[Task]:
+        rows = conn.execute(
+            sa.select(RUN_TASKS).where(*_key_where(RUN_TASKS, key)).order_by(RUN_TASKS.c.position)
+        ).mappings()
+        return [task_from_row(r) for r in rows]

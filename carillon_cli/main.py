@@ -47,13 +47,17 @@ def _endpoints(args: argparse.Namespace) -> Endpoints:
 
 
 def tasks_table(tasks: Sequence[run_pb2.ActivityTask], title: str = "per-activity counts") -> Table:
-    """A table of a run's tasks and their counts."""
+    """A table of a run's tasks and their counts (skips and failures one reason per line)."""
     table = Table(title=title)
-    for column in ("activity", "state", "targeted", "sent", "already sent", "skipped", "failed", "note"):
-        table.add_column(column, justify="right" if column in ("targeted", "sent", "already sent") else "left")
+    table.add_column("activity")
+    table.add_column("state")
+    for column in ("targeted", "sent", "already sent"):
+        table.add_column(column, justify="right")
+    table.add_column("skipped")
+    table.add_column("failed")
     for task in tasks:
-        skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(task.skipped.items())) or "-"
-        failed = ", ".join(f"{reason}: {n}" for reason, n in sorted(task.failed.items())) or "-"
+        skipped = "\n".join(f"{reason} {n}" for reason, n in sorted(task.skipped.items())) or "-"
+        failed = "\n".join(f"{reason} {n}" for reason, n in sorted(task.failed.items())) or "-"
         table.add_row(
             task.activity,
             run_pb2.TaskState.Name(task.state).removeprefix("TASK_STATE_").lower(),
@@ -62,9 +66,19 @@ def tasks_table(tasks: Sequence[run_pb2.ActivityTask], title: str = "per-activit
             str(task.already_sent),
             skipped,
             failed,
-            task.message or task.working_set,
         )
     return table
+
+
+def task_notes(tasks: Sequence[run_pb2.ActivityTask]) -> list[str]:
+    """One line per task that has a working set or a failure message."""
+    notes = []
+    for task in tasks:
+        if task.message:
+            notes.append(f"{task.activity}: {task.message}")
+        elif task.working_set:
+            notes.append(f"{task.activity}: working set {task.working_set}")
+    return notes
 
 
 def _run_demo(endpoints: Endpoints, sandbox: str, delivered_to: str) -> DemoResult:
@@ -99,6 +113,8 @@ def _run_demo(endpoints: Endpoints, sandbox: str, delivered_to: str) -> DemoResu
 
     result = asyncio.run(_go())
     console.print(tasks_table(result.tasks, title=f"{result.run}: {result.state}"))
+    for note in task_notes(result.tasks):
+        console.print(f"  {note}")
     if result.error:
         console.print(f"[red]run failed:[/red] {result.error}")
     sent = sum(t.sent for t in result.tasks)
@@ -232,6 +248,8 @@ def cmd_runs_get(args: argparse.Namespace) -> int:
     with channel:
         reply = stub.GetRun(sch.GetRunRequest(name=args.run), metadata=call_metadata(args.sandbox))
     console.print(tasks_table(reply.run.tasks, title=f"{reply.run.name}: {run_pb2.RunState.Name(reply.run.state)}"))
+    for note in task_notes(reply.run.tasks):
+        console.print(f"  {note}")
     if reply.run.error:
         console.print(f"error: {reply.run.error}")
     return 0
@@ -268,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="outbox",
         help="outbox writes .eml files under DATA_DIR/outbox; smtp sends to --smtp-host/--smtp-port",
     )
-    up.add_argument("--smtp-host", default="127.0.0.1")
-    up.add_argument("--smtp-port", type=int, default=25)
+    up.add_argument("--smtp-host", default="127.0.0.1", help="SMTP server host (with --email-provider smtp)")
+    up.add_argument("--smtp-port", type=int, default=25, help="SMTP server port (with --email-provider smtp)")
     up.add_argument("--log-format", choices=["console", "json"], default="console")
     up.add_argument("--sandbox", default="demo", help="sandbox the demo uses (default demo)")
     up.set_defaults(func=cmd_up)

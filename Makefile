@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF := node_modules/.bin/buf
 
-.PHONY: help install run test lint protos check-protos buf-lint clean
+.PHONY: help install run test lint protos check-protos buf-lint buf-breaking clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -36,11 +36,19 @@ check-protos: $(STAMP)  ## fail when the generated code is stale
 buf-lint: $(BUF)  ## lint the contracts with buf (STANDARD rules)
 	cd protos && ../$(BUF) lint
 
+# The v1 contracts are stable: every change is checked against their first published version (the
+# repository's root commit), so renumbering, renaming or removing anything fails the build.
+BUF_BASELINE ?= $(shell git rev-list --max-parents=0 HEAD 2>/dev/null)
+
+buf-breaking: $(BUF)  ## fail on a breaking change to the v1 contracts
+	@if [ -z "$(BUF_BASELINE)" ]; then echo "buf-breaking: no git history to compare with" >&2; exit 1; fi
+	cd protos && ../$(BUF) breaking --against "../.git#ref=$(BUF_BASELINE),subdir=protos"
+
 lint: $(STAMP)  ## ruff and mypy on hand-written code
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: $(STAMP) buf-lint check-protos lint  ## lint everything and run the whole test suite
+test: $(STAMP) buf-lint buf-breaking check-protos lint  ## lint everything and run the whole test suite
 	$(BIN)/python -m pytest -q
 
 clean:  ## remove the virtual environment, node_modules and local data

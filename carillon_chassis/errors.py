@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 
 @dataclass(frozen=True)
@@ -90,15 +91,27 @@ class Unavailable(CarillonError):
     default_reason = "DEPENDENCY_UNAVAILABLE"
 
 
+# Status details travel in trailing metadata, which clients cap at 8-16 KiB: list at most this many
+# field violations and say how many there were in the ErrorInfo metadata (``violations_total``).
+MAX_REPORTED_VIOLATIONS = 50
+
+
 def to_status(error: CarillonError, domain: str) -> status_pb2.Status:
     """Build the ``google.rpc.Status`` for ``error``, with ErrorInfo and BadRequest details."""
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata)
+    metadata = dict(error.metadata)
+    message = error.message
+    violations = error.violations
+    if len(violations) > MAX_REPORTED_VIOLATIONS:
+        metadata.setdefault("violations_total", str(len(violations)))
+        message = f"{message} (first {MAX_REPORTED_VIOLATIONS} of {len(violations)} problems listed)"
+        violations = violations[:MAX_REPORTED_VIOLATIONS]
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=metadata)
     details = [info]
-    if error.violations:
+    if violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in error.violations
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description[:500])
+                for v in violations
             ]
         )
         details.append(bad)
@@ -107,7 +120,7 @@ def to_status(error: CarillonError, domain: str) -> status_pb2.Status:
         holder = any_pb2.Any()
         holder.Pack(detail)
         packed.append(holder)
-    return status_pb2.Status(code=error.code.value[0], message=error.message, details=packed)
+    return status_pb2.Status(code=error.code.value[0], message=message, details=packed)
 
 
 def internal_status(message: str) -> status_pb2.Status:
@@ -116,10 +129,32 @@ def internal_status(message: str) -> status_pb2.Status:
 
 
 def error_from_rpc(err: grpc.RpcError) -> CarillonError:
-    """Turn a status received from another service into the matching local error class."""
+    """Turn a status received from another service into the matching local error class.
+
+    The peer's ErrorInfo reason and metadata and its BadRequest field violations are kept, so a
+    caller can report exactly what the other service refused.
+    """
     mapping: dict[grpc.StatusCode, type[CarillonError]] = {
         cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted)
     }
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     cls = mapping.get(code, Unavailable)
-    return cls(f"{code.name}: {err.details() if hasattr(err, 'details') else err}")
+    text = err.details() if hasattr(err, "details") else str(err)
+    reason: str | None = None
+    metadata: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    try:
+        status = rpc_status.from_call(err)
+    except (ValueError, AttributeError, TypeError):
+        status = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason or None
+            metadata = {**dict(info.metadata), "peer_domain": info.domain}
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+    return cls(f"{code.name}: {text}", reason=reason, violations=violations, metadata=metadata)

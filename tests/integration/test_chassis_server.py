@@ -115,3 +115,19 @@ async def test_health_is_serving_then_not_serving_after_stop() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await health.Check(health_pb2.HealthCheckRequest(service="test.Probe"), timeout=2)
         assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def test_a_peer_error_keeps_its_reason_and_fields_when_turned_into_a_local_error(
+    channel: grpc.aio.Channel,
+) -> None:
+    from carillon_chassis.errors import error_from_rpc
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary("/test.Probe/Fail")(b"")
+
+    local = error_from_rpc(caught.value)
+
+    assert isinstance(local, InvalidArgument)
+    assert local.reason == "BAD_THING"
+    assert [v.field for v in local.violations] == ["thing"]
+    assert local.metadata["peer_domain"] == "probe.carillon.dev"

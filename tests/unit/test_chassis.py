@@ -82,3 +82,15 @@ def test_to_status_carries_error_info_and_every_field_violation() -> None:
 def test_an_error_without_violations_has_no_bad_request_detail() -> None:
     status = to_status(NotFound("gone"), "x")
     assert len(status.details) == 1
+
+
+def test_to_status_lists_at_most_fifty_violations_and_says_how_many_there_were() -> None:
+    error = InvalidArgument("bad rows", violations=[FieldViolation(f"changes[{i}]", "bad") for i in range(500)])
+
+    status = to_status(error, "audience.carillon.dev")
+
+    info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(info) and status.details[1].Unpack(bad)
+    assert len(bad.field_violations) == 50
+    assert bad.field_violations[0].field == "changes[0]"
+    assert info.metadata["violations_total"] == "500"

@@ -90,14 +90,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return None
         method = handler_call_details.method
         domain = self.domain
-        if handler.unary_unary:
-            inner_uu = handler.unary_unary
+        if handler.unary_unary or handler.stream_unary:
+            inner = handler.unary_unary or handler.stream_unary
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 scope = _CallScope(method, domain, context)
                 try:
                     scope.enter()
-                    response = await inner_uu(request, context)
+                    response = await inner(request, context)
                 except _PASS_THROUGH:
                     raise
                 except Exception as exc:
@@ -106,28 +106,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 scope.summary(grpc.StatusCode.OK)
                 return response
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
+            unary_factory = (
+                grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
             )
-        if handler.stream_unary:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-                scope = _CallScope(method, domain, context)
-                try:
-                    scope.enter()
-                    response = await inner_su(request_iterator, context)
-                except _PASS_THROUGH:
-                    raise
-                except Exception as exc:
-                    await scope.fail(exc)
-                    raise
-                scope.summary(grpc.StatusCode.OK)
-                return response
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, handler.request_deserializer, handler.response_serializer
-            )
+            return unary_factory(unary_response, handler.request_deserializer, handler.response_serializer)
         inner_stream = handler.unary_stream or handler.stream_stream
         is_unary_request = handler.unary_stream is not None
 

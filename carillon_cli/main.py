@@ -2,6 +2,7 @@
 
     carillon up [--demo]           start the four services (and run the demo); Ctrl-C stops them
     carillon demo                  load the sample data and run the demo campaign on running services
+    carillon ingest ENTITY FILE    load a CSV or JSON Lines file into an entity, with a progress bar
     carillon status                gRPC health of each service
     carillon campaigns list        campaigns of a sandbox
     carillon runs list CAMPAIGN    runs of a campaign, newest first
@@ -255,6 +256,42 @@ def cmd_runs_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Load a CSV or JSON Lines file into an entity, with a progress bar."""
+    from carillon_cli.ingest import ingest_file
+
+    path = Path(args.file)
+    if not path.is_file():
+        console.print(f"[red]no such file:[/red] {path}")
+        return 2
+    with path.open("rb") as handle:
+        total = max(sum(1 for line in handle if line.strip()) - (0 if path.suffix in (".jsonl", ".ndjson") else 1), 0)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        bar = progress.add_task(f"ingest {path.name}", total=total or None)
+        report = asyncio.run(
+            ingest_file(
+                _endpoints(args).audience,
+                args.entity,
+                path,
+                fmt=args.format,
+                batch_size=args.batch_size,
+                sandbox=args.sandbox,
+                on_progress=lambda n: progress.advance(bar, n),
+            )
+        )
+    console.print(
+        f"{report.batches} batches applied: {report.upserted} upserted, {report.deleted} deleted, "
+        f"{report.ignored_stale} ignored (an equal or higher version was stored)"
+    )
+    for problem in report.problems:
+        console.print(f"[red]refused[/red] {problem}")
+    if report.problems:
+        console.print("nothing of the refused batch was written; fix the lines above and run again")
+    return 1 if report.problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``carillon`` command."""
     parser = argparse.ArgumentParser(
@@ -296,6 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sandbox", default="demo", help="sandbox to use (default demo)")
     _add_endpoint_options(demo)
     demo.set_defaults(func=cmd_demo)
+
+    ingest = commands.add_parser(
+        "ingest",
+        help="load a CSV or JSON Lines file into an entity",
+        description="Stream a CSV (header row) or JSON Lines file into an entity in batches. Cells are typed by "
+        "the entity's schema; a column `_op` with `d` deletes the record. Each batch is all-or-nothing; "
+        "a refused batch is reported line by line.",
+    )
+    ingest.add_argument("entity", help="the entity id, e.g. customers")
+    ingest.add_argument("file", help="a .csv or .jsonl file")
+    ingest.add_argument("--format", choices=["csv", "jsonl"], help="default: from the file extension")
+    ingest.add_argument("--batch-size", type=int, default=1000, help="rows per batch (default 1000)")
+    ingest.add_argument("--sandbox", default="prod", help="sandbox (default prod)")
+    _add_endpoint_options(ingest)
+    ingest.set_defaults(func=cmd_ingest)
 
     status = commands.add_parser("status", help="gRPC health of each service")
     _add_endpoint_options(status)

@@ -17,6 +17,7 @@ from audience_svc import DOMAIN, SERVICE_NAME
 from audience_svc.audiences import AudienceEvaluator
 from audience_svc.entities import EntityCatalog
 from audience_svc.query import FilterLimits
+from audience_svc.saved_audiences import SavedAudienceStore
 from audience_svc.servicer import AudienceServicer
 from audience_svc.settings import AudienceSettings
 from audience_svc.tables import MIGRATIONS
@@ -54,7 +55,8 @@ async def build_server(settings: AudienceSettings) -> GrpcServer:
     working_sets = WorkingSetStore(
         catalog, limits=limits, retention=timedelta(days=settings.working_set_retention_days)
     )
-    servicer = AudienceServicer(catalog, evaluator, working_sets)
+    saved = SavedAudienceStore(catalog, working_sets, limits=limits)
+    servicer = AudienceServicer(catalog, evaluator, working_sets, saved)
 
     def register(server: grpc.aio.Server) -> list[str]:
         audience_service_pb2_grpc.add_AudienceServiceServicer_to_server(servicer, server)

@@ -1,34 +1,39 @@
-"""Audience evaluation: the exact count of a query's matches and a sample of their keys.
+"""Audience evaluation: the exact count of a query's matches, a sample of their keys, a distribution.
 
 The count is one ``SELECT count(*) FROM <entity> WHERE <filter>`` statement run by the database;
-the sample is the first matching primary keys in key order. With ``explain`` the compiled SQL of the
+the sample is the first matching primary keys in key order. The distribution of an attribute is one
+``SELECT attribute, count(*) … GROUP BY attribute ORDER BY count(*) DESC, attribute LIMIT 20``
+(NULL is a value like the others, ordered last among ties). With ``explain`` the compiled SQL of the
 count statement is returned, its bound parameters left as placeholders.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 
-from audience_svc.coercion import stored_key_text
+from audience_svc.coercion import from_database, stored_key_text
 from audience_svc.entities import EntityCatalog
-from audience_svc.query import AudienceQuery, FilterLimits, compile_filter
+from audience_svc.query import AudienceQuery, Bindings, FilterLimits, compile_filter
 from audience_svc.schema import Entity
-from carillon_chassis.errors import InvalidArgument
+from carillon_chassis.errors import InvalidArgument, NotFound
+from carillon_chassis.values import PyValue
 
 DEFAULT_SAMPLE_SIZE = 10
 MAX_SAMPLE_SIZE = 1000
+DISTRIBUTION_SIZE = 20
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The result of evaluating a query."""
+    """The result of evaluating a query; ``distribution`` holds (value, count) pairs, most frequent first."""
 
     count: int
     sample_keys: list[str]
     sql: str = ""
+    distribution: list[tuple[PyValue, int]] = field(default_factory=list)
 
 
 def sample_size(requested: int, field: str = "sample_size") -> int:
@@ -41,11 +46,30 @@ def sample_size(requested: int, field: str = "sample_size") -> int:
 
 
 def resolve_query(
-    catalog: EntityCatalog, sandbox: str, query: AudienceQuery, limits: FilterLimits, path: str = "query"
+    catalog: EntityCatalog,
+    sandbox: str,
+    query: AudienceQuery,
+    limits: FilterLimits,
+    path: str = "query",
+    bindings: Bindings | None = None,
 ) -> tuple[Entity, sa.ColumnElement[bool]]:
-    """The query's dimension and its compiled WHERE expression (NotFound for an unknown dimension)."""
+    """The query's dimension and its compiled WHERE expression (NotFound for an unknown dimension).
+
+    Links are followed to the entities of the same sandbox; ``bindings`` gives the reference time
+    and parameter values.
+    """
     entity = catalog.get_entity(sandbox, query.dimension, field=f"{path}.dimension")
-    return entity, compile_filter(entity, query.filter, limits=limits, path=f"{path}.filter")
+
+    def resolve(entity_id: str) -> Entity | None:
+        try:
+            return catalog.get_entity(sandbox, entity_id)
+        except NotFound:
+            return None
+
+    where = compile_filter(
+        entity, query.filter, limits=limits, path=f"{path}.filter", resolve=resolve, bindings=bindings
+    )
+    return entity, where
 
 
 class AudienceEvaluator:
@@ -56,10 +80,49 @@ class AudienceEvaluator:
         self.database = catalog.database
         self.limits = limits or FilterLimits()
 
-    def evaluate(self, sandbox: str, query: AudienceQuery, *, sample: int = 0, explain: bool = False) -> Evaluation:
-        """The exact count of the query's matches, up to ``sample`` of their keys, and optionally the SQL."""
+    def evaluate(
+        self,
+        sandbox: str,
+        query: AudienceQuery,
+        *,
+        sample: int = 0,
+        explain: bool = False,
+        bindings: Bindings | None = None,
+        distribution_attribute: str = "",
+    ) -> Evaluation:
+        """The exact count of the query's matches, up to ``sample`` of their keys, optionally the SQL
+        and the distribution of ``distribution_attribute`` (an attribute of the dimension)."""
         size = sample_size(sample)
-        entity, where = resolve_query(self.catalog, sandbox, query, self.limits)
+        entity, where = resolve_query(self.catalog, sandbox, query, self.limits, bindings=bindings)
+        return self.evaluate_where(entity, where, size, explain, distribution_attribute)
+
+    def evaluate_where(
+        self,
+        entity: Entity,
+        where: sa.ColumnElement[bool],
+        size: int,
+        explain: bool = False,
+        distribution_attribute: str = "",
+    ) -> Evaluation:
+        """Count, sample and describe the records of ``entity`` matching ``where``."""
+        distribution_statement = None
+        if distribution_attribute:
+            attribute = entity.schema.attribute(distribution_attribute)
+            if attribute is None:
+                raise InvalidArgument(
+                    f"unknown attribute {distribution_attribute!r} of entity {entity.entity_id!r}",
+                    field="distribution_attribute",
+                    reason="UNKNOWN_ATTRIBUTE",
+                )
+            column = entity.table.c[attribute.name]
+            frequency = sa.func.count().label("frequency")
+            distribution_statement = (
+                sa.select(column, frequency)
+                .where(where)
+                .group_by(column)
+                .order_by(frequency.desc(), column.asc().nulls_last())
+                .limit(DISTRIBUTION_SIZE)
+            )
         table = entity.table
         count_statement = sa.select(sa.func.count()).select_from(table).where(where)
         keys = entity.key_columns()
@@ -67,10 +130,17 @@ class AudienceEvaluator:
         with self.database.engine.connect() as conn:
             count = conn.execute(count_statement).scalar_one()
             rows = conn.execute(sample_statement).all()
+            distribution: list[tuple[PyValue, int]] = []
+            if distribution_statement is not None:
+                attribute_type = entity.schema.attribute(distribution_attribute).type  # type: ignore[union-attr]
+                distribution = [
+                    (from_database(attribute_type, value), int(frequency))
+                    for value, frequency in conn.execute(distribution_statement).all()
+                ]
         key_attributes = entity.schema.key_attributes
         sample_keys = [stored_key_text(key_attributes, row) for row in rows]
         sql = explain_sql(count_statement, self.database.engine.dialect) if explain else ""
-        return Evaluation(count=int(count), sample_keys=sample_keys, sql=sql)
+        return Evaluation(count=int(count), sample_keys=sample_keys, sql=sql, distribution=distribution)
 
 
 def explain_sql(statement: sa.Select[Any], dialect: sa.Dialect) -> str:

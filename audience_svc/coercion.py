@@ -78,10 +78,9 @@ def coerce_operand(attribute_type: str, value: RawValue, enum_values: tuple[str,
         raise CoercionError(value.problem)
     if value is None:
         raise CoercionError("a null value is not allowed here")
-    mismatch = CoercionError(f"expected a {attribute_type} value, got a {kind_of(value)} value")
     if attribute_type in ("string", "enum"):
         if not isinstance(value, str):
-            raise mismatch
+            raise _mismatch(attribute_type, value)
         if "\x00" in value:
             raise CoercionError("strings must not contain the NUL character")
         if attribute_type == "enum" and value not in enum_values:
@@ -89,29 +88,33 @@ def coerce_operand(attribute_type: str, value: RawValue, enum_values: tuple[str,
         return value
     if attribute_type == "integer":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise mismatch
+            raise _mismatch(attribute_type, value)
         if not INT64_MIN <= value <= INT64_MAX:
             raise CoercionError("integers must fit in 64 bits")
         return value
     if attribute_type == "decimal":
         if isinstance(value, bool) or not isinstance(value, int | Decimal):
-            raise mismatch
+            raise _mismatch(attribute_type, value)
         return _decimal(Decimal(value))
     if attribute_type == "boolean":
         if not isinstance(value, bool):
-            raise mismatch
+            raise _mismatch(attribute_type, value)
         return value
     if attribute_type == "date":
         if isinstance(value, dt.datetime) or not isinstance(value, dt.date):
-            raise mismatch
+            raise _mismatch(attribute_type, value)
         return value
     if attribute_type == "timestamp":
         if not isinstance(value, dt.datetime):
-            raise mismatch
+            raise _mismatch(attribute_type, value)
         if value.tzinfo is None:
             raise CoercionError("timestamps must be timezone-aware")
         return value.astimezone(dt.UTC)
     raise CoercionError(f"unknown attribute type {attribute_type!r}")
+
+
+def _mismatch(attribute_type: str, value: RawValue) -> CoercionError:
+    return CoercionError(f"expected a {attribute_type} value, got a {kind_of(value)} value")
 
 
 def _decimal(value: Decimal) -> Decimal:

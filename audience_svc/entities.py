@@ -5,20 +5,37 @@ checks the sandbox's entity limit and the id, inserts the catalog row and create
 ``ent_<random hex>``. The catalog row is written before the table so that SQLite's driver has opened
 the transaction when the ``CREATE TABLE`` runs: both commit or roll back together on both backends.
 
-Schemas never change once created, so resolved entities are cached per process.
+Links can be added to an existing entity (:meth:`EntityCatalog.add_links`): that is how two
+entities come to link to each other (the second one to be created declares its link at creation,
+the first one gets the reverse link added afterwards). Nothing else of a schema changes yet.
+Resolved entities are cached per process for a few seconds, so a link added through another
+replica becomes visible here within ``cache_ttl_s``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 import uuid
 
 import sqlalchemy as sa
 
-from audience_svc.schema import Entity, EntitySchema, definition_from_json, definition_to_json, validate_schema
+from audience_svc.schema import (
+    ONE_TO_MANY,
+    Entity,
+    EntitySchema,
+    Link,
+    definition_from_json,
+    definition_to_json,
+    link_index_name,
+    link_target_violations,
+    validate_schema,
+)
 from audience_svc.tables import EntityRow
+from audience_svc.violations import invalid_argument
 from carillon_chassis.database import Database, as_utc, utcnow
-from carillon_chassis.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from carillon_chassis.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from carillon_chassis.pagination import decode_token, encode_token, page_size
 
 _entities: sa.Table = EntityRow.__table__  # type: ignore[attr-defined]
@@ -27,15 +44,21 @@ _entities: sa.Table = EntityRow.__table__  # type: ignore[attr-defined]
 class EntityCatalog:
     """The entities of one database, across sandboxes."""
 
-    def __init__(self, database: Database, *, max_entities: int = 200) -> None:
+    def __init__(self, database: Database, *, max_entities: int = 200, cache_ttl_s: float = 5.0) -> None:
         self.database = database
         self.max_entities = max_entities
-        self._cache: dict[tuple[str, str], Entity] = {}
+        self.cache_ttl_s = cache_ttl_s
+        self._cache: dict[tuple[str, str], tuple[float, Entity]] = {}
         self._lock = threading.Lock()
 
     def create_entity(self, sandbox: str, entity_id: str, schema: EntitySchema) -> Entity:
-        """Validate ``schema``, then create the entity and its table in one transaction."""
+        """Validate ``schema`` and its links, then create the entity, its table and indexes in one transaction.
+
+        A one-to-many link needs an index on the target's join attributes: it is created on the
+        target's table (unless it exists) in the same transaction.
+        """
         validate_schema(entity_id, schema)
+        targets = self._checked_link_targets(sandbox, entity_id, schema)
         now = utcnow()
         entity = Entity(
             sandbox=sandbox,
@@ -70,16 +93,74 @@ class EntityCatalog:
                     )
                 )
                 entity.table.create(conn)
+                _create_link_indexes(conn, entity, schema.links, targets, own_table_created=True)
         except sa.exc.IntegrityError as exc:
             raise self._already_exists(entity_id) from exc
         return entity
+
+    def add_links(self, sandbox: str, entity_id: str, links: tuple[Link, ...], *, field: str = "entity") -> Entity:
+        """Give an entity new links: ``links`` is its complete list, the existing links first, unchanged.
+
+        The new links are validated like those of a new entity; their indexes are created with the
+        catalog update, in one transaction. Removing or changing a link is refused
+        (INCOMPATIBLE_SCHEMA_CHANGE).
+        """
+        current = self._load(sandbox, entity_id, field)
+        with self.database.engine.connect() as conn:
+            # The definition exactly as stored (an older release wrote it without links): the
+            # update below only applies when it is still this text.
+            stored = conn.execute(
+                sa.select(_entities.c.definition).where(
+                    _entities.c.sandbox == sandbox, _entities.c.entity_id == entity_id
+                )
+            ).scalar_one()
+        if definition_from_json(stored, current.schema.display_name) != current.schema:
+            current = self._load(sandbox, entity_id, field)
+        existing = current.schema.links
+        if links[: len(existing)] != existing:
+            raise InvalidArgument(
+                "links can only be added: the existing links must come first, unchanged and in order",
+                field=f"{field}.links",
+                reason="INCOMPATIBLE_SCHEMA_CHANGE",
+            )
+        schema = dataclasses.replace(current.schema, links=links)
+        validate_schema(entity_id, schema)
+        targets = self._checked_link_targets(sandbox, entity_id, schema)
+        added = links[len(existing) :]
+        updated = dataclasses.replace(current, schema=schema, update_time=utcnow())
+        if not added:
+            return current
+        with self.database.engine.begin() as conn:
+            changed = conn.execute(
+                _entities.update()
+                .where(
+                    _entities.c.sandbox == sandbox,
+                    _entities.c.entity_id == entity_id,
+                    _entities.c.definition == stored,
+                )
+                .values(definition=definition_to_json(schema), update_time=updated.update_time)
+            ).rowcount
+            if changed != 1:
+                raise FailedPrecondition(
+                    f"entity {entity_id!r} changed while its links were being added; read it and retry",
+                    field=field,
+                    reason="CONCURRENT_SCHEMA_CHANGE",
+                )
+            _create_link_indexes(conn, updated, added, targets, own_table_created=False)
+        with self._lock:
+            self._cache[(sandbox, entity_id)] = (time.monotonic(), updated)
+        return updated
 
     def get_entity(self, sandbox: str, entity_id: str, *, field: str = "name") -> Entity:
         """The entity ``entity_id`` of ``sandbox``; NotFound naming ``field`` when there is none."""
         with self._lock:
             cached = self._cache.get((sandbox, entity_id))
-        if cached is not None:
-            return cached
+        if cached is not None and time.monotonic() - cached[0] < self.cache_ttl_s:
+            return cached[1]
+        return self._load(sandbox, entity_id, field)
+
+    def _load(self, sandbox: str, entity_id: str, field: str) -> Entity:
+        """The entity as stored now (bypassing the cache, which it refreshes)."""
         with self.database.engine.connect() as conn:
             row = (
                 conn.execute(
@@ -92,7 +173,10 @@ class EntityCatalog:
             raise NotFound(f"entity {entity_id!r} does not exist", field=field, reason="ENTITY_NOT_FOUND")
         entity = _entity_of(row)
         with self._lock:
-            self._cache[(sandbox, entity_id)] = entity
+            cached = self._cache.get((sandbox, entity_id))
+            if cached is not None and cached[1].schema == entity.schema:
+                entity = cached[1]  # keep the built table of the cached copy
+            self._cache[(sandbox, entity_id)] = (time.monotonic(), entity)
         return entity
 
     def list_entities(self, sandbox: str, size: int = 0, token: str = "") -> tuple[list[Entity], str]:
@@ -110,6 +194,31 @@ class EntityCatalog:
         next_token = encode_token(entities[-1].entity_id) if len(rows) > limit else ""
         return entities, next_token
 
+    def _checked_link_targets(self, sandbox: str, entity_id: str, schema: EntitySchema) -> dict[str, Entity | None]:
+        """The link targets (as :meth:`_link_targets`), once the links' target halves are checked."""
+        targets = self._link_targets(sandbox, entity_id, schema)
+        violations = link_target_violations(
+            schema, {t: schema if t == entity_id else (e.schema if e else None) for t, e in targets.items()}
+        )
+        if violations:
+            raise invalid_argument(f"the entity's links have {len(violations)} problem(s)", violations, "INVALID_LINK")
+        return targets
+
+    def _link_targets(self, sandbox: str, entity_id: str, schema: EntitySchema) -> dict[str, Entity | None]:
+        """Each link target's entity (None for the entity itself, or for an unknown target)."""
+        found: dict[str, Entity | None] = {}
+        for link in schema.links:
+            if link.target in found or not link.target:
+                continue
+            if link.target == entity_id:
+                found[link.target] = None
+                continue
+            try:
+                found[link.target] = self.get_entity(sandbox, link.target)
+            except NotFound:
+                found[link.target] = None
+        return found
+
     @staticmethod
     def _exists(conn: sa.Connection, sandbox: str, entity_id: str) -> bool:
         found = conn.execute(
@@ -120,6 +229,32 @@ class EntityCatalog:
     @staticmethod
     def _already_exists(entity_id: str) -> AlreadyExists:
         return AlreadyExists(f"entity {entity_id!r} already exists", field="entity_id", reason="ENTITY_ALREADY_EXISTS")
+
+
+def _create_link_indexes(
+    conn: sa.Connection,
+    entity: Entity,
+    links: tuple[Link, ...],
+    targets: dict[str, Entity | None],
+    *,
+    own_table_created: bool,
+) -> None:
+    """Create the indexes ``links`` need on the "many" side, unless they exist.
+
+    A many-to-one link indexes this entity's join attributes (a new table got them with its
+    definition); a one-to-many link indexes the target's join attributes.
+    """
+    for link in links:
+        if link.cardinality == ONE_TO_MANY:
+            target = targets.get(link.target)
+            table = entity.table if target is None else target.table
+            names = [pair.target_attribute for pair in link.join]
+        elif own_table_created:
+            continue
+        else:
+            table = entity.table
+            names = [pair.attribute for pair in link.join]
+        sa.Index(link_index_name(table.name, names), *[table.c[n] for n in names]).create(conn, checkfirst=True)
 
 
 def _entity_of(row: sa.RowMapping) -> Entity:

@@ -6,11 +6,16 @@ together (``changes[3].values.age``) before anything is written. Then, within th
 of one key collapse to the one with the highest version (the later one on a tie); the others count
 as stale. The survivors are written set-based in one transaction:
 
-* upserts as ``INSERT … ON CONFLICT (key) DO UPDATE … WHERE excluded.version > stored.version``
-  (one statement per batch, split only to respect the database's bound-parameter limit), so a
-  change whose version is not higher than the stored one is ignored and counted as stale;
+* upserts as ``INSERT … ON CONFLICT (key) DO UPDATE … WHERE excluded.version > stored.version``,
+  so a change whose version is not higher than the stored one is ignored and counted as stale. On
+  PostgreSQL the rows first go by ``COPY`` into a temporary staging table (dropped at commit) and one
+  ``INSERT … SELECT … ON CONFLICT`` merges them; on SQLite the rows go in multi-row statements,
+  split only to respect the bound-parameter limit;
 * deletes as one parameterized ``DELETE … WHERE key = :key AND version <= :version`` executed for
   all of them, then one count of the keys that survived (their stored version was higher: stale).
+
+By default a batch is all-or-nothing. With ``allow_partial`` the valid changes of a batch are
+applied and the invalid ones come back as rejections (their field violations), counted apart.
 
 Deleted records leave no tombstone: a late upsert with a version older than a delete re-creates the
 record.
@@ -18,8 +23,9 @@ record.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -48,17 +54,20 @@ class RecordChange:
 
 @dataclass
 class IngestResult:
-    """What a batch (or a whole stream) did."""
+    """What a batch (or a whole stream) did; ``rejections`` are the violations of rejected changes."""
 
     upserted: int = 0
     deleted: int = 0
     ignored_stale: int = 0
+    rejected: int = 0
+    rejections: list[FieldViolation] = field(default_factory=list)
 
     def add(self, other: IngestResult) -> None:
-        """Add another batch's counts to these."""
+        """Add another batch's counts to these (not its rejections: the caller lists those, capped)."""
         self.upserted += other.upserted
         self.deleted += other.deleted
         self.ignored_stale += other.ignored_stale
+        self.rejected += other.rejected
 
 
 @dataclass(frozen=True)
@@ -69,8 +78,14 @@ class _Checked:
     row: dict[str, PyValue]
 
 
-def check_changes(entity: Entity, changes: Sequence[RecordChange], path: str = "changes") -> list[_Checked]:
-    """Coerce every change; raise InvalidArgument listing every bad value of every change."""
+def check_changes(
+    entity: Entity, changes: Sequence[RecordChange], path: str = "changes", *, allow_partial: bool = False
+) -> tuple[list[_Checked], list[FieldViolation]]:
+    """Coerce every change: the valid ones, and the violations of the others.
+
+    Without ``allow_partial`` any violation raises InvalidArgument listing every bad value of every
+    change.
+    """
     schema = entity.schema
     violations: list[FieldViolation] = []
     checked: list[_Checked] = []
@@ -113,14 +128,14 @@ def check_changes(entity: Entity, changes: Sequence[RecordChange], path: str = "
                 row=row,
             )
         )
-    if violations:
+    if violations and not allow_partial:
         bad_rows = len({v.field.split(".", 1)[0] for v in violations})
         raise invalid_argument(
             f"{bad_rows} of {len(changes)} changes are invalid; nothing of this batch was written",
             violations,
             "INVALID_RECORDS",
         )
-    return checked
+    return checked, violations
 
 
 def collapse(checked: Sequence[_Checked]) -> tuple[list[_Checked], int]:
@@ -133,13 +148,22 @@ def collapse(checked: Sequence[_Checked]) -> tuple[list[_Checked], int]:
     return list(winners.values()), len(checked) - len(winners)
 
 
-def apply_changes(database: Database, entity: Entity, changes: Sequence[RecordChange]) -> IngestResult:
-    """Check and apply one batch of changes to ``entity`` in one transaction."""
-    checked = check_changes(entity, changes)
+def apply_changes(
+    database: Database, entity: Entity, changes: Sequence[RecordChange], *, allow_partial: bool = False
+) -> IngestResult:
+    """Check and apply one batch of changes to ``entity`` in one transaction.
+
+    With ``allow_partial`` the invalid changes are left out and reported instead of failing the batch.
+    """
+    checked, violations = check_changes(entity, changes, allow_partial=allow_partial)
     survivors, superseded = collapse(checked)
     upserts = [c.row for c in survivors if c.operation == UPSERT]
     deletes = [c for c in survivors if c.operation == DELETE]
-    result = IngestResult(ignored_stale=superseded)
+    result = IngestResult(
+        ignored_stale=superseded,
+        rejected=len(changes) - len(checked),
+        rejections=violations,
+    )
     if not survivors:
         return result
     with database.engine.begin() as conn:
@@ -162,6 +186,8 @@ def _dialect_insert(conn: sa.Connection) -> Callable[[sa.Table], Any]:
 
 def _upsert(conn: sa.Connection, entity: Entity, rows: list[dict[str, PyValue]]) -> int:
     """Insert or replace ``rows`` where their version is higher; return how many were written."""
+    if conn.dialect.name == "postgresql":
+        return _upsert_by_copy(conn, entity, rows)
     table = entity.table
     schema = entity.schema
     insert = _dialect_insert(conn)
@@ -177,6 +203,35 @@ def _upsert(conn: sa.Connection, entity: Entity, rows: list[dict[str, PyValue]])
         result = conn.execution_options(preserve_rowcount=True).execute(statement)
         written += result.rowcount
     return written
+
+
+def _upsert_by_copy(conn: sa.Connection, entity: Entity, rows: list[dict[str, PyValue]]) -> int:
+    """PostgreSQL: COPY ``rows`` into a temporary staging table, then merge them in one statement.
+
+    The staging table has the entity's columns and types (``LIKE``) but no constraints, and is
+    dropped at commit. The batch's keys are unique (see :func:`collapse`), so the merge never
+    touches a row twice. Table and column names come from the catalog, never from the request.
+    """
+    table = entity.table
+    schema = entity.schema
+    names = [a.name for a in schema.attributes]
+    staging = f"stg_{uuid.uuid4().hex}"
+    columns = ", ".join(f'"{name}"' for name in names)
+    conn.exec_driver_sql(f'CREATE TEMPORARY TABLE "{staging}" (LIKE "{table.name}") ON COMMIT DROP')
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cursor, cursor.copy(f'COPY "{staging}" ({columns}) FROM STDIN') as copy:
+        for row in rows:
+            copy.write_row([row[name] for name in names])
+    keys = ", ".join(f'"{name}"' for name in schema.primary_key)
+    updates = ", ".join(f'"{name}" = excluded."{name}"' for name in names if name not in schema.primary_key)
+    version = schema.version_attribute
+    merged = conn.exec_driver_sql(
+        f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} FROM "{staging}" '
+        f"ON CONFLICT ({keys}) DO UPDATE SET {updates} "
+        f'WHERE excluded."{version}" > "{table.name}"."{version}"'
+    )
+    return int(merged.rowcount)
 
 
 def _delete(conn: sa.Connection, entity: Entity, deletes: list[_Checked]) -> tuple[int, int]:

@@ -2,10 +2,21 @@
 
 An entity is a user-defined record type stored in a real table. Its schema names typed attributes
 (the table's columns, in order), a primary key, a version attribute (integer or timestamp: the
-highest version of a record wins) and, for a targeting dimension, an identity binding (which
-attribute identifies a person, in which namespace). Schemas are validated before anything is
-written, and every violation names the field of the request that holds it
-(``entity.attributes[2].type``).
+highest version of a record wins), for a targeting dimension an identity binding (which
+attribute identifies a person, in which namespace), and named links to other entities. Schemas are
+validated before anything is written, and every violation names the field of the request that holds
+it (``entity.attributes[2].type``).
+
+A link joins this entity's attributes to a target entity's attributes, pair by pair:
+
+* ``many_to_one`` (N-1): each record has at most one linked record, because the target attributes
+  are exactly the target's primary key (``booking.hotel`` → ``hotel``). Its attributes are reachable
+  in rules by dot path (``hotel.city``).
+* ``one_to_many`` (1-N): each record has any number of linked records (``customer.bookings``); rules
+  test them with link conditions (exists, count, aggregates).
+
+Only the local half of a link is checked here; the target half (the target exists, its attributes
+exist with compatible types) is checked by the catalog, which knows the other entities.
 
 Attribute types map to portable column types: ``string`` and ``enum`` to TEXT, ``integer`` to
 BIGINT, ``decimal`` to NUMERIC(38, 10) (stored as a floating-point number by SQLite, so about 15
@@ -14,6 +25,7 @@ significant digits survive there), ``boolean``, ``date`` and ``timestamp`` (UTC)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -29,6 +41,10 @@ from carillon_chassis.errors import FieldViolation
 ATTRIBUTE_TYPES = ("string", "integer", "decimal", "boolean", "date", "timestamp", "enum")
 STRING_TYPES = ("string", "enum")
 VERSION_TYPES = ("integer", "timestamp")
+MANY_TO_ONE = "many_to_one"
+ONE_TO_MANY = "one_to_many"
+LINK_CARDINALITIES = (MANY_TO_ONE, ONE_TO_MANY)
+MAX_LINKS = 100
 ENTITY_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 ATTRIBUTE_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 MAX_ATTRIBUTES = 1000
@@ -56,18 +72,41 @@ class IdentityBinding:
 
 
 @dataclass(frozen=True)
+class JoinPair:
+    """One pair of joined attributes of a link: this entity's ``attribute`` = the target's."""
+
+    attribute: str
+    target_attribute: str
+
+
+@dataclass(frozen=True)
+class Link:
+    """A named link to another entity (or to the same one), N-1 or 1-N, on pairs of attributes."""
+
+    name: str
+    target: str
+    cardinality: str
+    join: tuple[JoinPair, ...]
+
+
+@dataclass(frozen=True)
 class EntitySchema:
-    """The user-defined part of an entity: attributes, primary key, version and identity."""
+    """The user-defined part of an entity: attributes, primary key, version, identity and links."""
 
     attributes: tuple[Attribute, ...]
     primary_key: tuple[str, ...]
     version_attribute: str
     identity: IdentityBinding | None = None
     display_name: str = ""
+    links: tuple[Link, ...] = ()
 
     def attribute(self, name: str) -> Attribute | None:
         """The attribute called ``name``, or None."""
         return self._by_name.get(name)
+
+    def link(self, name: str) -> Link | None:
+        """The link called ``name``, or None."""
+        return next((link for link in self.links if link.name == name), None)
 
     @property
     def key_attributes(self) -> tuple[Attribute, ...]:
@@ -190,6 +229,90 @@ def _schema_violations(schema: EntitySchema) -> list[FieldViolation]:
             bad("entity.identity.namespace", "the identity namespace must be set")
         elif len(schema.identity.namespace) > MAX_NAMESPACE:
             bad("entity.identity.namespace", f"namespaces have at most {MAX_NAMESPACE} characters")
+    found += _link_violations(schema, by_name)
+    return found
+
+
+def _link_violations(schema: EntitySchema, by_name: dict[str, Attribute]) -> list[FieldViolation]:
+    found: list[FieldViolation] = []
+    if len(schema.links) > MAX_LINKS:
+        found.append(FieldViolation("entity.links", f"an entity has at most {MAX_LINKS} links"))
+    seen: set[str] = set()
+    for i, link in enumerate(schema.links):
+        path = f"entity.links[{i}]"
+        if not ATTRIBUTE_NAME_PATTERN.match(link.name):
+            found.append(
+                FieldViolation(
+                    f"{path}.name", "link names are 1-63 characters of a-z, 0-9 and _, starting with a letter"
+                )
+            )
+        elif link.name in seen:
+            found.append(FieldViolation(f"{path}.name", f"duplicate link name {link.name!r}"))
+        elif link.name in by_name:
+            found.append(FieldViolation(f"{path}.name", f"{link.name!r} is already the name of an attribute"))
+        seen.add(link.name)
+        if link.cardinality not in LINK_CARDINALITIES:
+            found.append(FieldViolation(f"{path}.cardinality", "the cardinality must be MANY_TO_ONE or ONE_TO_MANY"))
+        if not link.target:
+            found.append(FieldViolation(f"{path}.target", "the target entity must be set"))
+        if not link.join:
+            found.append(FieldViolation(f"{path}.join", "a link joins at least one pair of attributes"))
+        local_seen: set[str] = set()
+        for j, pair in enumerate(link.join):
+            if pair.attribute not in by_name:
+                found.append(FieldViolation(f"{path}.join[{j}].attribute", f"unknown attribute {pair.attribute!r}"))
+            elif pair.attribute in local_seen:
+                found.append(FieldViolation(f"{path}.join[{j}].attribute", f"{pair.attribute!r} is joined twice"))
+            local_seen.add(pair.attribute)
+    return found
+
+
+def compatible_types(left: Attribute, right: Attribute) -> bool:
+    """Whether two attributes can be joined: the same type, string and enum counting as one."""
+    families = {"enum": "string"}
+    return families.get(left.type, left.type) == families.get(right.type, right.type)
+
+
+def link_target_violations(
+    schema: EntitySchema, target_of: dict[str, EntitySchema | None], path: str = "entity.links"
+) -> list[FieldViolation]:
+    """The violations of the links' target halves; ``target_of`` maps each target id to its schema."""
+    found: list[FieldViolation] = []
+    for i, link in enumerate(schema.links):
+        if not link.target:
+            continue
+        target = target_of.get(link.target)
+        if target is None:
+            found.append(FieldViolation(f"{path}[{i}].target", f"entity {link.target!r} does not exist"))
+            continue
+        for j, pair in enumerate(link.join):
+            local = schema.attribute(pair.attribute)
+            remote = target.attribute(pair.target_attribute)
+            if remote is None:
+                found.append(
+                    FieldViolation(
+                        f"{path}[{i}].join[{j}].target_attribute",
+                        f"unknown attribute {pair.target_attribute!r} of entity {link.target!r}",
+                    )
+                )
+            elif local is not None and not compatible_types(local, remote):
+                found.append(
+                    FieldViolation(
+                        f"{path}[{i}].join[{j}].target_attribute",
+                        f"{pair.attribute!r} is a {local.type} but {link.target}.{pair.target_attribute} is a "
+                        f"{remote.type}",
+                    )
+                )
+        if link.cardinality == MANY_TO_ONE and sorted(p.target_attribute for p in link.join) != sorted(
+            target.primary_key
+        ):
+            found.append(
+                FieldViolation(
+                    f"{path}[{i}].join",
+                    f"a many-to-one link joins on the whole primary key of {link.target!r} "
+                    f"({', '.join(target.primary_key)})",
+                )
+            )
     return found
 
 
@@ -227,7 +350,15 @@ def entity_table(table_name: str, schema: EntitySchema) -> sa.Table:
     columns = [
         sa.Column(a.name, column_type(a.type), nullable=a.nullable, autoincrement=False) for a in schema.attributes
     ]
-    return sa.Table(table_name, sa.MetaData(), *columns, sa.PrimaryKeyConstraint(*schema.primary_key))
+    indexed = {tuple(pair.attribute for pair in link.join) for link in schema.links if link.cardinality == MANY_TO_ONE}
+    indexes = [sa.Index(link_index_name(table_name, list(names)), *names) for names in sorted(indexed)]
+    return sa.Table(table_name, sa.MetaData(), *columns, sa.PrimaryKeyConstraint(*schema.primary_key), *indexes)
+
+
+def link_index_name(table_name: str, columns: list[str]) -> str:
+    """The name of the index a link needs on ``columns`` of ``table_name``, derived from both."""
+    digest = hashlib.sha1(f"{table_name}:{','.join(columns)}".encode(), usedforsecurity=False).hexdigest()
+    return f"ix_link_{digest[:24]}"
 
 
 def definition_to_json(schema: EntitySchema) -> str:
@@ -245,6 +376,15 @@ def definition_to_json(schema: EntitySchema) -> str:
                 if schema.identity is None
                 else {"attribute": schema.identity.attribute, "namespace": schema.identity.namespace}
             ),
+            "links": [
+                {
+                    "name": link.name,
+                    "target": link.target,
+                    "cardinality": link.cardinality,
+                    "join": [[pair.attribute, pair.target_attribute] for pair in link.join],
+                }
+                for link in schema.links
+            ],
         },
         separators=(",", ":"),
     )
@@ -262,4 +402,13 @@ def definition_from_json(text: str, display_name: str = "") -> EntitySchema:
         version_attribute=data["version_attribute"],
         identity=None if identity is None else IdentityBinding(identity["attribute"], identity["namespace"]),
         display_name=display_name,
+        links=tuple(
+            Link(
+                name=link["name"],
+                target=link["target"],
+                cardinality=link["cardinality"],
+                join=tuple(JoinPair(attribute, target) for attribute, target in link["join"]),
+            )
+            for link in data.get("links", [])
+        ),
     )

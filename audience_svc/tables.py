@@ -1,6 +1,9 @@
-"""The catalog tables audience_svc owns: entity schemas and working sets. Every row belongs to a sandbox.
+"""The catalog tables audience_svc owns: entity schemas, working sets and saved audiences.
 
-The entity tables (``ent_<hex>``) and working-set tables (``ws_<hex>``) themselves are created at run
+Every row belongs to a sandbox.
+
+The entity tables (``ent_<hex>``), working-set tables (``ws_<hex>``) and audience snapshot tables
+(``aud_<hex>``) themselves are created at run
 time from the catalog (see :mod:`audience_svc.schema` and :mod:`audience_svc.working_sets`); their
 names are random, so they never collide and never depend on user input.
 """
@@ -50,8 +53,37 @@ class WorkingSetRow(AudienceBase, table=True):
     expire_time: datetime = Field(sa_type=sa.DateTime(timezone=True), index=True)
 
 
+class SavedAudienceRow(AudienceBase, table=True):
+    """One saved audience: a definition (a query, evaluated when read) or a snapshot of members."""
+
+    __tablename__ = "saved_audiences"
+    sandbox: str = Field(primary_key=True, max_length=30)
+    audience_id: str = Field(primary_key=True, max_length=63)
+    display_name: str = ""
+    entity_id: str = Field(max_length=63)
+    # "definition" or "snapshot".
+    kind: str = Field(max_length=20)
+    # A definition's query, as JSON (see audience_svc.definitions); empty for a snapshot.
+    definition: str = Field(default="", sa_type=sa.Text)
+    # A snapshot's member table (aud_<hex>); empty for a definition.
+    table_name: str = Field(default="", max_length=63)
+    member_count: int = Field(default=0, sa_type=sa.BigInteger)
+    create_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    update_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+
+
 def _initial(conn: sa.Connection) -> None:
-    AudienceBase.metadata.create_all(conn)
+    AudienceBase.metadata.create_all(
+        conn,
+        tables=[EntityRow.__table__, WorkingSetRow.__table__],  # type: ignore[attr-defined]
+    )
 
 
-MIGRATIONS = [Migration(1, "entities and working sets catalog", _initial)]
+def _saved_audiences(conn: sa.Connection) -> None:
+    SavedAudienceRow.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+
+
+MIGRATIONS = [
+    Migration(1, "entities and working sets catalog", _initial),
+    Migration(2, "saved audiences", _saved_audiences),
+]

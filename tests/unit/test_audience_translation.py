@@ -84,3 +84,52 @@ def test_settings_read_the_audience_environment_prefix(monkeypatch: pytest.Monke
     monkeypatch.setenv("CARILLON_AUDIENCE_WORKING_SET_RETENTION_DAYS", "0.5")
     settings = AudienceSettings()
     assert (settings.max_entities, settings.working_set_retention_days) == (7, 0.5)
+
+
+def test_every_operator_and_measure_of_the_contract_has_a_domain_name() -> None:
+    from audience_svc.servicer import MEASURE_NAMES, OPERATOR_NAMES
+
+    assert set(OPERATOR_NAMES) == {v.number for v in query_pb2.Operator.DESCRIPTOR.values if v.number}
+    assert set(MEASURE_NAMES) == {v.number for v in query_pb2.LinkMeasure.DESCRIPTOR.values if v.number}
+
+
+def test_links_round_trip_through_the_domain_schema() -> None:
+    from audience_svc.schema import MANY_TO_ONE, ONE_TO_MANY, JoinPair, Link
+
+    schema = EntitySchema(
+        attributes=SCHEMA.attributes,
+        primary_key=SCHEMA.primary_key,
+        version_attribute=SCHEMA.version_attribute,
+        identity=SCHEMA.identity,
+        display_name=SCHEMA.display_name,
+        links=(
+            Link("club", "clubs", MANY_TO_ONE, (JoinPair("tier", "id"),)),
+            Link("visits", "visits", ONE_TO_MANY, (JoinPair("id", "member_id"), JoinPair("tier", "tier"))),
+        ),
+    )
+    message = entity_to_proto(Entity("prod", "members", schema, "ent_x"))
+    assert [link.target for link in message.links] == ["entities/clubs", "entities/visits"]
+    assert schema_from_proto(message) == schema
+
+
+def test_a_link_filter_round_trips_through_the_domain_tree() -> None:
+    from audience_svc.servicer import filter_from_proto, filter_to_proto
+    from carillon.type.v1 import value_pb2
+
+    message = query_pb2.Filter(
+        link=query_pb2.LinkCondition(
+            link="customer.bookings",
+            measure=query_pb2.LINK_MEASURE_AVG,
+            attribute="nights",
+            operator=query_pb2.OPERATOR_BETWEEN,
+            values=[value_pb2.Value(integer_value=1), value_pb2.Value(decimal_value="2.5")],
+            filter=query_pb2.Filter(
+                negate=query_pb2.Filter(
+                    condition=query_pb2.Condition(
+                        attribute="booked", operator=query_pb2.OPERATOR_WITHIN_LAST_DAYS, parameter="days"
+                    )
+                )
+            ),
+        )
+    )
+    assert filter_to_proto(filter_from_proto(message)) == message

@@ -22,13 +22,16 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from carillon.audience.v1 import audience_pb2 as carillon_dot_audience_dot_v1_dot_audience__pb2
 from carillon.audience.v1 import entity_pb2 as carillon_dot_audience_dot_v1_dot_entity__pb2
 from carillon.audience.v1 import query_pb2 as carillon_dot_audience_dot_v1_dot_query__pb2
 from carillon.audience.v1 import working_set_pb2 as carillon_dot_audience_dot_v1_dot_working__set__pb2
 from carillon.type.v1 import value_pb2 as carillon_dot_type_dot_v1_dot_value__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+carillon/audience/v1/audience_service.proto\x12\x14\x63\x61rillon.audience.v1\x1a!carillon/audience/v1/entity.proto\x1a carillon/audience/v1/query.proto\x1a&carillon/audience/v1/working_set.proto\x1a\x1c\x63\x61rillon/type/v1/value.proto\"V\n\x13\x43reateEntityRequest\x12\x11\n\tentity_id\x18\x01 \x01(\t\x12,\n\x06\x65ntity\x18\x02 \x01(\x0b\x32\x1c.carillon.audience.v1.Entity\"D\n\x14\x43reateEntityResponse\x12,\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1c.carillon.audience.v1.Entity\" \n\x10GetEntityRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x11GetEntityResponse\x12,\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1c.carillon.audience.v1.Entity\"<\n\x13ListEntitiesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x14ListEntitiesResponse\x12.\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x1c.carillon.audience.v1.Entity\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd0\x01\n\x0cRecordChange\x12\x38\n\toperation\x18\x01 \x01(\x0e\x32%.carillon.audience.v1.ChangeOperation\x12>\n\x06values\x18\x02 \x03(\x0b\x32..carillon.audience.v1.RecordChange.ValuesEntry\x1a\x46\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"[\n\x14IngestRecordsRequest\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\t\x12\x33\n\x07\x63hanges\x18\x02 \x03(\x0b\x32\".carillon.audience.v1.RecordChange\"b\n\x15IngestRecordsResponse\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\x12\x10\n\x08upserted\x18\x02 \x01(\x03\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x03\x12\x15\n\rignored_stale\x18\x04 \x01(\x03\"s\n\x17\x45valuateAudienceRequest\x12\x32\n\x05query\x18\x01 \x01(\x0b\x32#.carillon.audience.v1.AudienceQuery\x12\x13\n\x0bsample_size\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xplain\x18\x03 \x01(\x08\"K\n\x18\x45valuateAudienceResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x13\n\x0bsample_keys\x18\x02 \x03(\t\x12\x0b\n\x03sql\x18\x03 \x01(\t\"k\n\x16\x42uildWorkingSetRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x02 \x01(\t\x12\x32\n\x05query\x18\x03 \x01(\x0b\x32#.carillon.audience.v1.AudienceQuery\"P\n\x17\x42uildWorkingSetResponse\x12\x35\n\x0bworking_set\x18\x01 \x01(\x0b\x32 .carillon.audience.v1.WorkingSet\"$\n\x14GetWorkingSetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\x15GetWorkingSetResponse\x12\x35\n\x0bworking_set\x18\x01 \x01(\x0b\x32 .carillon.audience.v1.WorkingSet\"n\n\x17StreamWorkingSetRequest\x12\x13\n\x0bworking_set\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_position\x18\x02 \x01(\x03\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x12\n\nattributes\x18\x04 \x03(\t\"M\n\x18StreamWorkingSetResponse\x12\x31\n\x04rows\x18\x01 \x03(\x0b\x32#.carillon.audience.v1.WorkingSetRow*m\n\x0f\x43hangeOperation\x12 \n\x1c\x43HANGE_OPERATION_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43HANGE_OPERATION_UPSERT\x10\x01\x12\x1b\n\x17\x43HANGE_OPERATION_DELETE\x10\x02\x32\xeb\x06\n\x0f\x41udienceService\x12\x65\n\x0c\x43reateEntity\x12).carillon.audience.v1.CreateEntityRequest\x1a*.carillon.audience.v1.CreateEntityResponse\x12\\\n\tGetEntity\x12&.carillon.audience.v1.GetEntityRequest\x1a\'.carillon.audience.v1.GetEntityResponse\x12\x65\n\x0cListEntities\x12).carillon.audience.v1.ListEntitiesRequest\x1a*.carillon.audience.v1.ListEntitiesResponse\x12j\n\rIngestRecords\x12*.carillon.audience.v1.IngestRecordsRequest\x1a+.carillon.audience.v1.IngestRecordsResponse(\x01\x12q\n\x10\x45valuateAudience\x12-.carillon.audience.v1.EvaluateAudienceRequest\x1a..carillon.audience.v1.EvaluateAudienceResponse\x12n\n\x0f\x42uildWorkingSet\x12,.carillon.audience.v1.BuildWorkingSetRequest\x1a-.carillon.audience.v1.BuildWorkingSetResponse\x12h\n\rGetWorkingSet\x12*.carillon.audience.v1.GetWorkingSetRequest\x1a+.carillon.audience.v1.GetWorkingSetResponse\x12s\n\x10StreamWorkingSet\x12-.carillon.audience.v1.StreamWorkingSetRequest\x1a..carillon.audience.v1.StreamWorkingSetResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+carillon/audience/v1/audience_service.proto\x12\x14\x63\x61rillon.audience.v1\x1a#carillon/audience/v1/audience.proto\x1a!carillon/audience/v1/entity.proto\x1a carillon/audience/v1/query.proto\x1a&carillon/audience/v1/working_set.proto\x1a\x1c\x63\x61rillon/type/v1/value.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"V\n\x13\x43reateEntityRequest\x12\x11\n\tentity_id\x18\x01 \x01(\t\x12,\n\x06\x65ntity\x18\x02 \x01(\x0b\x32\x1c.carillon.audience.v1.Entity\"D\n\x14\x43reateEntityResponse\x12,\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1c.carillon.audience.v1.Entity\" \n\x10GetEntityRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x11GetEntityResponse\x12,\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1c.carillon.audience.v1.Entity\"t\n\x13UpdateEntityRequest\x12,\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1c.carillon.audience.v1.Entity\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"D\n\x14UpdateEntityResponse\x12,\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1c.carillon.audience.v1.Entity\"<\n\x13ListEntitiesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x14ListEntitiesResponse\x12.\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x1c.carillon.audience.v1.Entity\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd0\x01\n\x0cRecordChange\x12\x38\n\toperation\x18\x01 \x01(\x0e\x32%.carillon.audience.v1.ChangeOperation\x12>\n\x06values\x18\x02 \x03(\x0b\x32..carillon.audience.v1.RecordChange.ValuesEntry\x1a\x46\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"r\n\x14IngestRecordsRequest\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\t\x12\x33\n\x07\x63hanges\x18\x02 \x03(\x0b\x32\".carillon.audience.v1.RecordChange\x12\x15\n\rallow_partial\x18\x03 \x01(\x08\"I\n\x0eRejectedChange\x12\x13\n\x0b\x62\x61tch_index\x18\x01 \x01(\x03\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\xae\x01\n\x15IngestRecordsResponse\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\x12\x10\n\x08upserted\x18\x02 \x01(\x03\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x03\x12\x15\n\rignored_stale\x18\x04 \x01(\x03\x12\x10\n\x08rejected\x18\x05 \x01(\x03\x12\x38\n\nrejections\x18\x06 \x03(\x0b\x32$.carillon.audience.v1.RejectedChange\"\x85\x03\n\x17\x45valuateAudienceRequest\x12\x32\n\x05query\x18\x01 \x01(\x0b\x32#.carillon.audience.v1.AudienceQuery\x12\x13\n\x0bsample_size\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xplain\x18\x03 \x01(\x08\x12\x32\n\x0ereference_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12Q\n\nparameters\x18\x05 \x03(\x0b\x32=.carillon.audience.v1.EvaluateAudienceRequest.ParametersEntry\x12\x1e\n\x16\x64istribution_attribute\x18\x06 \x01(\t\x12\x10\n\x08\x61udience\x18\x07 \x01(\t\x1aW\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.carillon.audience.v1.ParameterValue:\x02\x38\x01\"C\n\nValueCount\x12&\n\x05value\x18\x01 \x01(\x0b\x32\x17.carillon.type.v1.Value\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\x83\x01\n\x18\x45valuateAudienceResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x13\n\x0bsample_keys\x18\x02 \x03(\t\x12\x0b\n\x03sql\x18\x03 \x01(\t\x12\x36\n\x0c\x64istribution\x18\x04 \x03(\x0b\x32 .carillon.audience.v1.ValueCount\"\xdc\x02\n\x16\x42uildWorkingSetRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x02 \x01(\t\x12\x32\n\x05query\x18\x03 \x01(\x0b\x32#.carillon.audience.v1.AudienceQuery\x12\x32\n\x0ereference_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12P\n\nparameters\x18\x05 \x03(\x0b\x32<.carillon.audience.v1.BuildWorkingSetRequest.ParametersEntry\x12\x10\n\x08\x61udience\x18\x06 \x01(\t\x1aW\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.carillon.audience.v1.ParameterValue:\x02\x38\x01\"P\n\x17\x42uildWorkingSetResponse\x12\x35\n\x0bworking_set\x18\x01 \x01(\x0b\x32 .carillon.audience.v1.WorkingSet\"^\n\x15\x43reateAudienceRequest\x12\x13\n\x0b\x61udience_id\x18\x01 \x01(\t\x12\x30\n\x08\x61udience\x18\x02 \x01(\x0b\x32\x1e.carillon.audience.v1.Audience\"J\n\x16\x43reateAudienceResponse\x12\x30\n\x08\x61udience\x18\x01 \x01(\x0b\x32\x1e.carillon.audience.v1.Audience\"U\n\x13SaveAudienceRequest\x12\x13\n\x0b\x61udience_id\x18\x01 \x01(\t\x12\x13\n\x0bworking_set\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\"Y\n\x14SaveAudienceResponse\x12\x30\n\x08\x61udience\x18\x01 \x01(\x0b\x32\x1e.carillon.audience.v1.Audience\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\"\n\x12GetAudienceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x13GetAudienceResponse\x12\x30\n\x08\x61udience\x18\x01 \x01(\x0b\x32\x1e.carillon.audience.v1.Audience\"=\n\x14ListAudiencesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"c\n\x15ListAudiencesResponse\x12\x31\n\taudiences\x18\x01 \x03(\x0b\x32\x1e.carillon.audience.v1.Audience\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x15\x44\x65leteAudienceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteAudienceResponse\"\x96\x01\n\x19\x43ombineWorkingSetsRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x02 \x01(\t\x12\x0f\n\x07primary\x18\x03 \x01(\t\x12\x0e\n\x06others\x18\x04 \x03(\t\x12\x39\n\toperation\x18\x05 \x01(\x0e\x32&.carillon.audience.v1.CombineOperation\"S\n\x1a\x43ombineWorkingSetsResponse\x12\x35\n\x0bworking_set\x18\x01 \x01(\x0b\x32 .carillon.audience.v1.WorkingSet\"Z\n\x16\x43hangeDimensionRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x02 \x01(\t\x12\x13\n\x0bworking_set\x18\x03 \x01(\t\x12\x0c\n\x04link\x18\x04 \x01(\t\"c\n\x17\x43hangeDimensionResponse\x12\x35\n\x0bworking_set\x18\x01 \x01(\x0b\x32 .carillon.audience.v1.WorkingSet\x12\x11\n\tunmatched\x18\x02 \x01(\x03\"0\n\x07SortKey\x12\x11\n\tattribute\x18\x01 \x01(\t\x12\x12\n\ndescending\x18\x02 \x01(\x08\"\xa4\x01\n\x0bSplitSubset\x12\x10\n\x08\x61\x63tivity\x18\x01 \x01(\t\x12,\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1c.carillon.audience.v1.Filter\x12\r\n\x05limit\x18\x03 \x01(\x03\x12\x15\n\rlimit_percent\x18\x04 \x01(\x01\x12/\n\x08order_by\x18\x05 \x03(\x0b\x32\x1d.carillon.audience.v1.SortKey\"\xfb\x02\n\x16SplitWorkingSetRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x13\n\x0bworking_set\x18\x02 \x01(\t\x12\x32\n\x07subsets\x18\x03 \x03(\x0b\x32!.carillon.audience.v1.SplitSubset\x12\x1b\n\x13\x63omplement_activity\x18\x04 \x01(\t\x12\x0f\n\x07overlap\x18\x05 \x01(\x08\x12\x32\n\x0ereference_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12P\n\nparameters\x18\x07 \x03(\x0b\x32<.carillon.audience.v1.SplitWorkingSetRequest.ParametersEntry\x1aW\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.carillon.audience.v1.ParameterValue:\x02\x38\x01\"\x82\x01\n\x17SplitWorkingSetResponse\x12\x31\n\x07subsets\x18\x01 \x03(\x0b\x32 .carillon.audience.v1.WorkingSet\x12\x34\n\ncomplement\x18\x02 \x01(\x0b\x32 .carillon.audience.v1.WorkingSet\"\x86\x02\n\x1c\x44\x65\x64uplicateWorkingSetRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x02 \x01(\t\x12\x13\n\x0bworking_set\x18\x03 \x01(\t\x12\x0e\n\x06\x66ields\x18\x04 \x03(\t\x12\x0c\n\x04keep\x18\x05 \x01(\x05\x12\x39\n\x06method\x18\x06 \x01(\x0e\x32).carillon.audience.v1.DeduplicationMethod\x12\x11\n\tattribute\x18\x07 \x01(\t\x12)\n\x08priority\x18\x08 \x03(\x0b\x32\x17.carillon.type.v1.Value\x12\x1b\n\x13\x63omplement_activity\x18\t \x01(\t\"\x8c\x01\n\x1d\x44\x65\x64uplicateWorkingSetResponse\x12\x35\n\x0bworking_set\x18\x01 \x01(\x0b\x32 .carillon.audience.v1.WorkingSet\x12\x34\n\ncomplement\x18\x02 \x01(\x0b\x32 .carillon.audience.v1.WorkingSet\"$\n\x14GetWorkingSetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\x15GetWorkingSetResponse\x12\x35\n\x0bworking_set\x18\x01 \x01(\x0b\x32 .carillon.audience.v1.WorkingSet\"\xd9\x01\n\x17StreamWorkingSetRequest\x12\x13\n\x0bworking_set\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_position\x18\x02 \x01(\x03\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x12\n\nattributes\x18\x04 \x03(\t\x12\x35\n\x0b\x65nrichments\x18\x05 \x03(\x0b\x32 .carillon.audience.v1.Enrichment\x12\x32\n\x0ereference_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9e\x01\n\nEnrichment\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x0c\n\x04link\x18\x02 \x01(\t\x12\x32\n\x07measure\x18\x03 \x01(\x0e\x32!.carillon.audience.v1.LinkMeasure\x12\x11\n\tattribute\x18\x04 \x01(\t\x12,\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x1c.carillon.audience.v1.Filter\"M\n\x18StreamWorkingSetResponse\x12\x31\n\x04rows\x18\x01 \x03(\x0b\x32#.carillon.audience.v1.WorkingSetRow*m\n\x0f\x43hangeOperation\x12 \n\x1c\x43HANGE_OPERATION_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43HANGE_OPERATION_UPSERT\x10\x01\x12\x1b\n\x17\x43HANGE_OPERATION_DELETE\x10\x02*\x97\x01\n\x10\x43ombineOperation\x12!\n\x1d\x43OMBINE_OPERATION_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OMBINE_OPERATION_UNION\x10\x01\x12\"\n\x1e\x43OMBINE_OPERATION_INTERSECTION\x10\x02\x12\x1f\n\x1b\x43OMBINE_OPERATION_EXCLUSION\x10\x03*\xe6\x01\n\x13\x44\x65\x64uplicationMethod\x12$\n DEDUPLICATION_METHOD_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x44\x45\x44UPLICATION_METHOD_RANDOM\x10\x01\x12 \n\x1c\x44\x45\x44UPLICATION_METHOD_HIGHEST\x10\x02\x12\x1f\n\x1b\x44\x45\x44UPLICATION_METHOD_LOWEST\x10\x03\x12\"\n\x1e\x44\x45\x44UPLICATION_METHOD_NON_EMPTY\x10\x04\x12!\n\x1d\x44\x45\x44UPLICATION_METHOD_PRIORITY\x10\x05\x32\xbd\x0f\n\x0f\x41udienceService\x12\x65\n\x0c\x43reateEntity\x12).carillon.audience.v1.CreateEntityRequest\x1a*.carillon.audience.v1.CreateEntityResponse\x12\\\n\tGetEntity\x12&.carillon.audience.v1.GetEntityRequest\x1a\'.carillon.audience.v1.GetEntityResponse\x12\x65\n\x0cUpdateEntity\x12).carillon.audience.v1.UpdateEntityRequest\x1a*.carillon.audience.v1.UpdateEntityResponse\x12\x65\n\x0cListEntities\x12).carillon.audience.v1.ListEntitiesRequest\x1a*.carillon.audience.v1.ListEntitiesResponse\x12j\n\rIngestRecords\x12*.carillon.audience.v1.IngestRecordsRequest\x1a+.carillon.audience.v1.IngestRecordsResponse(\x01\x12q\n\x10\x45valuateAudience\x12-.carillon.audience.v1.EvaluateAudienceRequest\x1a..carillon.audience.v1.EvaluateAudienceResponse\x12k\n\x0e\x43reateAudience\x12+.carillon.audience.v1.CreateAudienceRequest\x1a,.carillon.audience.v1.CreateAudienceResponse\x12\x65\n\x0cSaveAudience\x12).carillon.audience.v1.SaveAudienceRequest\x1a*.carillon.audience.v1.SaveAudienceResponse\x12\x62\n\x0bGetAudience\x12(.carillon.audience.v1.GetAudienceRequest\x1a).carillon.audience.v1.GetAudienceResponse\x12h\n\rListAudiences\x12*.carillon.audience.v1.ListAudiencesRequest\x1a+.carillon.audience.v1.ListAudiencesResponse\x12k\n\x0e\x44\x65leteAudience\x12+.carillon.audience.v1.DeleteAudienceRequest\x1a,.carillon.audience.v1.DeleteAudienceResponse\x12n\n\x0f\x42uildWorkingSet\x12,.carillon.audience.v1.BuildWorkingSetRequest\x1a-.carillon.audience.v1.BuildWorkingSetResponse\x12w\n\x12\x43ombineWorkingSets\x12/.carillon.audience.v1.CombineWorkingSetsRequest\x1a\x30.carillon.audience.v1.CombineWorkingSetsResponse\x12n\n\x0f\x43hangeDimension\x12,.carillon.audience.v1.ChangeDimensionRequest\x1a-.carillon.audience.v1.ChangeDimensionResponse\x12n\n\x0fSplitWorkingSet\x12,.carillon.audience.v1.SplitWorkingSetRequest\x1a-.carillon.audience.v1.SplitWorkingSetResponse\x12\x80\x01\n\x15\x44\x65\x64uplicateWorkingSet\x12\x32.carillon.audience.v1.DeduplicateWorkingSetRequest\x1a\x33.carillon.audience.v1.DeduplicateWorkingSetResponse\x12h\n\rGetWorkingSet\x12*.carillon.audience.v1.GetWorkingSetRequest\x1a+.carillon.audience.v1.GetWorkingSetResponse\x12s\n\x10StreamWorkingSet\x12-.carillon.audience.v1.StreamWorkingSetRequest\x1a..carillon.audience.v1.StreamWorkingSetResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,44 +40,110 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RECORDCHANGE_VALUESENTRY']._loaded_options = None
   _globals['_RECORDCHANGE_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_CHANGEOPERATION']._serialized_start=1724
-  _globals['_CHANGEOPERATION']._serialized_end=1833
-  _globals['_CREATEENTITYREQUEST']._serialized_start=208
-  _globals['_CREATEENTITYREQUEST']._serialized_end=294
-  _globals['_CREATEENTITYRESPONSE']._serialized_start=296
-  _globals['_CREATEENTITYRESPONSE']._serialized_end=364
-  _globals['_GETENTITYREQUEST']._serialized_start=366
-  _globals['_GETENTITYREQUEST']._serialized_end=398
-  _globals['_GETENTITYRESPONSE']._serialized_start=400
-  _globals['_GETENTITYRESPONSE']._serialized_end=465
-  _globals['_LISTENTITIESREQUEST']._serialized_start=467
-  _globals['_LISTENTITIESREQUEST']._serialized_end=527
-  _globals['_LISTENTITIESRESPONSE']._serialized_start=529
-  _globals['_LISTENTITIESRESPONSE']._serialized_end=624
-  _globals['_RECORDCHANGE']._serialized_start=627
-  _globals['_RECORDCHANGE']._serialized_end=835
-  _globals['_RECORDCHANGE_VALUESENTRY']._serialized_start=765
-  _globals['_RECORDCHANGE_VALUESENTRY']._serialized_end=835
-  _globals['_INGESTRECORDSREQUEST']._serialized_start=837
-  _globals['_INGESTRECORDSREQUEST']._serialized_end=928
-  _globals['_INGESTRECORDSRESPONSE']._serialized_start=930
-  _globals['_INGESTRECORDSRESPONSE']._serialized_end=1028
-  _globals['_EVALUATEAUDIENCEREQUEST']._serialized_start=1030
-  _globals['_EVALUATEAUDIENCEREQUEST']._serialized_end=1145
-  _globals['_EVALUATEAUDIENCERESPONSE']._serialized_start=1147
-  _globals['_EVALUATEAUDIENCERESPONSE']._serialized_end=1222
-  _globals['_BUILDWORKINGSETREQUEST']._serialized_start=1224
-  _globals['_BUILDWORKINGSETREQUEST']._serialized_end=1331
-  _globals['_BUILDWORKINGSETRESPONSE']._serialized_start=1333
-  _globals['_BUILDWORKINGSETRESPONSE']._serialized_end=1413
-  _globals['_GETWORKINGSETREQUEST']._serialized_start=1415
-  _globals['_GETWORKINGSETREQUEST']._serialized_end=1451
-  _globals['_GETWORKINGSETRESPONSE']._serialized_start=1453
-  _globals['_GETWORKINGSETRESPONSE']._serialized_end=1531
-  _globals['_STREAMWORKINGSETREQUEST']._serialized_start=1533
-  _globals['_STREAMWORKINGSETREQUEST']._serialized_end=1643
-  _globals['_STREAMWORKINGSETRESPONSE']._serialized_start=1645
-  _globals['_STREAMWORKINGSETRESPONSE']._serialized_end=1722
-  _globals['_AUDIENCESERVICE']._serialized_start=1836
-  _globals['_AUDIENCESERVICE']._serialized_end=2711
+  _globals['_EVALUATEAUDIENCEREQUEST_PARAMETERSENTRY']._loaded_options = None
+  _globals['_EVALUATEAUDIENCEREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_BUILDWORKINGSETREQUEST_PARAMETERSENTRY']._loaded_options = None
+  _globals['_BUILDWORKINGSETREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_SPLITWORKINGSETREQUEST_PARAMETERSENTRY']._loaded_options = None
+  _globals['_SPLITWORKINGSETREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_CHANGEOPERATION']._serialized_start=5362
+  _globals['_CHANGEOPERATION']._serialized_end=5471
+  _globals['_COMBINEOPERATION']._serialized_start=5474
+  _globals['_COMBINEOPERATION']._serialized_end=5625
+  _globals['_DEDUPLICATIONMETHOD']._serialized_start=5628
+  _globals['_DEDUPLICATIONMETHOD']._serialized_end=5858
+  _globals['_CREATEENTITYREQUEST']._serialized_start=312
+  _globals['_CREATEENTITYREQUEST']._serialized_end=398
+  _globals['_CREATEENTITYRESPONSE']._serialized_start=400
+  _globals['_CREATEENTITYRESPONSE']._serialized_end=468
+  _globals['_GETENTITYREQUEST']._serialized_start=470
+  _globals['_GETENTITYREQUEST']._serialized_end=502
+  _globals['_GETENTITYRESPONSE']._serialized_start=504
+  _globals['_GETENTITYRESPONSE']._serialized_end=569
+  _globals['_UPDATEENTITYREQUEST']._serialized_start=571
+  _globals['_UPDATEENTITYREQUEST']._serialized_end=687
+  _globals['_UPDATEENTITYRESPONSE']._serialized_start=689
+  _globals['_UPDATEENTITYRESPONSE']._serialized_end=757
+  _globals['_LISTENTITIESREQUEST']._serialized_start=759
+  _globals['_LISTENTITIESREQUEST']._serialized_end=819
+  _globals['_LISTENTITIESRESPONSE']._serialized_start=821
+  _globals['_LISTENTITIESRESPONSE']._serialized_end=916
+  _globals['_RECORDCHANGE']._serialized_start=919
+  _globals['_RECORDCHANGE']._serialized_end=1127
+  _globals['_RECORDCHANGE_VALUESENTRY']._serialized_start=1057
+  _globals['_RECORDCHANGE_VALUESENTRY']._serialized_end=1127
+  _globals['_INGESTRECORDSREQUEST']._serialized_start=1129
+  _globals['_INGESTRECORDSREQUEST']._serialized_end=1243
+  _globals['_REJECTEDCHANGE']._serialized_start=1245
+  _globals['_REJECTEDCHANGE']._serialized_end=1318
+  _globals['_INGESTRECORDSRESPONSE']._serialized_start=1321
+  _globals['_INGESTRECORDSRESPONSE']._serialized_end=1495
+  _globals['_EVALUATEAUDIENCEREQUEST']._serialized_start=1498
+  _globals['_EVALUATEAUDIENCEREQUEST']._serialized_end=1887
+  _globals['_EVALUATEAUDIENCEREQUEST_PARAMETERSENTRY']._serialized_start=1800
+  _globals['_EVALUATEAUDIENCEREQUEST_PARAMETERSENTRY']._serialized_end=1887
+  _globals['_VALUECOUNT']._serialized_start=1889
+  _globals['_VALUECOUNT']._serialized_end=1956
+  _globals['_EVALUATEAUDIENCERESPONSE']._serialized_start=1959
+  _globals['_EVALUATEAUDIENCERESPONSE']._serialized_end=2090
+  _globals['_BUILDWORKINGSETREQUEST']._serialized_start=2093
+  _globals['_BUILDWORKINGSETREQUEST']._serialized_end=2441
+  _globals['_BUILDWORKINGSETREQUEST_PARAMETERSENTRY']._serialized_start=1800
+  _globals['_BUILDWORKINGSETREQUEST_PARAMETERSENTRY']._serialized_end=1887
+  _globals['_BUILDWORKINGSETRESPONSE']._serialized_start=2443
+  _globals['_BUILDWORKINGSETRESPONSE']._serialized_end=2523
+  _globals['_CREATEAUDIENCEREQUEST']._serialized_start=2525
+  _globals['_CREATEAUDIENCEREQUEST']._serialized_end=2619
+  _globals['_CREATEAUDIENCERESPONSE']._serialized_start=2621
+  _globals['_CREATEAUDIENCERESPONSE']._serialized_end=2695
+  _globals['_SAVEAUDIENCEREQUEST']._serialized_start=2697
+  _globals['_SAVEAUDIENCEREQUEST']._serialized_end=2782
+  _globals['_SAVEAUDIENCERESPONSE']._serialized_start=2784
+  _globals['_SAVEAUDIENCERESPONSE']._serialized_end=2873
+  _globals['_GETAUDIENCEREQUEST']._serialized_start=2875
+  _globals['_GETAUDIENCEREQUEST']._serialized_end=2909
+  _globals['_GETAUDIENCERESPONSE']._serialized_start=2911
+  _globals['_GETAUDIENCERESPONSE']._serialized_end=2982
+  _globals['_LISTAUDIENCESREQUEST']._serialized_start=2984
+  _globals['_LISTAUDIENCESREQUEST']._serialized_end=3045
+  _globals['_LISTAUDIENCESRESPONSE']._serialized_start=3047
+  _globals['_LISTAUDIENCESRESPONSE']._serialized_end=3146
+  _globals['_DELETEAUDIENCEREQUEST']._serialized_start=3148
+  _globals['_DELETEAUDIENCEREQUEST']._serialized_end=3185
+  _globals['_DELETEAUDIENCERESPONSE']._serialized_start=3187
+  _globals['_DELETEAUDIENCERESPONSE']._serialized_end=3211
+  _globals['_COMBINEWORKINGSETSREQUEST']._serialized_start=3214
+  _globals['_COMBINEWORKINGSETSREQUEST']._serialized_end=3364
+  _globals['_COMBINEWORKINGSETSRESPONSE']._serialized_start=3366
+  _globals['_COMBINEWORKINGSETSRESPONSE']._serialized_end=3449
+  _globals['_CHANGEDIMENSIONREQUEST']._serialized_start=3451
+  _globals['_CHANGEDIMENSIONREQUEST']._serialized_end=3541
+  _globals['_CHANGEDIMENSIONRESPONSE']._serialized_start=3543
+  _globals['_CHANGEDIMENSIONRESPONSE']._serialized_end=3642
+  _globals['_SORTKEY']._serialized_start=3644
+  _globals['_SORTKEY']._serialized_end=3692
+  _globals['_SPLITSUBSET']._serialized_start=3695
+  _globals['_SPLITSUBSET']._serialized_end=3859
+  _globals['_SPLITWORKINGSETREQUEST']._serialized_start=3862
+  _globals['_SPLITWORKINGSETREQUEST']._serialized_end=4241
+  _globals['_SPLITWORKINGSETREQUEST_PARAMETERSENTRY']._serialized_start=1800
+  _globals['_SPLITWORKINGSETREQUEST_PARAMETERSENTRY']._serialized_end=1887
+  _globals['_SPLITWORKINGSETRESPONSE']._serialized_start=4244
+  _globals['_SPLITWORKINGSETRESPONSE']._serialized_end=4374
+  _globals['_DEDUPLICATEWORKINGSETREQUEST']._serialized_start=4377
+  _globals['_DEDUPLICATEWORKINGSETREQUEST']._serialized_end=4639
+  _globals['_DEDUPLICATEWORKINGSETRESPONSE']._serialized_start=4642
+  _globals['_DEDUPLICATEWORKINGSETRESPONSE']._serialized_end=4782
+  _globals['_GETWORKINGSETREQUEST']._serialized_start=4784
+  _globals['_GETWORKINGSETREQUEST']._serialized_end=4820
+  _globals['_GETWORKINGSETRESPONSE']._serialized_start=4822
+  _globals['_GETWORKINGSETRESPONSE']._serialized_end=4900
+  _globals['_STREAMWORKINGSETREQUEST']._serialized_start=4903
+  _globals['_STREAMWORKINGSETREQUEST']._serialized_end=5120
+  _globals['_ENRICHMENT']._serialized_start=5123
+  _globals['_ENRICHMENT']._serialized_end=5281
+  _globals['_STREAMWORKINGSETRESPONSE']._serialized_start=5283
+  _globals['_STREAMWORKINGSETRESPONSE']._serialized_end=5360
+  _globals['_AUDIENCESERVICE']._serialized_start=5861
+  _globals['_AUDIENCESERVICE']._serialized_end=7842
 # @@protoc_insertion_point(module_scope)

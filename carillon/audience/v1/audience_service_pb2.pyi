@@ -3,13 +3,16 @@
 isort:skip_file
 """
 
+from carillon.audience.v1 import audience_pb2 as _audience_pb2
 from carillon.audience.v1 import entity_pb2 as _entity_pb2
 from carillon.audience.v1 import query_pb2 as _query_pb2
 from carillon.audience.v1 import working_set_pb2 as _working_set_pb2
 from carillon.type.v1 import value_pb2 as _value_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -46,6 +49,70 @@ CHANGE_OPERATION_UPSERT: ChangeOperation.ValueType  # 1
 CHANGE_OPERATION_DELETE: ChangeOperation.ValueType  # 2
 """Delete the record when this version is at least the stored one."""
 Global___ChangeOperation: _TypeAlias = ChangeOperation  # noqa: Y015
+
+class _CombineOperation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CombineOperationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CombineOperation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMBINE_OPERATION_UNSPECIFIED: _CombineOperation.ValueType  # 0
+    """Not set; never valid."""
+    COMBINE_OPERATION_UNION: _CombineOperation.ValueType  # 1
+    """The records of any of the working sets."""
+    COMBINE_OPERATION_INTERSECTION: _CombineOperation.ValueType  # 2
+    """The records of every working set."""
+    COMBINE_OPERATION_EXCLUSION: _CombineOperation.ValueType  # 3
+    """The records of the primary working set that are in none of the others."""
+
+class CombineOperation(_CombineOperation, metaclass=_CombineOperationEnumTypeWrapper):
+    """How working sets are combined."""
+
+COMBINE_OPERATION_UNSPECIFIED: CombineOperation.ValueType  # 0
+"""Not set; never valid."""
+COMBINE_OPERATION_UNION: CombineOperation.ValueType  # 1
+"""The records of any of the working sets."""
+COMBINE_OPERATION_INTERSECTION: CombineOperation.ValueType  # 2
+"""The records of every working set."""
+COMBINE_OPERATION_EXCLUSION: CombineOperation.ValueType  # 3
+"""The records of the primary working set that are in none of the others."""
+Global___CombineOperation: _TypeAlias = CombineOperation  # noqa: Y015
+
+class _DeduplicationMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeduplicationMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeduplicationMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEDUPLICATION_METHOD_UNSPECIFIED: _DeduplicationMethod.ValueType  # 0
+    """Not set: treated as LOWEST."""
+    DEDUPLICATION_METHOD_RANDOM: _DeduplicationMethod.ValueType  # 1
+    """Records chosen at random."""
+    DEDUPLICATION_METHOD_HIGHEST: _DeduplicationMethod.ValueType  # 2
+    """Records with the highest value of `attribute` (NULLs last)."""
+    DEDUPLICATION_METHOD_LOWEST: _DeduplicationMethod.ValueType  # 3
+    """Records with the lowest value of `attribute` (NULLs last)."""
+    DEDUPLICATION_METHOD_NON_EMPTY: _DeduplicationMethod.ValueType  # 4
+    """Records where `attribute` is set, first."""
+    DEDUPLICATION_METHOD_PRIORITY: _DeduplicationMethod.ValueType  # 5
+    """Records whose `attribute` comes earliest in `priority`, first."""
+
+class DeduplicationMethod(_DeduplicationMethod, metaclass=_DeduplicationMethodEnumTypeWrapper):
+    """Which records of a group of duplicates are kept."""
+
+DEDUPLICATION_METHOD_UNSPECIFIED: DeduplicationMethod.ValueType  # 0
+"""Not set: treated as LOWEST."""
+DEDUPLICATION_METHOD_RANDOM: DeduplicationMethod.ValueType  # 1
+"""Records chosen at random."""
+DEDUPLICATION_METHOD_HIGHEST: DeduplicationMethod.ValueType  # 2
+"""Records with the highest value of `attribute` (NULLs last)."""
+DEDUPLICATION_METHOD_LOWEST: DeduplicationMethod.ValueType  # 3
+"""Records with the lowest value of `attribute` (NULLs last)."""
+DEDUPLICATION_METHOD_NON_EMPTY: DeduplicationMethod.ValueType  # 4
+"""Records where `attribute` is set, first."""
+DEDUPLICATION_METHOD_PRIORITY: DeduplicationMethod.ValueType  # 5
+"""Records whose `attribute` comes earliest in `priority`, first."""
+Global___DeduplicationMethod: _TypeAlias = DeduplicationMethod  # noqa: Y015
 
 @_typing.final
 class CreateEntityRequest(_message.Message):
@@ -144,6 +211,60 @@ class GetEntityResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetEntityResponse: _TypeAlias = GetEntityResponse  # noqa: Y015
+
+@_typing.final
+class UpdateEntityRequest(_message.Message):
+    """Request of UpdateEntity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTITY_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entity(self) -> _entity_pb2.Entity:
+        """The entity with its `name` set and the updated fields."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to update; only `links` is supported."""
+
+    def __init__(
+        self,
+        *,
+        entity: _entity_pb2.Entity | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateEntityRequest: _TypeAlias = UpdateEntityRequest  # noqa: Y015
+
+@_typing.final
+class UpdateEntityResponse(_message.Message):
+    """Response of UpdateEntity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTITY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entity(self) -> _entity_pb2.Entity:
+        """The updated entity."""
+
+    def __init__(
+        self,
+        *,
+        entity: _entity_pb2.Entity | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateEntityResponse: _TypeAlias = UpdateEntityResponse  # noqa: Y015
 
 @_typing.final
 class ListEntitiesRequest(_message.Message):
@@ -256,8 +377,13 @@ class IngestRecordsRequest(_message.Message):
 
     ENTITY_FIELD_NUMBER: _builtins.int
     CHANGES_FIELD_NUMBER: _builtins.int
+    ALLOW_PARTIAL_FIELD_NUMBER: _builtins.int
     entity: _builtins.str
     """The target entity, `entities/{entity}`; every batch of a stream names the same entity."""
+    allow_partial: _builtins.bool
+    """When true the valid changes of this batch are applied and the invalid ones are rejected and
+    listed in the response; when false (the default) one invalid change fails the whole batch.
+    """
     @_builtins.property
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordChange]:
         """The changes, applied in order."""
@@ -267,14 +393,45 @@ class IngestRecordsRequest(_message.Message):
         *,
         entity: _builtins.str = ...,
         changes: _abc.Iterable[Global___RecordChange] | None = ...,
+        allow_partial: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "entity", b"entity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_partial", b"allow_partial", "changes", b"changes", "entity", b"entity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IngestRecordsRequest: _TypeAlias = IngestRecordsRequest  # noqa: Y015
+
+@_typing.final
+class RejectedChange(_message.Message):
+    """One problem of a change rejected by a batch with `allow_partial`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_INDEX_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    batch_index: _builtins.int
+    """The index of the batch in the stream (0 for the first)."""
+    field: _builtins.str
+    """The field path of the problem within the batch, for example `changes[3].values.age`."""
+    description: _builtins.str
+    """What is wrong."""
+    def __init__(
+        self,
+        *,
+        batch_index: _builtins.int = ...,
+        field: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_index", b"batch_index", "description", b"description", "field", b"field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectedChange: _TypeAlias = RejectedChange  # noqa: Y015
 
 @_typing.final
 class IngestRecordsResponse(_message.Message):
@@ -286,6 +443,8 @@ class IngestRecordsResponse(_message.Message):
     UPSERTED_FIELD_NUMBER: _builtins.int
     DELETED_FIELD_NUMBER: _builtins.int
     IGNORED_STALE_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    REJECTIONS_FIELD_NUMBER: _builtins.int
     batches: _builtins.int
     """Batches applied."""
     upserted: _builtins.int
@@ -294,6 +453,12 @@ class IngestRecordsResponse(_message.Message):
     """Records deleted."""
     ignored_stale: _builtins.int
     """Changes ignored because the stored version was higher."""
+    rejected: _builtins.int
+    """Changes rejected as invalid by batches with `allow_partial`."""
+    @_builtins.property
+    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedChange]:
+        """The problems of the rejected changes, in stream order; at most the first 1000 are listed."""
+
     def __init__(
         self,
         *,
@@ -301,10 +466,12 @@ class IngestRecordsResponse(_message.Message):
         upserted: _builtins.int = ...,
         deleted: _builtins.int = ...,
         ignored_stale: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+        rejections: _abc.Iterable[Global___RejectedChange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "deleted", b"deleted", "ignored_stale", b"ignored_stale", "upserted", b"upserted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "deleted", b"deleted", "ignored_stale", b"ignored_stale", "rejected", b"rejected", "rejections", b"rejections", "upserted", b"upserted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -316,16 +483,55 @@ class EvaluateAudienceRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _query_pb2.ParameterValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _query_pb2.ParameterValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     QUERY_FIELD_NUMBER: _builtins.int
     SAMPLE_SIZE_FIELD_NUMBER: _builtins.int
     EXPLAIN_FIELD_NUMBER: _builtins.int
+    REFERENCE_TIME_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    DISTRIBUTION_ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
     sample_size: _builtins.int
     """How many matching keys to return as a sample (default 10, at most 1000)."""
     explain: _builtins.bool
     """When true the response carries the compiled SQL text, for debugging."""
+    distribution_attribute: _builtins.str
+    """When set, the response carries the distribution of this attribute of the dimension over the
+    matching records: the 20 most frequent values (NULL included) with their counts.
+    """
+    audience: _builtins.str
+    """A saved audience to evaluate instead of `query`, `audiences/{audience}`."""
     @_builtins.property
     def query(self) -> _query_pb2.AudienceQuery:
         """The query to evaluate."""
+
+    @_builtins.property
+    def reference_time(self) -> _timestamp_pb2.Timestamp:
+        """The reference time of relative-date conditions; unset means now."""
+
+    @_builtins.property
+    def parameters(self) -> _containers.MessageMap[_builtins.str, _query_pb2.ParameterValue]:
+        """The values of the query's named parameters (campaign variables), by name."""
 
     def __init__(
         self,
@@ -333,14 +539,46 @@ class EvaluateAudienceRequest(_message.Message):
         query: _query_pb2.AudienceQuery | None = ...,
         sample_size: _builtins.int = ...,
         explain: _builtins.bool = ...,
+        reference_time: _timestamp_pb2.Timestamp | None = ...,
+        parameters: _abc.Mapping[_builtins.str, _query_pb2.ParameterValue] | None = ...,
+        distribution_attribute: _builtins.str = ...,
+        audience: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "reference_time", b"reference_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["explain", b"explain", "query", b"query", "sample_size", b"sample_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "distribution_attribute", b"distribution_attribute", "explain", b"explain", "parameters", b"parameters", "query", b"query", "reference_time", b"reference_time", "sample_size", b"sample_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvaluateAudienceRequest: _TypeAlias = EvaluateAudienceRequest  # noqa: Y015
+
+@_typing.final
+class ValueCount(_message.Message):
+    """One value of a distribution and how many matching records hold it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """How many matching records hold the value."""
+    @_builtins.property
+    def value(self) -> _value_pb2.Value:
+        """The value (null_value for records without one)."""
+
+    def __init__(
+        self,
+        *,
+        value: _value_pb2.Value | None = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValueCount: _TypeAlias = ValueCount  # noqa: Y015
 
 @_typing.final
 class EvaluateAudienceResponse(_message.Message):
@@ -351,6 +589,7 @@ class EvaluateAudienceResponse(_message.Message):
     COUNT_FIELD_NUMBER: _builtins.int
     SAMPLE_KEYS_FIELD_NUMBER: _builtins.int
     SQL_FIELD_NUMBER: _builtins.int
+    DISTRIBUTION_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     """The exact number of matching records."""
     sql: _builtins.str
@@ -359,16 +598,21 @@ class EvaluateAudienceResponse(_message.Message):
     def sample_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """A sample of matching primary keys, in key order."""
 
+    @_builtins.property
+    def distribution(self) -> _containers.RepeatedCompositeFieldContainer[Global___ValueCount]:
+        """The top values of `distribution_attribute`, most frequent first (ties in value order)."""
+
     def __init__(
         self,
         *,
         count: _builtins.int = ...,
         sample_keys: _abc.Iterable[_builtins.str] | None = ...,
         sql: _builtins.str = ...,
+        distribution: _abc.Iterable[Global___ValueCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "sample_keys", b"sample_keys", "sql", b"sql"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "distribution", b"distribution", "sample_keys", b"sample_keys", "sql", b"sql"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -380,16 +624,50 @@ class BuildWorkingSetRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _query_pb2.ParameterValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _query_pb2.ParameterValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     RUN_FIELD_NUMBER: _builtins.int
     ACTIVITY_FIELD_NUMBER: _builtins.int
     QUERY_FIELD_NUMBER: _builtins.int
+    REFERENCE_TIME_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The run, `campaigns/{campaign}/runs/{run}`."""
     activity: _builtins.str
     """The activity id within the campaign."""
+    audience: _builtins.str
+    """A saved audience to build from instead of `query`, `audiences/{audience}`."""
     @_builtins.property
     def query(self) -> _query_pb2.AudienceQuery:
         """The audience to materialize."""
+
+    @_builtins.property
+    def reference_time(self) -> _timestamp_pb2.Timestamp:
+        """The reference time of relative-date conditions; unset means now."""
+
+    @_builtins.property
+    def parameters(self) -> _containers.MessageMap[_builtins.str, _query_pb2.ParameterValue]:
+        """The values of the query's named parameters (campaign variables), by name."""
 
     def __init__(
         self,
@@ -397,10 +675,13 @@ class BuildWorkingSetRequest(_message.Message):
         run: _builtins.str = ...,
         activity: _builtins.str = ...,
         query: _query_pb2.AudienceQuery | None = ...,
+        reference_time: _timestamp_pb2.Timestamp | None = ...,
+        parameters: _abc.Mapping[_builtins.str, _query_pb2.ParameterValue] | None = ...,
+        audience: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "reference_time", b"reference_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "query", b"query", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "audience", b"audience", "parameters", b"parameters", "query", b"query", "reference_time", b"reference_time", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -429,6 +710,642 @@ class BuildWorkingSetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BuildWorkingSetResponse: _TypeAlias = BuildWorkingSetResponse  # noqa: Y015
+
+@_typing.final
+class CreateAudienceRequest(_message.Message):
+    """Request of CreateAudience."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIENCE_ID_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    audience_id: _builtins.str
+    """The id of the new audience, which becomes the last segment of its name."""
+    @_builtins.property
+    def audience(self) -> _audience_pb2.Audience:
+        """The audience; its `query` is required, its output-only fields are ignored."""
+
+    def __init__(
+        self,
+        *,
+        audience_id: _builtins.str = ...,
+        audience: _audience_pb2.Audience | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "audience_id", b"audience_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAudienceRequest: _TypeAlias = CreateAudienceRequest  # noqa: Y015
+
+@_typing.final
+class CreateAudienceResponse(_message.Message):
+    """Response of CreateAudience."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def audience(self) -> _audience_pb2.Audience:
+        """The saved audience."""
+
+    def __init__(
+        self,
+        *,
+        audience: _audience_pb2.Audience | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAudienceResponse: _TypeAlias = CreateAudienceResponse  # noqa: Y015
+
+@_typing.final
+class SaveAudienceRequest(_message.Message):
+    """Request of SaveAudience."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIENCE_ID_FIELD_NUMBER: _builtins.int
+    WORKING_SET_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    audience_id: _builtins.str
+    """The id of the audience to create or overwrite."""
+    working_set: _builtins.str
+    """The working set whose members are saved, `workingSets/{working_set}`."""
+    display_name: _builtins.str
+    """A human-readable name."""
+    def __init__(
+        self,
+        *,
+        audience_id: _builtins.str = ...,
+        working_set: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience_id", b"audience_id", "display_name", b"display_name", "working_set", b"working_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveAudienceRequest: _TypeAlias = SaveAudienceRequest  # noqa: Y015
+
+@_typing.final
+class SaveAudienceResponse(_message.Message):
+    """Response of SaveAudience."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """True when the audience was created, false when an existing one was overwritten."""
+    @_builtins.property
+    def audience(self) -> _audience_pb2.Audience:
+        """The saved audience."""
+
+    def __init__(
+        self,
+        *,
+        audience: _audience_pb2.Audience | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "created", b"created"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveAudienceResponse: _TypeAlias = SaveAudienceResponse  # noqa: Y015
+
+@_typing.final
+class GetAudienceRequest(_message.Message):
+    """Request of GetAudience."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The audience's name, `audiences/{audience}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAudienceRequest: _TypeAlias = GetAudienceRequest  # noqa: Y015
+
+@_typing.final
+class GetAudienceResponse(_message.Message):
+    """Response of GetAudience."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def audience(self) -> _audience_pb2.Audience:
+        """The audience."""
+
+    def __init__(
+        self,
+        *,
+        audience: _audience_pb2.Audience | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAudienceResponse: _TypeAlias = GetAudienceResponse  # noqa: Y015
+
+@_typing.final
+class ListAudiencesRequest(_message.Message):
+    """Request of ListAudiences."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many audiences are returned (default 50, at most 1000)."""
+    page_token: _builtins.str
+    """The `next_page_token` of a previous call, to get the next page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAudiencesRequest: _TypeAlias = ListAudiencesRequest  # noqa: Y015
+
+@_typing.final
+class ListAudiencesResponse(_message.Message):
+    """Response of ListAudiences."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIENCES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass this to get the next page; empty on the last page."""
+    @_builtins.property
+    def audiences(self) -> _containers.RepeatedCompositeFieldContainer[_audience_pb2.Audience]:
+        """One page of audiences."""
+
+    def __init__(
+        self,
+        *,
+        audiences: _abc.Iterable[_audience_pb2.Audience] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audiences", b"audiences", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAudiencesResponse: _TypeAlias = ListAudiencesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteAudienceRequest(_message.Message):
+    """Request of DeleteAudience."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The audience's name, `audiences/{audience}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAudienceRequest: _TypeAlias = DeleteAudienceRequest  # noqa: Y015
+
+@_typing.final
+class DeleteAudienceResponse(_message.Message):
+    """Response of DeleteAudience."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAudienceResponse: _TypeAlias = DeleteAudienceResponse  # noqa: Y015
+
+@_typing.final
+class CombineWorkingSetsRequest(_message.Message):
+    """Request of CombineWorkingSets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    OTHERS_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """The run, `campaigns/{campaign}/runs/{run}`."""
+    activity: _builtins.str
+    """The activity id within the campaign."""
+    primary: _builtins.str
+    """The primary working set, `workingSets/{working_set}`."""
+    operation: Global___CombineOperation.ValueType
+    """How the working sets are combined."""
+    @_builtins.property
+    def others(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The other working sets (at least one), of the primary's dimension."""
+
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        activity: _builtins.str = ...,
+        primary: _builtins.str = ...,
+        others: _abc.Iterable[_builtins.str] | None = ...,
+        operation: Global___CombineOperation.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "operation", b"operation", "others", b"others", "primary", b"primary", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CombineWorkingSetsRequest: _TypeAlias = CombineWorkingSetsRequest  # noqa: Y015
+
+@_typing.final
+class CombineWorkingSetsResponse(_message.Message):
+    """Response of CombineWorkingSets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKING_SET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def working_set(self) -> _working_set_pb2.WorkingSet:
+        """The combined working set."""
+
+    def __init__(
+        self,
+        *,
+        working_set: _working_set_pb2.WorkingSet | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["working_set", b"working_set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["working_set", b"working_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CombineWorkingSetsResponse: _TypeAlias = CombineWorkingSetsResponse  # noqa: Y015
+
+@_typing.final
+class ChangeDimensionRequest(_message.Message):
+    """Request of ChangeDimension."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    WORKING_SET_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """The run, `campaigns/{campaign}/runs/{run}`."""
+    activity: _builtins.str
+    """The activity id within the campaign."""
+    working_set: _builtins.str
+    """The source working set, `workingSets/{working_set}`."""
+    link: _builtins.str
+    """The link of the source dimension to follow; its target becomes the new dimension."""
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        activity: _builtins.str = ...,
+        working_set: _builtins.str = ...,
+        link: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "link", b"link", "run", b"run", "working_set", b"working_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeDimensionRequest: _TypeAlias = ChangeDimensionRequest  # noqa: Y015
+
+@_typing.final
+class ChangeDimensionResponse(_message.Message):
+    """Response of ChangeDimension."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKING_SET_FIELD_NUMBER: _builtins.int
+    UNMATCHED_FIELD_NUMBER: _builtins.int
+    unmatched: _builtins.int
+    """Source records that reached no record through the link."""
+    @_builtins.property
+    def working_set(self) -> _working_set_pb2.WorkingSet:
+        """The working set of the new dimension (each reached record once)."""
+
+    def __init__(
+        self,
+        *,
+        working_set: _working_set_pb2.WorkingSet | None = ...,
+        unmatched: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["working_set", b"working_set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["unmatched", b"unmatched", "working_set", b"working_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeDimensionResponse: _TypeAlias = ChangeDimensionResponse  # noqa: Y015
+
+@_typing.final
+class SortKey(_message.Message):
+    """One sort key of a split subset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    DESCENDING_FIELD_NUMBER: _builtins.int
+    attribute: _builtins.str
+    """The attribute of the working set's dimension to sort by."""
+    descending: _builtins.bool
+    """True to sort from the highest value down (NULLs always come last)."""
+    def __init__(
+        self,
+        *,
+        attribute: _builtins.str = ...,
+        descending: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "descending", b"descending"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SortKey: _TypeAlias = SortKey  # noqa: Y015
+
+@_typing.final
+class SplitSubset(_message.Message):
+    """One ordered subset of a split."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    LIMIT_PERCENT_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
+    activity: _builtins.str
+    """The activity id of the subset's working set."""
+    limit: _builtins.int
+    """At most this many records are taken (0: no limit); not together with `limit_percent`."""
+    limit_percent: _builtins.float
+    """At most this percentage (0-100) of the matching records is taken, rounded down (0: no limit)."""
+    @_builtins.property
+    def filter(self) -> _query_pb2.Filter:
+        """Only records matching this filter are taken; unset: every record."""
+
+    @_builtins.property
+    def order_by(self) -> _containers.RepeatedCompositeFieldContainer[Global___SortKey]:
+        """Which records a limit keeps first; ties and the rest go in key order."""
+
+    def __init__(
+        self,
+        *,
+        activity: _builtins.str = ...,
+        filter: _query_pb2.Filter | None = ...,
+        limit: _builtins.int = ...,
+        limit_percent: _builtins.float = ...,
+        order_by: _abc.Iterable[Global___SortKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "filter", b"filter", "limit", b"limit", "limit_percent", b"limit_percent", "order_by", b"order_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitSubset: _TypeAlias = SplitSubset  # noqa: Y015
+
+@_typing.final
+class SplitWorkingSetRequest(_message.Message):
+    """Request of SplitWorkingSet."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _query_pb2.ParameterValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _query_pb2.ParameterValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RUN_FIELD_NUMBER: _builtins.int
+    WORKING_SET_FIELD_NUMBER: _builtins.int
+    SUBSETS_FIELD_NUMBER: _builtins.int
+    COMPLEMENT_ACTIVITY_FIELD_NUMBER: _builtins.int
+    OVERLAP_FIELD_NUMBER: _builtins.int
+    REFERENCE_TIME_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """The run, `campaigns/{campaign}/runs/{run}`."""
+    working_set: _builtins.str
+    """The working set to split, `workingSets/{working_set}`."""
+    complement_activity: _builtins.str
+    """When set, the activity id of a working set of the records no subset took."""
+    overlap: _builtins.bool
+    """When false, a record goes to the first subset that takes it; when true, subsets are
+    independent and may share records.
+    """
+    @_builtins.property
+    def subsets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SplitSubset]:
+        """The subsets, in order (at least one)."""
+
+    @_builtins.property
+    def reference_time(self) -> _timestamp_pb2.Timestamp:
+        """The reference time of relative-date conditions in subset filters; unset means now."""
+
+    @_builtins.property
+    def parameters(self) -> _containers.MessageMap[_builtins.str, _query_pb2.ParameterValue]:
+        """The values of named parameters in subset filters, by name."""
+
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        working_set: _builtins.str = ...,
+        subsets: _abc.Iterable[Global___SplitSubset] | None = ...,
+        complement_activity: _builtins.str = ...,
+        overlap: _builtins.bool = ...,
+        reference_time: _timestamp_pb2.Timestamp | None = ...,
+        parameters: _abc.Mapping[_builtins.str, _query_pb2.ParameterValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reference_time", b"reference_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complement_activity", b"complement_activity", "overlap", b"overlap", "parameters", b"parameters", "reference_time", b"reference_time", "run", b"run", "subsets", b"subsets", "working_set", b"working_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitWorkingSetRequest: _TypeAlias = SplitWorkingSetRequest  # noqa: Y015
+
+@_typing.final
+class SplitWorkingSetResponse(_message.Message):
+    """Response of SplitWorkingSet."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSETS_FIELD_NUMBER: _builtins.int
+    COMPLEMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def subsets(self) -> _containers.RepeatedCompositeFieldContainer[_working_set_pb2.WorkingSet]:
+        """The subsets' working sets, in request order."""
+
+    @_builtins.property
+    def complement(self) -> _working_set_pb2.WorkingSet:
+        """The complement's working set, when one was requested."""
+
+    def __init__(
+        self,
+        *,
+        subsets: _abc.Iterable[_working_set_pb2.WorkingSet] | None = ...,
+        complement: _working_set_pb2.WorkingSet | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["complement", b"complement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complement", b"complement", "subsets", b"subsets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitWorkingSetResponse: _TypeAlias = SplitWorkingSetResponse  # noqa: Y015
+
+@_typing.final
+class DeduplicateWorkingSetRequest(_message.Message):
+    """Request of DeduplicateWorkingSet."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    WORKING_SET_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    KEEP_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    COMPLEMENT_ACTIVITY_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """The run, `campaigns/{campaign}/runs/{run}`."""
+    activity: _builtins.str
+    """The activity id of the deduplicated working set."""
+    working_set: _builtins.str
+    """The working set to deduplicate, `workingSets/{working_set}`."""
+    keep: _builtins.int
+    """How many records to keep per group (default 1)."""
+    method: Global___DeduplicationMethod.ValueType
+    """Which records to keep."""
+    attribute: _builtins.str
+    """The attribute the method looks at (all methods but RANDOM)."""
+    complement_activity: _builtins.str
+    """When set, the activity id of a working set of the removed records."""
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The attributes whose values identify duplicates (at least one)."""
+
+    @_builtins.property
+    def priority(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Value]:
+        """The values of `attribute` in priority order, for PRIORITY."""
+
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        activity: _builtins.str = ...,
+        working_set: _builtins.str = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+        keep: _builtins.int = ...,
+        method: Global___DeduplicationMethod.ValueType = ...,
+        attribute: _builtins.str = ...,
+        priority: _abc.Iterable[_value_pb2.Value] | None = ...,
+        complement_activity: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "attribute", b"attribute", "complement_activity", b"complement_activity", "fields", b"fields", "keep", b"keep", "method", b"method", "priority", b"priority", "run", b"run", "working_set", b"working_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeduplicateWorkingSetRequest: _TypeAlias = DeduplicateWorkingSetRequest  # noqa: Y015
+
+@_typing.final
+class DeduplicateWorkingSetResponse(_message.Message):
+    """Response of DeduplicateWorkingSet."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKING_SET_FIELD_NUMBER: _builtins.int
+    COMPLEMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def working_set(self) -> _working_set_pb2.WorkingSet:
+        """The kept records."""
+
+    @_builtins.property
+    def complement(self) -> _working_set_pb2.WorkingSet:
+        """The removed records, when a complement was requested."""
+
+    def __init__(
+        self,
+        *,
+        working_set: _working_set_pb2.WorkingSet | None = ...,
+        complement: _working_set_pb2.WorkingSet | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["complement", b"complement", "working_set", b"working_set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complement", b"complement", "working_set", b"working_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeduplicateWorkingSetResponse: _TypeAlias = DeduplicateWorkingSetResponse  # noqa: Y015
 
 @_typing.final
 class GetWorkingSetRequest(_message.Message):
@@ -486,6 +1403,8 @@ class StreamWorkingSetRequest(_message.Message):
     AFTER_POSITION_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    ENRICHMENTS_FIELD_NUMBER: _builtins.int
+    REFERENCE_TIME_FIELD_NUMBER: _builtins.int
     working_set: _builtins.str
     """The working set's name, `workingSets/{working_set}`."""
     after_position: _builtins.int
@@ -494,7 +1413,18 @@ class StreamWorkingSetRequest(_message.Message):
     """Rows per response message (default 500, at most 10000)."""
     @_builtins.property
     def attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The dimension's attributes to include in each row's values."""
+        """The dimension's attributes to include in each row's values, or dot paths through many-to-one
+        links to attributes of linked entities (enrichment, for example `hotel.city`: NULL when the
+        record has no linked record). Each value is keyed by the name or path as requested.
+        """
+
+    @_builtins.property
+    def enrichments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Enrichment]:
+        """Aggregates of each row's linked records to add to its values (enrichment)."""
+
+    @_builtins.property
+    def reference_time(self) -> _timestamp_pb2.Timestamp:
+        """The reference time of relative-date conditions in enrichment filters; unset means now."""
 
     def __init__(
         self,
@@ -503,14 +1433,58 @@ class StreamWorkingSetRequest(_message.Message):
         after_position: _builtins.int = ...,
         batch_size: _builtins.int = ...,
         attributes: _abc.Iterable[_builtins.str] | None = ...,
+        enrichments: _abc.Iterable[Global___Enrichment] | None = ...,
+        reference_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reference_time", b"reference_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "attributes", b"attributes", "batch_size", b"batch_size", "working_set", b"working_set"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "attributes", b"attributes", "batch_size", b"batch_size", "enrichments", b"enrichments", "reference_time", b"reference_time", "working_set", b"working_set"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamWorkingSetRequest: _TypeAlias = StreamWorkingSetRequest  # noqa: Y015
+
+@_typing.final
+class Enrichment(_message.Message):
+    """An aggregate of the records linked to each streamed row, added to the row's values."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
+    MEASURE_FIELD_NUMBER: _builtins.int
+    ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """The key of the value in each row; unlike every requested attribute and other alias."""
+    link: _builtins.str
+    """A link of the working set's dimension."""
+    measure: _query_pb2.LinkMeasure.ValueType
+    """LINK_MEASURE_COUNT (0 without linked records), or SUM, AVG, MIN, MAX of `attribute` (NULL
+    without linked records).
+    """
+    attribute: _builtins.str
+    """The aggregated attribute of the linked entity (all measures but COUNT)."""
+    @_builtins.property
+    def filter(self) -> _query_pb2.Filter:
+        """Only linked records matching this filter count; unset: all of them."""
+
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        link: _builtins.str = ...,
+        measure: _query_pb2.LinkMeasure.ValueType = ...,
+        attribute: _builtins.str = ...,
+        filter: _query_pb2.Filter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "attribute", b"attribute", "filter", b"filter", "link", b"link", "measure", b"measure"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Enrichment: _TypeAlias = Enrichment  # noqa: Y015
 
 @_typing.final
 class StreamWorkingSetResponse(_message.Message):

@@ -47,6 +47,11 @@ class AudienceServiceStub:
                 request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.GetEntityRequest.SerializeToString,
                 response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.GetEntityResponse.FromString,
                 _registered_method=True)
+        self.UpdateEntity = channel.unary_unary(
+                '/carillon.audience.v1.AudienceService/UpdateEntity',
+                request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.UpdateEntityRequest.SerializeToString,
+                response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.UpdateEntityResponse.FromString,
+                _registered_method=True)
         self.ListEntities = channel.unary_unary(
                 '/carillon.audience.v1.AudienceService/ListEntities',
                 request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ListEntitiesRequest.SerializeToString,
@@ -62,10 +67,55 @@ class AudienceServiceStub:
                 request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.EvaluateAudienceRequest.SerializeToString,
                 response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.EvaluateAudienceResponse.FromString,
                 _registered_method=True)
+        self.CreateAudience = channel.unary_unary(
+                '/carillon.audience.v1.AudienceService/CreateAudience',
+                request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.CreateAudienceRequest.SerializeToString,
+                response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.CreateAudienceResponse.FromString,
+                _registered_method=True)
+        self.SaveAudience = channel.unary_unary(
+                '/carillon.audience.v1.AudienceService/SaveAudience',
+                request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.SaveAudienceRequest.SerializeToString,
+                response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.SaveAudienceResponse.FromString,
+                _registered_method=True)
+        self.GetAudience = channel.unary_unary(
+                '/carillon.audience.v1.AudienceService/GetAudience',
+                request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.GetAudienceRequest.SerializeToString,
+                response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.GetAudienceResponse.FromString,
+                _registered_method=True)
+        self.ListAudiences = channel.unary_unary(
+                '/carillon.audience.v1.AudienceService/ListAudiences',
+                request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ListAudiencesRequest.SerializeToString,
+                response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ListAudiencesResponse.FromString,
+                _registered_method=True)
+        self.DeleteAudience = channel.unary_unary(
+                '/carillon.audience.v1.AudienceService/DeleteAudience',
+                request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeleteAudienceRequest.SerializeToString,
+                response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeleteAudienceResponse.FromString,
+                _registered_method=True)
         self.BuildWorkingSet = channel.unary_unary(
                 '/carillon.audience.v1.AudienceService/BuildWorkingSet',
                 request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.BuildWorkingSetRequest.SerializeToString,
                 response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.BuildWorkingSetResponse.FromString,
+                _registered_method=True)
+        self.CombineWorkingSets = channel.unary_unary(
+                '/carillon.audience.v1.AudienceService/CombineWorkingSets',
+                request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.CombineWorkingSetsRequest.SerializeToString,
+                response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.CombineWorkingSetsResponse.FromString,
+                _registered_method=True)
+        self.ChangeDimension = channel.unary_unary(
+                '/carillon.audience.v1.AudienceService/ChangeDimension',
+                request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ChangeDimensionRequest.SerializeToString,
+                response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ChangeDimensionResponse.FromString,
+                _registered_method=True)
+        self.SplitWorkingSet = channel.unary_unary(
+                '/carillon.audience.v1.AudienceService/SplitWorkingSet',
+                request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.SplitWorkingSetRequest.SerializeToString,
+                response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.SplitWorkingSetResponse.FromString,
+                _registered_method=True)
+        self.DeduplicateWorkingSet = channel.unary_unary(
+                '/carillon.audience.v1.AudienceService/DeduplicateWorkingSet',
+                request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeduplicateWorkingSetRequest.SerializeToString,
+                response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeduplicateWorkingSetResponse.FromString,
                 _registered_method=True)
         self.GetWorkingSet = channel.unary_unary(
                 '/carillon.audience.v1.AudienceService/GetWorkingSet',
@@ -87,7 +137,7 @@ class AudienceServiceServicer:
 
     def CreateEntity(self, request, context):
         """Creates an entity and its table.
-        Errors: INVALID_ARGUMENT (bad schema, with the field named), ALREADY_EXISTS (the id is taken),
+        Errors: INVALID_ARGUMENT (bad schema or link, with the field named), ALREADY_EXISTS (the id is taken),
         RESOURCE_EXHAUSTED (the sandbox's entity limit is reached).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -97,6 +147,19 @@ class AudienceServiceServicer:
     def GetEntity(self, request, context):
         """Returns one entity's schema.
         Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateEntity(self, request, context):
+        """Changes an entity's schema; so far only adding links is supported (update_mask `links`):
+        `entity.links` is the complete list, the existing links first and unchanged, then the new ones.
+        The indexes the new links need are created with the change. This is how two entities come to
+        link to each other.
+        Errors: INVALID_ARGUMENT (a bad link; reason INCOMPATIBLE_SCHEMA_CHANGE when an existing link
+        is removed or changed; an unsupported update_mask path), NOT_FOUND, FAILED_PRECONDITION (the
+        entity changed concurrently).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,17 +175,62 @@ class AudienceServiceServicer:
 
     def IngestRecords(self, request_iterator, context):
         """Upserts records from a stream of batches. Each batch is applied all-or-nothing, in one
-        transaction; the highest version of a record wins. Rows are queryable when the call returns.
-        Errors: INVALID_ARGUMENT (a bad row; every bad row is listed as a field violation, nothing of
-        that batch is written), NOT_FOUND (unknown entity).
+        transaction (unless it sets `allow_partial`); the highest version of a record wins. Rows are
+        queryable when the call returns.
+        Errors: INVALID_ARGUMENT (a bad row without `allow_partial`; every bad row is listed as a field
+        violation, nothing of that batch is written), NOT_FOUND (unknown entity).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def EvaluateAudience(self, request, context):
-        """Counts the records matching a query and returns a sample of their keys.
-        Errors: INVALID_ARGUMENT (unknown attribute, wrong value type, bad operator arity), NOT_FOUND.
+        """Counts the records matching a query and returns a sample of their keys and, on request, the
+        distribution of one attribute's values.
+        Errors: INVALID_ARGUMENT (unknown attribute or link (also the distribution attribute), a one-to-many link in a dot path, wrong
+        value type, bad operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateAudience(self, request, context):
+        """Saves a query as a definition audience (evaluated when read). Parameters may stay unbound.
+        Errors: INVALID_ARGUMENT (bad id or query, with the field named), ALREADY_EXISTS (the id is
+        taken in the sandbox), NOT_FOUND (unknown dimension).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveAudience(self, request, context):
+        """Saves a working set's members as a snapshot audience: creates it, or overwrites (never
+        appends to) the audience of that id.
+        Errors: INVALID_ARGUMENT (bad id or name), NOT_FOUND (unknown or purged working set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAudience(self, request, context):
+        """Returns one saved audience.
+        Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudiences(self, request, context):
+        """Lists saved audiences in name order, one page at a time.
+        Errors: INVALID_ARGUMENT (bad page size or token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAudience(self, request, context):
+        """Deletes a saved audience (and a snapshot's members).
+        Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +245,45 @@ class AudienceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CombineWorkingSets(self, request, context):
+        """Builds the working set of one run's activity by combining working sets of one dimension
+        (union, intersection, or exclusion from the primary set). Idempotent like BuildWorkingSet.
+        Errors: INVALID_ARGUMENT (no other set, unset operation, DIMENSION_MISMATCH), NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangeDimension(self, request, context):
+        """Builds the working set of one run's activity by following a link from each record of a working
+        set (change of dimension); source records that reach no record are counted as unmatched.
+        Idempotent like BuildWorkingSet.
+        Errors: INVALID_ARGUMENT (UNKNOWN_LINK), NOT_FOUND (unknown working set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SplitWorkingSet(self, request, context):
+        """Splits a working set into ordered subsets, each its own working set (idempotent per activity),
+        and optionally a complement of the records no subset took.
+        Errors: INVALID_ARGUMENT (bad subset filter, limit, sort attribute or activity), NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeduplicateWorkingSet(self, request, context):
+        """Keeps at most N records of a working set per combination of field values (deduplication),
+        choosing which by a method; optionally also a working set of the removed records.
+        Idempotent per activity like BuildWorkingSet.
+        Errors: INVALID_ARGUMENT (unknown field or attribute, bad keep, method or priority value),
+        NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetWorkingSet(self, request, context):
         """Returns one working set.
         Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (unknown or purged).
@@ -146,8 +293,9 @@ class AudienceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamWorkingSet(self, request, context):
-        """Streams the rows of a working set after a position, in batches, with the requested attributes.
-        Errors: INVALID_ARGUMENT (unknown attribute, bad batch size), NOT_FOUND.
+        """Streams the rows of a working set after a position, in batches, with the requested attributes,
+        many-to-one paths and aggregates of linked records (enrichment).
+        Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment, bad batch size), NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,6 +314,11 @@ def add_AudienceServiceServicer_to_server(servicer, server):
                     request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.GetEntityRequest.FromString,
                     response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.GetEntityResponse.SerializeToString,
             ),
+            'UpdateEntity': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateEntity,
+                    request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.UpdateEntityRequest.FromString,
+                    response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.UpdateEntityResponse.SerializeToString,
+            ),
             'ListEntities': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEntities,
                     request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ListEntitiesRequest.FromString,
@@ -181,10 +334,55 @@ def add_AudienceServiceServicer_to_server(servicer, server):
                     request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.EvaluateAudienceRequest.FromString,
                     response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.EvaluateAudienceResponse.SerializeToString,
             ),
+            'CreateAudience': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAudience,
+                    request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.CreateAudienceRequest.FromString,
+                    response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.CreateAudienceResponse.SerializeToString,
+            ),
+            'SaveAudience': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveAudience,
+                    request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.SaveAudienceRequest.FromString,
+                    response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.SaveAudienceResponse.SerializeToString,
+            ),
+            'GetAudience': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAudience,
+                    request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.GetAudienceRequest.FromString,
+                    response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.GetAudienceResponse.SerializeToString,
+            ),
+            'ListAudiences': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudiences,
+                    request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ListAudiencesRequest.FromString,
+                    response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ListAudiencesResponse.SerializeToString,
+            ),
+            'DeleteAudience': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAudience,
+                    request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeleteAudienceRequest.FromString,
+                    response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeleteAudienceResponse.SerializeToString,
+            ),
             'BuildWorkingSet': grpc.unary_unary_rpc_method_handler(
                     servicer.BuildWorkingSet,
                     request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.BuildWorkingSetRequest.FromString,
                     response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.BuildWorkingSetResponse.SerializeToString,
+            ),
+            'CombineWorkingSets': grpc.unary_unary_rpc_method_handler(
+                    servicer.CombineWorkingSets,
+                    request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.CombineWorkingSetsRequest.FromString,
+                    response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.CombineWorkingSetsResponse.SerializeToString,
+            ),
+            'ChangeDimension': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeDimension,
+                    request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ChangeDimensionRequest.FromString,
+                    response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ChangeDimensionResponse.SerializeToString,
+            ),
+            'SplitWorkingSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.SplitWorkingSet,
+                    request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.SplitWorkingSetRequest.FromString,
+                    response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.SplitWorkingSetResponse.SerializeToString,
+            ),
+            'DeduplicateWorkingSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeduplicateWorkingSet,
+                    request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeduplicateWorkingSetRequest.FromString,
+                    response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeduplicateWorkingSetResponse.SerializeToString,
             ),
             'GetWorkingSet': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWorkingSet,
@@ -254,6 +452,33 @@ class AudienceService:
             '/carillon.audience.v1.AudienceService/GetEntity',
             carillon_dot_audience_dot_v1_dot_audience__service__pb2.GetEntityRequest.SerializeToString,
             carillon_dot_audience_dot_v1_dot_audience__service__pb2.GetEntityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateEntity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.audience.v1.AudienceService/UpdateEntity',
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.UpdateEntityRequest.SerializeToString,
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.UpdateEntityResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -346,6 +571,141 @@ class AudienceService:
             _registered_method=True)
 
     @staticmethod
+    def CreateAudience(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.audience.v1.AudienceService/CreateAudience',
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.CreateAudienceRequest.SerializeToString,
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.CreateAudienceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveAudience(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.audience.v1.AudienceService/SaveAudience',
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.SaveAudienceRequest.SerializeToString,
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.SaveAudienceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAudience(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.audience.v1.AudienceService/GetAudience',
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.GetAudienceRequest.SerializeToString,
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.GetAudienceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudiences(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.audience.v1.AudienceService/ListAudiences',
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.ListAudiencesRequest.SerializeToString,
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.ListAudiencesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAudience(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.audience.v1.AudienceService/DeleteAudience',
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeleteAudienceRequest.SerializeToString,
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeleteAudienceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def BuildWorkingSet(request,
             target,
             options=(),
@@ -362,6 +722,114 @@ class AudienceService:
             '/carillon.audience.v1.AudienceService/BuildWorkingSet',
             carillon_dot_audience_dot_v1_dot_audience__service__pb2.BuildWorkingSetRequest.SerializeToString,
             carillon_dot_audience_dot_v1_dot_audience__service__pb2.BuildWorkingSetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CombineWorkingSets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.audience.v1.AudienceService/CombineWorkingSets',
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.CombineWorkingSetsRequest.SerializeToString,
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.CombineWorkingSetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeDimension(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.audience.v1.AudienceService/ChangeDimension',
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.ChangeDimensionRequest.SerializeToString,
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.ChangeDimensionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SplitWorkingSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.audience.v1.AudienceService/SplitWorkingSet',
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.SplitWorkingSetRequest.SerializeToString,
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.SplitWorkingSetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeduplicateWorkingSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.audience.v1.AudienceService/DeduplicateWorkingSet',
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeduplicateWorkingSetRequest.SerializeToString,
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeduplicateWorkingSetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,12 +38,21 @@ class AudienceServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AudienceServiceAsyncStub: ...
     CreateEntity: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.CreateEntityRequest, _audience_service_pb2.CreateEntityResponse]
     """Creates an entity and its table.
-    Errors: INVALID_ARGUMENT (bad schema, with the field named), ALREADY_EXISTS (the id is taken),
+    Errors: INVALID_ARGUMENT (bad schema or link, with the field named), ALREADY_EXISTS (the id is taken),
     RESOURCE_EXHAUSTED (the sandbox's entity limit is reached).
     """
     GetEntity: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.GetEntityRequest, _audience_service_pb2.GetEntityResponse]
     """Returns one entity's schema.
     Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
+    """
+    UpdateEntity: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.UpdateEntityRequest, _audience_service_pb2.UpdateEntityResponse]
+    """Changes an entity's schema; so far only adding links is supported (update_mask `links`):
+    `entity.links` is the complete list, the existing links first and unchanged, then the new ones.
+    The indexes the new links need are created with the change. This is how two entities come to
+    link to each other.
+    Errors: INVALID_ARGUMENT (a bad link; reason INCOMPATIBLE_SCHEMA_CHANGE when an existing link
+    is removed or changed; an unsupported update_mask path), NOT_FOUND, FAILED_PRECONDITION (the
+    entity changed concurrently).
     """
     ListEntities: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.ListEntitiesRequest, _audience_service_pb2.ListEntitiesResponse]
     """Lists entities in name order, one page at a time.
@@ -51,26 +60,75 @@ class AudienceServiceStub:
     """
     IngestRecords: _grpc.StreamUnaryMultiCallable[_audience_service_pb2.IngestRecordsRequest, _audience_service_pb2.IngestRecordsResponse]
     """Upserts records from a stream of batches. Each batch is applied all-or-nothing, in one
-    transaction; the highest version of a record wins. Rows are queryable when the call returns.
-    Errors: INVALID_ARGUMENT (a bad row; every bad row is listed as a field violation, nothing of
-    that batch is written), NOT_FOUND (unknown entity).
+    transaction (unless it sets `allow_partial`); the highest version of a record wins. Rows are
+    queryable when the call returns.
+    Errors: INVALID_ARGUMENT (a bad row without `allow_partial`; every bad row is listed as a field
+    violation, nothing of that batch is written), NOT_FOUND (unknown entity).
     """
     EvaluateAudience: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.EvaluateAudienceRequest, _audience_service_pb2.EvaluateAudienceResponse]
-    """Counts the records matching a query and returns a sample of their keys.
-    Errors: INVALID_ARGUMENT (unknown attribute, wrong value type, bad operator arity), NOT_FOUND.
+    """Counts the records matching a query and returns a sample of their keys and, on request, the
+    distribution of one attribute's values.
+    Errors: INVALID_ARGUMENT (unknown attribute or link (also the distribution attribute), a one-to-many link in a dot path, wrong
+    value type, bad operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
+    """
+    CreateAudience: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.CreateAudienceRequest, _audience_service_pb2.CreateAudienceResponse]
+    """Saves a query as a definition audience (evaluated when read). Parameters may stay unbound.
+    Errors: INVALID_ARGUMENT (bad id or query, with the field named), ALREADY_EXISTS (the id is
+    taken in the sandbox), NOT_FOUND (unknown dimension).
+    """
+    SaveAudience: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.SaveAudienceRequest, _audience_service_pb2.SaveAudienceResponse]
+    """Saves a working set's members as a snapshot audience: creates it, or overwrites (never
+    appends to) the audience of that id.
+    Errors: INVALID_ARGUMENT (bad id or name), NOT_FOUND (unknown or purged working set).
+    """
+    GetAudience: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.GetAudienceRequest, _audience_service_pb2.GetAudienceResponse]
+    """Returns one saved audience.
+    Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
+    """
+    ListAudiences: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.ListAudiencesRequest, _audience_service_pb2.ListAudiencesResponse]
+    """Lists saved audiences in name order, one page at a time.
+    Errors: INVALID_ARGUMENT (bad page size or token).
+    """
+    DeleteAudience: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.DeleteAudienceRequest, _audience_service_pb2.DeleteAudienceResponse]
+    """Deletes a saved audience (and a snapshot's members).
+    Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
     """
     BuildWorkingSet: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.BuildWorkingSetRequest, _audience_service_pb2.BuildWorkingSetResponse]
     """Builds the working set of one run's activity from a query, in one INSERT ... SELECT statement.
     Idempotent: when the run and activity already have a working set, that one is returned.
     Errors: INVALID_ARGUMENT, NOT_FOUND (unknown dimension).
     """
+    CombineWorkingSets: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.CombineWorkingSetsRequest, _audience_service_pb2.CombineWorkingSetsResponse]
+    """Builds the working set of one run's activity by combining working sets of one dimension
+    (union, intersection, or exclusion from the primary set). Idempotent like BuildWorkingSet.
+    Errors: INVALID_ARGUMENT (no other set, unset operation, DIMENSION_MISMATCH), NOT_FOUND.
+    """
+    ChangeDimension: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.ChangeDimensionRequest, _audience_service_pb2.ChangeDimensionResponse]
+    """Builds the working set of one run's activity by following a link from each record of a working
+    set (change of dimension); source records that reach no record are counted as unmatched.
+    Idempotent like BuildWorkingSet.
+    Errors: INVALID_ARGUMENT (UNKNOWN_LINK), NOT_FOUND (unknown working set).
+    """
+    SplitWorkingSet: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.SplitWorkingSetRequest, _audience_service_pb2.SplitWorkingSetResponse]
+    """Splits a working set into ordered subsets, each its own working set (idempotent per activity),
+    and optionally a complement of the records no subset took.
+    Errors: INVALID_ARGUMENT (bad subset filter, limit, sort attribute or activity), NOT_FOUND.
+    """
+    DeduplicateWorkingSet: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.DeduplicateWorkingSetRequest, _audience_service_pb2.DeduplicateWorkingSetResponse]
+    """Keeps at most N records of a working set per combination of field values (deduplication),
+    choosing which by a method; optionally also a working set of the removed records.
+    Idempotent per activity like BuildWorkingSet.
+    Errors: INVALID_ARGUMENT (unknown field or attribute, bad keep, method or priority value),
+    NOT_FOUND.
+    """
     GetWorkingSet: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.GetWorkingSetRequest, _audience_service_pb2.GetWorkingSetResponse]
     """Returns one working set.
     Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (unknown or purged).
     """
     StreamWorkingSet: _grpc.UnaryStreamMultiCallable[_audience_service_pb2.StreamWorkingSetRequest, _audience_service_pb2.StreamWorkingSetResponse]
-    """Streams the rows of a working set after a position, in batches, with the requested attributes.
-    Errors: INVALID_ARGUMENT (unknown attribute, bad batch size), NOT_FOUND.
+    """Streams the rows of a working set after a position, in batches, with the requested attributes,
+    many-to-one paths and aggregates of linked records (enrichment).
+    Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment, bad batch size), NOT_FOUND.
     """
 
 @_typing.type_check_only
@@ -83,12 +141,21 @@ class AudienceServiceAsyncStub(AudienceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateEntity: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.CreateEntityRequest, _audience_service_pb2.CreateEntityResponse]  # type: ignore[assignment]
     """Creates an entity and its table.
-    Errors: INVALID_ARGUMENT (bad schema, with the field named), ALREADY_EXISTS (the id is taken),
+    Errors: INVALID_ARGUMENT (bad schema or link, with the field named), ALREADY_EXISTS (the id is taken),
     RESOURCE_EXHAUSTED (the sandbox's entity limit is reached).
     """
     GetEntity: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.GetEntityRequest, _audience_service_pb2.GetEntityResponse]  # type: ignore[assignment]
     """Returns one entity's schema.
     Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
+    """
+    UpdateEntity: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.UpdateEntityRequest, _audience_service_pb2.UpdateEntityResponse]  # type: ignore[assignment]
+    """Changes an entity's schema; so far only adding links is supported (update_mask `links`):
+    `entity.links` is the complete list, the existing links first and unchanged, then the new ones.
+    The indexes the new links need are created with the change. This is how two entities come to
+    link to each other.
+    Errors: INVALID_ARGUMENT (a bad link; reason INCOMPATIBLE_SCHEMA_CHANGE when an existing link
+    is removed or changed; an unsupported update_mask path), NOT_FOUND, FAILED_PRECONDITION (the
+    entity changed concurrently).
     """
     ListEntities: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.ListEntitiesRequest, _audience_service_pb2.ListEntitiesResponse]  # type: ignore[assignment]
     """Lists entities in name order, one page at a time.
@@ -96,26 +163,75 @@ class AudienceServiceAsyncStub(AudienceServiceStub):
     """
     IngestRecords: _aio.StreamUnaryMultiCallable[_audience_service_pb2.IngestRecordsRequest, _audience_service_pb2.IngestRecordsResponse]  # type: ignore[assignment]
     """Upserts records from a stream of batches. Each batch is applied all-or-nothing, in one
-    transaction; the highest version of a record wins. Rows are queryable when the call returns.
-    Errors: INVALID_ARGUMENT (a bad row; every bad row is listed as a field violation, nothing of
-    that batch is written), NOT_FOUND (unknown entity).
+    transaction (unless it sets `allow_partial`); the highest version of a record wins. Rows are
+    queryable when the call returns.
+    Errors: INVALID_ARGUMENT (a bad row without `allow_partial`; every bad row is listed as a field
+    violation, nothing of that batch is written), NOT_FOUND (unknown entity).
     """
     EvaluateAudience: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.EvaluateAudienceRequest, _audience_service_pb2.EvaluateAudienceResponse]  # type: ignore[assignment]
-    """Counts the records matching a query and returns a sample of their keys.
-    Errors: INVALID_ARGUMENT (unknown attribute, wrong value type, bad operator arity), NOT_FOUND.
+    """Counts the records matching a query and returns a sample of their keys and, on request, the
+    distribution of one attribute's values.
+    Errors: INVALID_ARGUMENT (unknown attribute or link (also the distribution attribute), a one-to-many link in a dot path, wrong
+    value type, bad operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
+    """
+    CreateAudience: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.CreateAudienceRequest, _audience_service_pb2.CreateAudienceResponse]  # type: ignore[assignment]
+    """Saves a query as a definition audience (evaluated when read). Parameters may stay unbound.
+    Errors: INVALID_ARGUMENT (bad id or query, with the field named), ALREADY_EXISTS (the id is
+    taken in the sandbox), NOT_FOUND (unknown dimension).
+    """
+    SaveAudience: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.SaveAudienceRequest, _audience_service_pb2.SaveAudienceResponse]  # type: ignore[assignment]
+    """Saves a working set's members as a snapshot audience: creates it, or overwrites (never
+    appends to) the audience of that id.
+    Errors: INVALID_ARGUMENT (bad id or name), NOT_FOUND (unknown or purged working set).
+    """
+    GetAudience: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.GetAudienceRequest, _audience_service_pb2.GetAudienceResponse]  # type: ignore[assignment]
+    """Returns one saved audience.
+    Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
+    """
+    ListAudiences: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.ListAudiencesRequest, _audience_service_pb2.ListAudiencesResponse]  # type: ignore[assignment]
+    """Lists saved audiences in name order, one page at a time.
+    Errors: INVALID_ARGUMENT (bad page size or token).
+    """
+    DeleteAudience: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.DeleteAudienceRequest, _audience_service_pb2.DeleteAudienceResponse]  # type: ignore[assignment]
+    """Deletes a saved audience (and a snapshot's members).
+    Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
     """
     BuildWorkingSet: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.BuildWorkingSetRequest, _audience_service_pb2.BuildWorkingSetResponse]  # type: ignore[assignment]
     """Builds the working set of one run's activity from a query, in one INSERT ... SELECT statement.
     Idempotent: when the run and activity already have a working set, that one is returned.
     Errors: INVALID_ARGUMENT, NOT_FOUND (unknown dimension).
     """
+    CombineWorkingSets: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.CombineWorkingSetsRequest, _audience_service_pb2.CombineWorkingSetsResponse]  # type: ignore[assignment]
+    """Builds the working set of one run's activity by combining working sets of one dimension
+    (union, intersection, or exclusion from the primary set). Idempotent like BuildWorkingSet.
+    Errors: INVALID_ARGUMENT (no other set, unset operation, DIMENSION_MISMATCH), NOT_FOUND.
+    """
+    ChangeDimension: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.ChangeDimensionRequest, _audience_service_pb2.ChangeDimensionResponse]  # type: ignore[assignment]
+    """Builds the working set of one run's activity by following a link from each record of a working
+    set (change of dimension); source records that reach no record are counted as unmatched.
+    Idempotent like BuildWorkingSet.
+    Errors: INVALID_ARGUMENT (UNKNOWN_LINK), NOT_FOUND (unknown working set).
+    """
+    SplitWorkingSet: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.SplitWorkingSetRequest, _audience_service_pb2.SplitWorkingSetResponse]  # type: ignore[assignment]
+    """Splits a working set into ordered subsets, each its own working set (idempotent per activity),
+    and optionally a complement of the records no subset took.
+    Errors: INVALID_ARGUMENT (bad subset filter, limit, sort attribute or activity), NOT_FOUND.
+    """
+    DeduplicateWorkingSet: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.DeduplicateWorkingSetRequest, _audience_service_pb2.DeduplicateWorkingSetResponse]  # type: ignore[assignment]
+    """Keeps at most N records of a working set per combination of field values (deduplication),
+    choosing which by a method; optionally also a working set of the removed records.
+    Idempotent per activity like BuildWorkingSet.
+    Errors: INVALID_ARGUMENT (unknown field or attribute, bad keep, method or priority value),
+    NOT_FOUND.
+    """
     GetWorkingSet: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.GetWorkingSetRequest, _audience_service_pb2.GetWorkingSetResponse]  # type: ignore[assignment]
     """Returns one working set.
     Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (unknown or purged).
     """
     StreamWorkingSet: _aio.UnaryStreamMultiCallable[_audience_service_pb2.StreamWorkingSetRequest, _audience_service_pb2.StreamWorkingSetResponse]  # type: ignore[assignment]
-    """Streams the rows of a working set after a position, in batches, with the requested attributes.
-    Errors: INVALID_ARGUMENT (unknown attribute, bad batch size), NOT_FOUND.
+    """Streams the rows of a working set after a position, in batches, with the requested attributes,
+    many-to-one paths and aggregates of linked records (enrichment).
+    Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment, bad batch size), NOT_FOUND.
     """
 
 class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -131,7 +247,7 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audience_service_pb2.CreateEntityResponse, _abc.Awaitable[_audience_service_pb2.CreateEntityResponse]]:
         """Creates an entity and its table.
-        Errors: INVALID_ARGUMENT (bad schema, with the field named), ALREADY_EXISTS (the id is taken),
+        Errors: INVALID_ARGUMENT (bad schema or link, with the field named), ALREADY_EXISTS (the id is taken),
         RESOURCE_EXHAUSTED (the sandbox's entity limit is reached).
         """
 
@@ -143,6 +259,21 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_audience_service_pb2.GetEntityResponse, _abc.Awaitable[_audience_service_pb2.GetEntityResponse]]:
         """Returns one entity's schema.
         Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateEntity(
+        self,
+        request: _audience_service_pb2.UpdateEntityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audience_service_pb2.UpdateEntityResponse, _abc.Awaitable[_audience_service_pb2.UpdateEntityResponse]]:
+        """Changes an entity's schema; so far only adding links is supported (update_mask `links`):
+        `entity.links` is the complete list, the existing links first and unchanged, then the new ones.
+        The indexes the new links need are created with the change. This is how two entities come to
+        link to each other.
+        Errors: INVALID_ARGUMENT (a bad link; reason INCOMPATIBLE_SCHEMA_CHANGE when an existing link
+        is removed or changed; an unsupported update_mask path), NOT_FOUND, FAILED_PRECONDITION (the
+        entity changed concurrently).
         """
 
     @_abc_1.abstractmethod
@@ -162,9 +293,10 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audience_service_pb2.IngestRecordsResponse, _abc.Awaitable[_audience_service_pb2.IngestRecordsResponse]]:
         """Upserts records from a stream of batches. Each batch is applied all-or-nothing, in one
-        transaction; the highest version of a record wins. Rows are queryable when the call returns.
-        Errors: INVALID_ARGUMENT (a bad row; every bad row is listed as a field violation, nothing of
-        that batch is written), NOT_FOUND (unknown entity).
+        transaction (unless it sets `allow_partial`); the highest version of a record wins. Rows are
+        queryable when the call returns.
+        Errors: INVALID_ARGUMENT (a bad row without `allow_partial`; every bad row is listed as a field
+        violation, nothing of that batch is written), NOT_FOUND (unknown entity).
         """
 
     @_abc_1.abstractmethod
@@ -173,8 +305,62 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _audience_service_pb2.EvaluateAudienceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audience_service_pb2.EvaluateAudienceResponse, _abc.Awaitable[_audience_service_pb2.EvaluateAudienceResponse]]:
-        """Counts the records matching a query and returns a sample of their keys.
-        Errors: INVALID_ARGUMENT (unknown attribute, wrong value type, bad operator arity), NOT_FOUND.
+        """Counts the records matching a query and returns a sample of their keys and, on request, the
+        distribution of one attribute's values.
+        Errors: INVALID_ARGUMENT (unknown attribute or link (also the distribution attribute), a one-to-many link in a dot path, wrong
+        value type, bad operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateAudience(
+        self,
+        request: _audience_service_pb2.CreateAudienceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audience_service_pb2.CreateAudienceResponse, _abc.Awaitable[_audience_service_pb2.CreateAudienceResponse]]:
+        """Saves a query as a definition audience (evaluated when read). Parameters may stay unbound.
+        Errors: INVALID_ARGUMENT (bad id or query, with the field named), ALREADY_EXISTS (the id is
+        taken in the sandbox), NOT_FOUND (unknown dimension).
+        """
+
+    @_abc_1.abstractmethod
+    def SaveAudience(
+        self,
+        request: _audience_service_pb2.SaveAudienceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audience_service_pb2.SaveAudienceResponse, _abc.Awaitable[_audience_service_pb2.SaveAudienceResponse]]:
+        """Saves a working set's members as a snapshot audience: creates it, or overwrites (never
+        appends to) the audience of that id.
+        Errors: INVALID_ARGUMENT (bad id or name), NOT_FOUND (unknown or purged working set).
+        """
+
+    @_abc_1.abstractmethod
+    def GetAudience(
+        self,
+        request: _audience_service_pb2.GetAudienceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audience_service_pb2.GetAudienceResponse, _abc.Awaitable[_audience_service_pb2.GetAudienceResponse]]:
+        """Returns one saved audience.
+        Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAudiences(
+        self,
+        request: _audience_service_pb2.ListAudiencesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audience_service_pb2.ListAudiencesResponse, _abc.Awaitable[_audience_service_pb2.ListAudiencesResponse]]:
+        """Lists saved audiences in name order, one page at a time.
+        Errors: INVALID_ARGUMENT (bad page size or token).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteAudience(
+        self,
+        request: _audience_service_pb2.DeleteAudienceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audience_service_pb2.DeleteAudienceResponse, _abc.Awaitable[_audience_service_pb2.DeleteAudienceResponse]]:
+        """Deletes a saved audience (and a snapshot's members).
+        Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
@@ -186,6 +372,53 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Builds the working set of one run's activity from a query, in one INSERT ... SELECT statement.
         Idempotent: when the run and activity already have a working set, that one is returned.
         Errors: INVALID_ARGUMENT, NOT_FOUND (unknown dimension).
+        """
+
+    @_abc_1.abstractmethod
+    def CombineWorkingSets(
+        self,
+        request: _audience_service_pb2.CombineWorkingSetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audience_service_pb2.CombineWorkingSetsResponse, _abc.Awaitable[_audience_service_pb2.CombineWorkingSetsResponse]]:
+        """Builds the working set of one run's activity by combining working sets of one dimension
+        (union, intersection, or exclusion from the primary set). Idempotent like BuildWorkingSet.
+        Errors: INVALID_ARGUMENT (no other set, unset operation, DIMENSION_MISMATCH), NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ChangeDimension(
+        self,
+        request: _audience_service_pb2.ChangeDimensionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audience_service_pb2.ChangeDimensionResponse, _abc.Awaitable[_audience_service_pb2.ChangeDimensionResponse]]:
+        """Builds the working set of one run's activity by following a link from each record of a working
+        set (change of dimension); source records that reach no record are counted as unmatched.
+        Idempotent like BuildWorkingSet.
+        Errors: INVALID_ARGUMENT (UNKNOWN_LINK), NOT_FOUND (unknown working set).
+        """
+
+    @_abc_1.abstractmethod
+    def SplitWorkingSet(
+        self,
+        request: _audience_service_pb2.SplitWorkingSetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audience_service_pb2.SplitWorkingSetResponse, _abc.Awaitable[_audience_service_pb2.SplitWorkingSetResponse]]:
+        """Splits a working set into ordered subsets, each its own working set (idempotent per activity),
+        and optionally a complement of the records no subset took.
+        Errors: INVALID_ARGUMENT (bad subset filter, limit, sort attribute or activity), NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def DeduplicateWorkingSet(
+        self,
+        request: _audience_service_pb2.DeduplicateWorkingSetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audience_service_pb2.DeduplicateWorkingSetResponse, _abc.Awaitable[_audience_service_pb2.DeduplicateWorkingSetResponse]]:
+        """Keeps at most N records of a working set per combination of field values (deduplication),
+        choosing which by a method; optionally also a working set of the removed records.
+        Idempotent per activity like BuildWorkingSet.
+        Errors: INVALID_ARGUMENT (unknown field or attribute, bad keep, method or priority value),
+        NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
@@ -204,8 +437,9 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _audience_service_pb2.StreamWorkingSetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_audience_service_pb2.StreamWorkingSetResponse], _abc.AsyncIterator[_audience_service_pb2.StreamWorkingSetResponse]]:
-        """Streams the rows of a working set after a position, in batches, with the requested attributes.
-        Errors: INVALID_ARGUMENT (unknown attribute, bad batch size), NOT_FOUND.
+        """Streams the rows of a working set after a position, in batches, with the requested attributes,
+        many-to-one paths and aggregates of linked records (enrichment).
+        Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment, bad batch size), NOT_FOUND.
         """
 
 def add_AudienceServiceServicer_to_server(servicer: AudienceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,19 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!carillon/audience/v1/entity.proto\x12\x14\x63\x61rillon.audience.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"s\n\tAttribute\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\x04type\x18\x02 \x01(\x0e\x32#.carillon.audience.v1.AttributeType\x12\x10\n\x08nullable\x18\x03 \x01(\x08\x12\x13\n\x0b\x65num_values\x18\x04 \x03(\t\"7\n\x0fIdentityBinding\x12\x11\n\tattribute\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\"\xac\x02\n\x06\x45ntity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x33\n\nattributes\x18\x03 \x03(\x0b\x32\x1f.carillon.audience.v1.Attribute\x12\x13\n\x0bprimary_key\x18\x04 \x03(\t\x12\x19\n\x11version_attribute\x18\x05 \x01(\t\x12\x37\n\x08identity\x18\x06 \x01(\x0b\x32%.carillon.audience.v1.IdentityBinding\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xee\x01\n\rAttributeType\x12\x1e\n\x1a\x41TTRIBUTE_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41TTRIBUTE_TYPE_STRING\x10\x01\x12\x1a\n\x16\x41TTRIBUTE_TYPE_INTEGER\x10\x02\x12\x1a\n\x16\x41TTRIBUTE_TYPE_DECIMAL\x10\x03\x12\x1a\n\x16\x41TTRIBUTE_TYPE_BOOLEAN\x10\x04\x12\x17\n\x13\x41TTRIBUTE_TYPE_DATE\x10\x05\x12\x1c\n\x18\x41TTRIBUTE_TYPE_TIMESTAMP\x10\x06\x12\x17\n\x13\x41TTRIBUTE_TYPE_ENUM\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!carillon/audience/v1/entity.proto\x12\x14\x63\x61rillon.audience.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"s\n\tAttribute\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\x04type\x18\x02 \x01(\x0e\x32#.carillon.audience.v1.AttributeType\x12\x10\n\x08nullable\x18\x03 \x01(\x08\x12\x13\n\x0b\x65num_values\x18\x04 \x03(\t\"7\n\x0fIdentityBinding\x12\x11\n\tattribute\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\"=\n\x0eJoinAttributes\x12\x11\n\tattribute\x18\x01 \x01(\t\x12\x18\n\x10target_attribute\x18\x02 \x01(\t\"\x94\x01\n\x04Link\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12:\n\x0b\x63\x61rdinality\x18\x03 \x01(\x0e\x32%.carillon.audience.v1.LinkCardinality\x12\x32\n\x04join\x18\x04 \x03(\x0b\x32$.carillon.audience.v1.JoinAttributes\"\xd7\x02\n\x06\x45ntity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x33\n\nattributes\x18\x03 \x03(\x0b\x32\x1f.carillon.audience.v1.Attribute\x12\x13\n\x0bprimary_key\x18\x04 \x03(\t\x12\x19\n\x11version_attribute\x18\x05 \x01(\t\x12\x37\n\x08identity\x18\x06 \x01(\x0b\x32%.carillon.audience.v1.IdentityBinding\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05links\x18\t \x03(\x0b\x32\x1a.carillon.audience.v1.Link*\xee\x01\n\rAttributeType\x12\x1e\n\x1a\x41TTRIBUTE_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41TTRIBUTE_TYPE_STRING\x10\x01\x12\x1a\n\x16\x41TTRIBUTE_TYPE_INTEGER\x10\x02\x12\x1a\n\x16\x41TTRIBUTE_TYPE_DECIMAL\x10\x03\x12\x1a\n\x16\x41TTRIBUTE_TYPE_BOOLEAN\x10\x04\x12\x17\n\x13\x41TTRIBUTE_TYPE_DATE\x10\x05\x12\x1c\n\x18\x41TTRIBUTE_TYPE_TIMESTAMP\x10\x06\x12\x17\n\x13\x41TTRIBUTE_TYPE_ENUM\x10\x07*w\n\x0fLinkCardinality\x12 \n\x1cLINK_CARDINALITY_UNSPECIFIED\x10\x00\x12 \n\x1cLINK_CARDINALITY_MANY_TO_ONE\x10\x01\x12 \n\x1cLINK_CARDINALITY_ONE_TO_MANY\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'carillon.audience.v1.entity_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ATTRIBUTETYPE']._serialized_start=570
-  _globals['_ATTRIBUTETYPE']._serialized_end=808
+  _globals['_ATTRIBUTETYPE']._serialized_start=827
+  _globals['_ATTRIBUTETYPE']._serialized_end=1065
+  _globals['_LINKCARDINALITY']._serialized_start=1067
+  _globals['_LINKCARDINALITY']._serialized_end=1186
   _globals['_ATTRIBUTE']._serialized_start=92
   _globals['_ATTRIBUTE']._serialized_end=207
   _globals['_IDENTITYBINDING']._serialized_start=209
   _globals['_IDENTITYBINDING']._serialized_end=264
-  _globals['_ENTITY']._serialized_start=267
-  _globals['_ENTITY']._serialized_end=567
+  _globals['_JOINATTRIBUTES']._serialized_start=266
+  _globals['_JOINATTRIBUTES']._serialized_end=327
+  _globals['_LINK']._serialized_start=330
+  _globals['_LINK']._serialized_end=478
+  _globals['_ENTITY']._serialized_start=481
+  _globals['_ENTITY']._serialized_end=824
 # @@protoc_insertion_point(module_scope)

@@ -64,6 +64,38 @@ ATTRIBUTE_TYPE_ENUM: AttributeType.ValueType  # 7
 """One of a fixed list of strings, given in `enum_values`."""
 Global___AttributeType: _TypeAlias = AttributeType  # noqa: Y015
 
+class _LinkCardinality:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LinkCardinalityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LinkCardinality.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LINK_CARDINALITY_UNSPECIFIED: _LinkCardinality.ValueType  # 0
+    """The cardinality was not set; never valid in a request."""
+    LINK_CARDINALITY_MANY_TO_ONE: _LinkCardinality.ValueType  # 1
+    """Many-to-one (N-1): at most one target record, joined on the target's whole primary key. Its
+    attributes are reachable in conditions by dot path, for example `hotel.city`.
+    """
+    LINK_CARDINALITY_ONE_TO_MANY: _LinkCardinality.ValueType  # 2
+    """One-to-many (1-N): any number of target records, tested with link conditions (exists, count or
+    an aggregate, with a nested filter).
+    """
+
+class LinkCardinality(_LinkCardinality, metaclass=_LinkCardinalityEnumTypeWrapper):
+    """How many records of the target entity a link reaches from one record."""
+
+LINK_CARDINALITY_UNSPECIFIED: LinkCardinality.ValueType  # 0
+"""The cardinality was not set; never valid in a request."""
+LINK_CARDINALITY_MANY_TO_ONE: LinkCardinality.ValueType  # 1
+"""Many-to-one (N-1): at most one target record, joined on the target's whole primary key. Its
+attributes are reachable in conditions by dot path, for example `hotel.city`.
+"""
+LINK_CARDINALITY_ONE_TO_MANY: LinkCardinality.ValueType  # 2
+"""One-to-many (1-N): any number of target records, tested with link conditions (exists, count or
+an aggregate, with a nested filter).
+"""
+Global___LinkCardinality: _TypeAlias = LinkCardinality  # noqa: Y015
+
 @_typing.final
 class Attribute(_message.Message):
     """One typed column of an entity."""
@@ -127,6 +159,70 @@ class IdentityBinding(_message.Message):
 Global___IdentityBinding: _TypeAlias = IdentityBinding  # noqa: Y015
 
 @_typing.final
+class JoinAttributes(_message.Message):
+    """One pair of joined attributes of a link: records match when the two values are equal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    TARGET_ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    attribute: _builtins.str
+    """The attribute of the entity that declares the link."""
+    target_attribute: _builtins.str
+    """The attribute of the target entity, of a compatible type (string and enum are compatible)."""
+    def __init__(
+        self,
+        *,
+        attribute: _builtins.str = ...,
+        target_attribute: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "target_attribute", b"target_attribute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinAttributes: _TypeAlias = JoinAttributes  # noqa: Y015
+
+@_typing.final
+class Link(_message.Message):
+    """A named link from an entity to another entity (or to itself)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    CARDINALITY_FIELD_NUMBER: _builtins.int
+    JOIN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The link's name, unique among the entity's links and attributes; the first segment of a dot path."""
+    target: _builtins.str
+    """The target entity, `entities/{entity}`; it must exist in the same sandbox (or be this entity)."""
+    cardinality: Global___LinkCardinality.ValueType
+    """Many-to-one or one-to-many."""
+    @_builtins.property
+    def join(self) -> _containers.RepeatedCompositeFieldContainer[Global___JoinAttributes]:
+        """The joined attribute pairs (at least one). An index on the joined attributes of the "many"
+        side is created with the link.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        target: _builtins.str = ...,
+        cardinality: Global___LinkCardinality.ValueType = ...,
+        join: _abc.Iterable[Global___JoinAttributes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cardinality", b"cardinality", "join", b"join", "name", b"name", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Link: _TypeAlias = Link  # noqa: Y015
+
+@_typing.final
 class Entity(_message.Message):
     """A user-defined entity: a real table in the relational store, with typed attributes."""
 
@@ -140,6 +236,7 @@ class Entity(_message.Message):
     IDENTITY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `entities/{entity}`."""
     display_name: _builtins.str
@@ -166,6 +263,10 @@ class Entity(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the entity's schema last changed."""
 
+    @_builtins.property
+    def links(self) -> _containers.RepeatedCompositeFieldContainer[Global___Link]:
+        """The entity's links to other entities."""
+
     def __init__(
         self,
         *,
@@ -177,10 +278,11 @@ class Entity(_message.Message):
         identity: Global___IdentityBinding | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        links: _abc.Iterable[Global___Link] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "identity", b"identity", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "create_time", b"create_time", "display_name", b"display_name", "identity", b"identity", "name", b"name", "primary_key", b"primary_key", "update_time", b"update_time", "version_attribute", b"version_attribute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "create_time", b"create_time", "display_name", b"display_name", "identity", b"identity", "links", b"links", "name", b"name", "primary_key", b"primary_key", "update_time", b"update_time", "version_attribute", b"version_attribute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,21 +25,27 @@ _sym_db = _symbol_database.Default()
 from carillon.type.v1 import value_pb2 as carillon_dot_type_dot_v1_dot_value__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n carillon/audience/v1/query.proto\x12\x14\x63\x61rillon.audience.v1\x1a\x1c\x63\x61rillon/type/v1/value.proto\"y\n\tCondition\x12\x11\n\tattribute\x18\x01 \x01(\t\x12\x30\n\x08operator\x18\x02 \x01(\x0e\x32\x1e.carillon.audience.v1.Operator\x12\'\n\x06values\x18\x03 \x03(\x0b\x32\x17.carillon.type.v1.Value\";\n\nFilterList\x12-\n\x07\x66ilters\x18\x01 \x03(\x0b\x32\x1c.carillon.audience.v1.Filter\"\xd8\x01\n\x06\x46ilter\x12\x34\n\tcondition\x18\x01 \x01(\x0b\x32\x1f.carillon.audience.v1.ConditionH\x00\x12/\n\x03\x61ll\x18\x02 \x01(\x0b\x32 .carillon.audience.v1.FilterListH\x00\x12/\n\x03\x61ny\x18\x03 \x01(\x0b\x32 .carillon.audience.v1.FilterListH\x00\x12.\n\x06negate\x18\x04 \x01(\x0b\x32\x1c.carillon.audience.v1.FilterH\x00\x42\x06\n\x04kind\"P\n\rAudienceQuery\x12\x11\n\tdimension\x18\x01 \x01(\t\x12,\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1c.carillon.audience.v1.Filter*\xe4\x02\n\x08Operator\x12\x18\n\x14OPERATOR_UNSPECIFIED\x10\x00\x12\x12\n\x0eOPERATOR_EQUAL\x10\x01\x12\x16\n\x12OPERATOR_NOT_EQUAL\x10\x02\x12\x11\n\rOPERATOR_LESS\x10\x03\x12\x1a\n\x16OPERATOR_LESS_OR_EQUAL\x10\x04\x12\x14\n\x10OPERATOR_GREATER\x10\x05\x12\x1d\n\x19OPERATOR_GREATER_OR_EQUAL\x10\x06\x12\x0f\n\x0bOPERATOR_IN\x10\x07\x12\x13\n\x0fOPERATOR_NOT_IN\x10\x08\x12\x14\n\x10OPERATOR_IS_NULL\x10\t\x12\x18\n\x14OPERATOR_IS_NOT_NULL\x10\n\x12\x11\n\rOPERATOR_LIKE\x10\x0b\x12\x18\n\x14OPERATOR_STARTS_WITH\x10\x0c\x12\x15\n\x11OPERATOR_CONTAINS\x10\r\x12\x14\n\x10OPERATOR_BETWEEN\x10\x0e\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n carillon/audience/v1/query.proto\x12\x14\x63\x61rillon.audience.v1\x1a\x1c\x63\x61rillon/type/v1/value.proto\"\x8c\x01\n\tCondition\x12\x11\n\tattribute\x18\x01 \x01(\t\x12\x30\n\x08operator\x18\x02 \x01(\x0e\x32\x1e.carillon.audience.v1.Operator\x12\'\n\x06values\x18\x03 \x03(\x0b\x32\x17.carillon.type.v1.Value\x12\x11\n\tparameter\x18\x04 \x01(\t\"\x80\x02\n\rLinkCondition\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x32\n\x07measure\x18\x02 \x01(\x0e\x32!.carillon.audience.v1.LinkMeasure\x12\x11\n\tattribute\x18\x03 \x01(\t\x12\x30\n\x08operator\x18\x04 \x01(\x0e\x32\x1e.carillon.audience.v1.Operator\x12\'\n\x06values\x18\x05 \x03(\x0b\x32\x17.carillon.type.v1.Value\x12\x11\n\tparameter\x18\x06 \x01(\t\x12,\n\x06\x66ilter\x18\x07 \x01(\x0b\x32\x1c.carillon.audience.v1.Filter\";\n\nFilterList\x12-\n\x07\x66ilters\x18\x01 \x03(\x0b\x32\x1c.carillon.audience.v1.Filter\"\x8d\x02\n\x06\x46ilter\x12\x34\n\tcondition\x18\x01 \x01(\x0b\x32\x1f.carillon.audience.v1.ConditionH\x00\x12/\n\x03\x61ll\x18\x02 \x01(\x0b\x32 .carillon.audience.v1.FilterListH\x00\x12/\n\x03\x61ny\x18\x03 \x01(\x0b\x32 .carillon.audience.v1.FilterListH\x00\x12.\n\x06negate\x18\x04 \x01(\x0b\x32\x1c.carillon.audience.v1.FilterH\x00\x12\x33\n\x04link\x18\x05 \x01(\x0b\x32#.carillon.audience.v1.LinkConditionH\x00\x42\x06\n\x04kind\"9\n\x0eParameterValue\x12\'\n\x06values\x18\x01 \x03(\x0b\x32\x17.carillon.type.v1.Value\"P\n\rAudienceQuery\x12\x11\n\tdimension\x18\x01 \x01(\t\x12,\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1c.carillon.audience.v1.Filter*\xa2\x03\n\x08Operator\x12\x18\n\x14OPERATOR_UNSPECIFIED\x10\x00\x12\x12\n\x0eOPERATOR_EQUAL\x10\x01\x12\x16\n\x12OPERATOR_NOT_EQUAL\x10\x02\x12\x11\n\rOPERATOR_LESS\x10\x03\x12\x1a\n\x16OPERATOR_LESS_OR_EQUAL\x10\x04\x12\x14\n\x10OPERATOR_GREATER\x10\x05\x12\x1d\n\x19OPERATOR_GREATER_OR_EQUAL\x10\x06\x12\x0f\n\x0bOPERATOR_IN\x10\x07\x12\x13\n\x0fOPERATOR_NOT_IN\x10\x08\x12\x14\n\x10OPERATOR_IS_NULL\x10\t\x12\x18\n\x14OPERATOR_IS_NOT_NULL\x10\n\x12\x11\n\rOPERATOR_LIKE\x10\x0b\x12\x18\n\x14OPERATOR_STARTS_WITH\x10\x0c\x12\x15\n\x11OPERATOR_CONTAINS\x10\r\x12\x14\n\x10OPERATOR_BETWEEN\x10\x0e\x12\x1d\n\x19OPERATOR_WITHIN_LAST_DAYS\x10\x0f\x12\x1d\n\x19OPERATOR_WITHIN_NEXT_DAYS\x10\x10*\xd1\x01\n\x0bLinkMeasure\x12\x1c\n\x18LINK_MEASURE_UNSPECIFIED\x10\x00\x12\x17\n\x13LINK_MEASURE_EXISTS\x10\x01\x12\x1b\n\x17LINK_MEASURE_NOT_EXISTS\x10\x02\x12\x16\n\x12LINK_MEASURE_COUNT\x10\x03\x12\x14\n\x10LINK_MEASURE_SUM\x10\x04\x12\x14\n\x10LINK_MEASURE_AVG\x10\x05\x12\x14\n\x10LINK_MEASURE_MIN\x10\x06\x12\x14\n\x10LINK_MEASURE_MAX\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'carillon.audience.v1.query_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPERATOR']._serialized_start=574
-  _globals['_OPERATOR']._serialized_end=930
-  _globals['_CONDITION']._serialized_start=88
-  _globals['_CONDITION']._serialized_end=209
-  _globals['_FILTERLIST']._serialized_start=211
-  _globals['_FILTERLIST']._serialized_end=270
-  _globals['_FILTER']._serialized_start=273
-  _globals['_FILTER']._serialized_end=489
-  _globals['_AUDIENCEQUERY']._serialized_start=491
-  _globals['_AUDIENCEQUERY']._serialized_end=571
+  _globals['_OPERATOR']._serialized_start=965
+  _globals['_OPERATOR']._serialized_end=1383
+  _globals['_LINKMEASURE']._serialized_start=1386
+  _globals['_LINKMEASURE']._serialized_end=1595
+  _globals['_CONDITION']._serialized_start=89
+  _globals['_CONDITION']._serialized_end=229
+  _globals['_LINKCONDITION']._serialized_start=232
+  _globals['_LINKCONDITION']._serialized_end=488
+  _globals['_FILTERLIST']._serialized_start=490
+  _globals['_FILTERLIST']._serialized_end=549
+  _globals['_FILTER']._serialized_start=552
+  _globals['_FILTER']._serialized_end=821
+  _globals['_PARAMETERVALUE']._serialized_start=823
+  _globals['_PARAMETERVALUE']._serialized_end=880
+  _globals['_AUDIENCEQUERY']._serialized_start=882
+  _globals['_AUDIENCEQUERY']._serialized_end=962
 # @@protoc_insertion_point(module_scope)

@@ -56,6 +56,14 @@ class _OperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operator.Val
     """The string attribute contains the single value (wildcards in it match literally)."""
     OPERATOR_BETWEEN: _Operator.ValueType  # 14
     """Between the two values, both included."""
+    OPERATOR_WITHIN_LAST_DAYS: _Operator.ValueType  # 15
+    """A date or timestamp within the last N days of the reference time, both ends included; the
+    single value is the integer N.
+    """
+    OPERATOR_WITHIN_NEXT_DAYS: _Operator.ValueType  # 16
+    """A date or timestamp within the next N days of the reference time, both ends included; the
+    single value is the integer N.
+    """
 
 class Operator(_Operator, metaclass=_OperatorEnumTypeWrapper):
     """A comparison operator of a condition."""
@@ -90,21 +98,85 @@ OPERATOR_CONTAINS: Operator.ValueType  # 13
 """The string attribute contains the single value (wildcards in it match literally)."""
 OPERATOR_BETWEEN: Operator.ValueType  # 14
 """Between the two values, both included."""
+OPERATOR_WITHIN_LAST_DAYS: Operator.ValueType  # 15
+"""A date or timestamp within the last N days of the reference time, both ends included; the
+single value is the integer N.
+"""
+OPERATOR_WITHIN_NEXT_DAYS: Operator.ValueType  # 16
+"""A date or timestamp within the next N days of the reference time, both ends included; the
+single value is the integer N.
+"""
 Global___Operator: _TypeAlias = Operator  # noqa: Y015
+
+class _LinkMeasure:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LinkMeasureEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LinkMeasure.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LINK_MEASURE_UNSPECIFIED: _LinkMeasure.ValueType  # 0
+    """The measure was not set; never valid in a request."""
+    LINK_MEASURE_EXISTS: _LinkMeasure.ValueType  # 1
+    """At least one linked record matches; takes no operator and no values."""
+    LINK_MEASURE_NOT_EXISTS: _LinkMeasure.ValueType  # 2
+    """No linked record matches; takes no operator and no values."""
+    LINK_MEASURE_COUNT: _LinkMeasure.ValueType  # 3
+    """The number of matching linked records, compared to integer values."""
+    LINK_MEASURE_SUM: _LinkMeasure.ValueType  # 4
+    """The sum of an integer or decimal attribute; no matching record gives an empty sum, which
+    matches no comparison.
+    """
+    LINK_MEASURE_AVG: _LinkMeasure.ValueType  # 5
+    """The average of an integer or decimal attribute, compared to decimal values."""
+    LINK_MEASURE_MIN: _LinkMeasure.ValueType  # 6
+    """The smallest value of an integer, decimal, date or timestamp attribute."""
+    LINK_MEASURE_MAX: _LinkMeasure.ValueType  # 7
+    """The largest value of an integer, decimal, date or timestamp attribute."""
+
+class LinkMeasure(_LinkMeasure, metaclass=_LinkMeasureEnumTypeWrapper):
+    """What a link condition measures over the linked records that match its filter."""
+
+LINK_MEASURE_UNSPECIFIED: LinkMeasure.ValueType  # 0
+"""The measure was not set; never valid in a request."""
+LINK_MEASURE_EXISTS: LinkMeasure.ValueType  # 1
+"""At least one linked record matches; takes no operator and no values."""
+LINK_MEASURE_NOT_EXISTS: LinkMeasure.ValueType  # 2
+"""No linked record matches; takes no operator and no values."""
+LINK_MEASURE_COUNT: LinkMeasure.ValueType  # 3
+"""The number of matching linked records, compared to integer values."""
+LINK_MEASURE_SUM: LinkMeasure.ValueType  # 4
+"""The sum of an integer or decimal attribute; no matching record gives an empty sum, which
+matches no comparison.
+"""
+LINK_MEASURE_AVG: LinkMeasure.ValueType  # 5
+"""The average of an integer or decimal attribute, compared to decimal values."""
+LINK_MEASURE_MIN: LinkMeasure.ValueType  # 6
+"""The smallest value of an integer, decimal, date or timestamp attribute."""
+LINK_MEASURE_MAX: LinkMeasure.ValueType  # 7
+"""The largest value of an integer, decimal, date or timestamp attribute."""
+Global___LinkMeasure: _TypeAlias = LinkMeasure  # noqa: Y015
 
 @_typing.final
 class Condition(_message.Message):
-    """A condition on one attribute of the query's dimension."""
+    """A condition on one attribute of the query's dimension, or of an entity linked to it."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ATTRIBUTE_FIELD_NUMBER: _builtins.int
     OPERATOR_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
+    PARAMETER_FIELD_NUMBER: _builtins.int
     attribute: _builtins.str
-    """The attribute name."""
+    """The attribute name, or a dot path through many-to-one links to an attribute of a linked entity
+    (for example `hotel.city` or `hotel.chain.name`). A record without a linked record matches no
+    condition on its attributes except OPERATOR_IS_NULL.
+    """
     operator: Global___Operator.ValueType
     """The comparison."""
+    parameter: _builtins.str
+    """When set, the operands are the values bound to this named parameter at execution (and
+    `values` must be empty).
+    """
     @_builtins.property
     def values(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Value]:
         """The operands; how many depends on the operator. Each must be of the attribute's type."""
@@ -115,14 +187,67 @@ class Condition(_message.Message):
         attribute: _builtins.str = ...,
         operator: Global___Operator.ValueType = ...,
         values: _abc.Iterable[_value_pb2.Value] | None = ...,
+        parameter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "operator", b"operator", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "operator", b"operator", "parameter", b"parameter", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Condition: _TypeAlias = Condition  # noqa: Y015
+
+@_typing.final
+class LinkCondition(_message.Message):
+    """A condition on the records reached through a link (typically one-to-many), compiled to a
+    correlated subquery.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINK_FIELD_NUMBER: _builtins.int
+    MEASURE_FIELD_NUMBER: _builtins.int
+    ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    PARAMETER_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    link: _builtins.str
+    """The link's name, optionally after a dot path of many-to-one links (`customer.bookings`)."""
+    measure: Global___LinkMeasure.ValueType
+    """What is measured over the linked records that match `filter`."""
+    attribute: _builtins.str
+    """The linked entity's attribute that SUM, AVG, MIN and MAX aggregate; empty otherwise."""
+    operator: Global___Operator.ValueType
+    """How a count or aggregate is compared to the values (EQUAL to BETWEEN, IN, NOT_IN)."""
+    parameter: _builtins.str
+    """When set, the values are those bound to this named parameter at execution."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Value]:
+        """The values a count or aggregate is compared to."""
+
+    @_builtins.property
+    def filter(self) -> Global___Filter:
+        """Only linked records matching this filter (over the linked entity) count; unset: all of them."""
+
+    def __init__(
+        self,
+        *,
+        link: _builtins.str = ...,
+        measure: Global___LinkMeasure.ValueType = ...,
+        attribute: _builtins.str = ...,
+        operator: Global___Operator.ValueType = ...,
+        values: _abc.Iterable[_value_pb2.Value] | None = ...,
+        parameter: _builtins.str = ...,
+        filter: Global___Filter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "filter", b"filter", "link", b"link", "measure", b"measure", "operator", b"operator", "parameter", b"parameter", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkCondition: _TypeAlias = LinkCondition  # noqa: Y015
 
 @_typing.final
 class FilterList(_message.Message):
@@ -158,6 +283,7 @@ class Filter(_message.Message):
     ALL_FIELD_NUMBER: _builtins.int
     ANY_FIELD_NUMBER: _builtins.int
     NEGATE_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def condition(self) -> Global___Condition:
         """A leaf condition."""
@@ -174,6 +300,10 @@ class Filter(_message.Message):
     def negate(self) -> Global___Filter:
         """The filter must not match (NOT)."""
 
+    @_builtins.property
+    def link(self) -> Global___LinkCondition:
+        """A condition on linked records (exists, not exists, count or aggregate)."""
+
     def __init__(
         self,
         *,
@@ -181,16 +311,41 @@ class Filter(_message.Message):
         all: Global___FilterList | None = ...,
         any: Global___FilterList | None = ...,
         negate: Global___Filter | None = ...,
+        link: Global___LinkCondition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "condition", b"condition", "kind", b"kind", "negate", b"negate"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "condition", b"condition", "kind", b"kind", "link", b"link", "negate", b"negate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "condition", b"condition", "kind", b"kind", "negate", b"negate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "condition", b"condition", "kind", b"kind", "link", b"link", "negate", b"negate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["condition", "all", "any", "negate"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["condition", "all", "any", "negate", "link"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Filter: _TypeAlias = Filter  # noqa: Y015
+
+@_typing.final
+class ParameterValue(_message.Message):
+    """The values bound to one named parameter (a campaign variable) at execution."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Value]:
+        """The values; a single-valued operator takes exactly one, IN takes one or more."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_value_pb2.Value] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParameterValue: _TypeAlias = ParameterValue  # noqa: Y015
 
 @_typing.final
 class AudienceQuery(_message.Message):

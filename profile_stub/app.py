@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
 
 from carillon.profile.v1 import profile_service_pb2, profile_service_pb2_grpc
@@ -22,7 +24,12 @@ async def build_server(settings: ProfileSettings) -> GrpcServer:
         settings.resolved_database_url(), schema=settings.resolved_schema(), threads=settings.db_threads
     )
     database.migrate(MIGRATIONS)
-    store = ProfileStore(database, unknown_consent_allowed=settings.unknown_consent_allowed)
+    store = ProfileStore(
+        database,
+        unknown_consent_allowed=settings.unknown_consent_allowed,
+        soft_bounce_limit=settings.soft_bounce_limit,
+        reservation_ttl=timedelta(seconds=settings.reservation_ttl_s),
+    )
     servicer = ProfileServicer(store, settings.max_eligibility_batch)
 
     def register(server: grpc.aio.Server) -> list[str]:

@@ -7,22 +7,75 @@ Channels are the lower-case names ``email``, ``sms``, ``push`` and ``direct_mail
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, timedelta
+from decimal import Decimal
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from carillon_chassis.database import Database, as_utc, utcnow
-from carillon_chassis.errors import FieldViolation, InvalidArgument, NotFound
-from carillon_chassis.names import validate_id
-from profile_stub.tables import CommunicationRow, ConsentRow, IdentityRow, ProfileRow
+from carillon_chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
+from carillon_chassis.names import new_id, validate_id
+from profile_stub import quarantine
+from profile_stub.capping import MAX_MESSAGES_LIMIT, PERIODS, TIME_BASES, CappingRule, period_start
+from profile_stub.quarantine import EVENT_KINDS, OPT_OUT_KINDS, DeliveryEvent, Quarantine
+from profile_stub.tables import (
+    CappingRuleRow,
+    CommunicationRow,
+    ConsentRow,
+    DeliveryEventRow,
+    IdentityRow,
+    ProfileAttributeRow,
+    ProfileCounterRow,
+    ProfileRow,
+    PurposeConsentRow,
+    QuarantineRow,
+    ReservationRow,
+)
 
 CHANNELS = ("email", "sms", "push", "direct_mail")
 CONSENT_STATES = ("opted_in", "opted_out", "unknown")
 # The identity namespace that holds a profile's address on each channel.
 ADDRESS_NAMESPACE = {"email": "email", "sms": "phone", "push": "push_token", "direct_mail": "postal_address"}
 _CHUNK = 500
+# Names of custom attributes; the country is stored as the attribute "@country".
+ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_COUNTRY = "@country"
+Scalar = None | str | int | Decimal | bool | date | datetime
+
+
+def encode_scalar(value: Scalar) -> str:
+    """Tagged JSON of a scalar, so that its type survives the round trip."""
+    if value is None:
+        return json.dumps(["null", None])
+    if isinstance(value, bool):
+        return json.dumps(["bool", value])
+    if isinstance(value, int):
+        return json.dumps(["int", value])
+    if isinstance(value, Decimal):
+        return json.dumps(["decimal", format(value, "f")])
+    if isinstance(value, datetime):
+        return json.dumps(["timestamp", value.isoformat()])
+    if isinstance(value, date):
+        return json.dumps(["date", value.isoformat()])
+    return json.dumps(["string", str(value)])
+
+
+def decode_scalar(text: str) -> Scalar:
+    """The scalar of tagged JSON written by ``encode_scalar``."""
+    kind, raw = json.loads(text)
+    if kind == "decimal":
+        return Decimal(raw)
+    if kind == "timestamp":
+        return datetime.fromisoformat(raw)
+    if kind == "date":
+        return date.fromisoformat(raw)
+    result: Scalar = raw
+    return result
 
 
 @dataclass
@@ -33,6 +86,7 @@ class Consent:
     state: str
     source: str = ""
     update_time: datetime | None = None
+    purpose: str = "marketing"
 
 
 @dataclass
@@ -46,6 +100,8 @@ class Profile:
     locale: str = ""
     time_zone: str = ""
     consents: list[Consent] = field(default_factory=list)
+    country: str = ""
+    attributes: dict[str, Scalar] = field(default_factory=dict)
     create_time: datetime | None = None
     update_time: datetime | None = None
 
@@ -54,19 +110,28 @@ class Profile:
         namespace = ADDRESS_NAMESPACE[channel]
         return next((value for ns, value in self.identities if ns == namespace and value), None)
 
-    def consent(self, channel: str) -> str:
-        """The consent state on ``channel`` (``unknown`` when none is recorded)."""
-        return next((c.state for c in self.consents if c.channel == channel), "unknown")
+    def addresses(self, channel: str) -> list[str]:
+        """Every address of the profile on ``channel`` (several push tokens, for example)."""
+        namespace = ADDRESS_NAMESPACE[channel]
+        return [value for ns, value in self.identities if ns == namespace and value]
+
+    def consent(self, channel: str, purpose: str = "marketing") -> str:
+        """The consent state on ``channel`` for ``purpose`` (``unknown`` when none is recorded)."""
+        return next((c.state for c in self.consents if c.channel == channel and c.purpose == purpose), "unknown")
 
 
 @dataclass
 class Eligibility:
-    """The verdict for one identity: ``allowed``, ``no_consent``, ``missing_address`` or ``unknown_profile``."""
+    """The verdict for one identity: ``allowed``, ``no_consent``, ``quarantined``, ``capped``,
+    ``missing_address`` or ``unknown_profile``; ``reserved`` when an allowed send was reserved."""
 
     identity: tuple[str, str]
     verdict: str
     profile: Profile | None = None
     address: str = ""
+    reserved: bool = False
+    # When allowed: every usable (not quarantined) address on the channel; ``address`` is the first.
+    addresses: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -91,9 +156,20 @@ def _chunks(items: Sequence[object], size: int = _CHUNK) -> Iterable[Sequence[ob
 class ProfileStore:
     """The profile store of one database."""
 
-    def __init__(self, database: Database, *, unknown_consent_allowed: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        database: Database,
+        *,
+        unknown_consent_allowed: Iterable[str] = (),
+        soft_bounce_limit: int = 5,
+        reservation_ttl: timedelta = timedelta(hours=1),
+    ) -> None:
+        if not 1 <= soft_bounce_limit <= 20:
+            raise ValueError("soft_bounce_limit must be between 1 and 20")
         self.database = database
         self.unknown_consent_allowed = set(unknown_consent_allowed)
+        self.soft_bounce_limit = soft_bounce_limit
+        self.reservation_ttl = reservation_ttl
 
     # -- writes -------------------------------------------------------------------------------
     def upsert_profiles(self, sandbox: str, profiles: Sequence[Profile]) -> tuple[int, int]:
@@ -115,10 +191,21 @@ class ProfileStore:
             self._check_identity_owners(conn, sandbox, profiles)
             profiles_t = ProfileRow.__table__  # type: ignore[attr-defined]
             identities_t = IdentityRow.__table__  # type: ignore[attr-defined]
+            attributes_t = ProfileAttributeRow.__table__  # type: ignore[attr-defined]
             for chunk in _chunks(ids):
                 conn.execute(
                     identities_t.delete().where(identities_t.c.sandbox == sandbox, identities_t.c.profile_id.in_(chunk))
                 )
+                conn.execute(
+                    attributes_t.delete().where(attributes_t.c.sandbox == sandbox, attributes_t.c.profile_id.in_(chunk))
+                )
+            attribute_rows = [
+                {"sandbox": sandbox, "profile_id": p.profile_id, "name": name, "value": encode_scalar(value)}
+                for p in profiles
+                for name, value in _stored_attributes(p).items()
+            ]
+            if attribute_rows:
+                conn.execute(attributes_t.insert(), attribute_rows)
             new_rows, changed_rows, identity_rows, consent_rows = [], [], [], []
             for p in profiles:
                 row = {
@@ -146,6 +233,7 @@ class ProfileStore:
                         "state": c.state,
                         "source": c.source,
                         "update_time": now,
+                        "purpose": c.purpose or "marketing",
                     }
                     for c in p.consents
                 ]
@@ -163,9 +251,14 @@ class ProfileStore:
                 self._write_consent(conn, row)
         return len(new_rows), len(changed_rows)
 
-    def set_consent(self, sandbox: str, profile_id: str, channel: str, state: str, source: str) -> Profile:
-        """Set one profile's consent on one channel and return the profile."""
+    def set_consent(
+        self, sandbox: str, profile_id: str, channel: str, state: str, source: str, purpose: str = "marketing"
+    ) -> Profile:
+        """Set one profile's consent on one channel for one purpose and return the profile."""
         validate_id(profile_id, "profile")
+        purpose = purpose or "marketing"
+        if not ATTRIBUTE_NAME.match(purpose):
+            raise InvalidArgument("purpose must be a lower-case name", field="purpose", reason="INVALID_PURPOSE")
         if channel not in CHANNELS:
             raise InvalidArgument("channel must be set", field="channel")
         if state not in CONSENT_STATES:
@@ -181,6 +274,7 @@ class ProfileStore:
                     "state": state,
                     "source": source,
                     "update_time": utcnow(),
+                    "purpose": purpose,
                 },
             )
         return self.get_profile(sandbox, profile_id)
@@ -246,6 +340,13 @@ class ProfileStore:
                 )
             if rows:
                 conn.execute(table.insert(), rows)
+            reservations_t = ReservationRow.__table__  # type: ignore[attr-defined]
+            for chunk in _chunks(ids):  # reservations become communications
+                conn.execute(
+                    reservations_t.delete().where(
+                        reservations_t.c.sandbox == sandbox, reservations_t.c.message_id.in_(chunk)
+                    )
+                )
         return len(rows)
 
     # -- reads --------------------------------------------------------------------------------
@@ -282,9 +383,28 @@ class ProfileStore:
             ]
 
     def check_eligibility(
-        self, sandbox: str, channel: str, category: str, identities: Sequence[tuple[str, str]]
+        self,
+        sandbox: str,
+        channel: str,
+        category: str,
+        identities: Sequence[tuple[str, str]],
+        *,
+        reserve: bool = False,
+        message_ids: Sequence[str] = (),
+        create_missing: bool = False,
+        purpose: str = "marketing",
+        now: datetime | None = None,
     ) -> list[Eligibility]:
-        """The verdict for each identity, in order, for a message of ``channel`` and ``category``."""
+        """The verdict for each identity, in order, for a message of ``channel`` and ``category``.
+
+        With ``reserve`` (marketing only), each allowed identity also reserves one send against the caps
+        under its ``message_ids`` entry, in the same transaction as the check and under a per-profile
+        row lock, so that concurrent reservers never push a profile over a cap. A message id reserved or
+        recorded already is allowed again without counting twice.
+
+        With ``create_missing``, an identity no profile has gets a new profile holding just that identity
+        (no consent), which is then judged like any other.
+        """
         if channel not in CHANNELS:
             raise InvalidArgument("channel must be set", field="channel")
         if category not in ("marketing", "transactional"):
@@ -294,9 +414,19 @@ class ProfileStore:
                 raise InvalidArgument(
                     "identities need a namespace and a value", field=f"identities[{i}]", reason="INVALID_IDENTITY"
                 )
+        reserve = reserve and category == "marketing"
+        if reserve:
+            if len(message_ids) != len(identities):
+                raise InvalidArgument(
+                    "reserve needs one message id per identity", field="message_ids", reason="MESSAGE_IDS_MISMATCH"
+                )
+            for i, message_id in enumerate(message_ids):
+                if not message_id:
+                    raise InvalidArgument("message ids must be set", field=f"message_ids[{i}]")
+        now = now or utcnow()
         identity_t = IdentityRow.__table__  # type: ignore[attr-defined]
         owners: dict[tuple[str, str], str] = {}
-        with self.database.engine.connect() as conn:
+        with self.database.engine.begin() as conn:
             by_namespace: dict[str, list[str]] = {}
             for namespace, value in identities:
                 by_namespace.setdefault(namespace, []).append(value)
@@ -310,25 +440,350 @@ class ProfileStore:
                         )
                     ):
                         owners[(ns, value)] = pid
-            profiles = self._load_profiles(conn, sandbox, list(dict.fromkeys(owners.values())))
-        results = []
-        for ident in identities:
-            profile = profiles.get(owners.get(ident, ""))
-            if profile is None:
-                results.append(Eligibility(ident, "unknown_profile"))
-                continue
-            address = profile.address(channel)
-            if not address:
-                results.append(Eligibility(ident, "missing_address", profile))
-                continue
-            if category == "marketing":
-                consent = profile.consent(channel)
-                allowed = consent == "opted_in" or (consent == "unknown" and channel in self.unknown_consent_allowed)
-                if not allowed:
-                    results.append(Eligibility(ident, "no_consent", profile))
+            if create_missing:
+                missing = [ident for ident in dict.fromkeys(identities) if ident not in owners]
+                if missing:
+                    owners.update(self._create_for_identities(conn, sandbox, missing, now))
+            profile_ids = sorted(set(owners.values()))
+            rules = self._load_rules(conn, sandbox) if category == "marketing" else []
+            rules = [r for r in rules if r.applies_to(channel)]
+            if reserve and profile_ids:
+                self._lock_profiles(conn, sandbox, profile_ids, now)
+            profiles = self._load_profiles(conn, sandbox, profile_ids)
+            addresses = [a for p in profiles.values() for a in p.addresses(channel)]
+            quarantined = {a for a, q in quarantine.load(conn, sandbox, channel, addresses).items() if q.quarantined}
+            sends = self._recent_sends(conn, sandbox, profile_ids, now) if rules else {}
+            known_ids = self._known_message_ids(conn, sandbox, message_ids, now) if reserve else set()
+            results = []
+            new_reservations = []
+            for index, ident in enumerate(identities):
+                profile = profiles.get(owners.get(ident, ""))
+                if profile is None:
+                    results.append(Eligibility(ident, "unknown_profile"))
                     continue
-            results.append(Eligibility(ident, "allowed", profile, address))
+                all_addresses = profile.addresses(channel)
+                if not all_addresses:
+                    results.append(Eligibility(ident, "missing_address", profile))
+                    continue
+                usable = [a for a in all_addresses if a not in quarantined]
+                if not usable:
+                    results.append(Eligibility(ident, "quarantined", profile))
+                    continue
+                address = usable[0]
+                if category == "marketing":
+                    consent = profile.consent(channel, purpose or "marketing")
+                    allowed = consent == "opted_in" or (
+                        consent == "unknown" and channel in self.unknown_consent_allowed
+                    )
+                    if not allowed:
+                        results.append(Eligibility(ident, "no_consent", profile))
+                        continue
+                    message_id = message_ids[index] if reserve else ""
+                    if message_id and message_id in known_ids:
+                        results.append(Eligibility(ident, "allowed", profile, address, reserved=True, addresses=usable))
+                        continue
+                    history = sends.get(profile.profile_id, [])
+                    if any(_is_capped(rule, history, channel, profile.time_zone, now) for rule in rules):
+                        results.append(Eligibility(ident, "capped", profile))
+                        continue
+                    if message_id:
+                        known_ids.add(message_id)
+                        sends.setdefault(profile.profile_id, []).append((channel, now))
+                        new_reservations.append(
+                            {
+                                "sandbox": sandbox,
+                                "message_id": message_id,
+                                "profile_id": profile.profile_id,
+                                "channel": channel,
+                                "reserve_time": now,
+                                "expire_time": now + self.reservation_ttl,
+                            }
+                        )
+                        results.append(Eligibility(ident, "allowed", profile, address, reserved=True, addresses=usable))
+                        continue
+                results.append(Eligibility(ident, "allowed", profile, address, addresses=usable))
+            if new_reservations:
+                reservations_t = ReservationRow.__table__  # type: ignore[attr-defined]
+                ids = [r["message_id"] for r in new_reservations]
+                for chunk in _chunks(ids):  # expired reservations of the same ids are replaced
+                    conn.execute(
+                        reservations_t.delete().where(
+                            reservations_t.c.sandbox == sandbox, reservations_t.c.message_id.in_(chunk)
+                        )
+                    )
+                conn.execute(reservations_t.insert(), new_reservations)
         return results
+
+    def release_reservations(self, sandbox: str, message_ids: Sequence[str]) -> int:
+        """Release reservations never confirmed (the message was not sent); returns how many existed."""
+        table = ReservationRow.__table__  # type: ignore[attr-defined]
+        released = 0
+        with self.database.engine.begin() as conn:
+            for chunk in _chunks(list(dict.fromkeys(message_ids))):
+                released += conn.execute(
+                    table.delete().where(table.c.sandbox == sandbox, table.c.message_id.in_(chunk))
+                ).rowcount
+        return released
+
+    # -- lookup, forgetting and history -------------------------------------------------------------
+    def lookup_profile(self, sandbox: str, namespace: str, value: str) -> Profile:
+        """The profile that owns an identity."""
+        if not namespace or not value:
+            raise InvalidArgument("identity needs a namespace and a value", field="identity", reason="INVALID_IDENTITY")
+        identity_t = IdentityRow.__table__  # type: ignore[attr-defined]
+        with self.database.engine.connect() as conn:
+            owner = conn.execute(
+                sa.select(identity_t.c.profile_id).where(
+                    identity_t.c.sandbox == sandbox, identity_t.c.namespace == namespace, identity_t.c.value == value
+                )
+            ).scalar()
+            found = self._load_profiles(conn, sandbox, [owner]) if owner else {}
+        if not owner or owner not in found:
+            raise NotFound("no profile has the identity", field="identity", reason="PROFILE_NOT_FOUND")
+        return found[owner]
+
+    def delete_profile(self, sandbox: str, profile_id: str) -> None:
+        """Forget a profile: its identities, consents, history, reservations, counters, and the
+        quarantine and delivery events of its addresses."""
+        validate_id(profile_id, "name")
+        with self.database.engine.begin() as conn:
+            self._require_profile(conn, sandbox, profile_id, "name")
+            found = self._load_profiles(conn, sandbox, [profile_id])[profile_id]
+            by_channel = {
+                channel: [v for ns, v in found.identities if ns == namespace]
+                for channel, namespace in ADDRESS_NAMESPACE.items()
+            }
+            by_address = [QuarantineRow.__table__, DeliveryEventRow.__table__]  # type: ignore[attr-defined]
+            for table in by_address:
+                for channel, addresses in by_channel.items():
+                    if addresses:
+                        conn.execute(
+                            table.delete().where(
+                                table.c.sandbox == sandbox, table.c.channel == channel, table.c.address.in_(addresses)
+                            )
+                        )
+            by_profile = [
+                row.__table__  # type: ignore[union-attr]
+                for row in (
+                    IdentityRow,
+                    ConsentRow,
+                    PurposeConsentRow,
+                    CommunicationRow,
+                    ReservationRow,
+                    ProfileCounterRow,
+                    ProfileAttributeRow,
+                    ProfileRow,
+                )
+            ]
+            for table in by_profile:
+                conn.execute(table.delete().where(table.c.sandbox == sandbox, table.c.profile_id == profile_id))
+
+    def list_communications(
+        self, sandbox: str, profile_id: str, page_size: int, after: tuple[datetime, str] | None = None
+    ) -> tuple[list[Communication], tuple[datetime, str] | None]:
+        """One page of a profile's history, newest first, after the ``(send_time, message_id)`` cursor;
+        returns the page and the cursor of the next one (None on the last page)."""
+        validate_id(profile_id, "profile")
+        table = CommunicationRow.__table__  # type: ignore[attr-defined]
+        query = sa.select(table).where(table.c.sandbox == sandbox, table.c.profile_id == profile_id)
+        if after is not None:
+            query = query.where(
+                sa.or_(
+                    table.c.send_time < after[0],
+                    sa.and_(table.c.send_time == after[0], table.c.message_id < after[1]),
+                )
+            )
+        query = query.order_by(table.c.send_time.desc(), table.c.message_id.desc()).limit(page_size + 1)
+        with self.database.engine.connect() as conn:
+            self._require_profile(conn, sandbox, profile_id, "profile")
+            rows = list(conn.execute(query).mappings())
+        page = [
+            Communication(
+                message_id=r["message_id"],
+                profile_id=r["profile_id"],
+                channel=r["channel"],
+                category=r["category"],
+                campaign=r["campaign"],
+                run=r["run"],
+                activity=r["activity"],
+                send_time=as_utc(r["send_time"]),
+            )
+            for r in rows[:page_size]
+        ]
+        cursor = None
+        if len(rows) > page_size and page:
+            cursor = (page[-1].send_time or utcnow(), page[-1].message_id)
+        return page, cursor
+
+    # -- delivery feedback and quarantine ---------------------------------------------------------
+    def record_delivery_events(self, sandbox: str, events: Sequence[DeliveryEvent]) -> int:
+        """Apply delivery feedback in order; an event id applied before is skipped. Returns how many
+        were newly applied. Bounces and deliveries update the address's quarantine; complaints and
+        unsubscribes opt the profile out of the channel with the event's source."""
+        violations: list[FieldViolation] = []
+        for i, e in enumerate(events):
+            if not e.event_id:
+                violations.append(FieldViolation(f"events[{i}].event_id", "event_id must be set"))
+            if e.channel not in CHANNELS:
+                violations.append(FieldViolation(f"events[{i}].channel", "channel must be set"))
+            if e.kind not in EVENT_KINDS:
+                violations.append(FieldViolation(f"events[{i}].type", "type must be set"))
+            if not e.address and not e.profile_id:
+                violations.append(FieldViolation(f"events[{i}].address", "address or profile must be set"))
+        if violations:
+            raise InvalidArgument("invalid delivery events", violations=violations, reason="INVALID_EVENT")
+        events_t = DeliveryEventRow.__table__  # type: ignore[attr-defined]
+        identity_t = IdentityRow.__table__  # type: ignore[attr-defined]
+        now = utcnow()
+        with self.database.engine.begin() as conn:
+            seen: set[str] = set()
+            for chunk in _chunks([e.event_id for e in events]):
+                seen.update(
+                    conn.execute(
+                        sa.select(events_t.c.event_id).where(
+                            events_t.c.sandbox == sandbox, events_t.c.event_id.in_(chunk)
+                        )
+                    ).scalars()
+                )
+            fresh: list[DeliveryEvent] = []
+            for e in events:
+                if e.event_id not in seen:
+                    seen.add(e.event_id)
+                    fresh.append(e)
+            profiles = self._load_profiles(conn, sandbox, list({e.profile_id for e in fresh if e.profile_id}))
+            states: dict[tuple[str, str], Quarantine] = {}
+            existing: dict[str, set[str]] = {}
+            log_rows = []
+            for e in fresh:
+                address = e.address
+                if not address and e.profile_id in profiles:
+                    address = profiles[e.profile_id].address(e.channel) or ""
+                profile_id = e.profile_id
+                if not profile_id and address:
+                    profile_id = (
+                        conn.execute(
+                            sa.select(identity_t.c.profile_id).where(
+                                identity_t.c.sandbox == sandbox,
+                                identity_t.c.namespace == ADDRESS_NAMESPACE[e.channel],
+                                identity_t.c.value == address,
+                            )
+                        ).scalar()
+                        or ""
+                    )
+                log_rows.append(
+                    {
+                        "sandbox": sandbox,
+                        "event_id": e.event_id,
+                        "channel": e.channel,
+                        "address": address,
+                        "kind": e.kind,
+                        "event_time": e.event_time or now,
+                    }
+                )
+                if e.kind in OPT_OUT_KINDS:
+                    if profile_id and self._profile_exists(conn, sandbox, profile_id):
+                        self._write_consent(
+                            conn,
+                            {
+                                "sandbox": sandbox,
+                                "profile_id": profile_id,
+                                "channel": e.channel,
+                                "state": "opted_out",
+                                "source": e.source or e.kind,
+                                "update_time": now,
+                            },
+                        )
+                    continue
+                if not address:
+                    continue  # a forgotten profile, or one without an address on the channel
+                key = (e.channel, address)
+                if key not in states:
+                    loaded = quarantine.load(conn, sandbox, e.channel, [address])
+                    if address in loaded:
+                        existing.setdefault(e.channel, set()).add(address)
+                    states[key] = loaded.get(address) or Quarantine(e.channel, address)
+                quarantine.apply(states[key], e.kind, self.soft_bounce_limit, now)
+            for channel in CHANNELS:
+                changed = [s for (c, _), s in states.items() if c == channel]
+                if changed:
+                    quarantine.save(conn, sandbox, changed, existing.get(channel, set()))
+            if log_rows:
+                conn.execute(events_t.insert(), log_rows)
+        return len(log_rows)
+
+    def get_quarantine(self, sandbox: str, channel: str, address: str) -> Quarantine:
+        """The bounce state of one address (not quarantined, no bounces, when nothing is recorded)."""
+        self._check_address(channel, address)
+        with self.database.engine.connect() as conn:
+            found = quarantine.load(conn, sandbox, channel, [address])
+        return found.get(address) or Quarantine(channel, address)
+
+    def release_quarantine(self, sandbox: str, channel: str, address: str) -> Quarantine:
+        """Lift the quarantine of an address and clear its soft bounces; returns the cleared state."""
+        self._check_address(channel, address)
+        table = QuarantineRow.__table__  # type: ignore[attr-defined]
+        with self.database.engine.begin() as conn:
+            conn.execute(
+                table.delete().where(table.c.sandbox == sandbox, table.c.channel == channel, table.c.address == address)
+            )
+        return Quarantine(channel, address, update_time=utcnow())
+
+    # -- capping rules ------------------------------------------------------------------------------
+    def create_capping_rule(self, sandbox: str, rule: CappingRule) -> CappingRule:
+        """Create a capping rule (an id is generated when ``rule_id`` is empty)."""
+        rule.rule_id = rule.rule_id or new_id("cap")
+        validate_id(rule.rule_id, "capping_rule_id")
+        violations = []
+        if rule.channel and rule.channel not in CHANNELS:
+            violations.append(FieldViolation("capping_rule.channel", "unknown channel"))
+        if not 1 <= rule.max_messages <= MAX_MESSAGES_LIMIT:
+            violations.append(
+                FieldViolation("capping_rule.max_messages", f"must be between 1 and {MAX_MESSAGES_LIMIT}")
+            )
+        if rule.period not in PERIODS:
+            violations.append(FieldViolation("capping_rule.period", "period must be set"))
+        if rule.time_basis not in TIME_BASES:
+            violations.append(FieldViolation("capping_rule.time_basis", "unknown time basis"))
+        if violations:
+            raise InvalidArgument("invalid capping rule", violations=violations, reason="INVALID_CAPPING_RULE")
+        table = CappingRuleRow.__table__  # type: ignore[attr-defined]
+        rule.create_time = utcnow()
+        with self.database.engine.begin() as conn:
+            exists = conn.execute(
+                sa.select(table.c.rule_id).where(table.c.sandbox == sandbox, table.c.rule_id == rule.rule_id)
+            ).scalar()
+            if exists is not None:
+                raise AlreadyExists(
+                    f"capping rule {rule.rule_id!r} exists", field="capping_rule_id", reason="CAPPING_RULE_EXISTS"
+                )
+            conn.execute(
+                table.insert().values(
+                    sandbox=sandbox,
+                    rule_id=rule.rule_id,
+                    channel=rule.channel,
+                    max_messages=rule.max_messages,
+                    period=rule.period,
+                    time_basis=rule.time_basis,
+                    create_time=rule.create_time,
+                )
+            )
+        return rule
+
+    def list_capping_rules(self, sandbox: str) -> list[CappingRule]:
+        """Every capping rule of the sandbox, by id."""
+        with self.database.engine.connect() as conn:
+            return self._load_rules(conn, sandbox)
+
+    def delete_capping_rule(self, sandbox: str, rule_id: str) -> None:
+        """Delete one capping rule."""
+        validate_id(rule_id, "name")
+        table = CappingRuleRow.__table__  # type: ignore[attr-defined]
+        with self.database.engine.begin() as conn:
+            deleted = conn.execute(
+                table.delete().where(table.c.sandbox == sandbox, table.c.rule_id == rule_id)
+            ).rowcount
+        if not deleted:
+            raise NotFound(f"capping rule {rule_id!r} does not exist", field="name", reason="CAPPING_RULE_NOT_FOUND")
 
     # -- helpers ------------------------------------------------------------------------------
     def _validate_profiles(self, profiles: Sequence[Profile]) -> None:
@@ -347,11 +802,20 @@ class ProfileStore:
                     violations.append(
                         FieldViolation(f"profiles[{i}].identities[{j}]", "an identity needs a namespace and a value")
                     )
+            for name in p.attributes:
+                if not ATTRIBUTE_NAME.match(name):
+                    violations.append(
+                        FieldViolation(f"profiles[{i}].attributes", f"{name!r} is not a lower-case attribute name")
+                    )
             for j, consent in enumerate(p.consents):
                 if consent.channel not in CHANNELS:
                     violations.append(FieldViolation(f"profiles[{i}].consents[{j}].channel", "channel must be set"))
                 if consent.state not in CONSENT_STATES:
                     violations.append(FieldViolation(f"profiles[{i}].consents[{j}].state", "state must be set"))
+                if consent.purpose and not ATTRIBUTE_NAME.match(consent.purpose):
+                    violations.append(
+                        FieldViolation(f"profiles[{i}].consents[{j}].purpose", "purpose must be a lower-case name")
+                    )
         if violations:
             raise InvalidArgument("invalid profiles", violations=violations, reason="INVALID_PROFILE")
 
@@ -390,15 +854,174 @@ class ProfileStore:
             raise NotFound(f"profile {profile_id!r} does not exist", field=field_name, reason="PROFILE_NOT_FOUND")
 
     @staticmethod
+    def _check_address(channel: str, address: str) -> None:
+        if channel not in CHANNELS:
+            raise InvalidArgument("channel must be set", field="channel")
+        if not address:
+            raise InvalidArgument("address must be set", field="address")
+
+    @staticmethod
+    def _profile_exists(conn: sa.Connection, sandbox: str, profile_id: str) -> bool:
+        return (
+            conn.execute(
+                sa.select(ProfileRow.profile_id).where(  # type: ignore[call-overload]
+                    ProfileRow.sandbox == sandbox, ProfileRow.profile_id == profile_id
+                )
+            ).scalar()
+            is not None
+        )
+
+    def _lock_profiles(self, conn: sa.Connection, sandbox: str, profile_ids: Sequence[str], now: datetime) -> None:
+        """Take the per-profile counter rows' locks, in id order (no deadlocks between reservers).
+
+        On SQLite the first write takes the database's single writer lock, held to commit."""
+        table = ProfileCounterRow.__table__  # type: ignore[attr-defined]
+        rows = [{"sandbox": sandbox, "profile_id": pid, "version": 0} for pid in profile_ids]
+        insert = (postgresql.insert if self.database.is_postgres else sqlite.insert)(table)
+        for start in range(0, len(rows), _CHUNK):
+            conn.execute(insert.on_conflict_do_nothing(), rows[start : start + _CHUNK])
+        for chunk in _chunks(list(profile_ids)):
+            if self.database.is_postgres:
+                conn.execute(
+                    sa.select(table.c.profile_id)
+                    .where(table.c.sandbox == sandbox, table.c.profile_id.in_(chunk))
+                    .order_by(table.c.profile_id)
+                    .with_for_update()
+                ).all()
+            else:
+                conn.execute(
+                    table.update()
+                    .where(table.c.sandbox == sandbox, table.c.profile_id.in_(chunk))
+                    .values(version=table.c.version + 1)
+                )
+        reservations = ReservationRow.__table__  # type: ignore[attr-defined]
+        for chunk in _chunks(list(profile_ids)):  # expired reservations count no more: drop them
+            conn.execute(
+                reservations.delete().where(
+                    reservations.c.sandbox == sandbox,
+                    reservations.c.profile_id.in_(chunk),
+                    reservations.c.expire_time <= now,
+                )
+            )
+
+    def _create_for_identities(
+        self, conn: sa.Connection, sandbox: str, identities: Sequence[tuple[str, str]], now: datetime
+    ) -> dict[tuple[str, str], str]:
+        """Create one bare profile per identity; an identity claimed meanwhile by a concurrent caller
+        keeps that caller's profile (ours is dropped). Returns the owner of each identity."""
+        profiles_t = ProfileRow.__table__  # type: ignore[attr-defined]
+        identity_t = IdentityRow.__table__  # type: ignore[attr-defined]
+        dialect_insert = postgresql.insert if self.database.is_postgres else sqlite.insert
+        wanted = {ident: new_id("p") for ident in identities}
+        conn.execute(
+            profiles_t.insert(),
+            [
+                {"sandbox": sandbox, "profile_id": pid, "create_time": now, "update_time": now}
+                for pid in wanted.values()
+            ],
+        )
+        conn.execute(
+            dialect_insert(identity_t).on_conflict_do_nothing(),
+            [
+                {"sandbox": sandbox, "namespace": ns, "value": value, "profile_id": pid}
+                for (ns, value), pid in wanted.items()
+            ],
+        )
+        owners: dict[tuple[str, str], str] = {}
+        for (ns, value), pid in wanted.items():
+            owner = conn.execute(
+                sa.select(identity_t.c.profile_id).where(
+                    identity_t.c.sandbox == sandbox, identity_t.c.namespace == ns, identity_t.c.value == value
+                )
+            ).scalar()
+            owners[(ns, value)] = owner or pid
+            if owner and owner != pid:
+                conn.execute(profiles_t.delete().where(profiles_t.c.sandbox == sandbox, profiles_t.c.profile_id == pid))
+        return owners
+
+    @staticmethod
+    def _load_rules(conn: sa.Connection, sandbox: str) -> list[CappingRule]:
+        table = CappingRuleRow.__table__  # type: ignore[attr-defined]
+        return [
+            CappingRule(
+                rule_id=r["rule_id"],
+                max_messages=int(r["max_messages"]),
+                period=r["period"],
+                channel=r["channel"],
+                time_basis=r["time_basis"],
+                create_time=as_utc(r["create_time"]),
+            )
+            for r in conn.execute(
+                sa.select(table).where(table.c.sandbox == sandbox).order_by(table.c.rule_id)
+            ).mappings()
+        ]
+
+    @staticmethod
+    def _recent_sends(
+        conn: sa.Connection, sandbox: str, profile_ids: Sequence[str], now: datetime
+    ) -> dict[str, list[tuple[str, datetime]]]:
+        """Per profile, the (channel, time) of marketing sends and live reservations of the last 32 days."""
+        comms = CommunicationRow.__table__  # type: ignore[attr-defined]
+        reservations = ReservationRow.__table__  # type: ignore[attr-defined]
+        since = now - timedelta(days=33)
+        sends: dict[str, list[tuple[str, datetime]]] = {}
+        for chunk in _chunks(list(profile_ids)):
+            for pid, channel, when in conn.execute(
+                sa.select(comms.c.profile_id, comms.c.channel, comms.c.send_time).where(
+                    comms.c.sandbox == sandbox,
+                    comms.c.profile_id.in_(chunk),
+                    comms.c.category == "marketing",
+                    comms.c.send_time >= since,
+                )
+            ):
+                sends.setdefault(pid, []).append((channel, as_utc(when) or now))
+            for pid, channel, when in conn.execute(
+                sa.select(reservations.c.profile_id, reservations.c.channel, reservations.c.reserve_time).where(
+                    reservations.c.sandbox == sandbox,
+                    reservations.c.profile_id.in_(chunk),
+                    reservations.c.expire_time > now,
+                )
+            ):
+                sends.setdefault(pid, []).append((channel, as_utc(when) or now))
+        return sends
+
+    @staticmethod
+    def _known_message_ids(conn: sa.Connection, sandbox: str, message_ids: Sequence[str], now: datetime) -> set[str]:
+        """The message ids already recorded or reserved (and not expired)."""
+        comms = CommunicationRow.__table__  # type: ignore[attr-defined]
+        reservations = ReservationRow.__table__  # type: ignore[attr-defined]
+        known: set[str] = set()
+        for chunk in _chunks(list(dict.fromkeys(message_ids))):
+            known.update(
+                conn.execute(
+                    sa.select(comms.c.message_id).where(comms.c.sandbox == sandbox, comms.c.message_id.in_(chunk))
+                ).scalars()
+            )
+            known.update(
+                conn.execute(
+                    sa.select(reservations.c.message_id).where(
+                        reservations.c.sandbox == sandbox,
+                        reservations.c.message_id.in_(chunk),
+                        reservations.c.expire_time > now,
+                    )
+                ).scalars()
+            )
+        return known
+
+    @staticmethod
     def _write_consent(conn: sa.Connection, row: dict[str, object]) -> None:
-        table = ConsentRow.__table__  # type: ignore[attr-defined]
+        row = dict(row)
+        purpose = row.pop("purpose", "marketing")
+        if purpose == "marketing":
+            table = ConsentRow.__table__  # type: ignore[attr-defined]
+            key = table.c.sandbox == row["sandbox"]
+        else:
+            table = PurposeConsentRow.__table__  # type: ignore[attr-defined]
+            row["purpose"] = purpose
+            key = sa.and_(table.c.sandbox == row["sandbox"], table.c.purpose == purpose)
         updated = conn.execute(
             table.update()
-            .where(
-                table.c.sandbox == row["sandbox"],
-                table.c.profile_id == row["profile_id"],
-                table.c.channel == row["channel"],
-            )
+            .where(key, table.c.profile_id == row["profile_id"], table.c.channel == row["channel"])
             .values(state=row["state"], source=row["source"], update_time=row["update_time"])
         )
         if updated.rowcount == 0:
@@ -437,4 +1060,40 @@ class ProfileStore:
                 found[r["profile_id"]].consents.append(
                     Consent(r["channel"], r["state"], r["source"], as_utc(r["update_time"]))
                 )
+            purposes_t = PurposeConsentRow.__table__  # type: ignore[attr-defined]
+            for r in conn.execute(
+                sa.select(purposes_t)
+                .where(purposes_t.c.sandbox == sandbox, purposes_t.c.profile_id.in_(chunk))
+                .order_by(purposes_t.c.channel, purposes_t.c.purpose)
+            ).mappings():
+                found[r["profile_id"]].consents.append(
+                    Consent(r["channel"], r["state"], r["source"], as_utc(r["update_time"]), r["purpose"])
+                )
+            attributes_t = ProfileAttributeRow.__table__  # type: ignore[attr-defined]
+            for pid, name, value in conn.execute(
+                sa.select(attributes_t.c.profile_id, attributes_t.c.name, attributes_t.c.value)
+                .where(attributes_t.c.sandbox == sandbox, attributes_t.c.profile_id.in_(chunk))
+                .order_by(attributes_t.c.name)
+            ):
+                if name == _COUNTRY:
+                    found[pid].country = str(decode_scalar(value))
+                else:
+                    found[pid].attributes[name] = decode_scalar(value)
         return found
+
+
+def _is_capped(
+    rule: CappingRule, sends: Sequence[tuple[str, datetime]], channel: str, time_zone: str, now: datetime
+) -> bool:
+    """True when one more message on ``channel`` would exceed ``rule``."""
+    start = period_start(rule, now, time_zone)
+    counted = sum(1 for c, when in sends if when >= start and (not rule.channel or c == rule.channel))
+    return counted + 1 > rule.max_messages
+
+
+def _stored_attributes(profile: Profile) -> dict[str, Scalar]:
+    """The rows of ``profile_attributes`` for a profile: its custom attributes and its country."""
+    stored: dict[str, Scalar] = dict(profile.attributes)
+    if profile.country:
+        stored[_COUNTRY] = profile.country
+    return stored

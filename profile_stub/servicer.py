@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+from datetime import datetime
+
 import grpc
 
 from carillon.profile.v1 import profile_pb2, profile_service_pb2, profile_service_pb2_grpc
-from carillon.type.v1 import value_pb2
-from carillon_chassis.channels import category_name, channel_name, channel_value
+from carillon.type.v1 import channel_pb2, value_pb2
+from carillon_chassis.channels import category_name, category_value, channel_name, channel_value
 from carillon_chassis.errors import InvalidArgument
 from carillon_chassis.names import parse_name
 from carillon_chassis.sandbox import current_sandbox
-from carillon_chassis.values import from_timestamp, to_timestamp
+from carillon_chassis.values import from_timestamp, from_value_map, to_timestamp, to_value_map
+from profile_stub.capping import CappingRule
 from profile_stub.profiles import Communication, Consent, Eligibility, Profile, ProfileStore
+from profile_stub.quarantine import DeliveryEvent, Quarantine
 
 _STATE_NAMES = {
     profile_pb2.CONSENT_STATE_OPTED_IN: "opted_in",
@@ -27,6 +34,93 @@ _VERDICTS = {
     "unknown_profile": profile_pb2.VERDICT_UNKNOWN_PROFILE,
 }
 
+_EVENT_KINDS = {
+    profile_pb2.DELIVERY_EVENT_TYPE_DELIVERED: "delivered",
+    profile_pb2.DELIVERY_EVENT_TYPE_SOFT_BOUNCE: "soft_bounce",
+    profile_pb2.DELIVERY_EVENT_TYPE_HARD_BOUNCE: "hard_bounce",
+    profile_pb2.DELIVERY_EVENT_TYPE_COMPLAINT: "complaint",
+    profile_pb2.DELIVERY_EVENT_TYPE_UNSUBSCRIBE: "unsubscribe",
+}
+_PERIODS = {
+    profile_pb2.CAPPING_PERIOD_DAY: "day",
+    profile_pb2.CAPPING_PERIOD_WEEK: "week",
+    profile_pb2.CAPPING_PERIOD_MONTH: "month",
+}
+_PERIOD_VALUES = {name: value for value, name in _PERIODS.items()}
+_TIME_BASES = {
+    profile_pb2.CAPPING_TIME_BASIS_UNSPECIFIED: "utc",
+    profile_pb2.CAPPING_TIME_BASIS_UTC: "utc",
+    profile_pb2.CAPPING_TIME_BASIS_PROFILE: "profile",
+}
+_MAX_PAGE = 1000
+
+
+def quarantine_to_proto(state: Quarantine) -> profile_pb2.Quarantine:
+    """The Quarantine message of a domain state."""
+    message = profile_pb2.Quarantine(
+        channel=channel_pb2.Channel.ValueType(channel_value(state.channel)),
+        address=state.address,
+        quarantined=state.quarantined,
+        soft_bounce_count=state.soft_bounces,
+        reason=state.reason,
+    )
+    if state.quarantine_time:
+        message.quarantine_time.CopyFrom(to_timestamp(state.quarantine_time))
+    if state.update_time:
+        message.update_time.CopyFrom(to_timestamp(state.update_time))
+    return message
+
+
+def capping_rule_to_proto(rule: CappingRule) -> profile_pb2.CappingRule:
+    """The CappingRule message of a domain rule."""
+    message = profile_pb2.CappingRule(
+        name=f"cappingRules/{rule.rule_id}",
+        channel=channel_pb2.Channel.ValueType(channel_value(rule.channel)),
+        max_messages=rule.max_messages,
+        period=_PERIOD_VALUES.get(rule.period, profile_pb2.CAPPING_PERIOD_UNSPECIFIED),
+        time_basis=profile_pb2.CAPPING_TIME_BASIS_PROFILE
+        if rule.time_basis == "profile"
+        else profile_pb2.CAPPING_TIME_BASIS_UTC,
+    )
+    if rule.create_time:
+        message.create_time.CopyFrom(to_timestamp(rule.create_time))
+    return message
+
+
+def communication_to_proto(c: Communication) -> profile_pb2.Communication:
+    """The Communication message of a domain communication."""
+    message = profile_pb2.Communication(
+        profile=f"profiles/{c.profile_id}",
+        channel=channel_pb2.Channel.ValueType(channel_value(c.channel)),
+        category=channel_pb2.MessageCategory.ValueType(category_value(c.category)),
+        campaign=c.campaign,
+        run=c.run,
+        activity=c.activity,
+        message_id=c.message_id,
+    )
+    if c.send_time:
+        message.send_time.CopyFrom(to_timestamp(c.send_time))
+    return message
+
+
+def encode_cursor(cursor: tuple[datetime, str] | None) -> str:
+    """An opaque page token of a history cursor ("" for none)."""
+    if cursor is None:
+        return ""
+    raw = json.dumps([cursor[0].isoformat(), cursor[1]]).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def decode_cursor(token: str) -> tuple[datetime, str] | None:
+    """The history cursor of a page token; INVALID_ARGUMENT when it is malformed."""
+    if not token:
+        return None
+    try:
+        when, message_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return datetime.fromisoformat(when), str(message_id)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise InvalidArgument("malformed page token", field="page_token", reason="INVALID_PAGE_TOKEN") from exc
+
 
 def profile_from_proto(message: profile_pb2.Profile, index: int) -> Profile:
     """The domain profile of a Profile message (``index`` names it in errors)."""
@@ -38,8 +132,16 @@ def profile_from_proto(message: profile_pb2.Profile, index: int) -> Profile:
         last_name=message.last_name,
         locale=message.locale,
         time_zone=message.time_zone,
+        country=message.country,
+        attributes=dict(from_value_map(message.attributes)),
         consents=[
-            Consent(channel_name(c.channel), _STATE_NAMES.get(c.state, "unknown"), c.source) for c in message.consents
+            Consent(
+                channel_name(c.channel),
+                _STATE_NAMES.get(c.state, "unknown"),
+                c.source,
+                purpose=c.purpose or "marketing",
+            )
+            for c in message.consents
         ],
     )
 
@@ -53,12 +155,15 @@ def profile_to_proto(profile: Profile) -> profile_pb2.Profile:
         last_name=profile.last_name,
         locale=profile.locale,
         time_zone=profile.time_zone,
+        country=profile.country,
+        attributes=to_value_map(profile.attributes),
     )
     for consent in profile.consents:
         item = message.consents.add(
             channel=channel_value(consent.channel),
             state=_STATE_VALUES.get(consent.state, profile_pb2.CONSENT_STATE_UNSPECIFIED),
             source=consent.source,
+            purpose="" if consent.purpose == "marketing" else consent.purpose,
         )
         if consent.update_time:
             item.update_time.CopyFrom(to_timestamp(consent.update_time))
@@ -75,9 +180,13 @@ def eligibility_to_proto(result: Eligibility) -> profile_pb2.EligibilityResult:
         identity=value_pb2.Identity(namespace=result.identity[0], value=result.identity[1]),
         verdict=_VERDICTS[result.verdict],
         address=result.address,
+        reserved=result.reserved,
+        addresses=result.addresses,
     )
     if result.profile is not None:
         message.profile.CopyFrom(profile_to_proto(result.profile))
+        for key, value in to_value_map(result.profile.attributes).items():
+            message.attributes[key].CopyFrom(value)
     return message
 
 
@@ -102,6 +211,33 @@ class ProfileServicer(profile_service_pb2_grpc.ProfileServiceServicer):
         profile = await self.store.database.run(self.store.get_profile, current_sandbox(), profile_id)
         return profile_service_pb2.GetProfileResponse(profile=profile_to_proto(profile))
 
+    async def LookupProfile(
+        self, request: profile_service_pb2.LookupProfileRequest, context: grpc.aio.ServicerContext
+    ) -> profile_service_pb2.LookupProfileResponse:
+        profile = await self.store.database.run(
+            self.store.lookup_profile, current_sandbox(), request.identity.namespace, request.identity.value
+        )
+        return profile_service_pb2.LookupProfileResponse(profile=profile_to_proto(profile))
+
+    async def DeleteProfile(
+        self, request: profile_service_pb2.DeleteProfileRequest, context: grpc.aio.ServicerContext
+    ) -> profile_service_pb2.DeleteProfileResponse:
+        (profile_id,) = parse_name(request.name, "profiles")
+        await self.store.database.run(self.store.delete_profile, current_sandbox(), profile_id)
+        return profile_service_pb2.DeleteProfileResponse()
+
+    async def ListCommunications(
+        self, request: profile_service_pb2.ListCommunicationsRequest, context: grpc.aio.ServicerContext
+    ) -> profile_service_pb2.ListCommunicationsResponse:
+        (profile_id,) = parse_name(request.profile, "profiles", field="profile")
+        size = request.page_size if 0 < request.page_size <= _MAX_PAGE else _MAX_PAGE
+        page, cursor = await self.store.database.run(
+            self.store.list_communications, current_sandbox(), profile_id, size, decode_cursor(request.page_token)
+        )
+        return profile_service_pb2.ListCommunicationsResponse(
+            communications=[communication_to_proto(c) for c in page], next_page_token=encode_cursor(cursor)
+        )
+
     async def SetConsent(
         self, request: profile_service_pb2.SetConsentRequest, context: grpc.aio.ServicerContext
     ) -> profile_service_pb2.SetConsentResponse:
@@ -110,7 +246,13 @@ class ProfileServicer(profile_service_pb2_grpc.ProfileServiceServicer):
         if request.state == profile_pb2.CONSENT_STATE_UNSPECIFIED:
             state = "unknown"
         profile = await self.store.database.run(
-            self.store.set_consent, current_sandbox(), profile_id, channel_name(request.channel), state, request.source
+            self.store.set_consent,
+            current_sandbox(),
+            profile_id,
+            channel_name(request.channel),
+            state,
+            request.source,
+            request.purpose or "marketing",
         )
         return profile_service_pb2.SetConsentResponse(profile=profile_to_proto(profile))
 
@@ -129,6 +271,10 @@ class ProfileServicer(profile_service_pb2_grpc.ProfileServiceServicer):
             channel_name(request.channel),
             category_name(request.category),
             [(i.namespace, i.value) for i in request.identities],
+            reserve=request.reserve,
+            message_ids=list(request.message_ids),
+            create_missing=request.create_missing_profiles,
+            purpose=request.purpose or "marketing",
         )
         return profile_service_pb2.CheckEligibilityResponse(results=[eligibility_to_proto(r) for r in results])
 
@@ -152,3 +298,93 @@ class ProfileServicer(profile_service_pb2_grpc.ProfileServiceServicer):
             )
         recorded = await self.store.database.run(self.store.record_communications, current_sandbox(), communications)
         return profile_service_pb2.RecordCommunicationsResponse(recorded=recorded)
+
+    async def ReleaseReservations(
+        self, request: profile_service_pb2.ReleaseReservationsRequest, context: grpc.aio.ServicerContext
+    ) -> profile_service_pb2.ReleaseReservationsResponse:
+        for i, message_id in enumerate(request.message_ids):
+            if not message_id:
+                raise InvalidArgument("message ids must be set", field=f"message_ids[{i}]")
+        released = await self.store.database.run(
+            self.store.release_reservations, current_sandbox(), list(request.message_ids)
+        )
+        return profile_service_pb2.ReleaseReservationsResponse(released=released)
+
+    async def RecordDeliveryEvents(
+        self, request: profile_service_pb2.RecordDeliveryEventsRequest, context: grpc.aio.ServicerContext
+    ) -> profile_service_pb2.RecordDeliveryEventsResponse:
+        if len(request.events) > self.max_eligibility_batch:
+            raise InvalidArgument(
+                f"at most {self.max_eligibility_batch} events per call", field="events", reason="BATCH_TOO_LARGE"
+            )
+        events = []
+        for i, e in enumerate(request.events):
+            profile_id = ""
+            if e.profile:
+                (profile_id,) = parse_name(e.profile, "profiles", field=f"events[{i}].profile")
+            events.append(
+                DeliveryEvent(
+                    event_id=e.event_id,
+                    channel=channel_name(e.channel),
+                    kind=_EVENT_KINDS.get(e.type, ""),
+                    address=e.address,
+                    profile_id=profile_id,
+                    source=e.source,
+                    event_time=from_timestamp(e.event_time) if e.HasField("event_time") else None,
+                )
+            )
+        applied = await self.store.database.run(self.store.record_delivery_events, current_sandbox(), events)
+        return profile_service_pb2.RecordDeliveryEventsResponse(applied=applied)
+
+    async def GetQuarantine(
+        self, request: profile_service_pb2.GetQuarantineRequest, context: grpc.aio.ServicerContext
+    ) -> profile_service_pb2.GetQuarantineResponse:
+        state = await self.store.database.run(
+            self.store.get_quarantine, current_sandbox(), channel_name(request.channel), request.address
+        )
+        return profile_service_pb2.GetQuarantineResponse(quarantine=quarantine_to_proto(state))
+
+    async def ReleaseQuarantine(
+        self, request: profile_service_pb2.ReleaseQuarantineRequest, context: grpc.aio.ServicerContext
+    ) -> profile_service_pb2.ReleaseQuarantineResponse:
+        state = await self.store.database.run(
+            self.store.release_quarantine, current_sandbox(), channel_name(request.channel), request.address
+        )
+        return profile_service_pb2.ReleaseQuarantineResponse(quarantine=quarantine_to_proto(state))
+
+    async def CreateCappingRule(
+        self, request: profile_service_pb2.CreateCappingRuleRequest, context: grpc.aio.ServicerContext
+    ) -> profile_service_pb2.CreateCappingRuleResponse:
+        message = request.capping_rule
+        rule = CappingRule(
+            rule_id=request.capping_rule_id,
+            max_messages=message.max_messages,
+            period=_PERIODS.get(message.period, ""),
+            channel=channel_name(message.channel),
+            time_basis=_TIME_BASES.get(message.time_basis, ""),
+        )
+        created = await self.store.database.run(self.store.create_capping_rule, current_sandbox(), rule)
+        return profile_service_pb2.CreateCappingRuleResponse(capping_rule=capping_rule_to_proto(created))
+
+    async def ListCappingRules(
+        self, request: profile_service_pb2.ListCappingRulesRequest, context: grpc.aio.ServicerContext
+    ) -> profile_service_pb2.ListCappingRulesResponse:
+        size = request.page_size if 0 < request.page_size <= _MAX_PAGE else _MAX_PAGE
+        offset = 0
+        if request.page_token:
+            if not request.page_token.isdigit():
+                raise InvalidArgument("malformed page token", field="page_token", reason="INVALID_PAGE_TOKEN")
+            offset = int(request.page_token)
+        rules = await self.store.database.run(self.store.list_capping_rules, current_sandbox())
+        page = rules[offset : offset + size]
+        next_token = str(offset + size) if offset + size < len(rules) else ""
+        return profile_service_pb2.ListCappingRulesResponse(
+            capping_rules=[capping_rule_to_proto(r) for r in page], next_page_token=next_token
+        )
+
+    async def DeleteCappingRule(
+        self, request: profile_service_pb2.DeleteCappingRuleRequest, context: grpc.aio.ServicerContext
+    ) -> profile_service_pb2.DeleteCappingRuleResponse:
+        (rule_id,) = parse_name(request.name, "cappingRules")
+        await self.store.database.run(self.store.delete_capping_rule, current_sandbox(), rule_id)
+        return profile_service_pb2.DeleteCappingRuleResponse()

@@ -51,6 +51,20 @@ class ConsentRow(ProfileBase, table=True):
     update_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
 
 
+class PurposeConsentRow(ProfileBase, table=True):
+    """The consent of one profile on one channel for a purpose other than "marketing" (which lives in
+    ``consents``)."""
+
+    __tablename__ = "purpose_consents"
+    sandbox: str = Field(primary_key=True, max_length=30)
+    profile_id: str = Field(primary_key=True, max_length=63)
+    channel: str = Field(primary_key=True, max_length=20)
+    purpose: str = Field(primary_key=True, max_length=63)
+    state: str = Field(max_length=20)
+    source: str = ""
+    update_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+
+
 class CommunicationRow(ProfileBase, table=True):
     """One message sent, keyed by the delivery ledger's message id."""
 
@@ -66,8 +80,89 @@ class CommunicationRow(ProfileBase, table=True):
     send_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
 
 
+class QuarantineRow(ProfileBase, table=True):
+    """The bounce state of one address on one channel."""
+
+    __tablename__ = "address_quarantines"
+    sandbox: str = Field(primary_key=True, max_length=30)
+    channel: str = Field(primary_key=True, max_length=20)
+    address: str = Field(primary_key=True, max_length=320)
+    soft_bounces: int = 0
+    quarantined: bool = False
+    reason: str = ""
+    quarantine_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    update_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+
+
+class DeliveryEventRow(ProfileBase, table=True):
+    """One delivery event already applied, keyed by its event id (for idempotency)."""
+
+    __tablename__ = "delivery_events"
+    sandbox: str = Field(primary_key=True, max_length=30)
+    event_id: str = Field(primary_key=True, max_length=120)
+    channel: str = Field(max_length=20)
+    address: str = ""
+    kind: str = Field(max_length=20)
+    event_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+
+
+class CappingRuleRow(ProfileBase, table=True):
+    """At most ``max_messages`` marketing messages on ``channel`` (empty: every channel) per period."""
+
+    __tablename__ = "capping_rules"
+    sandbox: str = Field(primary_key=True, max_length=30)
+    rule_id: str = Field(primary_key=True, max_length=63)
+    channel: str = Field(default="", max_length=20)
+    max_messages: int
+    period: str = Field(max_length=10)
+    time_basis: str = Field(max_length=10)
+    create_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+
+
+class ReservationRow(ProfileBase, table=True):
+    """A marketing send reserved against the caps, not confirmed yet; ignored once expired."""
+
+    __tablename__ = "send_reservations"
+    sandbox: str = Field(primary_key=True, max_length=30)
+    message_id: str = Field(primary_key=True, max_length=120)
+    profile_id: str = Field(max_length=63, index=True)
+    channel: str = Field(max_length=20)
+    reserve_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    expire_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+
+
+class ProfileCounterRow(ProfileBase, table=True):
+    """One row per profile, locked by every check-and-reserve so that reservations serialize."""
+
+    __tablename__ = "profile_counters"
+    sandbox: str = Field(primary_key=True, max_length=30)
+    profile_id: str = Field(primary_key=True, max_length=63)
+    version: int = 0
+
+
+class ProfileAttributeRow(ProfileBase, table=True):
+    """One extra attribute of a profile (country, or a custom scalar), its value encoded as tagged JSON."""
+
+    __tablename__ = "profile_attributes"
+    sandbox: str = Field(primary_key=True, max_length=30)
+    profile_id: str = Field(primary_key=True, max_length=63)
+    name: str = Field(primary_key=True, max_length=63)
+    value: str = ""
+
+
 def _initial(conn: sa.Connection) -> None:
     ProfileBase.metadata.create_all(conn)
 
 
-MIGRATIONS = [Migration(1, "profiles, identities, consents, communications", _initial)]
+def _quarantine_and_capping(conn: sa.Connection) -> None:
+    ProfileBase.metadata.create_all(conn)  # creates only the tables that do not exist yet
+
+
+MIGRATIONS = [
+    Migration(1, "profiles, identities, consents, communications", _initial),
+    Migration(
+        2,
+        "quarantine, delivery events, capping rules, reservations, counters, attributes, purpose consents",
+        _quarantine_and_capping,
+    ),
+]

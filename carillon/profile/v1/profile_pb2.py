@@ -27,27 +27,43 @@ from carillon.type.v1 import value_pb2 as carillon_dot_type_dot_v1_dot_value__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!carillon/profile/v1/profile.proto\x12\x13\x63\x61rillon.profile.v1\x1a\x1e\x63\x61rillon/type/v1/channel.proto\x1a\x1c\x63\x61rillon/type/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa8\x01\n\x07\x43onsent\x12*\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.carillon.profile.v1.ConsentState\x12\x0e\n\x06source\x18\x03 \x01(\t\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa3\x02\n\x07Profile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\nidentities\x18\x02 \x03(\x0b\x32\x1a.carillon.type.v1.Identity\x12\x12\n\nfirst_name\x18\x03 \x01(\t\x12\x11\n\tlast_name\x18\x04 \x01(\t\x12\x0e\n\x06locale\x18\x05 \x01(\t\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12.\n\x08\x63onsents\x18\x07 \x03(\x0b\x32\x1c.carillon.profile.v1.Consent\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf5\x01\n\rCommunication\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12*\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x33\n\x08\x63\x61tegory\x18\x03 \x01(\x0e\x32!.carillon.type.v1.MessageCategory\x12\x10\n\x08\x63\x61mpaign\x18\x04 \x01(\t\x12\x0b\n\x03run\x18\x05 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x06 \x01(\t\x12\x12\n\nmessage_id\x18\x07 \x01(\t\x12-\n\tsend_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc8\x02\n\x11\x45ligibilityResult\x12,\n\x08identity\x18\x01 \x01(\x0b\x32\x1a.carillon.type.v1.Identity\x12-\n\x07verdict\x18\x02 \x01(\x0e\x32\x1c.carillon.profile.v1.Verdict\x12-\n\x07profile\x18\x03 \x01(\x0b\x32\x1c.carillon.profile.v1.Profile\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12J\n\nattributes\x18\x05 \x03(\x0b\x32\x36.carillon.profile.v1.EligibilityResult.AttributesEntry\x1aJ\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01*f\n\x0c\x43onsentState\x12\x1d\n\x19\x43ONSENT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONSENT_STATE_OPTED_IN\x10\x01\x12\x1b\n\x17\x43ONSENT_STATE_OPTED_OUT\x10\x02*\xb6\x01\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERDICT_ALLOWED\x10\x01\x12\x16\n\x12VERDICT_NO_CONSENT\x10\x02\x12\x17\n\x13VERDICT_QUARANTINED\x10\x03\x12\x12\n\x0eVERDICT_CAPPED\x10\x04\x12\x1b\n\x17VERDICT_MISSING_ADDRESS\x10\x05\x12\x1b\n\x17VERDICT_UNKNOWN_PROFILE\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!carillon/profile/v1/profile.proto\x12\x13\x63\x61rillon.profile.v1\x1a\x1e\x63\x61rillon/type/v1/channel.proto\x1a\x1c\x63\x61rillon/type/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x01\n\x07\x43onsent\x12*\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.carillon.profile.v1.ConsentState\x12\x0e\n\x06source\x18\x03 \x01(\t\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07purpose\x18\x05 \x01(\t\"\xc2\x03\n\x07Profile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\nidentities\x18\x02 \x03(\x0b\x32\x1a.carillon.type.v1.Identity\x12\x12\n\nfirst_name\x18\x03 \x01(\t\x12\x11\n\tlast_name\x18\x04 \x01(\t\x12\x0e\n\x06locale\x18\x05 \x01(\t\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12.\n\x08\x63onsents\x18\x07 \x03(\x0b\x32\x1c.carillon.profile.v1.Consent\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63ountry\x18\n \x01(\t\x12@\n\nattributes\x18\x0b \x03(\x0b\x32,.carillon.profile.v1.Profile.AttributesEntry\x1aJ\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"\xf5\x01\n\rCommunication\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12*\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x33\n\x08\x63\x61tegory\x18\x03 \x01(\x0e\x32!.carillon.type.v1.MessageCategory\x12\x10\n\x08\x63\x61mpaign\x18\x04 \x01(\t\x12\x0b\n\x03run\x18\x05 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x06 \x01(\t\x12\x12\n\nmessage_id\x18\x07 \x01(\t\x12-\n\tsend_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xed\x02\n\x11\x45ligibilityResult\x12,\n\x08identity\x18\x01 \x01(\x0b\x32\x1a.carillon.type.v1.Identity\x12-\n\x07verdict\x18\x02 \x01(\x0e\x32\x1c.carillon.profile.v1.Verdict\x12-\n\x07profile\x18\x03 \x01(\x0b\x32\x1c.carillon.profile.v1.Profile\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12J\n\nattributes\x18\x05 \x03(\x0b\x32\x36.carillon.profile.v1.EligibilityResult.AttributesEntry\x12\x10\n\x08reserved\x18\x06 \x01(\x08\x12\x11\n\taddresses\x18\x07 \x03(\t\x1aJ\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"\xe5\x01\n\rDeliveryEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12*\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\x34\n\x04type\x18\x05 \x01(\x0e\x32&.carillon.profile.v1.DeliveryEventType\x12\x0e\n\x06source\x18\x06 \x01(\t\x12.\n\nevent_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xef\x01\n\nQuarantine\x12*\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bquarantined\x18\x03 \x01(\x08\x12\x19\n\x11soft_bounce_count\x18\x04 \x01(\x05\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x33\n\x0fquarantine_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfd\x01\n\x0b\x43\x61ppingRule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x14\n\x0cmax_messages\x18\x03 \x01(\x05\x12\x32\n\x06period\x18\x04 \x01(\x0e\x32\".carillon.profile.v1.CappingPeriod\x12\x39\n\ntime_basis\x18\x05 \x01(\x0e\x32%.carillon.profile.v1.CappingTimeBasis\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*f\n\x0c\x43onsentState\x12\x1d\n\x19\x43ONSENT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONSENT_STATE_OPTED_IN\x10\x01\x12\x1b\n\x17\x43ONSENT_STATE_OPTED_OUT\x10\x02*\xb6\x01\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERDICT_ALLOWED\x10\x01\x12\x16\n\x12VERDICT_NO_CONSENT\x10\x02\x12\x17\n\x13VERDICT_QUARANTINED\x10\x03\x12\x12\n\x0eVERDICT_CAPPED\x10\x04\x12\x1b\n\x17VERDICT_MISSING_ADDRESS\x10\x05\x12\x1b\n\x17VERDICT_UNKNOWN_PROFILE\x10\x06*\xed\x01\n\x11\x44\x65liveryEventType\x12#\n\x1f\x44\x45LIVERY_EVENT_TYPE_UNSPECIFIED\x10\x00\x12!\n\x1d\x44\x45LIVERY_EVENT_TYPE_DELIVERED\x10\x01\x12#\n\x1f\x44\x45LIVERY_EVENT_TYPE_SOFT_BOUNCE\x10\x02\x12#\n\x1f\x44\x45LIVERY_EVENT_TYPE_HARD_BOUNCE\x10\x03\x12!\n\x1d\x44\x45LIVERY_EVENT_TYPE_COMPLAINT\x10\x04\x12#\n\x1f\x44\x45LIVERY_EVENT_TYPE_UNSUBSCRIBE\x10\x05*z\n\rCappingPeriod\x12\x1e\n\x1a\x43\x41PPING_PERIOD_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41PPING_PERIOD_DAY\x10\x01\x12\x17\n\x13\x43\x41PPING_PERIOD_WEEK\x10\x02\x12\x18\n\x14\x43\x41PPING_PERIOD_MONTH\x10\x03*r\n\x10\x43\x61ppingTimeBasis\x12\"\n\x1e\x43\x41PPING_TIME_BASIS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x41PPING_TIME_BASIS_UTC\x10\x01\x12\x1e\n\x1a\x43\x41PPING_TIME_BASIS_PROFILE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'carillon.profile.v1.profile_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PROFILE_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_PROFILE_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_ELIGIBILITYRESULT_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_ELIGIBILITYRESULT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_CONSENTSTATE']._serialized_start=1197
-  _globals['_CONSENTSTATE']._serialized_end=1299
-  _globals['_VERDICT']._serialized_start=1302
-  _globals['_VERDICT']._serialized_end=1484
+  _globals['_CONSENTSTATE']._serialized_start=2140
+  _globals['_CONSENTSTATE']._serialized_end=2242
+  _globals['_VERDICT']._serialized_start=2245
+  _globals['_VERDICT']._serialized_end=2427
+  _globals['_DELIVERYEVENTTYPE']._serialized_start=2430
+  _globals['_DELIVERYEVENTTYPE']._serialized_end=2667
+  _globals['_CAPPINGPERIOD']._serialized_start=2669
+  _globals['_CAPPINGPERIOD']._serialized_end=2791
+  _globals['_CAPPINGTIMEBASIS']._serialized_start=2793
+  _globals['_CAPPINGTIMEBASIS']._serialized_end=2907
   _globals['_CONSENT']._serialized_start=154
-  _globals['_CONSENT']._serialized_end=322
-  _globals['_PROFILE']._serialized_start=325
-  _globals['_PROFILE']._serialized_end=616
-  _globals['_COMMUNICATION']._serialized_start=619
-  _globals['_COMMUNICATION']._serialized_end=864
-  _globals['_ELIGIBILITYRESULT']._serialized_start=867
-  _globals['_ELIGIBILITYRESULT']._serialized_end=1195
-  _globals['_ELIGIBILITYRESULT_ATTRIBUTESENTRY']._serialized_start=1121
-  _globals['_ELIGIBILITYRESULT_ATTRIBUTESENTRY']._serialized_end=1195
+  _globals['_CONSENT']._serialized_end=339
+  _globals['_PROFILE']._serialized_start=342
+  _globals['_PROFILE']._serialized_end=792
+  _globals['_PROFILE_ATTRIBUTESENTRY']._serialized_start=718
+  _globals['_PROFILE_ATTRIBUTESENTRY']._serialized_end=792
+  _globals['_COMMUNICATION']._serialized_start=795
+  _globals['_COMMUNICATION']._serialized_end=1040
+  _globals['_ELIGIBILITYRESULT']._serialized_start=1043
+  _globals['_ELIGIBILITYRESULT']._serialized_end=1408
+  _globals['_ELIGIBILITYRESULT_ATTRIBUTESENTRY']._serialized_start=718
+  _globals['_ELIGIBILITYRESULT_ATTRIBUTESENTRY']._serialized_end=792
+  _globals['_DELIVERYEVENT']._serialized_start=1411
+  _globals['_DELIVERYEVENT']._serialized_end=1640
+  _globals['_QUARANTINE']._serialized_start=1643
+  _globals['_QUARANTINE']._serialized_end=1882
+  _globals['_CAPPINGRULE']._serialized_start=1885
+  _globals['_CAPPINGRULE']._serialized_end=2138
 # @@protoc_insertion_point(module_scope)

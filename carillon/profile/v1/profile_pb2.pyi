@@ -59,7 +59,7 @@ class _VerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Verdict.Value
     VERDICT_NO_CONSENT: _Verdict.ValueType  # 2
     """Marketing message without opt-in consent on the channel."""
     VERDICT_QUARANTINED: _Verdict.ValueType  # 3
-    """The address is quarantined."""
+    """The address is quarantined (every address, when the profile has several on the channel)."""
     VERDICT_CAPPED: _Verdict.ValueType  # 4
     """A capping rule would be exceeded."""
     VERDICT_MISSING_ADDRESS: _Verdict.ValueType  # 5
@@ -77,7 +77,7 @@ VERDICT_ALLOWED: Verdict.ValueType  # 1
 VERDICT_NO_CONSENT: Verdict.ValueType  # 2
 """Marketing message without opt-in consent on the channel."""
 VERDICT_QUARANTINED: Verdict.ValueType  # 3
-"""The address is quarantined."""
+"""The address is quarantined (every address, when the profile has several on the channel)."""
 VERDICT_CAPPED: Verdict.ValueType  # 4
 """A capping rule would be exceeded."""
 VERDICT_MISSING_ADDRESS: Verdict.ValueType  # 5
@@ -86,9 +86,97 @@ VERDICT_UNKNOWN_PROFILE: Verdict.ValueType  # 6
 """No profile has the identity."""
 Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
 
+class _DeliveryEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeliveryEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeliveryEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DELIVERY_EVENT_TYPE_UNSPECIFIED: _DeliveryEventType.ValueType  # 0
+    """Not set; refused."""
+    DELIVERY_EVENT_TYPE_DELIVERED: _DeliveryEventType.ValueType  # 1
+    """The message was delivered; clears the address's soft bounce count."""
+    DELIVERY_EVENT_TYPE_SOFT_BOUNCE: _DeliveryEventType.ValueType  # 2
+    """A transient failure; after the configured number in a row (default 5) the address is quarantined."""
+    DELIVERY_EVENT_TYPE_HARD_BOUNCE: _DeliveryEventType.ValueType  # 3
+    """A permanent failure; the address is quarantined at once."""
+    DELIVERY_EVENT_TYPE_COMPLAINT: _DeliveryEventType.ValueType  # 4
+    """The recipient complained (marked as spam); the profile is opted out of the channel."""
+    DELIVERY_EVENT_TYPE_UNSUBSCRIBE: _DeliveryEventType.ValueType  # 5
+    """The recipient unsubscribed; the profile is opted out of the channel."""
+
+class DeliveryEventType(_DeliveryEventType, metaclass=_DeliveryEventTypeEnumTypeWrapper):
+    """The kind of a piece of delivery feedback."""
+
+DELIVERY_EVENT_TYPE_UNSPECIFIED: DeliveryEventType.ValueType  # 0
+"""Not set; refused."""
+DELIVERY_EVENT_TYPE_DELIVERED: DeliveryEventType.ValueType  # 1
+"""The message was delivered; clears the address's soft bounce count."""
+DELIVERY_EVENT_TYPE_SOFT_BOUNCE: DeliveryEventType.ValueType  # 2
+"""A transient failure; after the configured number in a row (default 5) the address is quarantined."""
+DELIVERY_EVENT_TYPE_HARD_BOUNCE: DeliveryEventType.ValueType  # 3
+"""A permanent failure; the address is quarantined at once."""
+DELIVERY_EVENT_TYPE_COMPLAINT: DeliveryEventType.ValueType  # 4
+"""The recipient complained (marked as spam); the profile is opted out of the channel."""
+DELIVERY_EVENT_TYPE_UNSUBSCRIBE: DeliveryEventType.ValueType  # 5
+"""The recipient unsubscribed; the profile is opted out of the channel."""
+Global___DeliveryEventType: _TypeAlias = DeliveryEventType  # noqa: Y015
+
+class _CappingPeriod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CappingPeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CappingPeriod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CAPPING_PERIOD_UNSPECIFIED: _CappingPeriod.ValueType  # 0
+    """Not set; refused."""
+    CAPPING_PERIOD_DAY: _CappingPeriod.ValueType  # 1
+    """The current day."""
+    CAPPING_PERIOD_WEEK: _CappingPeriod.ValueType  # 2
+    """The current ISO week, from Monday."""
+    CAPPING_PERIOD_MONTH: _CappingPeriod.ValueType  # 3
+    """The current month."""
+
+class CappingPeriod(_CappingPeriod, metaclass=_CappingPeriodEnumTypeWrapper):
+    """The calendar period of a capping rule."""
+
+CAPPING_PERIOD_UNSPECIFIED: CappingPeriod.ValueType  # 0
+"""Not set; refused."""
+CAPPING_PERIOD_DAY: CappingPeriod.ValueType  # 1
+"""The current day."""
+CAPPING_PERIOD_WEEK: CappingPeriod.ValueType  # 2
+"""The current ISO week, from Monday."""
+CAPPING_PERIOD_MONTH: CappingPeriod.ValueType  # 3
+"""The current month."""
+Global___CappingPeriod: _TypeAlias = CappingPeriod  # noqa: Y015
+
+class _CappingTimeBasis:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CappingTimeBasisEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CappingTimeBasis.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CAPPING_TIME_BASIS_UNSPECIFIED: _CappingTimeBasis.ValueType  # 0
+    """UTC."""
+    CAPPING_TIME_BASIS_UTC: _CappingTimeBasis.ValueType  # 1
+    """UTC."""
+    CAPPING_TIME_BASIS_PROFILE: _CappingTimeBasis.ValueType  # 2
+    """The profile's time zone (UTC when it has none)."""
+
+class CappingTimeBasis(_CappingTimeBasis, metaclass=_CappingTimeBasisEnumTypeWrapper):
+    """The clock in which a capping rule's periods are counted."""
+
+CAPPING_TIME_BASIS_UNSPECIFIED: CappingTimeBasis.ValueType  # 0
+"""UTC."""
+CAPPING_TIME_BASIS_UTC: CappingTimeBasis.ValueType  # 1
+"""UTC."""
+CAPPING_TIME_BASIS_PROFILE: CappingTimeBasis.ValueType  # 2
+"""The profile's time zone (UTC when it has none)."""
+Global___CappingTimeBasis: _TypeAlias = CappingTimeBasis  # noqa: Y015
+
 @_typing.final
 class Consent(_message.Message):
-    """Consent on one channel."""
+    """Consent on one channel for one purpose."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -96,12 +184,17 @@ class Consent(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
     channel: _channel_pb2.Channel.ValueType
     """The channel."""
     state: Global___ConsentState.ValueType
     """The state."""
     source: _builtins.str
     """Where the consent came from, for example "signup-form"."""
+    purpose: _builtins.str
+    """The purpose consented to, a lower-case name; empty means "marketing", the purpose that
+    CheckEligibility applies to marketing messages by default.
+    """
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When it last changed."""
@@ -113,10 +206,11 @@ class Consent(_message.Message):
         state: Global___ConsentState.ValueType = ...,
         source: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        purpose: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "source", b"source", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "purpose", b"purpose", "source", b"source", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -128,6 +222,27 @@ class Profile(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _value_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _value_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     IDENTITIES_FIELD_NUMBER: _builtins.int
     FIRST_NAME_FIELD_NUMBER: _builtins.int
@@ -137,6 +252,8 @@ class Profile(_message.Message):
     CONSENTS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    COUNTRY_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `profiles/{profile}`."""
     first_name: _builtins.str
@@ -147,6 +264,8 @@ class Profile(_message.Message):
     """Preferred locale, for example "sv-SE"."""
     time_zone: _builtins.str
     """IANA time zone, for example "Europe/Stockholm"."""
+    country: _builtins.str
+    """ISO 3166-1 alpha-2 country code, for example "SE"."""
     @_builtins.property
     def identities(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Identity]:
         """The person's identities: the "email" identity is the email address, "phone" the phone number."""
@@ -163,6 +282,10 @@ class Profile(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the profile last changed."""
 
+    @_builtins.property
+    def attributes(self) -> _containers.MessageMap[_builtins.str, _value_pb2.Value]:
+        """Custom scalar attributes, by lower-case name (letters, digits and underscores)."""
+
     def __init__(
         self,
         *,
@@ -175,10 +298,12 @@ class Profile(_message.Message):
         consents: _abc.Iterable[Global___Consent] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        country: _builtins.str = ...,
+        attributes: _abc.Mapping[_builtins.str, _value_pb2.Value] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consents", b"consents", "create_time", b"create_time", "first_name", b"first_name", "identities", b"identities", "last_name", b"last_name", "locale", b"locale", "name", b"name", "time_zone", b"time_zone", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "consents", b"consents", "country", b"country", "create_time", b"create_time", "first_name", b"first_name", "identities", b"identities", "last_name", b"last_name", "locale", b"locale", "name", b"name", "time_zone", b"time_zone", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -268,10 +393,16 @@ class EligibilityResult(_message.Message):
     PROFILE_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
     verdict: Global___Verdict.ValueType
     """The verdict."""
     address: _builtins.str
     """The channel address to send to (email address, phone number), when allowed."""
+    reserved: _builtins.bool
+    """True when the request asked to reserve and this allowed message holds a reservation against the
+    capping rules under its message id (newly made, or made before for the same message id).
+    """
     @_builtins.property
     def identity(self) -> _value_pb2.Identity:
         """The identity that was checked."""
@@ -282,7 +413,13 @@ class EligibilityResult(_message.Message):
 
     @_builtins.property
     def attributes(self) -> _containers.MessageMap[_builtins.str, _value_pb2.Value]:
-        """Extra values of the profile, when any."""
+        """Extra values of the profile, when any: its custom attributes (also in `profile.attributes`)."""
+
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """When allowed, every address of the profile on the channel that is not quarantined (for example
+        several push tokens); `address` is the first of them.
+        """
 
     def __init__(
         self,
@@ -292,11 +429,155 @@ class EligibilityResult(_message.Message):
         profile: Global___Profile | None = ...,
         address: _builtins.str = ...,
         attributes: _abc.Mapping[_builtins.str, _value_pb2.Value] | None = ...,
+        reserved: _builtins.bool = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "attributes", b"attributes", "identity", b"identity", "profile", b"profile", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "addresses", b"addresses", "attributes", b"attributes", "identity", b"identity", "profile", b"profile", "reserved", b"reserved", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EligibilityResult: _TypeAlias = EligibilityResult  # noqa: Y015
+
+@_typing.final
+class DeliveryEvent(_message.Message):
+    """One piece of delivery feedback about an address on a channel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The event's unique id; an id applied before is skipped (for example the provider's event id)."""
+    channel: _channel_pb2.Channel.ValueType
+    """The channel."""
+    address: _builtins.str
+    """The address (email address, phone number, push token); when empty, the profile's address."""
+    profile: _builtins.str
+    """The profile, `profiles/{profile}`; when empty, the profile owning the address, if any."""
+    type: Global___DeliveryEventType.ValueType
+    """What happened."""
+    source: _builtins.str
+    """Where a complaint or unsubscribe came from, recorded as the consent's source (default: the type)."""
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened (default: when it is recorded)."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        channel: _channel_pb2.Channel.ValueType = ...,
+        address: _builtins.str = ...,
+        profile: _builtins.str = ...,
+        type: Global___DeliveryEventType.ValueType = ...,
+        source: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "channel", b"channel", "event_id", b"event_id", "event_time", b"event_time", "profile", b"profile", "source", b"source", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryEvent: _TypeAlias = DeliveryEvent  # noqa: Y015
+
+@_typing.final
+class Quarantine(_message.Message):
+    """The bounce state of one address on one channel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    QUARANTINED_FIELD_NUMBER: _builtins.int
+    SOFT_BOUNCE_COUNT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    QUARANTINE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    channel: _channel_pb2.Channel.ValueType
+    """The channel."""
+    address: _builtins.str
+    """The address."""
+    quarantined: _builtins.bool
+    """True when no message of any category may go to the address."""
+    soft_bounce_count: _builtins.int
+    """Soft bounces in a row since the last delivery."""
+    reason: _builtins.str
+    """Why it is quarantined: "hard_bounce" or "soft_bounce"; empty when it is not."""
+    @_builtins.property
+    def quarantine_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was quarantined."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When its state last changed."""
+
+    def __init__(
+        self,
+        *,
+        channel: _channel_pb2.Channel.ValueType = ...,
+        address: _builtins.str = ...,
+        quarantined: _builtins.bool = ...,
+        soft_bounce_count: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        quarantine_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quarantine_time", b"quarantine_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "channel", b"channel", "quarantine_time", b"quarantine_time", "quarantined", b"quarantined", "reason", b"reason", "soft_bounce_count", b"soft_bounce_count", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Quarantine: _TypeAlias = Quarantine  # noqa: Y015
+
+@_typing.final
+class CappingRule(_message.Message):
+    """At most `max_messages` marketing messages per profile on a channel (or on all channels) per period."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGES_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    TIME_BASIS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The resource name, `cappingRules/{capping_rule}`."""
+    channel: _channel_pb2.Channel.ValueType
+    """The channel counted; unset counts messages of every channel."""
+    max_messages: _builtins.int
+    """The most marketing messages allowed in one period (1 to 100000)."""
+    period: Global___CappingPeriod.ValueType
+    """The period."""
+    time_basis: Global___CappingTimeBasis.ValueType
+    """The clock of the period."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the rule was created."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        channel: _channel_pb2.Channel.ValueType = ...,
+        max_messages: _builtins.int = ...,
+        period: Global___CappingPeriod.ValueType = ...,
+        time_basis: Global___CappingTimeBasis.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "create_time", b"create_time", "max_messages", b"max_messages", "name", b"name", "period", b"period", "time_basis", b"time_basis"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CappingRule: _TypeAlias = CappingRule  # noqa: Y015

@@ -27,7 +27,7 @@ from carillon.type.v1 import channel_pb2 as carillon_dot_type_dot_v1_dot_channel
 from carillon.type.v1 import value_pb2 as carillon_dot_type_dot_v1_dot_value__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)carillon/profile/v1/profile_service.proto\x12\x13\x63\x61rillon.profile.v1\x1a!carillon/profile/v1/profile.proto\x1a\x1e\x63\x61rillon/type/v1/channel.proto\x1a\x1c\x63\x61rillon/type/v1/value.proto\"G\n\x15UpsertProfilesRequest\x12.\n\x08profiles\x18\x01 \x03(\x0b\x32\x1c.carillon.profile.v1.Profile\":\n\x16UpsertProfilesResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x03\x12\x0f\n\x07updated\x18\x02 \x01(\x03\"!\n\x11GetProfileRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x12GetProfileResponse\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.carillon.profile.v1.Profile\"\x92\x01\n\x11SetConsentRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12*\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.carillon.profile.v1.ConsentState\x12\x0e\n\x06source\x18\x04 \x01(\t\"C\n\x12SetConsentResponse\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.carillon.profile.v1.Profile\"\xaa\x01\n\x17\x43heckEligibilityRequest\x12*\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x33\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32!.carillon.type.v1.MessageCategory\x12.\n\nidentities\x18\x03 \x03(\x0b\x32\x1a.carillon.type.v1.Identity\"S\n\x18\x43heckEligibilityResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.carillon.profile.v1.EligibilityResult\"Y\n\x1bRecordCommunicationsRequest\x12:\n\x0e\x63ommunications\x18\x01 \x03(\x0b\x32\".carillon.profile.v1.Communication\"0\n\x1cRecordCommunicationsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x03\x32\xa7\x04\n\x0eProfileService\x12i\n\x0eUpsertProfiles\x12*.carillon.profile.v1.UpsertProfilesRequest\x1a+.carillon.profile.v1.UpsertProfilesResponse\x12]\n\nGetProfile\x12&.carillon.profile.v1.GetProfileRequest\x1a\'.carillon.profile.v1.GetProfileResponse\x12]\n\nSetConsent\x12&.carillon.profile.v1.SetConsentRequest\x1a\'.carillon.profile.v1.SetConsentResponse\x12o\n\x10\x43heckEligibility\x12,.carillon.profile.v1.CheckEligibilityRequest\x1a-.carillon.profile.v1.CheckEligibilityResponse\x12{\n\x14RecordCommunications\x12\x30.carillon.profile.v1.RecordCommunicationsRequest\x1a\x31.carillon.profile.v1.RecordCommunicationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)carillon/profile/v1/profile_service.proto\x12\x13\x63\x61rillon.profile.v1\x1a!carillon/profile/v1/profile.proto\x1a\x1e\x63\x61rillon/type/v1/channel.proto\x1a\x1c\x63\x61rillon/type/v1/value.proto\"G\n\x15UpsertProfilesRequest\x12.\n\x08profiles\x18\x01 \x03(\x0b\x32\x1c.carillon.profile.v1.Profile\":\n\x16UpsertProfilesResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x03\x12\x0f\n\x07updated\x18\x02 \x01(\x03\"!\n\x11GetProfileRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x12GetProfileResponse\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.carillon.profile.v1.Profile\"\xa3\x01\n\x11SetConsentRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12*\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.carillon.profile.v1.ConsentState\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0f\n\x07purpose\x18\x05 \x01(\t\"C\n\x12SetConsentResponse\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.carillon.profile.v1.Profile\"\x82\x02\n\x17\x43heckEligibilityRequest\x12*\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x33\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32!.carillon.type.v1.MessageCategory\x12.\n\nidentities\x18\x03 \x03(\x0b\x32\x1a.carillon.type.v1.Identity\x12\x0f\n\x07reserve\x18\x04 \x01(\x08\x12\x13\n\x0bmessage_ids\x18\x05 \x03(\t\x12\x1f\n\x17\x63reate_missing_profiles\x18\x06 \x01(\x08\x12\x0f\n\x07purpose\x18\x07 \x01(\t\"S\n\x18\x43heckEligibilityResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.carillon.profile.v1.EligibilityResult\"Y\n\x1bRecordCommunicationsRequest\x12:\n\x0e\x63ommunications\x18\x01 \x03(\x0b\x32\".carillon.profile.v1.Communication\"0\n\x1cRecordCommunicationsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x03\"1\n\x1aReleaseReservationsRequest\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\t\"/\n\x1bReleaseReservationsResponse\x12\x10\n\x08released\x18\x01 \x01(\x03\"Q\n\x1bRecordDeliveryEventsRequest\x12\x32\n\x06\x65vents\x18\x01 \x03(\x0b\x32\".carillon.profile.v1.DeliveryEvent\"/\n\x1cRecordDeliveryEventsResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x03\"S\n\x14GetQuarantineRequest\x12*\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"L\n\x15GetQuarantineResponse\x12\x33\n\nquarantine\x18\x01 \x01(\x0b\x32\x1f.carillon.profile.v1.Quarantine\"W\n\x18ReleaseQuarantineRequest\x12*\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"P\n\x19ReleaseQuarantineResponse\x12\x33\n\nquarantine\x18\x01 \x01(\x0b\x32\x1f.carillon.profile.v1.Quarantine\"k\n\x18\x43reateCappingRuleRequest\x12\x36\n\x0c\x63\x61pping_rule\x18\x01 \x01(\x0b\x32 .carillon.profile.v1.CappingRule\x12\x17\n\x0f\x63\x61pping_rule_id\x18\x02 \x01(\t\"S\n\x19\x43reateCappingRuleResponse\x12\x36\n\x0c\x63\x61pping_rule\x18\x01 \x01(\x0b\x32 .carillon.profile.v1.CappingRule\"@\n\x17ListCappingRulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"l\n\x18ListCappingRulesResponse\x12\x37\n\rcapping_rules\x18\x01 \x03(\x0b\x32 .carillon.profile.v1.CappingRule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x18\x44\x65leteCappingRuleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x19\x44\x65leteCappingRuleResponse\"D\n\x14LookupProfileRequest\x12,\n\x08identity\x18\x01 \x01(\x0b\x32\x1a.carillon.type.v1.Identity\"F\n\x15LookupProfileResponse\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.carillon.profile.v1.Profile\"$\n\x14\x44\x65leteProfileRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteProfileResponse\"S\n\x19ListCommunicationsRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"q\n\x1aListCommunicationsResponse\x12:\n\x0e\x63ommunications\x18\x01 \x03(\x0b\x32\".carillon.profile.v1.Communication\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x9a\r\n\x0eProfileService\x12i\n\x0eUpsertProfiles\x12*.carillon.profile.v1.UpsertProfilesRequest\x1a+.carillon.profile.v1.UpsertProfilesResponse\x12]\n\nGetProfile\x12&.carillon.profile.v1.GetProfileRequest\x1a\'.carillon.profile.v1.GetProfileResponse\x12\x66\n\rLookupProfile\x12).carillon.profile.v1.LookupProfileRequest\x1a*.carillon.profile.v1.LookupProfileResponse\x12\x66\n\rDeleteProfile\x12).carillon.profile.v1.DeleteProfileRequest\x1a*.carillon.profile.v1.DeleteProfileResponse\x12u\n\x12ListCommunications\x12..carillon.profile.v1.ListCommunicationsRequest\x1a/.carillon.profile.v1.ListCommunicationsResponse\x12]\n\nSetConsent\x12&.carillon.profile.v1.SetConsentRequest\x1a\'.carillon.profile.v1.SetConsentResponse\x12o\n\x10\x43heckEligibility\x12,.carillon.profile.v1.CheckEligibilityRequest\x1a-.carillon.profile.v1.CheckEligibilityResponse\x12{\n\x14RecordCommunications\x12\x30.carillon.profile.v1.RecordCommunicationsRequest\x1a\x31.carillon.profile.v1.RecordCommunicationsResponse\x12x\n\x13ReleaseReservations\x12/.carillon.profile.v1.ReleaseReservationsRequest\x1a\x30.carillon.profile.v1.ReleaseReservationsResponse\x12{\n\x14RecordDeliveryEvents\x12\x30.carillon.profile.v1.RecordDeliveryEventsRequest\x1a\x31.carillon.profile.v1.RecordDeliveryEventsResponse\x12\x66\n\rGetQuarantine\x12).carillon.profile.v1.GetQuarantineRequest\x1a*.carillon.profile.v1.GetQuarantineResponse\x12r\n\x11ReleaseQuarantine\x12-.carillon.profile.v1.ReleaseQuarantineRequest\x1a..carillon.profile.v1.ReleaseQuarantineResponse\x12r\n\x11\x43reateCappingRule\x12-.carillon.profile.v1.CreateCappingRuleRequest\x1a..carillon.profile.v1.CreateCappingRuleResponse\x12o\n\x10ListCappingRules\x12,.carillon.profile.v1.ListCappingRulesRequest\x1a-.carillon.profile.v1.ListCappingRulesResponse\x12r\n\x11\x44\x65leteCappingRule\x12-.carillon.profile.v1.DeleteCappingRuleRequest\x1a..carillon.profile.v1.DeleteCappingRuleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,17 +43,57 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPROFILERESPONSE']._serialized_start=331
   _globals['_GETPROFILERESPONSE']._serialized_end=398
   _globals['_SETCONSENTREQUEST']._serialized_start=401
-  _globals['_SETCONSENTREQUEST']._serialized_end=547
-  _globals['_SETCONSENTRESPONSE']._serialized_start=549
-  _globals['_SETCONSENTRESPONSE']._serialized_end=616
-  _globals['_CHECKELIGIBILITYREQUEST']._serialized_start=619
-  _globals['_CHECKELIGIBILITYREQUEST']._serialized_end=789
-  _globals['_CHECKELIGIBILITYRESPONSE']._serialized_start=791
-  _globals['_CHECKELIGIBILITYRESPONSE']._serialized_end=874
-  _globals['_RECORDCOMMUNICATIONSREQUEST']._serialized_start=876
-  _globals['_RECORDCOMMUNICATIONSREQUEST']._serialized_end=965
-  _globals['_RECORDCOMMUNICATIONSRESPONSE']._serialized_start=967
-  _globals['_RECORDCOMMUNICATIONSRESPONSE']._serialized_end=1015
-  _globals['_PROFILESERVICE']._serialized_start=1018
-  _globals['_PROFILESERVICE']._serialized_end=1569
+  _globals['_SETCONSENTREQUEST']._serialized_end=564
+  _globals['_SETCONSENTRESPONSE']._serialized_start=566
+  _globals['_SETCONSENTRESPONSE']._serialized_end=633
+  _globals['_CHECKELIGIBILITYREQUEST']._serialized_start=636
+  _globals['_CHECKELIGIBILITYREQUEST']._serialized_end=894
+  _globals['_CHECKELIGIBILITYRESPONSE']._serialized_start=896
+  _globals['_CHECKELIGIBILITYRESPONSE']._serialized_end=979
+  _globals['_RECORDCOMMUNICATIONSREQUEST']._serialized_start=981
+  _globals['_RECORDCOMMUNICATIONSREQUEST']._serialized_end=1070
+  _globals['_RECORDCOMMUNICATIONSRESPONSE']._serialized_start=1072
+  _globals['_RECORDCOMMUNICATIONSRESPONSE']._serialized_end=1120
+  _globals['_RELEASERESERVATIONSREQUEST']._serialized_start=1122
+  _globals['_RELEASERESERVATIONSREQUEST']._serialized_end=1171
+  _globals['_RELEASERESERVATIONSRESPONSE']._serialized_start=1173
+  _globals['_RELEASERESERVATIONSRESPONSE']._serialized_end=1220
+  _globals['_RECORDDELIVERYEVENTSREQUEST']._serialized_start=1222
+  _globals['_RECORDDELIVERYEVENTSREQUEST']._serialized_end=1303
+  _globals['_RECORDDELIVERYEVENTSRESPONSE']._serialized_start=1305
+  _globals['_RECORDDELIVERYEVENTSRESPONSE']._serialized_end=1352
+  _globals['_GETQUARANTINEREQUEST']._serialized_start=1354
+  _globals['_GETQUARANTINEREQUEST']._serialized_end=1437
+  _globals['_GETQUARANTINERESPONSE']._serialized_start=1439
+  _globals['_GETQUARANTINERESPONSE']._serialized_end=1515
+  _globals['_RELEASEQUARANTINEREQUEST']._serialized_start=1517
+  _globals['_RELEASEQUARANTINEREQUEST']._serialized_end=1604
+  _globals['_RELEASEQUARANTINERESPONSE']._serialized_start=1606
+  _globals['_RELEASEQUARANTINERESPONSE']._serialized_end=1686
+  _globals['_CREATECAPPINGRULEREQUEST']._serialized_start=1688
+  _globals['_CREATECAPPINGRULEREQUEST']._serialized_end=1795
+  _globals['_CREATECAPPINGRULERESPONSE']._serialized_start=1797
+  _globals['_CREATECAPPINGRULERESPONSE']._serialized_end=1880
+  _globals['_LISTCAPPINGRULESREQUEST']._serialized_start=1882
+  _globals['_LISTCAPPINGRULESREQUEST']._serialized_end=1946
+  _globals['_LISTCAPPINGRULESRESPONSE']._serialized_start=1948
+  _globals['_LISTCAPPINGRULESRESPONSE']._serialized_end=2056
+  _globals['_DELETECAPPINGRULEREQUEST']._serialized_start=2058
+  _globals['_DELETECAPPINGRULEREQUEST']._serialized_end=2098
+  _globals['_DELETECAPPINGRULERESPONSE']._serialized_start=2100
+  _globals['_DELETECAPPINGRULERESPONSE']._serialized_end=2127
+  _globals['_LOOKUPPROFILEREQUEST']._serialized_start=2129
+  _globals['_LOOKUPPROFILEREQUEST']._serialized_end=2197
+  _globals['_LOOKUPPROFILERESPONSE']._serialized_start=2199
+  _globals['_LOOKUPPROFILERESPONSE']._serialized_end=2269
+  _globals['_DELETEPROFILEREQUEST']._serialized_start=2271
+  _globals['_DELETEPROFILEREQUEST']._serialized_end=2307
+  _globals['_DELETEPROFILERESPONSE']._serialized_start=2309
+  _globals['_DELETEPROFILERESPONSE']._serialized_end=2332
+  _globals['_LISTCOMMUNICATIONSREQUEST']._serialized_start=2334
+  _globals['_LISTCOMMUNICATIONSREQUEST']._serialized_end=2417
+  _globals['_LISTCOMMUNICATIONSRESPONSE']._serialized_start=2419
+  _globals['_LISTCOMMUNICATIONSRESPONSE']._serialized_end=2532
+  _globals['_PROFILESERVICE']._serialized_start=2535
+  _globals['_PROFILESERVICE']._serialized_end=4225
 # @@protoc_insertion_point(module_scope)

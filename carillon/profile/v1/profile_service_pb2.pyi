@@ -127,6 +127,7 @@ class SetConsentRequest(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
     """The profile's name, `profiles/{profile}`."""
     channel: _channel_pb2.Channel.ValueType
@@ -135,6 +136,8 @@ class SetConsentRequest(_message.Message):
     """The new state."""
     source: _builtins.str
     """Where the change came from."""
+    purpose: _builtins.str
+    """The purpose, a lower-case name; empty means "marketing"."""
     def __init__(
         self,
         *,
@@ -142,10 +145,11 @@ class SetConsentRequest(_message.Message):
         channel: _channel_pb2.Channel.ValueType = ...,
         state: _profile_pb2.ConsentState.ValueType = ...,
         source: _builtins.str = ...,
+        purpose: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "profile", b"profile", "source", b"source", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "profile", b"profile", "purpose", b"purpose", "source", b"source", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -184,13 +188,34 @@ class CheckEligibilityRequest(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     CATEGORY_FIELD_NUMBER: _builtins.int
     IDENTITIES_FIELD_NUMBER: _builtins.int
+    RESERVE_FIELD_NUMBER: _builtins.int
+    MESSAGE_IDS_FIELD_NUMBER: _builtins.int
+    CREATE_MISSING_PROFILES_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
     channel: _channel_pb2.Channel.ValueType
     """The channel of the message."""
     category: _channel_pb2.MessageCategory.ValueType
     """The category of the message."""
+    reserve: _builtins.bool
+    """When true (marketing only), each allowed identity reserves one send against the capping rules,
+    atomically with the check, under its entry in `message_ids`. A reservation becomes a
+    communication when RecordCommunications records the same message id, is freed by
+    ReleaseReservations, and stops counting when it expires. Asking again with a message id that is
+    reserved or recorded returns ALLOWED without counting it twice.
+    """
+    create_missing_profiles: _builtins.bool
+    """When true, an identity that no profile has gets a new profile holding just that identity (with no
+    consent), which is then judged like any other; off by default (VERDICT_UNKNOWN_PROFILE).
+    """
+    purpose: _builtins.str
+    """The consent purpose checked for marketing messages; empty means "marketing"."""
     @_builtins.property
     def identities(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Identity]:
         """The identities to check (at most 10000)."""
+
+    @_builtins.property
+    def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With `reserve`: one message id (the send ledger id) per identity, in the same order."""
 
     def __init__(
         self,
@@ -198,10 +223,14 @@ class CheckEligibilityRequest(_message.Message):
         channel: _channel_pb2.Channel.ValueType = ...,
         category: _channel_pb2.MessageCategory.ValueType = ...,
         identities: _abc.Iterable[_value_pb2.Identity] | None = ...,
+        reserve: _builtins.bool = ...,
+        message_ids: _abc.Iterable[_builtins.str] | None = ...,
+        create_missing_profiles: _builtins.bool = ...,
+        purpose: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "channel", b"channel", "identities", b"identities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "channel", b"channel", "create_missing_profiles", b"create_missing_profiles", "identities", b"identities", "message_ids", b"message_ids", "purpose", b"purpose", "reserve", b"reserve"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -276,3 +305,485 @@ class RecordCommunicationsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordCommunicationsResponse: _TypeAlias = RecordCommunicationsResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseReservationsRequest(_message.Message):
+    """Request of ReleaseReservations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The message ids whose reservations are released; unknown ids are ignored."""
+
+    def __init__(
+        self,
+        *,
+        message_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_ids", b"message_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseReservationsRequest: _TypeAlias = ReleaseReservationsRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseReservationsResponse(_message.Message):
+    """Response of ReleaseReservations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    released: _builtins.int
+    """Reservations released."""
+    def __init__(
+        self,
+        *,
+        released: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseReservationsResponse: _TypeAlias = ReleaseReservationsResponse  # noqa: Y015
+
+@_typing.final
+class RecordDeliveryEventsRequest(_message.Message):
+    """Request of RecordDeliveryEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_profile_pb2.DeliveryEvent]:
+        """The events, applied in order."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_profile_pb2.DeliveryEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordDeliveryEventsRequest: _TypeAlias = RecordDeliveryEventsRequest  # noqa: Y015
+
+@_typing.final
+class RecordDeliveryEventsResponse(_message.Message):
+    """Response of RecordDeliveryEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLIED_FIELD_NUMBER: _builtins.int
+    applied: _builtins.int
+    """Events newly applied (repeats of an event id are not counted)."""
+    def __init__(
+        self,
+        *,
+        applied: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordDeliveryEventsResponse: _TypeAlias = RecordDeliveryEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetQuarantineRequest(_message.Message):
+    """Request of GetQuarantine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    channel: _channel_pb2.Channel.ValueType
+    """The channel."""
+    address: _builtins.str
+    """The address."""
+    def __init__(
+        self,
+        *,
+        channel: _channel_pb2.Channel.ValueType = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "channel", b"channel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQuarantineRequest: _TypeAlias = GetQuarantineRequest  # noqa: Y015
+
+@_typing.final
+class GetQuarantineResponse(_message.Message):
+    """Response of GetQuarantine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUARANTINE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def quarantine(self) -> _profile_pb2.Quarantine:
+        """The address's state."""
+
+    def __init__(
+        self,
+        *,
+        quarantine: _profile_pb2.Quarantine | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quarantine", b"quarantine"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quarantine", b"quarantine"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQuarantineResponse: _TypeAlias = GetQuarantineResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseQuarantineRequest(_message.Message):
+    """Request of ReleaseQuarantine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    channel: _channel_pb2.Channel.ValueType
+    """The channel."""
+    address: _builtins.str
+    """The address."""
+    def __init__(
+        self,
+        *,
+        channel: _channel_pb2.Channel.ValueType = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "channel", b"channel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseQuarantineRequest: _TypeAlias = ReleaseQuarantineRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseQuarantineResponse(_message.Message):
+    """Response of ReleaseQuarantine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUARANTINE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def quarantine(self) -> _profile_pb2.Quarantine:
+        """The address's state after the release."""
+
+    def __init__(
+        self,
+        *,
+        quarantine: _profile_pb2.Quarantine | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quarantine", b"quarantine"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quarantine", b"quarantine"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseQuarantineResponse: _TypeAlias = ReleaseQuarantineResponse  # noqa: Y015
+
+@_typing.final
+class CreateCappingRuleRequest(_message.Message):
+    """Request of CreateCappingRule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPPING_RULE_FIELD_NUMBER: _builtins.int
+    CAPPING_RULE_ID_FIELD_NUMBER: _builtins.int
+    capping_rule_id: _builtins.str
+    """The rule's id; generated when empty."""
+    @_builtins.property
+    def capping_rule(self) -> _profile_pb2.CappingRule:
+        """The rule; `name` is ignored."""
+
+    def __init__(
+        self,
+        *,
+        capping_rule: _profile_pb2.CappingRule | None = ...,
+        capping_rule_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capping_rule", b"capping_rule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capping_rule", b"capping_rule", "capping_rule_id", b"capping_rule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCappingRuleRequest: _TypeAlias = CreateCappingRuleRequest  # noqa: Y015
+
+@_typing.final
+class CreateCappingRuleResponse(_message.Message):
+    """Response of CreateCappingRule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPPING_RULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def capping_rule(self) -> _profile_pb2.CappingRule:
+        """The rule created."""
+
+    def __init__(
+        self,
+        *,
+        capping_rule: _profile_pb2.CappingRule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capping_rule", b"capping_rule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capping_rule", b"capping_rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCappingRuleResponse: _TypeAlias = CreateCappingRuleResponse  # noqa: Y015
+
+@_typing.final
+class ListCappingRulesRequest(_message.Message):
+    """Request of ListCappingRules."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The most rules to return (default and maximum 1000)."""
+    page_token: _builtins.str
+    """A token from a previous response."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCappingRulesRequest: _TypeAlias = ListCappingRulesRequest  # noqa: Y015
+
+@_typing.final
+class ListCappingRulesResponse(_message.Message):
+    """Response of ListCappingRules."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPPING_RULES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last."""
+    @_builtins.property
+    def capping_rules(self) -> _containers.RepeatedCompositeFieldContainer[_profile_pb2.CappingRule]:
+        """The rules, by id."""
+
+    def __init__(
+        self,
+        *,
+        capping_rules: _abc.Iterable[_profile_pb2.CappingRule] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capping_rules", b"capping_rules", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCappingRulesResponse: _TypeAlias = ListCappingRulesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteCappingRuleRequest(_message.Message):
+    """Request of DeleteCappingRule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The rule's name, `cappingRules/{capping_rule}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCappingRuleRequest: _TypeAlias = DeleteCappingRuleRequest  # noqa: Y015
+
+@_typing.final
+class DeleteCappingRuleResponse(_message.Message):
+    """Response of DeleteCappingRule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCappingRuleResponse: _TypeAlias = DeleteCappingRuleResponse  # noqa: Y015
+
+@_typing.final
+class LookupProfileRequest(_message.Message):
+    """Request of LookupProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def identity(self) -> _value_pb2.Identity:
+        """The identity to look up."""
+
+    def __init__(
+        self,
+        *,
+        identity: _value_pb2.Identity | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupProfileRequest: _TypeAlias = LookupProfileRequest  # noqa: Y015
+
+@_typing.final
+class LookupProfileResponse(_message.Message):
+    """Response of LookupProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def profile(self) -> _profile_pb2.Profile:
+        """The profile that owns the identity."""
+
+    def __init__(
+        self,
+        *,
+        profile: _profile_pb2.Profile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupProfileResponse: _TypeAlias = LookupProfileResponse  # noqa: Y015
+
+@_typing.final
+class DeleteProfileRequest(_message.Message):
+    """Request of DeleteProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The profile's name, `profiles/{profile}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteProfileRequest: _TypeAlias = DeleteProfileRequest  # noqa: Y015
+
+@_typing.final
+class DeleteProfileResponse(_message.Message):
+    """Response of DeleteProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteProfileResponse: _TypeAlias = DeleteProfileResponse  # noqa: Y015
+
+@_typing.final
+class ListCommunicationsRequest(_message.Message):
+    """Request of ListCommunications."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    profile: _builtins.str
+    """The profile, `profiles/{profile}`."""
+    page_size: _builtins.int
+    """The most communications to return (default and maximum 1000)."""
+    page_token: _builtins.str
+    """A token from a previous response."""
+    def __init__(
+        self,
+        *,
+        profile: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCommunicationsRequest: _TypeAlias = ListCommunicationsRequest  # noqa: Y015
+
+@_typing.final
+class ListCommunicationsResponse(_message.Message):
+    """Response of ListCommunications."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMUNICATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last."""
+    @_builtins.property
+    def communications(self) -> _containers.RepeatedCompositeFieldContainer[_profile_pb2.Communication]:
+        """The communications, newest first."""
+
+    def __init__(
+        self,
+        *,
+        communications: _abc.Iterable[_profile_pb2.Communication] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["communications", b"communications", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCommunicationsResponse: _TypeAlias = ListCommunicationsResponse  # noqa: Y015

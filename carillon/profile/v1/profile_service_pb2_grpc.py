@@ -46,6 +46,21 @@ class ProfileServiceStub:
                 request_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.GetProfileRequest.SerializeToString,
                 response_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.GetProfileResponse.FromString,
                 _registered_method=True)
+        self.LookupProfile = channel.unary_unary(
+                '/carillon.profile.v1.ProfileService/LookupProfile',
+                request_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.LookupProfileRequest.SerializeToString,
+                response_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.LookupProfileResponse.FromString,
+                _registered_method=True)
+        self.DeleteProfile = channel.unary_unary(
+                '/carillon.profile.v1.ProfileService/DeleteProfile',
+                request_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.DeleteProfileRequest.SerializeToString,
+                response_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.DeleteProfileResponse.FromString,
+                _registered_method=True)
+        self.ListCommunications = channel.unary_unary(
+                '/carillon.profile.v1.ProfileService/ListCommunications',
+                request_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ListCommunicationsRequest.SerializeToString,
+                response_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ListCommunicationsResponse.FromString,
+                _registered_method=True)
         self.SetConsent = channel.unary_unary(
                 '/carillon.profile.v1.ProfileService/SetConsent',
                 request_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.SetConsentRequest.SerializeToString,
@@ -60,6 +75,41 @@ class ProfileServiceStub:
                 '/carillon.profile.v1.ProfileService/RecordCommunications',
                 request_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.RecordCommunicationsRequest.SerializeToString,
                 response_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.RecordCommunicationsResponse.FromString,
+                _registered_method=True)
+        self.ReleaseReservations = channel.unary_unary(
+                '/carillon.profile.v1.ProfileService/ReleaseReservations',
+                request_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ReleaseReservationsRequest.SerializeToString,
+                response_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ReleaseReservationsResponse.FromString,
+                _registered_method=True)
+        self.RecordDeliveryEvents = channel.unary_unary(
+                '/carillon.profile.v1.ProfileService/RecordDeliveryEvents',
+                request_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.RecordDeliveryEventsRequest.SerializeToString,
+                response_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.RecordDeliveryEventsResponse.FromString,
+                _registered_method=True)
+        self.GetQuarantine = channel.unary_unary(
+                '/carillon.profile.v1.ProfileService/GetQuarantine',
+                request_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.GetQuarantineRequest.SerializeToString,
+                response_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.GetQuarantineResponse.FromString,
+                _registered_method=True)
+        self.ReleaseQuarantine = channel.unary_unary(
+                '/carillon.profile.v1.ProfileService/ReleaseQuarantine',
+                request_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ReleaseQuarantineRequest.SerializeToString,
+                response_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ReleaseQuarantineResponse.FromString,
+                _registered_method=True)
+        self.CreateCappingRule = channel.unary_unary(
+                '/carillon.profile.v1.ProfileService/CreateCappingRule',
+                request_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.CreateCappingRuleRequest.SerializeToString,
+                response_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.CreateCappingRuleResponse.FromString,
+                _registered_method=True)
+        self.ListCappingRules = channel.unary_unary(
+                '/carillon.profile.v1.ProfileService/ListCappingRules',
+                request_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ListCappingRulesRequest.SerializeToString,
+                response_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ListCappingRulesResponse.FromString,
+                _registered_method=True)
+        self.DeleteCappingRule = channel.unary_unary(
+                '/carillon.profile.v1.ProfileService/DeleteCappingRule',
+                request_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.DeleteCappingRuleRequest.SerializeToString,
+                response_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.DeleteCappingRuleResponse.FromString,
                 _registered_method=True)
 
 
@@ -84,8 +134,33 @@ class ProfileServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LookupProfile(self, request, context):
+        """Returns the profile that owns an identity.
+        Errors: INVALID_ARGUMENT (an identity without a namespace or value), NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteProfile(self, request, context):
+        """Forgets a profile (the right to be forgotten): its identities, consents, communication history,
+        reservations, and the quarantine and delivery feedback of its addresses.
+        Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCommunications(self, request, context):
+        """Lists the communication history of one profile, newest first.
+        Errors: INVALID_ARGUMENT (malformed profile name or page token), NOT_FOUND (unknown profile).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetConsent(self, request, context):
-        """Sets the consent of one profile on one channel.
+        """Sets the consent of one profile on one channel (for one purpose, by default "marketing").
         Errors: INVALID_ARGUMENT, NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -93,8 +168,10 @@ class ProfileServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CheckEligibility(self, request, context):
-        """Checks, for a batch of identities, whether a message of a channel and category may be sent.
-        Errors: INVALID_ARGUMENT (unset channel or category, too many identities).
+        """Checks, for a batch of identities, whether a message of a channel and category may be sent;
+        with `reserve`, also reserves each allowed marketing send against the capping rules atomically.
+        Errors: INVALID_ARGUMENT (unset channel or category, too many identities, `reserve` without one
+        message id per identity).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,6 +180,64 @@ class ProfileServiceServicer:
     def RecordCommunications(self, request, context):
         """Records sent messages in the communication history; idempotent on each message id.
         Errors: INVALID_ARGUMENT, NOT_FOUND (unknown profile; nothing is written).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseReservations(self, request, context):
+        """Releases reservations made by CheckEligibility for messages that will not be sent.
+        Errors: INVALID_ARGUMENT (an empty message id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordDeliveryEvents(self, request, context):
+        """Applies delivery feedback in order, idempotent on each event id: bounces and deliveries update the
+        address's quarantine; complaints and unsubscribes opt the profile out of the channel.
+        Errors: INVALID_ARGUMENT (a bad event, or more events than the eligibility batch limit, 10000 by
+        default; nothing is applied).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQuarantine(self, request, context):
+        """Returns the bounce state of an address (not quarantined when nothing is recorded).
+        Errors: INVALID_ARGUMENT (unset channel or address).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseQuarantine(self, request, context):
+        """Lifts the quarantine of an address and clears its soft bounce count.
+        Errors: INVALID_ARGUMENT (unset channel or address).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCappingRule(self, request, context):
+        """Creates a capping rule.
+        Errors: INVALID_ARGUMENT (a bad rule), ALREADY_EXISTS (the id is taken).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCappingRules(self, request, context):
+        """Lists the capping rules of the sandbox.
+        Errors: INVALID_ARGUMENT (a bad page token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCappingRule(self, request, context):
+        """Deletes a capping rule.
+        Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +256,21 @@ def add_ProfileServiceServicer_to_server(servicer, server):
                     request_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.GetProfileRequest.FromString,
                     response_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.GetProfileResponse.SerializeToString,
             ),
+            'LookupProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupProfile,
+                    request_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.LookupProfileRequest.FromString,
+                    response_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.LookupProfileResponse.SerializeToString,
+            ),
+            'DeleteProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteProfile,
+                    request_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.DeleteProfileRequest.FromString,
+                    response_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.DeleteProfileResponse.SerializeToString,
+            ),
+            'ListCommunications': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCommunications,
+                    request_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ListCommunicationsRequest.FromString,
+                    response_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ListCommunicationsResponse.SerializeToString,
+            ),
             'SetConsent': grpc.unary_unary_rpc_method_handler(
                     servicer.SetConsent,
                     request_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.SetConsentRequest.FromString,
@@ -135,6 +285,41 @@ def add_ProfileServiceServicer_to_server(servicer, server):
                     servicer.RecordCommunications,
                     request_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.RecordCommunicationsRequest.FromString,
                     response_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.RecordCommunicationsResponse.SerializeToString,
+            ),
+            'ReleaseReservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseReservations,
+                    request_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ReleaseReservationsRequest.FromString,
+                    response_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ReleaseReservationsResponse.SerializeToString,
+            ),
+            'RecordDeliveryEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordDeliveryEvents,
+                    request_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.RecordDeliveryEventsRequest.FromString,
+                    response_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.RecordDeliveryEventsResponse.SerializeToString,
+            ),
+            'GetQuarantine': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQuarantine,
+                    request_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.GetQuarantineRequest.FromString,
+                    response_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.GetQuarantineResponse.SerializeToString,
+            ),
+            'ReleaseQuarantine': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseQuarantine,
+                    request_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ReleaseQuarantineRequest.FromString,
+                    response_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ReleaseQuarantineResponse.SerializeToString,
+            ),
+            'CreateCappingRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCappingRule,
+                    request_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.CreateCappingRuleRequest.FromString,
+                    response_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.CreateCappingRuleResponse.SerializeToString,
+            ),
+            'ListCappingRules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCappingRules,
+                    request_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ListCappingRulesRequest.FromString,
+                    response_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.ListCappingRulesResponse.SerializeToString,
+            ),
+            'DeleteCappingRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCappingRule,
+                    request_deserializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.DeleteCappingRuleRequest.FromString,
+                    response_serializer=carillon_dot_profile_dot_v1_dot_profile__service__pb2.DeleteCappingRuleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -193,6 +378,87 @@ class ProfileService:
             '/carillon.profile.v1.ProfileService/GetProfile',
             carillon_dot_profile_dot_v1_dot_profile__service__pb2.GetProfileRequest.SerializeToString,
             carillon_dot_profile_dot_v1_dot_profile__service__pb2.GetProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.profile.v1.ProfileService/LookupProfile',
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.LookupProfileRequest.SerializeToString,
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.LookupProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.profile.v1.ProfileService/DeleteProfile',
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.DeleteProfileRequest.SerializeToString,
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.DeleteProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCommunications(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.profile.v1.ProfileService/ListCommunications',
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.ListCommunicationsRequest.SerializeToString,
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.ListCommunicationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -274,6 +540,195 @@ class ProfileService:
             '/carillon.profile.v1.ProfileService/RecordCommunications',
             carillon_dot_profile_dot_v1_dot_profile__service__pb2.RecordCommunicationsRequest.SerializeToString,
             carillon_dot_profile_dot_v1_dot_profile__service__pb2.RecordCommunicationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.profile.v1.ProfileService/ReleaseReservations',
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.ReleaseReservationsRequest.SerializeToString,
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.ReleaseReservationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordDeliveryEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.profile.v1.ProfileService/RecordDeliveryEvents',
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.RecordDeliveryEventsRequest.SerializeToString,
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.RecordDeliveryEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQuarantine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.profile.v1.ProfileService/GetQuarantine',
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.GetQuarantineRequest.SerializeToString,
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.GetQuarantineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseQuarantine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.profile.v1.ProfileService/ReleaseQuarantine',
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.ReleaseQuarantineRequest.SerializeToString,
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.ReleaseQuarantineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCappingRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.profile.v1.ProfileService/CreateCappingRule',
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.CreateCappingRuleRequest.SerializeToString,
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.CreateCappingRuleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCappingRules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.profile.v1.ProfileService/ListCappingRules',
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.ListCappingRulesRequest.SerializeToString,
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.ListCappingRulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCappingRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.profile.v1.ProfileService/DeleteCappingRule',
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.DeleteCappingRuleRequest.SerializeToString,
+            carillon_dot_profile_dot_v1_dot_profile__service__pb2.DeleteCappingRuleResponse.FromString,
             options,
             channel_credentials,
             insecure,

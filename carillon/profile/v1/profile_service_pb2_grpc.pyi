@@ -43,17 +43,62 @@ class ProfileServiceStub:
     """Returns one profile.
     Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
     """
+    LookupProfile: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.LookupProfileRequest, _profile_service_pb2.LookupProfileResponse]
+    """Returns the profile that owns an identity.
+    Errors: INVALID_ARGUMENT (an identity without a namespace or value), NOT_FOUND.
+    """
+    DeleteProfile: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.DeleteProfileRequest, _profile_service_pb2.DeleteProfileResponse]
+    """Forgets a profile (the right to be forgotten): its identities, consents, communication history,
+    reservations, and the quarantine and delivery feedback of its addresses.
+    Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
+    """
+    ListCommunications: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ListCommunicationsRequest, _profile_service_pb2.ListCommunicationsResponse]
+    """Lists the communication history of one profile, newest first.
+    Errors: INVALID_ARGUMENT (malformed profile name or page token), NOT_FOUND (unknown profile).
+    """
     SetConsent: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.SetConsentRequest, _profile_service_pb2.SetConsentResponse]
-    """Sets the consent of one profile on one channel.
+    """Sets the consent of one profile on one channel (for one purpose, by default "marketing").
     Errors: INVALID_ARGUMENT, NOT_FOUND.
     """
     CheckEligibility: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.CheckEligibilityRequest, _profile_service_pb2.CheckEligibilityResponse]
-    """Checks, for a batch of identities, whether a message of a channel and category may be sent.
-    Errors: INVALID_ARGUMENT (unset channel or category, too many identities).
+    """Checks, for a batch of identities, whether a message of a channel and category may be sent;
+    with `reserve`, also reserves each allowed marketing send against the capping rules atomically.
+    Errors: INVALID_ARGUMENT (unset channel or category, too many identities, `reserve` without one
+    message id per identity).
     """
     RecordCommunications: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.RecordCommunicationsRequest, _profile_service_pb2.RecordCommunicationsResponse]
     """Records sent messages in the communication history; idempotent on each message id.
     Errors: INVALID_ARGUMENT, NOT_FOUND (unknown profile; nothing is written).
+    """
+    ReleaseReservations: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ReleaseReservationsRequest, _profile_service_pb2.ReleaseReservationsResponse]
+    """Releases reservations made by CheckEligibility for messages that will not be sent.
+    Errors: INVALID_ARGUMENT (an empty message id).
+    """
+    RecordDeliveryEvents: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.RecordDeliveryEventsRequest, _profile_service_pb2.RecordDeliveryEventsResponse]
+    """Applies delivery feedback in order, idempotent on each event id: bounces and deliveries update the
+    address's quarantine; complaints and unsubscribes opt the profile out of the channel.
+    Errors: INVALID_ARGUMENT (a bad event, or more events than the eligibility batch limit, 10000 by
+    default; nothing is applied).
+    """
+    GetQuarantine: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.GetQuarantineRequest, _profile_service_pb2.GetQuarantineResponse]
+    """Returns the bounce state of an address (not quarantined when nothing is recorded).
+    Errors: INVALID_ARGUMENT (unset channel or address).
+    """
+    ReleaseQuarantine: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ReleaseQuarantineRequest, _profile_service_pb2.ReleaseQuarantineResponse]
+    """Lifts the quarantine of an address and clears its soft bounce count.
+    Errors: INVALID_ARGUMENT (unset channel or address).
+    """
+    CreateCappingRule: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.CreateCappingRuleRequest, _profile_service_pb2.CreateCappingRuleResponse]
+    """Creates a capping rule.
+    Errors: INVALID_ARGUMENT (a bad rule), ALREADY_EXISTS (the id is taken).
+    """
+    ListCappingRules: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ListCappingRulesRequest, _profile_service_pb2.ListCappingRulesResponse]
+    """Lists the capping rules of the sandbox.
+    Errors: INVALID_ARGUMENT (a bad page token).
+    """
+    DeleteCappingRule: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.DeleteCappingRuleRequest, _profile_service_pb2.DeleteCappingRuleResponse]
+    """Deletes a capping rule.
+    Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
     """
 
 @_typing.type_check_only
@@ -71,17 +116,62 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     """Returns one profile.
     Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
     """
+    LookupProfile: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.LookupProfileRequest, _profile_service_pb2.LookupProfileResponse]  # type: ignore[assignment]
+    """Returns the profile that owns an identity.
+    Errors: INVALID_ARGUMENT (an identity without a namespace or value), NOT_FOUND.
+    """
+    DeleteProfile: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.DeleteProfileRequest, _profile_service_pb2.DeleteProfileResponse]  # type: ignore[assignment]
+    """Forgets a profile (the right to be forgotten): its identities, consents, communication history,
+    reservations, and the quarantine and delivery feedback of its addresses.
+    Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
+    """
+    ListCommunications: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ListCommunicationsRequest, _profile_service_pb2.ListCommunicationsResponse]  # type: ignore[assignment]
+    """Lists the communication history of one profile, newest first.
+    Errors: INVALID_ARGUMENT (malformed profile name or page token), NOT_FOUND (unknown profile).
+    """
     SetConsent: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.SetConsentRequest, _profile_service_pb2.SetConsentResponse]  # type: ignore[assignment]
-    """Sets the consent of one profile on one channel.
+    """Sets the consent of one profile on one channel (for one purpose, by default "marketing").
     Errors: INVALID_ARGUMENT, NOT_FOUND.
     """
     CheckEligibility: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.CheckEligibilityRequest, _profile_service_pb2.CheckEligibilityResponse]  # type: ignore[assignment]
-    """Checks, for a batch of identities, whether a message of a channel and category may be sent.
-    Errors: INVALID_ARGUMENT (unset channel or category, too many identities).
+    """Checks, for a batch of identities, whether a message of a channel and category may be sent;
+    with `reserve`, also reserves each allowed marketing send against the capping rules atomically.
+    Errors: INVALID_ARGUMENT (unset channel or category, too many identities, `reserve` without one
+    message id per identity).
     """
     RecordCommunications: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.RecordCommunicationsRequest, _profile_service_pb2.RecordCommunicationsResponse]  # type: ignore[assignment]
     """Records sent messages in the communication history; idempotent on each message id.
     Errors: INVALID_ARGUMENT, NOT_FOUND (unknown profile; nothing is written).
+    """
+    ReleaseReservations: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ReleaseReservationsRequest, _profile_service_pb2.ReleaseReservationsResponse]  # type: ignore[assignment]
+    """Releases reservations made by CheckEligibility for messages that will not be sent.
+    Errors: INVALID_ARGUMENT (an empty message id).
+    """
+    RecordDeliveryEvents: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.RecordDeliveryEventsRequest, _profile_service_pb2.RecordDeliveryEventsResponse]  # type: ignore[assignment]
+    """Applies delivery feedback in order, idempotent on each event id: bounces and deliveries update the
+    address's quarantine; complaints and unsubscribes opt the profile out of the channel.
+    Errors: INVALID_ARGUMENT (a bad event, or more events than the eligibility batch limit, 10000 by
+    default; nothing is applied).
+    """
+    GetQuarantine: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.GetQuarantineRequest, _profile_service_pb2.GetQuarantineResponse]  # type: ignore[assignment]
+    """Returns the bounce state of an address (not quarantined when nothing is recorded).
+    Errors: INVALID_ARGUMENT (unset channel or address).
+    """
+    ReleaseQuarantine: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ReleaseQuarantineRequest, _profile_service_pb2.ReleaseQuarantineResponse]  # type: ignore[assignment]
+    """Lifts the quarantine of an address and clears its soft bounce count.
+    Errors: INVALID_ARGUMENT (unset channel or address).
+    """
+    CreateCappingRule: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.CreateCappingRuleRequest, _profile_service_pb2.CreateCappingRuleResponse]  # type: ignore[assignment]
+    """Creates a capping rule.
+    Errors: INVALID_ARGUMENT (a bad rule), ALREADY_EXISTS (the id is taken).
+    """
+    ListCappingRules: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ListCappingRulesRequest, _profile_service_pb2.ListCappingRulesResponse]  # type: ignore[assignment]
+    """Lists the capping rules of the sandbox.
+    Errors: INVALID_ARGUMENT (a bad page token).
+    """
+    DeleteCappingRule: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.DeleteCappingRuleRequest, _profile_service_pb2.DeleteCappingRuleResponse]  # type: ignore[assignment]
+    """Deletes a capping rule.
+    Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
     """
 
 class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -110,12 +200,43 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def LookupProfile(
+        self,
+        request: _profile_service_pb2.LookupProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_service_pb2.LookupProfileResponse, _abc.Awaitable[_profile_service_pb2.LookupProfileResponse]]:
+        """Returns the profile that owns an identity.
+        Errors: INVALID_ARGUMENT (an identity without a namespace or value), NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteProfile(
+        self,
+        request: _profile_service_pb2.DeleteProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_service_pb2.DeleteProfileResponse, _abc.Awaitable[_profile_service_pb2.DeleteProfileResponse]]:
+        """Forgets a profile (the right to be forgotten): its identities, consents, communication history,
+        reservations, and the quarantine and delivery feedback of its addresses.
+        Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCommunications(
+        self,
+        request: _profile_service_pb2.ListCommunicationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_service_pb2.ListCommunicationsResponse, _abc.Awaitable[_profile_service_pb2.ListCommunicationsResponse]]:
+        """Lists the communication history of one profile, newest first.
+        Errors: INVALID_ARGUMENT (malformed profile name or page token), NOT_FOUND (unknown profile).
+        """
+
+    @_abc_1.abstractmethod
     def SetConsent(
         self,
         request: _profile_service_pb2.SetConsentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_profile_service_pb2.SetConsentResponse, _abc.Awaitable[_profile_service_pb2.SetConsentResponse]]:
-        """Sets the consent of one profile on one channel.
+        """Sets the consent of one profile on one channel (for one purpose, by default "marketing").
         Errors: INVALID_ARGUMENT, NOT_FOUND.
         """
 
@@ -125,8 +246,10 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _profile_service_pb2.CheckEligibilityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_profile_service_pb2.CheckEligibilityResponse, _abc.Awaitable[_profile_service_pb2.CheckEligibilityResponse]]:
-        """Checks, for a batch of identities, whether a message of a channel and category may be sent.
-        Errors: INVALID_ARGUMENT (unset channel or category, too many identities).
+        """Checks, for a batch of identities, whether a message of a channel and category may be sent;
+        with `reserve`, also reserves each allowed marketing send against the capping rules atomically.
+        Errors: INVALID_ARGUMENT (unset channel or category, too many identities, `reserve` without one
+        message id per identity).
         """
 
     @_abc_1.abstractmethod
@@ -137,6 +260,78 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_profile_service_pb2.RecordCommunicationsResponse, _abc.Awaitable[_profile_service_pb2.RecordCommunicationsResponse]]:
         """Records sent messages in the communication history; idempotent on each message id.
         Errors: INVALID_ARGUMENT, NOT_FOUND (unknown profile; nothing is written).
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseReservations(
+        self,
+        request: _profile_service_pb2.ReleaseReservationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_service_pb2.ReleaseReservationsResponse, _abc.Awaitable[_profile_service_pb2.ReleaseReservationsResponse]]:
+        """Releases reservations made by CheckEligibility for messages that will not be sent.
+        Errors: INVALID_ARGUMENT (an empty message id).
+        """
+
+    @_abc_1.abstractmethod
+    def RecordDeliveryEvents(
+        self,
+        request: _profile_service_pb2.RecordDeliveryEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_service_pb2.RecordDeliveryEventsResponse, _abc.Awaitable[_profile_service_pb2.RecordDeliveryEventsResponse]]:
+        """Applies delivery feedback in order, idempotent on each event id: bounces and deliveries update the
+        address's quarantine; complaints and unsubscribes opt the profile out of the channel.
+        Errors: INVALID_ARGUMENT (a bad event, or more events than the eligibility batch limit, 10000 by
+        default; nothing is applied).
+        """
+
+    @_abc_1.abstractmethod
+    def GetQuarantine(
+        self,
+        request: _profile_service_pb2.GetQuarantineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_service_pb2.GetQuarantineResponse, _abc.Awaitable[_profile_service_pb2.GetQuarantineResponse]]:
+        """Returns the bounce state of an address (not quarantined when nothing is recorded).
+        Errors: INVALID_ARGUMENT (unset channel or address).
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseQuarantine(
+        self,
+        request: _profile_service_pb2.ReleaseQuarantineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_service_pb2.ReleaseQuarantineResponse, _abc.Awaitable[_profile_service_pb2.ReleaseQuarantineResponse]]:
+        """Lifts the quarantine of an address and clears its soft bounce count.
+        Errors: INVALID_ARGUMENT (unset channel or address).
+        """
+
+    @_abc_1.abstractmethod
+    def CreateCappingRule(
+        self,
+        request: _profile_service_pb2.CreateCappingRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_service_pb2.CreateCappingRuleResponse, _abc.Awaitable[_profile_service_pb2.CreateCappingRuleResponse]]:
+        """Creates a capping rule.
+        Errors: INVALID_ARGUMENT (a bad rule), ALREADY_EXISTS (the id is taken).
+        """
+
+    @_abc_1.abstractmethod
+    def ListCappingRules(
+        self,
+        request: _profile_service_pb2.ListCappingRulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_service_pb2.ListCappingRulesResponse, _abc.Awaitable[_profile_service_pb2.ListCappingRulesResponse]]:
+        """Lists the capping rules of the sandbox.
+        Errors: INVALID_ARGUMENT (a bad page token).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteCappingRule(
+        self,
+        request: _profile_service_pb2.DeleteCappingRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_service_pb2.DeleteCappingRuleResponse, _abc.Awaitable[_profile_service_pb2.DeleteCappingRuleResponse]]:
+        """Deletes a capping rule.
+        Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
         """
 
 def add_ProfileServiceServicer_to_server(servicer: ProfileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

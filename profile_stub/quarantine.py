@@ -1,0 +1,111 @@
+"""Quarantine of addresses from delivery feedback.
+
+A hard bounce quarantines an address at once; soft bounces quarantine it after ``soft_bounce_limit`` in
+a row; a delivery clears the soft count (it does not lift a quarantine: only a release does).
+Complaints and unsubscribes opt the profile out of the channel; they do not quarantine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from carillon_chassis.database import as_utc
+from profile_stub.tables import QuarantineRow
+
+EVENT_KINDS = ("delivered", "soft_bounce", "hard_bounce", "complaint", "unsubscribe")
+# The events that opt the profile out of the channel.
+OPT_OUT_KINDS = ("complaint", "unsubscribe")
+
+
+@dataclass
+class DeliveryEvent:
+    """One piece of delivery feedback for an address (and, when known, its profile)."""
+
+    event_id: str
+    channel: str
+    kind: str
+    address: str = ""
+    profile_id: str = ""
+    source: str = ""
+    event_time: datetime | None = None
+
+
+@dataclass
+class Quarantine:
+    """The bounce state of one address on one channel."""
+
+    channel: str
+    address: str
+    quarantined: bool = False
+    soft_bounces: int = 0
+    reason: str = ""
+    quarantine_time: datetime | None = None
+    update_time: datetime | None = None
+
+
+def _table() -> sa.Table:
+    return QuarantineRow.__table__  # type: ignore[attr-defined,no-any-return]
+
+
+def load(conn: sa.Connection, sandbox: str, channel: str, addresses: Iterable[str]) -> dict[str, Quarantine]:
+    """The recorded state of each address that has one."""
+    table = _table()
+    wanted = list(dict.fromkeys(addresses))
+    found: dict[str, Quarantine] = {}
+    for start in range(0, len(wanted), 500):
+        for r in conn.execute(
+            sa.select(table).where(
+                table.c.sandbox == sandbox,
+                table.c.channel == channel,
+                table.c.address.in_(wanted[start : start + 500]),
+            )
+        ).mappings():
+            found[r["address"]] = Quarantine(
+                channel=r["channel"],
+                address=r["address"],
+                quarantined=bool(r["quarantined"]),
+                soft_bounces=int(r["soft_bounces"]),
+                reason=r["reason"],
+                quarantine_time=as_utc(r["quarantine_time"]),
+                update_time=as_utc(r["update_time"]),
+            )
+    return found
+
+
+def apply(state: Quarantine, kind: str, soft_bounce_limit: int, now: datetime) -> Quarantine:
+    """The state after one event (pure)."""
+    state.update_time = now
+    if kind == "delivered":
+        state.soft_bounces = 0
+    elif kind == "soft_bounce":
+        state.soft_bounces += 1
+        if not state.quarantined and state.soft_bounces >= soft_bounce_limit:
+            state.quarantined, state.reason, state.quarantine_time = True, "soft_bounce", now
+    elif kind == "hard_bounce" and not state.quarantined:
+        state.quarantined, state.reason, state.quarantine_time = True, "hard_bounce", now
+    return state
+
+
+def save(conn: sa.Connection, sandbox: str, states: Sequence[Quarantine], existing: set[str]) -> None:
+    """Write states; ``existing`` names the addresses that already have a row."""
+    table = _table()
+    for s in states:
+        values = {
+            "soft_bounces": s.soft_bounces,
+            "quarantined": s.quarantined,
+            "reason": s.reason,
+            "quarantine_time": s.quarantine_time,
+            "update_time": s.update_time,
+        }
+        if s.address in existing:
+            conn.execute(
+                table.update()
+                .where(table.c.sandbox == sandbox, table.c.channel == s.channel, table.c.address == s.address)
+                .values(**values)
+            )
+        else:
+            conn.execute(table.insert().values(sandbox=sandbox, channel=s.channel, address=s.address, **values))

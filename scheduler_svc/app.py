@@ -1,6 +1,8 @@
 """Wiring of scheduler_svc: settings → database (migrated) → stores, gateways, engine, runner → server.
 
-The runner starts once the server is serving and stops before the peer channels and the database
+On SQLite, a lock file beside the database keeps a second scheduler replica from starting
+(:mod:`scheduler_svc.single_replica`); on PostgreSQL any number of replicas share the work through
+leases. The runner starts once the server is serving and stops before the peer channels and the database
 close (stop hooks run in reverse order of registration).
 """
 
@@ -16,10 +18,12 @@ from scheduler_svc import DOMAIN, SERVICE_NAME
 from scheduler_svc.campaigns import CampaignStore
 from scheduler_svc.engine import Engine, EngineOptions
 from scheduler_svc.gateways import DeliveryGateway, GrpcAudienceGateway, GrpcDeliveryGateway
+from scheduler_svc.lifecycle import Lifecycle
 from scheduler_svc.runner import Runner, StoreJournal
 from scheduler_svc.runs import Lease, RunStore
 from scheduler_svc.servicer import CampaignServicer
 from scheduler_svc.settings import SchedulerSettings
+from scheduler_svc.single_replica import ReplicaLockError, SingleReplicaLock
 from scheduler_svc.tables import MIGRATIONS
 from scheduler_svc.validation import Limits
 
@@ -31,11 +35,24 @@ async def build_server(settings: SchedulerSettings) -> GrpcServer:
     database = Database(
         settings.resolved_database_url(), schema=settings.resolved_schema(), threads=settings.db_threads
     )
+    replica_lock: SingleReplicaLock | None = None
+    if not database.is_postgres:
+        replica_lock = SingleReplicaLock(settings.resolved_database_url())
+        try:
+            replica_lock.acquire()
+        except ReplicaLockError:
+            database.close()
+            raise
     database.migrate(MIGRATIONS)
-    limits = Limits(max_activities=settings.max_activities, max_channel_activities=settings.max_channel_activities)
+    limits = Limits(
+        max_activities=settings.max_activities,
+        max_channel_activities=settings.max_channel_activities,
+        min_schedule_interval_minutes=settings.min_schedule_interval_minutes,
+    )
     campaigns = CampaignStore(database, limits)
     runs = RunStore(database)
-    servicer = CampaignServicer(campaigns, runs)
+    lifecycle = Lifecycle(campaigns, settings.signal_min_interval_s)
+    servicer = CampaignServicer(campaigns, runs, lifecycle, settings.watch_interval_s)
 
     audience_channel = open_channel(settings.audience_target)
     delivery_channels = {channel: open_channel(target) for channel, target in settings.delivery_targets.items()}
@@ -52,7 +69,7 @@ async def build_server(settings: SchedulerSettings) -> GrpcServer:
             connect_timeout_s=settings.connect_timeout_s,
         ),
         deliveries,
-        StoreJournal(database, runs, lease),
+        StoreJournal(database, runs, lease, lifecycle),
         EngineOptions(
             max_unacked_batches=settings.max_unacked_batches,
             default_batch_size=settings.default_batch_size,
@@ -66,6 +83,8 @@ async def build_server(settings: SchedulerSettings) -> GrpcServer:
         lease=lease,
         poll_interval_s=settings.poll_interval_s,
         max_concurrent_runs=settings.max_concurrent_runs,
+        campaigns=campaigns,
+        misfire_grace_s=settings.misfire_grace_s,
     )
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -89,6 +108,11 @@ async def build_server(settings: SchedulerSettings) -> GrpcServer:
         for channel in [audience_channel, *delivery_channels.values()]:
             await channel.close()
 
+    async def release_replica_lock() -> None:
+        if replica_lock is not None:
+            replica_lock.release()
+
+    server.on_stop(release_replica_lock)
     server.on_stop(close_database)
     server.on_stop(close_channels)
     server.on_start(runner.start)

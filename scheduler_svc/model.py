@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from carillon.audience.v1 import query_pb2
+from carillon.type.v1 import value_pb2
 
 CANVAS_FORMAT = 1
 
@@ -31,6 +32,8 @@ class CampaignState(StrEnum):
     LIVE = "live"
     COMPLETED = "completed"
     STOPPED = "stopped"
+    CLOSED = "closed"
+    ARCHIVED = "archived"
 
 
 class RunState(StrEnum):
@@ -40,6 +43,18 @@ class RunState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+    WAITING = "waiting"
+    SUSPENDED = "suspended"
+
+
+class RunTrigger(StrEnum):
+    """What created a run."""
+
+    SCHEDULE = "schedule"
+    SIGNAL = "signal"
+    # A test-mode run of a draft (TestCampaign): nothing is sent.
+    TEST = "test"
 
 
 class TaskState(StrEnum):
@@ -47,6 +62,7 @@ class TaskState(StrEnum):
 
     PENDING = "pending"
     RUNNING = "running"
+    WAITING = "waiting"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     SKIPPED = "skipped"
@@ -70,7 +86,67 @@ class ChannelSend:
     target_attributes: list[str] = field(default_factory=list)
 
 
-ActivityKind = BuildAudience | ChannelSend
+@dataclass
+class Fork:
+    """A flow activity: passes its population on to every outgoing transition (parallel branches)."""
+
+
+@dataclass
+class Join:
+    """A flow activity (AND-join): waits for every incoming branch; passes on ``primary``'s population
+    (the source of the first incoming transition when empty)."""
+
+    primary: str = ""
+
+
+@dataclass
+class Wait:
+    """A flow activity: a durable timer of ``duration_s`` seconds, or until ``until``."""
+
+    duration_s: int = 0
+    until: datetime | None = None
+
+
+COMPARISONS = ("=", "!=", "<", "<=", ">", ">=")
+ERROR_HANDLINGS = ("abort", "ignore", "suspend")
+
+
+@dataclass
+class Condition:
+    """A test condition: the population count (``variable`` empty) or a variable, compared with ``value``."""
+
+    comparison: str
+    value: str
+    variable: str = ""
+
+
+@dataclass
+class Branch:
+    """A test branch: ``output`` is taken when ``condition`` holds."""
+
+    output: str
+    condition: Condition
+
+
+@dataclass
+class BranchTest:
+    """A flow activity: the first branch whose condition holds is taken, else ``default_output``."""
+
+    branches: list[Branch] = field(default_factory=list)
+    default_output: str = "default"
+
+
+@dataclass
+class End:
+    """A flow activity: ends its branch; signals ``signal_campaign`` (``campaigns/{campaign}``) with
+    ``parameters`` when set."""
+
+    signal_campaign: str = ""
+    parameters: dict[str, value_pb2.Value] = field(default_factory=dict)
+
+
+FlowKind = Fork | Join | Wait | BranchTest | End
+ActivityKind = BuildAudience | ChannelSend | Fork | Join | Wait | BranchTest | End
 
 
 @dataclass
@@ -84,18 +160,83 @@ class Activity:
 
 @dataclass(frozen=True)
 class Transition:
-    """An edge from one activity to another, by id."""
+    """An edge from one activity's output (``""``: its single output; a test's branch name) to another."""
 
     source: str
     target: str
+    output: str = ""
+
+
+@dataclass(frozen=True, order=True)
+class LocalTime:
+    """A wall-clock time of day in the schedule's time zone."""
+
+    hour: int
+    minute: int = 0
+
+    @property
+    def minutes(self) -> int:
+        """Minutes since midnight."""
+        return self.hour * 60 + self.minute
+
+
+@dataclass
+class Daily:
+    """Run on ``days`` (ISO weekdays 1 = Monday .. 7; empty means every day) at each of ``times``."""
+
+    days: list[int] = field(default_factory=list)
+    times: list[LocalTime] = field(default_factory=list)
+
+
+@dataclass
+class Interval:
+    """Run every ``minutes`` from ``window_start`` to ``window_end`` (inclusive) on ``days``."""
+
+    minutes: int = 0
+    days: list[int] = field(default_factory=list)
+    window_start: LocalTime | None = None
+    window_end: LocalTime | None = None
+
+
+@dataclass
+class Weekly:
+    """Run every ``every`` weeks (counted from the validity start's week) on ``days`` at ``times``."""
+
+    every: int = 1
+    days: list[int] = field(default_factory=list)
+    times: list[LocalTime] = field(default_factory=list)
+
+
+@dataclass
+class Monthly:
+    """Run monthly at ``times`` on day ``day_of_month``, on the last day, or on the n-th weekday.
+
+    Exactly one of ``day_of_month`` (1..31), ``last_day`` and ``ordinal`` (1..5 or -1 for the last,
+    with ``weekday``) is set.
+    """
+
+    day_of_month: int = 0
+    last_day: bool = False
+    ordinal: int = 0
+    weekday: int = 0
+    times: list[LocalTime] = field(default_factory=list)
+
+
+Recurrence = Daily | Interval | Weekly | Monthly
 
 
 @dataclass
 class Schedule:
-    """When a campaign runs: once, at ``start_time`` or as soon as it is published."""
+    """When a campaign runs: once (``recurrence`` None) at ``start_time`` or as soon as it is published,
+    or at the launch times of ``recurrence`` in ``time_zone`` within the validity window; or, when
+    ``signal`` is set, only when signalled (SignalCampaign)."""
 
     start_time: datetime | None = None
     time_zone: str = ""
+    recurrence: Recurrence | None = None
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+    signal: bool = False
 
 
 @dataclass
@@ -105,6 +246,9 @@ class Canvas:
     activities: list[Activity] = field(default_factory=list)
     transitions: list[Transition] = field(default_factory=list)
     schedule: Schedule = field(default_factory=Schedule)
+    variables: dict[str, str] = field(default_factory=dict)
+    # What a run does when an activity fails: "abort", "ignore" or "suspend".
+    error_handling: str = "abort"
 
     def find(self, activity_id: str) -> Activity | None:
         """The activity with this id, if there is one."""
@@ -126,6 +270,7 @@ class Campaign:
     create_time: datetime
     update_time: datetime
     publish_time: datetime | None = None
+    next_run_time: datetime | None = None
 
     @property
     def name(self) -> str:
@@ -168,6 +313,31 @@ class Task:
     message: str = ""
     start_time: datetime | None = None
     end_time: datetime | None = None
+    outputs: dict[str, int] = field(default_factory=dict)
+    wake_time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TransitionCount:
+    """Records that passed along one transition in a run (0 and not taken when its output was not)."""
+
+    source: str
+    target: str
+    output: str
+    taken: bool
+    count: int
+
+
+def transition_counts(canvas: Canvas, tasks: list[Task]) -> list[TransitionCount]:
+    """The count of every transition of ``canvas`` from the outputs its source tasks took."""
+    by_activity = {t.activity: t for t in tasks}
+    counts: list[TransitionCount] = []
+    for transition in canvas.transitions:
+        task = by_activity.get(transition.source)
+        taken = task is not None and task.state == TaskState.SUCCEEDED and transition.output in task.outputs
+        count = task.outputs[transition.output] if taken and task is not None else 0
+        counts.append(TransitionCount(transition.source, transition.target, transition.output, taken, count))
+    return counts
 
 
 @dataclass
@@ -184,6 +354,30 @@ class Run:
     error: str = ""
     lease_owner: str | None = None
     lease_expires: datetime | None = None
+    trigger: RunTrigger = RunTrigger.SCHEDULE
+    # The signal's parameters, as the shared contract's Value messages.
+    parameters: dict[str, value_pb2.Value] = field(default_factory=dict)
+    # Per-transition counts (filled by reads of the run store, from the campaign's canvas).
+    transitions: list[TransitionCount] = field(default_factory=list)
+
+
+class LogLevel(StrEnum):
+    """How notable a run log entry is."""
+
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One entry of a run's log; ``sequence`` orders the entries of a run (increasing, not dense)."""
+
+    sequence: int
+    time: datetime
+    level: LogLevel
+    activity: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -220,6 +414,27 @@ def canvas_to_json(canvas: Canvas) -> dict[str, Any]:
         kind = activity.kind
         if isinstance(kind, BuildAudience):
             item["build_audience"] = {"query": json_format.MessageToDict(kind.query, preserving_proto_field_name=True)}
+        elif isinstance(kind, Fork):
+            item["fork"] = {}
+        elif isinstance(kind, Join):
+            item["join"] = {"primary": kind.primary}
+        elif isinstance(kind, Wait):
+            item["wait"] = {"duration_s": kind.duration_s, "until": _iso(kind.until)}
+        elif isinstance(kind, BranchTest):
+            item["test"] = {
+                "default_output": kind.default_output,
+                "branches": [
+                    {
+                        "output": b.output,
+                        "comparison": b.condition.comparison,
+                        "value": b.condition.value,
+                        "variable": b.condition.variable,
+                    }
+                    for b in kind.branches
+                ],
+            }
+        elif isinstance(kind, End):
+            item["end"] = {"signal_campaign": kind.signal_campaign, "parameters": parameters_to_json(kind.parameters)}
         elif isinstance(kind, ChannelSend):
             item["channel"] = {
                 "channel": kind.channel,
@@ -229,16 +444,105 @@ def canvas_to_json(canvas: Canvas) -> dict[str, Any]:
                 "target_attributes": list(kind.target_attributes),
             }
         activities.append(item)
-    start = canvas.schedule.start_time
     return {
         "format": CANVAS_FORMAT,
         "activities": activities,
-        "transitions": [{"source": t.source, "target": t.target} for t in canvas.transitions],
-        "schedule": {
-            "once": {"start_time": start.isoformat() if start else None},
-            "time_zone": canvas.schedule.time_zone,
-        },
+        "transitions": [
+            {"source": t.source, "target": t.target, **({"output": t.output} if t.output else {})}
+            for t in canvas.transitions
+        ],
+        "schedule": schedule_to_json(canvas.schedule),
+        "variables": dict(canvas.variables),
+        "error_handling": canvas.error_handling,
     }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _when(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _times_json(times: list[LocalTime]) -> list[list[int]]:
+    return [[t.hour, t.minute] for t in times]
+
+
+def _times(data: list[list[int]]) -> list[LocalTime]:
+    return [LocalTime(h, m) for h, m in data]
+
+
+def _time(data: list[int] | None) -> LocalTime | None:
+    return LocalTime(data[0], data[1]) if data else None
+
+
+def schedule_to_json(schedule: Schedule) -> dict[str, Any]:
+    """The stored JSON form of a schedule."""
+    data: dict[str, Any] = {"time_zone": schedule.time_zone}
+    r = schedule.recurrence
+    if isinstance(r, Daily):
+        data["daily"] = {"days": list(r.days), "times": _times_json(r.times)}
+    elif isinstance(r, Interval):
+        data["interval"] = {
+            "minutes": r.minutes,
+            "days": list(r.days),
+            "window_start": [r.window_start.hour, r.window_start.minute] if r.window_start else None,
+            "window_end": [r.window_end.hour, r.window_end.minute] if r.window_end else None,
+        }
+    elif isinstance(r, Weekly):
+        data["weekly"] = {"every": r.every, "days": list(r.days), "times": _times_json(r.times)}
+    elif isinstance(r, Monthly):
+        data["monthly"] = {
+            "day_of_month": r.day_of_month,
+            "last_day": r.last_day,
+            "ordinal": r.ordinal,
+            "weekday": r.weekday,
+            "times": _times_json(r.times),
+        }
+    elif schedule.signal:
+        data["signal"] = {}
+    else:
+        data["once"] = {"start_time": _iso(schedule.start_time)}
+    data["valid_from"] = _iso(schedule.valid_from)
+    data["valid_until"] = _iso(schedule.valid_until)
+    return data
+
+
+def schedule_from_json(data: dict[str, Any]) -> Schedule:
+    """The schedule of its stored JSON form (a canvas stored before recurrences is a once schedule)."""
+    recurrence: Recurrence | None = None
+    if "daily" in data:
+        d = data["daily"]
+        recurrence = Daily(days=list(d["days"]), times=_times(d["times"]))
+    elif "interval" in data:
+        d = data["interval"]
+        recurrence = Interval(
+            minutes=d["minutes"],
+            days=list(d["days"]),
+            window_start=_time(d.get("window_start")),
+            window_end=_time(d.get("window_end")),
+        )
+    elif "weekly" in data:
+        d = data["weekly"]
+        recurrence = Weekly(every=d["every"], days=list(d["days"]), times=_times(d["times"]))
+    elif "monthly" in data:
+        d = data["monthly"]
+        recurrence = Monthly(
+            day_of_month=d["day_of_month"],
+            last_day=d["last_day"],
+            ordinal=d["ordinal"],
+            weekday=d["weekday"],
+            times=_times(d["times"]),
+        )
+    return Schedule(
+        start_time=_when((data.get("once") or {}).get("start_time")),
+        time_zone=data.get("time_zone", ""),
+        recurrence=recurrence,
+        valid_from=_when(data.get("valid_from")),
+        valid_until=_when(data.get("valid_until")),
+        signal="signal" in data,
+    )
 
 
 def canvas_from_json(data: dict[str, Any]) -> Canvas:
@@ -258,14 +562,38 @@ def canvas_from_json(data: dict[str, Any]) -> Canvas:
                 batch_size=c["batch_size"],
                 target_attributes=list(c["target_attributes"]),
             )
+        elif "fork" in item:
+            kind = Fork()
+        elif "join" in item:
+            kind = Join(primary=item["join"]["primary"])
+        elif "wait" in item:
+            kind = Wait(duration_s=item["wait"]["duration_s"], until=_when(item["wait"]["until"]))
+        elif "test" in item:
+            t = item["test"]
+            kind = BranchTest(
+                branches=[
+                    Branch(b["output"], Condition(b["comparison"], b["value"], b["variable"])) for b in t["branches"]
+                ],
+                default_output=t["default_output"],
+            )
+        elif "end" in item:
+            end = item["end"]
+            kind = End(end.get("signal_campaign", ""), parameters_from_json(end.get("parameters")))
         activities.append(Activity(id=item["id"], display_name=item.get("display_name", ""), kind=kind))
-    schedule = data.get("schedule") or {}
-    start = (schedule.get("once") or {}).get("start_time")
     return Canvas(
         activities=activities,
-        transitions=[Transition(t["source"], t["target"]) for t in data["transitions"]],
-        schedule=Schedule(
-            start_time=datetime.fromisoformat(start) if start else None,
-            time_zone=schedule.get("time_zone", ""),
-        ),
+        transitions=[Transition(t["source"], t["target"], t.get("output", "")) for t in data["transitions"]],
+        schedule=schedule_from_json(data.get("schedule") or {}),
+        variables=dict(data.get("variables") or {}),
+        error_handling=data.get("error_handling", "abort"),
     )
+
+
+def parameters_to_json(parameters: Mapping[str, value_pb2.Value]) -> dict[str, Any]:
+    """The stored JSON form of signal parameters."""
+    return {name: json_format.MessageToDict(value) for name, value in parameters.items()}
+
+
+def parameters_from_json(data: Mapping[str, Any] | None) -> dict[str, value_pb2.Value]:
+    """Signal parameters of their stored JSON form."""
+    return {name: json_format.ParseDict(value, value_pb2.Value()) for name, value in (data or {}).items()}

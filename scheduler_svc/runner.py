@@ -1,10 +1,12 @@
 """The background runner: claims due runs with leases and executes them with the engine.
 
-Every ``poll_interval_s`` the runner claims up to ``max_concurrent_runs`` minus the runs it is
-executing (see :mod:`scheduler_svc.runs` for how claims work on each backend) and executes each in
-its own task. While a run executes, a heartbeat renews its lease every third of ``lease_s``; every
-progress write renews it too. A replica that finds its lease taken (:class:`LeaseLost`) abandons the
-run at once: the replica that claimed it resumes from the stored checkpoints.
+Every ``poll_interval_s`` the runner first creates the runs of recurring campaigns whose launch time
+has come (idempotent across replicas: one run per campaign and launch time), then claims up to
+``max_concurrent_runs`` minus the runs it is executing (see :mod:`scheduler_svc.runs` for how claims
+work on each backend) and executes each in its own task. While a run executes, a heartbeat renews
+its lease every third of ``lease_s``; every progress write renews it too. A replica that finds its
+lease taken (:class:`LeaseLost`) abandons the run at once: the replica that claimed it resumes from
+the stored checkpoints.
 
 ``stop()`` (the server's stop hook) cancels the polling loop and every execution, then releases the
 leases of the interrupted runs so that another replica, or this one after a restart, resumes them at
@@ -17,25 +19,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
+from datetime import datetime
 
 import structlog
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from carillon.type.v1 import value_pb2
 from carillon_chassis.database import Database
+from carillon_chassis.errors import FailedPrecondition
+from scheduler_svc.campaigns import CampaignStore
 from scheduler_svc.engine import Engine
+from scheduler_svc.lifecycle import Lifecycle
 from scheduler_svc.model import Ack, ClaimedRun, LeaseLost, RunKey, TaskState
 from scheduler_svc.runs import Lease, RunStore
 
 log = structlog.get_logger("carillon.scheduler.runner")
 
+# Recurring campaigns handled per create_due_runs call; the runner repeats while a batch is full.
+SPAWN_BATCH = 500
+
 
 class StoreJournal:
     """The engine's RunJournal over the run store, holding this replica's lease."""
 
-    def __init__(self, database: Database, runs: RunStore, lease: Lease) -> None:
+    def __init__(self, database: Database, runs: RunStore, lease: Lease, lifecycle: Lifecycle | None = None) -> None:
         self.database = database
         self.runs = runs
         self.lease = lease
+        self.lifecycle = lifecycle
+
+    async def signal_campaign(
+        self, key: RunKey, activity: str, campaign_id: str, parameters: Mapping[str, value_pb2.Value]
+    ) -> str:
+        if self.lifecycle is None:
+            raise FailedPrecondition("this scheduler cannot signal campaigns", reason="SIGNALS_UNAVAILABLE")
+        # The request id makes the signal happen once, however often the activity is resumed.
+        signalled = await self.database.run(
+            self.lifecycle.signal, key.sandbox, campaign_id, parameters, f"{key.name}/{activity}"
+        )
+        return signalled.name
 
     async def start_task(self, key: RunKey, activity: str, targeted: int | None = None) -> None:
         await self.database.run(self.runs.start_task, key, self.lease, activity, targeted)
@@ -46,8 +69,25 @@ class StoreJournal:
     async def record_ack(self, key: RunKey, activity: str, ack: Ack) -> None:
         await self.database.run(self.runs.record_ack, key, self.lease, activity, ack)
 
-    async def finish_task(self, key: RunKey, activity: str) -> None:
-        await self.database.run(self.runs.finish_task, key, self.lease, activity)
+    async def finish_task(
+        self, key: RunKey, activity: str, note: str = "", outputs: Mapping[str, int] | None = None
+    ) -> None:
+        await self.database.run(self.runs.finish_task, key, self.lease, activity, note, outputs)
+
+    async def skip_task(self, key: RunKey, activity: str, reason: str) -> None:
+        await self.database.run(self.runs.skip_task, key, self.lease, activity, reason)
+
+    async def wait_task(self, key: RunKey, activity: str, wake: datetime) -> None:
+        await self.database.run(self.runs.wait_task, key, self.lease, activity, wake)
+
+    async def suspend_run(self, key: RunKey, wake: datetime) -> None:
+        await self.database.run(self.runs.suspend_run, key, self.lease, wake)
+
+    async def fail_task(self, key: RunKey, activity: str, message: str) -> None:
+        await self.database.run(self.runs.fail_task, key, self.lease, activity, message)
+
+    async def suspend_failed_run(self, key: RunKey, activity: str, message: str) -> None:
+        await self.database.run(self.runs.suspend_failed_run, key, self.lease, activity, message)
 
     async def fail_run(self, key: RunKey, activity: str | None, message: str) -> None:
         await self.database.run(self.runs.fail_run, key, self.lease, activity, message)
@@ -68,7 +108,11 @@ class Runner:
         lease: Lease,
         poll_interval_s: float,
         max_concurrent_runs: int,
+        campaigns: CampaignStore | None = None,
+        misfire_grace_s: float = 300.0,
     ) -> None:
+        self.campaigns = campaigns
+        self.misfire_grace_s = misfire_grace_s
         self.database = database
         self.runs = runs
         self.engine = engine
@@ -107,8 +151,26 @@ class Runner:
         if interrupted:
             log.info("runner stopped", released=[key.name for key, _ in interrupted])
 
+    async def create_due_runs(self) -> list[RunKey]:
+        """Create the runs of recurring campaigns whose launch time has come (see CampaignStore)."""
+        created: list[RunKey] = []
+        if self.campaigns is None:
+            return created
+        while True:
+            batch = await self.database.run(self.campaigns.create_due_runs, self.misfire_grace_s, SPAWN_BATCH)
+            created += batch
+            if len(batch) < SPAWN_BATCH:
+                return created
+
     async def poll_once(self) -> list[RunKey]:
-        """Claim what is due (within the concurrency limit) and start executing it; return the claimed runs."""
+        """Create due recurring runs, claim what is due (within the concurrency limit) and start executing it.
+
+        Returns the claimed runs.
+        """
+        try:
+            await self.create_due_runs()
+        except Exception as exc:
+            log.warning("creating the runs of recurring campaigns failed", error=repr(exc))
         room = self.max_concurrent_runs - len(self._executing)
         if room <= 0:
             return []

@@ -28,22 +28,29 @@ import sqlalchemy as sa
 from carillon_chassis.database import Database, as_utc, utcnow
 from carillon_chassis.errors import InvalidArgument, NotFound
 from carillon_chassis.pagination import decode_token, encode_token, page_size
+from scheduler_svc.campaigns import complete_if_done
 from scheduler_svc.model import (
     Ack,
     CampaignState,
+    Canvas,
     ClaimedRun,
     LeaseLost,
+    LogEntry,
+    LogLevel,
     Run,
     RunKey,
     RunState,
+    RunTrigger,
     Task,
     TaskState,
     canvas_from_json,
+    parameters_from_json,
+    transition_counts,
 )
+from scheduler_svc.runlog import entries_after, list_logs, log_event
 from scheduler_svc.tables import CAMPAIGNS, RUN_TASKS, RUNS
 
 _FINISHED_TASKS = (TaskState.SUCCEEDED.value, TaskState.FAILED.value, TaskState.SKIPPED.value)
-_ACTIVE_CAMPAIGNS = (CampaignState.SCHEDULED.value, CampaignState.LIVE.value)
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,15 @@ def _key_where(table: sa.Table, key: RunKey) -> tuple[sa.ColumnElement[bool], ..
     )
 
 
+def _counts(task: Task) -> str:
+    parts = [f"targeted {task.targeted}"]
+    if task.sent or task.already_sent or task.skipped or task.failed:
+        parts += [f"sent {task.sent}", f"already sent {task.already_sent}"]
+        parts += [f"skipped {reason} {n}" for reason, n in sorted(task.skipped.items())]
+        parts += [f"failed {reason} {n}" for reason, n in sorted(task.failed.items())]
+    return ", ".join(parts)
+
+
 def task_from_row(row: Any) -> Task:
     """The domain task of a ``run_tasks`` row mapping."""
     return Task(
@@ -89,6 +105,8 @@ def task_from_row(row: Any) -> Task:
         message=row["message"],
         start_time=as_utc(row["start_time"]),
         end_time=as_utc(row["end_time"]),
+        outputs=dict(row["outputs"] or {}),
+        wake_time=as_utc(row["wake_time"]),
     )
 
 
@@ -105,6 +123,8 @@ def run_from_row(row: Any, tasks: list[Task]) -> Run:
         error=row["error"],
         lease_owner=row["lease_owner"],
         lease_expires=as_utc(row["lease_expires"]),
+        trigger=RunTrigger(row["triggered_by"]),
+        parameters=parameters_from_json(row["parameters"]),
     )
 
 
@@ -121,7 +141,7 @@ class RunStore:
         if limit <= 0:
             return []
         due = sa.or_(
-            sa.and_(RUNS.c.state == RunState.PENDING.value, RUNS.c.scheduled_time <= now),
+            sa.and_(RUNS.c.state.in_((RunState.PENDING.value, RunState.WAITING.value)), RUNS.c.scheduled_time <= now),
             sa.and_(
                 RUNS.c.state == RunState.RUNNING.value,
                 sa.or_(RUNS.c.lease_expires.is_(None), RUNS.c.lease_expires < now),
@@ -159,6 +179,7 @@ class RunStore:
             )
         ).rowcount
         if taken:
+            log_event(conn, key, f"claimed by replica {lease.owner}", now=now)
             conn.execute(
                 CAMPAIGNS.update()
                 .where(
@@ -227,6 +248,7 @@ class RunStore:
             conn.execute(
                 RUN_TASKS.update().where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity).values(**values)
             )
+            log_event(conn, key, "activity started", activity=activity, now=now)
 
     def record_working_set(self, key: RunKey, lease: Lease, activity: str, working_set: str, count: int) -> None:
         """A targeting task built its working set: store it and its count; the task SUCCEEDED."""
@@ -241,8 +263,10 @@ class RunStore:
                     working_set=working_set,
                     targeted=count,
                     end_time=now,
+                    outputs={"": count},
                 )
             )
+            log_event(conn, key, f"working set {working_set} built: {count} records", activity=activity, now=now)
 
     def record_ack(self, key: RunKey, lease: Lease, activity: str, ack: Ack) -> bool:
         """Add an acknowledged batch's counts and move the checkpoint to its sequence, atomically.
@@ -269,15 +293,93 @@ class RunStore:
             )
         return True
 
-    def finish_task(self, key: RunKey, lease: Lease, activity: str) -> None:
-        """Mark a task SUCCEEDED."""
+    def finish_task(
+        self, key: RunKey, lease: Lease, activity: str, note: str = "", outputs: Mapping[str, int] | None = None
+    ) -> None:
+        """Mark a task SUCCEEDED, with the records passed on by each output taken when given; the log
+        entry gives its counts (or ``note``)."""
+        now = utcnow()
+        where = (*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
+        values: dict[str, Any] = {"state": TaskState.SUCCEEDED.value, "end_time": now}
+        if outputs is not None:
+            values["outputs"] = dict(outputs)
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            conn.execute(RUN_TASKS.update().where(*where).values(**values))
+            task = task_from_row(conn.execute(sa.select(RUN_TASKS).where(*where)).mappings().one())
+            log_event(conn, key, note or f"activity succeeded: {_counts(task)}", activity=activity, now=now)
+
+    def skip_task(self, key: RunKey, lease: Lease, activity: str, reason: str) -> None:
+        """Mark a task SKIPPED (no branch leading to it was taken), with the reason."""
         now = utcnow()
         with self.database.engine.begin() as conn:
             self._renew(conn, key, lease, now)
             conn.execute(
                 RUN_TASKS.update()
                 .where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
-                .values(state=TaskState.SUCCEEDED.value, end_time=now)
+                .values(state=TaskState.SKIPPED.value, message=reason, end_time=now, outputs={})
+            )
+            log_event(conn, key, f"skipped: {reason}", activity=activity, now=now)
+
+    def wait_task(self, key: RunKey, lease: Lease, activity: str, wake: datetime) -> None:
+        """A wait activity is WAITING until ``wake``."""
+        now = utcnow()
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            conn.execute(
+                RUN_TASKS.update()
+                .where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
+                .values(
+                    state=TaskState.WAITING.value,
+                    wake_time=wake,
+                    start_time=sa.func.coalesce(RUN_TASKS.c.start_time, now),
+                )
+            )
+            log_event(conn, key, f"waiting until {wake.isoformat()}", activity=activity, now=now)
+
+    def suspend_run(self, key: RunKey, lease: Lease, wake: datetime) -> None:
+        """The run WAITS for a wait activity: no replica holds it; it is due again at ``wake``."""
+        now = utcnow()
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            conn.execute(
+                RUNS.update()
+                .where(*_key_where(RUNS, key))
+                .values(state=RunState.WAITING.value, scheduled_time=wake, lease_owner=None, lease_expires=None)
+            )
+            log_event(conn, key, f"run waits until {wake.isoformat()}; no scheduler holds it meanwhile", now=now)
+
+    def fail_task(self, key: RunKey, lease: Lease, activity: str, message: str) -> None:
+        """A task FAILED while the run goes on (error handling ``ignore``)."""
+        now = utcnow()
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            conn.execute(
+                RUN_TASKS.update()
+                .where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
+                .values(state=TaskState.FAILED.value, message=message, end_time=now)
+            )
+            log_event(conn, key, f"failed: {message}", activity=activity, level=LogLevel.ERROR, now=now)
+
+    def suspend_failed_run(self, key: RunKey, lease: Lease, activity: str, message: str) -> None:
+        """A task FAILED and the run is SUSPENDED (error handling ``suspend``): no replica holds it
+        until RestartRun resumes it; its other tasks keep their states."""
+        now = utcnow()
+        error = f"activity {activity!r} failed: {message}"
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            conn.execute(
+                RUN_TASKS.update()
+                .where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
+                .values(state=TaskState.FAILED.value, message=message, end_time=now)
+            )
+            conn.execute(
+                RUNS.update()
+                .where(*_key_where(RUNS, key))
+                .values(state=RunState.SUSPENDED.value, error=error, lease_owner=None, lease_expires=None)
+            )
+            log_event(
+                conn, key, f"{error}; run suspended until restarted", activity=activity, level=LogLevel.ERROR, now=now
             )
 
     def fail_run(self, key: RunKey, lease: Lease, activity: str | None, message: str) -> None:
@@ -302,6 +404,7 @@ class RunStore:
                 .where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.state.not_in(_FINISHED_TASKS))
                 .values(state=TaskState.SKIPPED.value, end_time=now)
             )
+            log_event(conn, key, error, activity=activity or "", level=LogLevel.ERROR, now=now)
             self._end(conn, key, RunState.FAILED, now, error)
 
     def succeed_run(self, key: RunKey, lease: Lease) -> None:
@@ -309,6 +412,7 @@ class RunStore:
         now = utcnow()
         with self.database.engine.begin() as conn:
             self._renew(conn, key, lease, now)
+            log_event(conn, key, "run succeeded", now=now)
             self._end(conn, key, RunState.SUCCEEDED, now, "")
 
     @staticmethod
@@ -318,16 +422,9 @@ class RunStore:
             .where(*_key_where(RUNS, key))
             .values(state=state.value, end_time=now, error=error, lease_owner=None, lease_expires=None)
         )
-        # A once-scheduled campaign has one run: when it ends, the campaign is complete.
-        conn.execute(
-            CAMPAIGNS.update()
-            .where(
-                CAMPAIGNS.c.sandbox == key.sandbox,
-                CAMPAIGNS.c.campaign_id == key.campaign_id,
-                CAMPAIGNS.c.state.in_(_ACTIVE_CAMPAIGNS),
-            )
-            .values(state=CampaignState.COMPLETED.value, update_time=now)
-        )
+        # A once-scheduled campaign has one run: when it ends, the campaign is complete. A recurring
+        # one completes when its last launch time has passed and its last run ends.
+        complete_if_done(conn, key.sandbox, key.campaign_id, now)
 
     # -- reads --------------------------------------------------------------------------------
     def get(self, key: RunKey, field: str = "name") -> Run:
@@ -375,6 +472,10 @@ class RunStore:
             )
             tasks = self._load_tasks_of(conn, sandbox, campaign_id, [r["run_id"] for r in rows[:size]])
             runs = [run_from_row(r, tasks.get(r["run_id"], [])) for r in rows]
+            canvas = self._canvas(conn, sandbox, campaign_id)
+            if canvas is not None:
+                for run in runs:
+                    run.transitions = transition_counts(canvas, run.tasks)
         page = runs[:size]
         next_token = ""
         if len(runs) > size:
@@ -382,11 +483,35 @@ class RunStore:
             next_token = encode_token([last.create_time.isoformat(), last.key.run_id])
         return page, next_token
 
+    def list_logs(self, key: RunKey, requested_size: int = 0, token: str = "") -> tuple[list[LogEntry], str]:
+        """One page of a run's log, oldest first; NOT_FOUND (``parent``) for an unknown run."""
+        with self.database.engine.connect() as conn:
+            return list_logs(conn, key, requested_size, token)
+
+    def snapshot(self, key: RunKey, after: int, limit: int = 1000) -> tuple[Run, list[LogEntry]]:
+        """The run and up to ``limit`` of its log entries after sequence ``after``, read together."""
+        with self.database.engine.connect() as conn:
+            run = self._load_run(conn, key)
+            if run is None:
+                raise NotFound(f"run {key.name!r} does not exist", field="name", reason="RUN_NOT_FOUND")
+            return run, entries_after(conn, key, after, limit)
+
     def _load_run(self, conn: sa.Connection, key: RunKey) -> Run | None:
         row = conn.execute(sa.select(RUNS).where(*_key_where(RUNS, key))).mappings().first()
         if row is None:
             return None
-        return run_from_row(row, self._load_tasks(conn, key))
+        run = run_from_row(row, self._load_tasks(conn, key))
+        canvas = self._canvas(conn, key.sandbox, key.campaign_id)
+        if canvas is not None:
+            run.transitions = transition_counts(canvas, run.tasks)
+        return run
+
+    @staticmethod
+    def _canvas(conn: sa.Connection, sandbox: str, campaign_id: str) -> Canvas | None:
+        data = conn.execute(
+            sa.select(CAMPAIGNS.c.canvas).where(CAMPAIGNS.c.sandbox == sandbox, CAMPAIGNS.c.campaign_id == campaign_id)
+        ).scalar()
+        return None if data is None else canvas_from_json(data)
 
     @staticmethod
     def _load_tasks_of(

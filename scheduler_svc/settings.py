@@ -53,6 +53,15 @@ class SchedulerSettings(ServiceSettings):
     # Guardrails: activities and channel activities per campaign.
     max_activities: int = Field(default=500, ge=1)
     max_channel_activities: int = Field(default=10, ge=1)
+    # The shortest time between two launch times of a day in a schedule, in minutes.
+    min_schedule_interval_minutes: int = Field(default=15, ge=1, le=1440)
+    # A launch time missed by more than this (the scheduler was down) gets no run: the campaign rolls
+    # over to its next launch time instead of running a burst of catch-up runs. In seconds.
+    misfire_grace_s: float = Field(default=300, ge=0)
+    # A signal-scheduled campaign accepts at most one SignalCampaign per this many seconds.
+    signal_min_interval_s: float = Field(default=3600, ge=0)
+    # How often WatchRun reads a watched run's progress, in seconds.
+    watch_interval_s: float = Field(default=0.5, gt=0)
     # This replica's id, the owner of the leases it takes; unique per process by default.
     replica_id: str = Field(default_factory=default_replica_id, min_length=1, max_length=100)
 

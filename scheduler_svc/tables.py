@@ -36,6 +36,8 @@ class CampaignRow(SchedulerBase, table=True):
     create_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
     update_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
     publish_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    # The next launch time of a published recurring campaign; NULL for a once schedule or when none is left.
+    next_run_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
 
 
 class RunRow(SchedulerBase, table=True):
@@ -45,6 +47,10 @@ class RunRow(SchedulerBase, table=True):
     __table_args__ = (
         sa.Index("ix_runs_due", "state", "scheduled_time"),
         sa.Index("ix_runs_campaign_created", "sandbox", "campaign_id", "create_time", "run_id"),
+        # One run per launch time of a campaign, however many replicas create it.
+        sa.Index("uq_runs_slot", "sandbox", "campaign_id", "slot_time", unique=True),
+        # One run per SignalCampaign request id.
+        sa.Index("uq_runs_request_id", "sandbox", "campaign_id", "request_id", unique=True),
     )
     sandbox: str = Field(primary_key=True, max_length=30)
     campaign_id: str = Field(primary_key=True, max_length=63)
@@ -57,6 +63,12 @@ class RunRow(SchedulerBase, table=True):
     error: str = Field(default="", sa_type=sa.Text)
     lease_owner: str | None = Field(default=None, max_length=100)
     lease_expires: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    # The schedule's launch time this run executes (unique per campaign); NULL for other runs.
+    slot_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    # What created the run (``schedule`` or ``signal``), the signal's parameters and its request id.
+    triggered_by: str = Field(default="schedule", max_length=16)
+    parameters: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    request_id: str | None = Field(default=None, max_length=100)
 
 
 class RunTaskRow(SchedulerBase, table=True):
@@ -79,15 +91,76 @@ class RunTaskRow(SchedulerBase, table=True):
     message: str = Field(default="", sa_type=sa.Text)
     start_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
     end_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    # Records passed on by each output taken ("" is the single output of most activities).
+    outputs: dict[str, int] | None = Field(default=None, sa_type=sa.JSON)
+    # When a waiting wait activity is due.
+    wake_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+
+
+class RunLogRow(SchedulerBase, table=True):
+    """One entry of a run's log: what happened, when, to which activity ("" for the run itself)."""
+
+    __tablename__ = "run_logs"
+    __table_args__ = (sa.Index("ix_run_logs_run", "sandbox", "campaign_id", "run_id", "id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    sandbox: str = Field(max_length=30)
+    campaign_id: str = Field(max_length=63)
+    run_id: str = Field(max_length=63)
+    time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    level: str = Field(max_length=16)
+    activity: str = Field(default="", max_length=63)
+    message: str = Field(sa_type=sa.Text)
 
 
 def _initial(conn: sa.Connection) -> None:
     SchedulerBase.metadata.create_all(conn)
 
 
-MIGRATIONS = [Migration(1, "campaigns, runs, run tasks", _initial)]
+def _add_missing(conn: sa.Connection, table: str, column: str, kind: Any = None, default: str = "") -> None:
+    """Add a nullable column unless it exists (a database created after it was modelled has it)."""
+    if column not in {c["name"] for c in sa.inspect(conn).get_columns(table)}:
+        sql_type = (kind if kind is not None else sa.DateTime(timezone=True)).compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type} {default}".rstrip()))
+
+
+def _add_unique_index(conn: sa.Connection, table: str, name: str, columns: str) -> None:
+    if name not in {i["name"] for i in sa.inspect(conn).get_indexes(table)}:
+        conn.execute(sa.text(f"CREATE UNIQUE INDEX {name} ON {table} ({columns})"))
+
+
+def _recurring_schedules(conn: sa.Connection) -> None:
+    _add_missing(conn, "campaigns", "next_run_time")
+    _add_missing(conn, "runs", "slot_time")
+    _add_unique_index(conn, "runs", "uq_runs_slot", "sandbox, campaign_id, slot_time")
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_campaigns_next_run ON campaigns (next_run_time)"))
+
+
+def _signals(conn: sa.Connection) -> None:
+    _add_missing(conn, "runs", "triggered_by", sa.String(16), "NOT NULL DEFAULT 'schedule'")
+    _add_missing(conn, "runs", "parameters", sa.JSON())
+    _add_missing(conn, "runs", "request_id", sa.String(100))
+    _add_unique_index(conn, "runs", "uq_runs_request_id", "sandbox, campaign_id, request_id")
+
+
+def _run_logs(conn: sa.Connection) -> None:
+    RunLogRow.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+
+
+def _flow(conn: sa.Connection) -> None:
+    _add_missing(conn, "run_tasks", "outputs", sa.JSON())
+    _add_missing(conn, "run_tasks", "wake_time")
+
+
+MIGRATIONS = [
+    Migration(1, "campaigns, runs, run tasks", _initial),
+    Migration(2, "recurring schedules: next run time, one run per launch time", _recurring_schedules),
+    Migration(3, "signal triggers: what created a run, its parameters and request id", _signals),
+    Migration(4, "run logs", _run_logs),
+    Migration(5, "flow activities: task outputs and wake times", _flow),
+]
 
 # The Core tables, for statements that SQLModel's ORM layer does not type well.
 CAMPAIGNS: sa.Table = CampaignRow.__table__  # type: ignore[attr-defined]
 RUNS: sa.Table = RunRow.__table__  # type: ignore[attr-defined]
 RUN_TASKS: sa.Table = RunTaskRow.__table__  # type: ignore[attr-defined]
+RUN_LOGS: sa.Table = RunLogRow.__table__  # type: ignore[attr-defined]

@@ -10,15 +10,33 @@ from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from carillon_chassis.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from carillon_chassis.names import ID_PATTERN, ID_RULE, parse_name
-from scheduler_svc.model import BuildAudience, Canvas, ChannelSend, Transition
+from scheduler_svc.model import (
+    COMPARISONS,
+    ERROR_HANDLINGS,
+    Activity,
+    BranchTest,
+    BuildAudience,
+    Canvas,
+    ChannelSend,
+    End,
+    Fork,
+    Join,
+    Transition,
+    Wait,
+)
+from scheduler_svc.schedules import schedule_violations
 
 MAX_BATCH_SIZE = 10000
+MAX_WAIT_S = 90 * 86400
+MAX_VARIABLES = 100
+MAX_VARIABLE_VALUE = 1000
+OUTPUT_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+OUTPUT_RULE = "lower case letters, digits and _, starting with a letter"
 MAX_DISPLAY_NAME = 200
 MAX_TARGET_ATTRIBUTES = 200
 # The attribute-name rule of the audience contract (carillon.audience.v1.Attribute.name).
@@ -31,6 +49,8 @@ class Limits:
 
     max_activities: int = 500
     max_channel_activities: int = 10
+    # The shortest time between two launch times of a day (interval and times of day), in minutes.
+    min_schedule_interval_minutes: int = 15
 
 
 def check_guardrails(canvas: Canvas, limits: Limits, prefix: str = "campaign") -> None:
@@ -60,7 +80,7 @@ def validate_campaign(display_name: str, canvas: Canvas, limits: Limits, prefix:
     violations: list[FieldViolation] = []
     if len(display_name) > MAX_DISPLAY_NAME:
         violations.append(FieldViolation(f"{prefix}.display_name", f"at most {MAX_DISPLAY_NAME} characters"))
-    violations += canvas_violations(canvas, prefix)
+    violations += canvas_violations(canvas, prefix, limits.min_schedule_interval_minutes)
     if violations:
         raise InvalidArgument(
             f"invalid campaign: {violations[0].field}: {violations[0].description}"
@@ -70,11 +90,24 @@ def validate_campaign(display_name: str, canvas: Canvas, limits: Limits, prefix:
         )
 
 
-def canvas_violations(canvas: Canvas, prefix: str = "campaign") -> list[FieldViolation]:
+def canvas_violations(
+    canvas: Canvas, prefix: str = "campaign", min_schedule_interval_minutes: int = 15
+) -> list[FieldViolation]:
     """Every problem of the canvas, in field order: activities, transitions, then the schedule."""
     violations = _activity_violations(canvas, prefix)
     violations += _transition_violations(canvas, prefix)
-    violations += _schedule_violations(canvas, prefix)
+    if canvas.error_handling not in ERROR_HANDLINGS:
+        violations.append(FieldViolation(f"{prefix}.error_handling", f"one of {list(ERROR_HANDLINGS)}"))
+    if len(canvas.variables) > MAX_VARIABLES:
+        violations.append(FieldViolation(f"{prefix}.variables", f"at most {MAX_VARIABLES} variables"))
+    for name, value in sorted(canvas.variables.items()):
+        if not OUTPUT_PATTERN.match(name):
+            violations.append(FieldViolation(f"{prefix}.variables[{name!r}]", "a variable name: " + OUTPUT_RULE))
+        elif len(value) > MAX_VARIABLE_VALUE:
+            violations.append(
+                FieldViolation(f"{prefix}.variables[{name!r}]", f"at most {MAX_VARIABLE_VALUE} characters")
+            )
+    violations += _schedule_violations(canvas, prefix, min_schedule_interval_minutes)
     return violations
 
 
@@ -110,8 +143,47 @@ def _activity_violations(canvas: Canvas, prefix: str) -> list[FieldViolation]:
                 violations.append(problem)
         elif isinstance(kind, ChannelSend):
             violations += _channel_violations(kind, f"{path}.channel")
-        else:
-            violations.append(FieldViolation(f"{path}.kind", "exactly one of build_audience or channel must be set"))
+        elif isinstance(kind, Wait):
+            if (kind.duration_s > 0) == (kind.until is not None):
+                violations.append(FieldViolation(f"{path}.wait", "exactly one of duration or until_time is required"))
+            elif not 0 <= kind.duration_s <= MAX_WAIT_S:
+                violations.append(FieldViolation(f"{path}.wait.duration", f"at most {MAX_WAIT_S // 86400} days"))
+        elif isinstance(kind, BranchTest):
+            violations += _test_violations(kind, f"{path}.test")
+        elif isinstance(kind, End) and kind.signal_campaign:
+            problem = _name_violation(kind.signal_campaign, "campaigns", f"{path}.end.signal_campaign")
+            if problem:
+                violations.append(problem)
+            for name in sorted(kind.parameters):
+                if not OUTPUT_PATTERN.match(name):
+                    violations.append(FieldViolation(f"{path}.end.parameters[{name!r}]", OUTPUT_RULE))
+        elif not isinstance(kind, Fork | Join | End):
+            violations.append(FieldViolation(f"{path}.kind", "exactly one activity kind must be set"))
+    return violations
+
+
+def _test_violations(test: BranchTest, path: str) -> list[FieldViolation]:
+    violations: list[FieldViolation] = []
+    if not test.branches:
+        violations.append(FieldViolation(f"{path}.branches", "a test needs at least one branch"))
+    seen: set[str] = set()
+    for j, branch in enumerate(test.branches):
+        where = f"{path}.branches[{j}]"
+        if not OUTPUT_PATTERN.match(branch.output):
+            violations.append(FieldViolation(f"{where}.output", OUTPUT_RULE))
+        elif branch.output in seen or branch.output == test.default_output:
+            violations.append(FieldViolation(f"{where}.output", f"the output {branch.output!r} is used twice"))
+        seen.add(branch.output)
+        condition = branch.condition
+        kind = "variable" if condition.variable else "population"
+        if condition.comparison not in COMPARISONS:
+            violations.append(FieldViolation(f"{where}.{kind}.comparison", "a comparison must be set"))
+        if condition.variable and not OUTPUT_PATTERN.match(condition.variable):
+            violations.append(FieldViolation(f"{where}.variable.name", "a variable name: " + OUTPUT_RULE))
+        if not condition.variable and not re.fullmatch(r"-?[0-9]{1,18}", condition.value):
+            violations.append(FieldViolation(f"{where}.population.value", "a whole number"))
+    if not OUTPUT_PATTERN.match(test.default_output):
+        violations.append(FieldViolation(f"{path}.default_output", OUTPUT_RULE))
     return violations
 
 
@@ -173,44 +245,109 @@ def _transition_violations(canvas: Canvas, prefix: str) -> list[FieldViolation]:
         route = " -> ".join([usable[c][1].source for c in cycle] + [usable[cycle[0]][1].source])
         violations.append(FieldViolation(f"{prefix}.transitions[{closing[0]}]", f"closes a cycle: {route}"))
     incoming: dict[str, list[tuple[int, Transition]]] = {}
+    outgoing: dict[str, list[tuple[int, Transition]]] = {}
     for k, transition in usable:
         incoming.setdefault(transition.target, []).append((k, transition))
+        outgoing.setdefault(transition.source, []).append((k, transition))
+    for k, transition in usable:
+        source = kinds[transition.source]
+        if isinstance(source, BranchTest):
+            names = [b.output for b in source.branches] + [source.default_output]
+            if transition.output not in names:
+                violations.append(
+                    FieldViolation(f"{prefix}.transitions[{k}].output", f"one of the test's outputs {names}")
+                )
+        elif transition.output:
+            violations.append(
+                FieldViolation(f"{prefix}.transitions[{k}].output", "only a test activity has named outputs")
+            )
+        if isinstance(source, End):
+            violations.append(FieldViolation(f"{prefix}.transitions[{k}].source", "an end activity ends its branch"))
     for i, activity in enumerate(canvas.activities):
-        if not isinstance(activity.kind, ChannelSend) or index[activity.id] != i:
+        if index[activity.id] != i:
             continue
-        edges = incoming.get(activity.id, [])
-        if not edges:
-            violations.append(
-                FieldViolation(
-                    f"{prefix}.activities[{i}]",
-                    "a channel activity needs exactly one incoming transition, from a build_audience activity",
+        violations += _incoming_violations(activity.kind, i, incoming.get(activity.id, []), kinds, prefix)
+        kind = activity.kind
+        if isinstance(kind, BranchTest):
+            wired = {t.output for _, t in outgoing.get(activity.id, [])}
+            for j, branch in enumerate(kind.branches):
+                if branch.output not in wired:
+                    violations.append(
+                        FieldViolation(
+                            f"{prefix}.activities[{i}].test.branches[{j}].output",
+                            "every output needs a transition (to an end activity to end it)",
+                        )
+                    )
+            if kind.default_output not in wired:
+                violations.append(
+                    FieldViolation(
+                        f"{prefix}.activities[{i}].test.default_output",
+                        "every output needs a transition (to an end activity to end it)",
+                    )
                 )
-            )
-            continue
-        for k, _ in edges[1:]:
-            violations.append(
-                FieldViolation(f"{prefix}.transitions[{k}].target", "a channel activity has one incoming transition")
-            )
-        k, transition = edges[0]
-        if not isinstance(kinds[transition.source], BuildAudience):
-            violations.append(
-                FieldViolation(
-                    f"{prefix}.transitions[{k}].source",
-                    "the incoming transition of a channel activity must come from a build_audience activity",
+    if cycle is None and not violations:
+        for i, activity in enumerate(canvas.activities):
+            if isinstance(activity.kind, ChannelSend) and population_source(canvas, activity.id) is None:
+                violations.append(
+                    FieldViolation(
+                        f"{prefix}.activities[{i}]",
+                        "a channel activity needs a build_audience activity upstream to give it a population",
+                    )
                 )
-            )
     return violations
 
 
-def _schedule_violations(canvas: Canvas, prefix: str) -> list[FieldViolation]:
-    zone = canvas.schedule.time_zone
-    if not zone:
-        return []
-    try:
-        ZoneInfo(zone)
-    except (ZoneInfoNotFoundError, ValueError):
-        return [FieldViolation(f"{prefix}.schedule.time_zone", f"{zone!r} is not an IANA time zone")]
-    return []
+def _incoming_violations(
+    kind: object, i: int, edges: list[tuple[int, Transition]], kinds: Mapping[str, object], prefix: str
+) -> list[FieldViolation]:
+    violations: list[FieldViolation] = []
+    path = f"{prefix}.activities[{i}]"
+    if isinstance(kind, Join):
+        if len(edges) < 2:
+            violations.append(FieldViolation(path, "a join needs at least two incoming transitions"))
+        elif kind.primary and kind.primary not in {t.source for _, t in edges}:
+            violations.append(FieldViolation(f"{path}.join.primary", "the source of one of the join's transitions"))
+        return violations
+    if isinstance(kind, ChannelSend):
+        if not edges:
+            return [
+                FieldViolation(path, "a channel activity needs exactly one incoming transition, from the population")
+            ]
+        k, transition = edges[0]
+        if isinstance(kinds[transition.source], ChannelSend):
+            violations.append(
+                FieldViolation(
+                    f"{prefix}.transitions[{k}].source",
+                    "the incoming transition of a channel activity must come from a targeting or flow activity",
+                )
+            )
+    elif isinstance(kind, Fork | Wait | BranchTest | End) and not edges:
+        return [FieldViolation(path, "a flow activity needs one incoming transition")]
+    for k, _ in edges[1:]:
+        violations.append(
+            FieldViolation(
+                f"{prefix}.transitions[{k}].target", "only a join has several incoming transitions; add a join"
+            )
+        )
+    return violations
+
+
+def population_source(canvas: Canvas, activity_id: str) -> str | None:
+    """The build_audience activity whose working set reaches ``activity_id`` (through flow and channel
+    activities; a join's primary input), or None. The canvas must be acyclic."""
+    current = activity_id
+    while True:
+        sources = canvas.sources_of(current)
+        if not sources:
+            return None
+        kind = (canvas.find(current) or Activity(current)).kind
+        current = kind.primary if isinstance(kind, Join) and kind.primary else sources[0]
+        if isinstance((canvas.find(current) or Activity(current)).kind, BuildAudience):
+            return current
+
+
+def _schedule_violations(canvas: Canvas, prefix: str, min_interval_minutes: int) -> list[FieldViolation]:
+    return schedule_violations(canvas.schedule, f"{prefix}.schedule", min_interval_minutes)
 
 
 def find_cycle(activity_ids: Sequence[str], transitions: Sequence[Transition]) -> list[int] | None:

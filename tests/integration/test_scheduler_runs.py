@@ -25,6 +25,7 @@ from scheduler_svc.model import (
     RunState,
     TaskState,
     Transition,
+    Wait,
 )
 from scheduler_svc.runner import Runner, StoreJournal
 from scheduler_svc.runs import Lease, RunStore
@@ -304,3 +305,39 @@ async def test_an_unexpected_error_fails_the_run_and_its_running_task_instead_of
     assert [(t.activity, t.state) for t in run.tasks] == [("audience", TaskState.FAILED), ("email", TaskState.SKIPPED)]
     assert runs.claim_due_runs(B, limit=5, now=utcnow() + timedelta(hours=1)) == []
     await runner.stop()
+
+
+async def test_a_waiting_run_holds_no_lease_and_is_resumed_by_the_runner_when_its_timer_is_due(
+    database: Database, campaigns: CampaignStore, runs: RunStore
+) -> None:
+    waiting = Canvas(
+        activities=[
+            Activity("audience", kind=BuildAudience(query_pb2.AudienceQuery(dimension="entities/customers"))),
+            Activity("pause", kind=Wait(until=utcnow() + timedelta(milliseconds=500))),
+            Activity("email", kind=ChannelSend("email", "marketing", "templates/offer", 3, [])),
+        ],
+        transitions=[Transition("audience", "pause"), Transition("pause", "email")],
+    )
+    campaigns.create("prod", "later", "", waiting)
+    key = campaigns.publish("prod", "later")[1]
+    assert key is not None
+    delivery = FakeDelivery()
+    runner = runner_for(database, runs, A, delivery, max_runs=2)
+
+    assert await runner.poll_once() == [key]
+    await until(lambda: not runner.executing)
+    run = runs.get(key)
+    assert (run.state, run.lease_owner) == (RunState.WAITING, None)
+    assert [t.state for t in run.tasks] == [TaskState.SUCCEEDED, TaskState.WAITING, TaskState.PENDING]
+    assert run.scheduled_time == run.tasks[1].wake_time
+
+    async with asyncio.timeout(30):  # a guard against a hang, not a speed requirement
+        while not await runner.poll_once():
+            await asyncio.sleep(0.05)
+    await until(lambda: not runner.executing)
+
+    run = runs.get(key)
+    assert run.state == RunState.SUCCEEDED
+    assert run.tasks[1].outputs == {"": 10}
+    assert delivery.delivered == [f"k{n}" for n in range(1, 11)]
+    assert campaigns.get("prod", "later").state == CampaignState.COMPLETED

@@ -7,13 +7,16 @@ gateways: sandbox metadata, the working-set stream and the acknowledged ``Send``
 from __future__ import annotations
 
 import asyncio
+import io
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2, field_mask_pb2
+from rich.console import Console
 
 from carillon.audience.v1 import audience_service_pb2 as aud
 from carillon.audience.v1 import audience_service_pb2_grpc as aud_grpc
@@ -29,6 +32,7 @@ from carillon_chassis.errors import Unavailable
 from carillon_chassis.sandbox import current_sandbox
 from carillon_chassis.server import GrpcServer
 from carillon_chassis.values import to_timestamp, to_value
+from carillon_cli.runs_watch import watch
 from scheduler_svc.app import build_server
 from scheduler_svc.gateways import GrpcDeliveryGateway, SendHeader
 from scheduler_svc.settings import SchedulerSettings
@@ -116,6 +120,7 @@ def fake_server(name: str, register_fn: object, servicer: object) -> GrpcServer:
 class Scheduler:
     stub: sch_grpc.CampaignServiceStub
     peers: Peers
+    address: str = ""
 
 
 @pytest.fixture
@@ -140,6 +145,7 @@ async def scheduler(database_factory: DatabaseFactory) -> AsyncIterator[Schedule
             database_url=url,
             database_schema=schema,
             poll_interval_s=0.05,
+            watch_interval_s=0.05,
             audience_target=audience.address,
             delivery_targets={"email": delivery.address},
         )
@@ -147,7 +153,7 @@ async def scheduler(database_factory: DatabaseFactory) -> AsyncIterator[Schedule
     await server.start()
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
-            yield Scheduler(sch_grpc.CampaignServiceStub(channel), peers)
+            yield Scheduler(sch_grpc.CampaignServiceStub(channel), peers, server.address)
     finally:
         await server.stop(0)
         await delivery.stop(0)
@@ -306,3 +312,326 @@ async def test_a_delivery_worker_that_cannot_be_reached_is_unavailable_not_a_han
     finally:
         await channel.close()
     assert caught.value.reason == "PEER_UNREACHABLE"
+
+
+def weekly_monday_nine_stockholm() -> campaign_pb2.Schedule:
+    return campaign_pb2.Schedule(
+        time_zone="Europe/Stockholm",
+        weekly=campaign_pb2.WeeklySchedule(
+            interval_weeks=1, days=[campaign_pb2.WEEKDAY_MONDAY], times=[campaign_pb2.LocalTime(hours=9, minutes=0)]
+        ),
+        validity_end_time=to_timestamp(datetime(2099, 1, 1, tzinfo=UTC)),
+    )
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        weekly_monday_nine_stockholm(),
+        campaign_pb2.Schedule(
+            daily=campaign_pb2.DailySchedule(
+                days=[campaign_pb2.WEEKDAY_SATURDAY, campaign_pb2.WEEKDAY_SUNDAY],
+                times=[campaign_pb2.LocalTime(hours=8), campaign_pb2.LocalTime(hours=20, minutes=30)],
+            )
+        ),
+        campaign_pb2.Schedule(
+            interval=campaign_pb2.IntervalSchedule(
+                interval_minutes=20,
+                window_start=campaign_pb2.LocalTime(hours=8),
+                window_end=campaign_pb2.LocalTime(hours=18),
+            )
+        ),
+        campaign_pb2.Schedule(
+            monthly=campaign_pb2.MonthlySchedule(
+                nth_weekday=campaign_pb2.NthWeekday(ordinal=-1, weekday=campaign_pb2.WEEKDAY_FRIDAY),
+                times=[campaign_pb2.LocalTime(hours=9)],
+            )
+        ),
+        campaign_pb2.Schedule(
+            monthly=campaign_pb2.MonthlySchedule(last_day=True, times=[campaign_pb2.LocalTime(hours=9)])
+        ),
+    ],
+)
+async def test_a_recurring_schedule_reads_back_as_it_was_written(
+    scheduler: Scheduler, schedule: campaign_pb2.Schedule
+) -> None:
+    message = campaign()
+    message.schedule.CopyFrom(schedule)
+
+    created = await scheduler.stub.CreateCampaign(sch.CreateCampaignRequest(campaign=message), metadata=META)
+    got = await scheduler.stub.GetCampaign(sch.GetCampaignRequest(name=created.campaign.name), metadata=META)
+
+    assert got.campaign.schedule == schedule
+
+
+async def test_preview_schedule_lists_the_next_launch_times_of_a_campaign(scheduler: Scheduler) -> None:
+    message = campaign()
+    message.schedule.CopyFrom(weekly_monday_nine_stockholm())
+    created = await scheduler.stub.CreateCampaign(sch.CreateCampaignRequest(campaign=message), metadata=META)
+
+    preview = await scheduler.stub.PreviewSchedule(
+        sch.PreviewScheduleRequest(
+            name=created.campaign.name, count=3, after_time=to_timestamp(datetime(2024, 3, 20, tzinfo=UTC))
+        ),
+        metadata=META,
+    )
+
+    assert [t.ToDatetime(tzinfo=UTC) for t in preview.launch_times] == [
+        datetime(2024, 3, 25, 8, tzinfo=UTC),  # 09:00 CET
+        datetime(2024, 4, 1, 7, tzinfo=UTC),  # 09:00 CEST
+        datetime(2024, 4, 8, 7, tzinfo=UTC),
+    ]
+
+
+async def test_preview_schedule_of_a_too_frequent_interval_is_invalid_argument_naming_it(
+    scheduler: Scheduler,
+) -> None:
+    schedule = campaign_pb2.Schedule(interval=campaign_pb2.IntervalSchedule(interval_minutes=5))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await scheduler.stub.PreviewSchedule(sch.PreviewScheduleRequest(schedule=schedule), metadata=META)
+
+    failure = failure_of(caught.value)
+    assert (failure.code, failure.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SCHEDULE")
+    assert failure.fields == ["schedule.interval.interval_minutes"]
+
+
+async def test_publishing_a_recurring_campaign_shows_its_next_run_time(scheduler: Scheduler) -> None:
+    message = campaign()
+    message.schedule.CopyFrom(weekly_monday_nine_stockholm())
+    created = await scheduler.stub.CreateCampaign(sch.CreateCampaignRequest(campaign=message), metadata=META)
+
+    published = await scheduler.stub.PublishCampaign(
+        sch.PublishCampaignRequest(name=created.campaign.name), metadata=META
+    )
+    run = await scheduler.stub.GetRun(sch.GetRunRequest(name=published.run), metadata=META)
+
+    first = run.run.scheduled_time.ToDatetime(tzinfo=UTC)
+    following = published.campaign.next_run_time.ToDatetime(tzinfo=UTC)
+    assert first.weekday() == 0 and following - first == timedelta(days=7)
+    assert run.run.state == run_pb2.RUN_STATE_PENDING
+
+
+async def test_update_campaign_applies_the_field_mask_to_a_draft(scheduler: Scheduler) -> None:
+    created = await scheduler.stub.CreateCampaign(
+        sch.CreateCampaignRequest(campaign_id="spring", campaign=campaign()), metadata=META
+    )
+    change = campaign(template="templates/other")
+    change.name = created.campaign.name
+    change.display_name = "Autumn"
+
+    updated = await scheduler.stub.UpdateCampaign(
+        sch.UpdateCampaignRequest(campaign=change, update_mask=field_mask_pb2.FieldMask(paths=["display_name"])),
+        metadata=META,
+    )
+
+    assert updated.campaign.display_name == "Autumn"
+    assert updated.campaign.activities == campaign().activities
+
+
+async def test_lifecycle_rpcs_refuse_illegal_transitions_with_failed_precondition(scheduler: Scheduler) -> None:
+    created = await scheduler.stub.CreateCampaign(
+        sch.CreateCampaignRequest(campaign_id="spring", campaign=campaign(start=LATER)), metadata=META
+    )
+    name = created.campaign.name
+    await scheduler.stub.PublishCampaign(sch.PublishCampaignRequest(name=name), metadata=META)
+
+    refusals = []
+    for call in (
+        scheduler.stub.DeleteCampaign(sch.DeleteCampaignRequest(name=name), metadata=META),
+        scheduler.stub.ArchiveCampaign(sch.ArchiveCampaignRequest(name=name), metadata=META),
+        scheduler.stub.UpdateCampaign(sch.UpdateCampaignRequest(campaign=created.campaign), metadata=META),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        failure = failure_of(caught.value)
+        refusals.append((failure.code, failure.reason))
+
+    assert refusals == [
+        (grpc.StatusCode.FAILED_PRECONDITION, "ILLEGAL_TRANSITION"),
+        (grpc.StatusCode.FAILED_PRECONDITION, "ILLEGAL_TRANSITION"),
+        (grpc.StatusCode.FAILED_PRECONDITION, "CAMPAIGN_READ_ONLY"),
+    ]
+    stopped = await scheduler.stub.StopCampaign(sch.StopCampaignRequest(name=name), metadata=META)
+    archived = await scheduler.stub.ArchiveCampaign(sch.ArchiveCampaignRequest(name=name), metadata=META)
+    assert (stopped.campaign.state, archived.campaign.state) == (
+        campaign_pb2.CAMPAIGN_STATE_STOPPED,
+        campaign_pb2.CAMPAIGN_STATE_ARCHIVED,
+    )
+
+
+async def test_signal_campaign_runs_it_with_parameters_and_a_second_signal_is_resource_exhausted(
+    scheduler: Scheduler,
+) -> None:
+    message = campaign()
+    message.schedule.signal.SetInParent()
+    created = await scheduler.stub.CreateCampaign(sch.CreateCampaignRequest(campaign=message), metadata=META)
+    published = await scheduler.stub.PublishCampaign(
+        sch.PublishCampaignRequest(name=created.campaign.name), metadata=META
+    )
+    assert published.run == ""
+
+    signalled = await scheduler.stub.SignalCampaign(
+        sch.SignalCampaignRequest(name=created.campaign.name, parameters={"city": to_value("Miami")}, request_id="s1"),
+        metadata=META,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await scheduler.stub.SignalCampaign(
+            sch.SignalCampaignRequest(name=created.campaign.name, request_id="s2"), metadata=META
+        )
+
+    failure = failure_of(caught.value)
+    assert (failure.code, failure.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SIGNAL_RATE_LIMITED")
+    run = await scheduler.stub.GetRun(sch.GetRunRequest(name=signalled.run), metadata=META)
+    assert run.run.trigger == run_pb2.RUN_TRIGGER_SIGNAL
+    assert dict(run.run.parameters) == {"city": to_value("Miami")}
+
+
+async def test_watch_run_streams_progress_until_the_end_and_the_log_pages_agree(scheduler: Scheduler) -> None:
+    created = await scheduler.stub.CreateCampaign(
+        sch.CreateCampaignRequest(campaign_id="spring", campaign=campaign()), metadata=META
+    )
+    published = await scheduler.stub.PublishCampaign(
+        sch.PublishCampaignRequest(name=created.campaign.name), metadata=META
+    )
+
+    events = [e async for e in scheduler.stub.WatchRun(sch.WatchRunRequest(name=published.run), metadata=META)]
+
+    final = events[-1].run
+    assert final.state == run_pb2.RUN_STATE_SUCCEEDED
+    assert list(final.transitions) == [
+        run_pb2.TransitionCount(source="audience", target="email", output="", taken=True, count=7)
+    ]
+    assert all(e.run.state != run_pb2.RUN_STATE_SUCCEEDED for e in events[:-1])
+    got = await scheduler.stub.GetRun(sch.GetRunRequest(name=published.run), metadata=META)
+    assert final.tasks == got.run.tasks
+    watched = [entry for e in events for entry in e.entries]
+    sequences = [entry.sequence for entry in watched]
+    assert sequences == sorted(set(sequences))
+    assert (watched[-1].message, watched[-1].activity) == ("run succeeded", "")
+    assert ("email", "activity succeeded: targeted 7, sent 6, already sent 0, skipped NO_CONSENT 1") in [
+        (entry.activity, entry.message) for entry in watched
+    ]
+    paged: list[run_pb2.RunLogEntry] = []
+    token = ""
+    while True:
+        page = await scheduler.stub.ListRunLogs(
+            sch.ListRunLogsRequest(parent=published.run, page_size=2, page_token=token), metadata=META
+        )
+        paged += page.entries
+        token = page.next_page_token
+        if not token:
+            break
+    assert paged == watched
+
+
+@pytest.mark.parametrize("method", ["WatchRun", "ListRunLogs"])
+async def test_following_an_unknown_run_is_not_found(scheduler: Scheduler, method: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if method == "WatchRun":
+            async for _ in scheduler.stub.WatchRun(sch.WatchRunRequest(name="campaigns/ghost/runs/r1"), metadata=META):
+                pass
+        else:
+            await scheduler.stub.ListRunLogs(sch.ListRunLogsRequest(parent="campaigns/ghost/runs/r1"), metadata=META)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_runs_watch_command_draws_the_run_to_its_end(scheduler: Scheduler) -> None:
+    created = await scheduler.stub.CreateCampaign(
+        sch.CreateCampaignRequest(campaign_id="spring", campaign=campaign()), metadata=META
+    )
+    published = await scheduler.stub.PublishCampaign(
+        sch.PublishCampaignRequest(name=created.campaign.name), metadata=META
+    )
+    output = io.StringIO()
+
+    def follow() -> int:
+        with grpc.insecure_channel(scheduler.address) as channel:
+            return watch(sch_grpc.CampaignServiceStub(channel), published.run, SANDBOX, Console(file=output, width=200))
+
+    code = await asyncio.to_thread(follow)
+
+    assert code == 0
+    lines = output.getvalue().splitlines()
+    assert lines[-1] == f"{published.run}: succeeded"
+    assert any("[email] activity succeeded: targeted 7, sent 6" in line for line in lines)
+
+
+async def test_a_test_mode_run_of_a_draft_sends_nothing_and_reports_who_would_be_sent(scheduler: Scheduler) -> None:
+    created = await scheduler.stub.CreateCampaign(
+        sch.CreateCampaignRequest(campaign_id="spring", campaign=campaign()), metadata=META
+    )
+
+    tested = await scheduler.stub.TestCampaign(
+        sch.TestCampaignRequest(name=created.campaign.name, request_id="t1"), metadata=META
+    )
+    events = [e async for e in scheduler.stub.WatchRun(sch.WatchRunRequest(name=tested.run), metadata=META)]
+
+    run = events[-1].run
+    assert (run.state, run.trigger) == (run_pb2.RUN_STATE_SUCCEEDED, run_pb2.RUN_TRIGGER_TEST)
+    email = run.tasks[1]
+    assert (email.activity, email.targeted, email.sent, email.checkpoint) == ("email", 7, 0, 0)
+    assert scheduler.peers.received == [] and scheduler.peers.headers == []
+    got = await scheduler.stub.GetCampaign(sch.GetCampaignRequest(name=created.campaign.name), metadata=META)
+    assert got.campaign.state == campaign_pb2.CAMPAIGN_STATE_DRAFT
+
+
+async def test_a_flow_canvas_reads_back_as_it_was_written(scheduler: Scheduler) -> None:
+    message = campaign()
+    message.activities.extend(
+        [
+            campaign_pb2.Activity(id="f", fork=campaign_pb2.ForkActivity()),
+            campaign_pb2.Activity(
+                id="w", wait=campaign_pb2.WaitActivity(duration=duration_pb2.Duration(seconds=259200))
+            ),
+            campaign_pb2.Activity(
+                id="t",
+                test=campaign_pb2.TestActivity(
+                    branches=[
+                        campaign_pb2.TestBranch(
+                            output="vip",
+                            variable=campaign_pb2.VariableCondition(
+                                name="tier", comparison=campaign_pb2.COMPARISON_EQUAL, value="gold"
+                            ),
+                        ),
+                        campaign_pb2.TestBranch(
+                            output="many",
+                            population=campaign_pb2.PopulationCondition(
+                                comparison=campaign_pb2.COMPARISON_GREATER, value=100
+                            ),
+                        ),
+                    ],
+                    default_output="rest",
+                ),
+            ),
+            campaign_pb2.Activity(id="e1", end=campaign_pb2.EndActivity()),
+            campaign_pb2.Activity(id="e2", end=campaign_pb2.EndActivity()),
+            campaign_pb2.Activity(id="e3", end=campaign_pb2.EndActivity()),
+            campaign_pb2.Activity(id="j", join=campaign_pb2.JoinActivity(primary="w")),
+            campaign_pb2.Activity(
+                id="e4",
+                end=campaign_pb2.EndActivity(signal_campaign="campaigns/storm", parameters={"n": to_value(3)}),
+            ),
+        ]
+    )
+    message.transitions.extend(
+        [
+            campaign_pb2.Transition(source="audience", target="f"),
+            campaign_pb2.Transition(source="f", target="w"),
+            campaign_pb2.Transition(source="f", target="t"),
+            campaign_pb2.Transition(source="t", target="e1", output="vip"),
+            campaign_pb2.Transition(source="t", target="e2", output="many"),
+            campaign_pb2.Transition(source="t", target="e3", output="rest"),
+            campaign_pb2.Transition(source="w", target="j"),
+            campaign_pb2.Transition(source="email", target="j"),
+            campaign_pb2.Transition(source="j", target="e4"),
+        ]
+    )
+    message.variables["tier"] = "gold"
+
+    created = await scheduler.stub.CreateCampaign(sch.CreateCampaignRequest(campaign=message), metadata=META)
+    got = await scheduler.stub.GetCampaign(sch.GetCampaignRequest(name=created.campaign.name), metadata=META)
+
+    assert list(got.campaign.activities) == list(message.activities)
+    assert list(got.campaign.transitions) == list(message.transitions)
+    assert dict(got.campaign.variables) == {"tier": "gold"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from carillon_chassis.errors import NotFound, Unavailable
 from scheduler_svc.engine import Engine, EngineOptions
-from scheduler_svc.model import RunState, Task, TaskState
+from scheduler_svc.model import RunState, RunTrigger, Task, TaskState
 from tests.unit.test_scheduler_fakes import (
     FakeAudience,
     FakeDelivery,
@@ -165,3 +165,26 @@ async def test_an_unavailable_worker_is_retried_from_the_checkpoint_without_rese
     assert [s.after_position for s in audience.streams] == [0, 6]
     assert delivery.delivered == [f"k{n}" for n in range(1, 11)]
     assert (journal.task("send").sent, journal.task("send").checkpoint) == (10, 10)
+
+
+async def test_in_test_mode_a_channel_activity_sends_nothing_and_reports_who_would_be_sent() -> None:
+    audience, delivery = FakeAudience(size=10), FakeDelivery()
+    run = claimed(two_step_canvas(batch_size=3))
+    run.run.trigger = RunTrigger.TEST
+    journal = FakeJournal.of(run)
+
+    state = await engine_for(audience, delivery, journal).execute(run)
+
+    assert state == RunState.SUCCEEDED
+    assert delivery.streams == [] and audience.streams == []
+    sent = journal.task("send")
+    assert (sent.state, sent.targeted, sent.sent, sent.checkpoint) == (TaskState.SUCCEEDED, 10, 0, 0)
+    assert journal.notes["send"] == "test mode: would send to 10 recipients; nothing was sent"
+
+
+async def test_a_test_run_needs_no_delivery_worker() -> None:
+    run = claimed(two_step_canvas(batch_size=3))
+    run.run.trigger = RunTrigger.TEST
+    journal = FakeJournal.of(run)
+
+    assert await engine_for(FakeAudience(size=4), None, journal).execute(run) == RunState.SUCCEEDED

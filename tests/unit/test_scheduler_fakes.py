@@ -9,10 +9,12 @@ follows the run store's rules.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from carillon.audience.v1 import query_pb2
+from carillon.type.v1 import value_pb2
 from carillon_chassis.database import utcnow
 from carillon_chassis.errors import CarillonError
 from carillon_chassis.values import to_value
@@ -196,6 +198,8 @@ class FakeJournal:
     """The run store's progress rules, in memory: one run, its tasks by activity."""
 
     run: Run
+    notes: dict[str, str] = field(default_factory=dict)
+    signals: list[tuple[str, str, dict[str, value_pb2.Value]]] = field(default_factory=list)
 
     @classmethod
     def of(cls, claimed_run: ClaimedRun) -> FakeJournal:
@@ -214,6 +218,7 @@ class FakeJournal:
     async def record_working_set(self, key: RunKey, activity: str, working_set: str, count: int) -> None:
         task = self.task(activity)
         task.state, task.working_set, task.targeted, task.end_time = TaskState.SUCCEEDED, working_set, count, utcnow()
+        task.outputs = {"": count}
 
     async def record_ack(self, key: RunKey, activity: str, ack: Ack) -> None:
         task = self.task(activity)
@@ -227,9 +232,39 @@ class FakeJournal:
             task.failed[reason] = task.failed.get(reason, 0) + count
         task.checkpoint = ack.sequence
 
-    async def finish_task(self, key: RunKey, activity: str) -> None:
+    async def finish_task(
+        self, key: RunKey, activity: str, note: str = "", outputs: Mapping[str, int] | None = None
+    ) -> None:
         task = self.task(activity)
         task.state, task.end_time = TaskState.SUCCEEDED, utcnow()
+        if outputs is not None:
+            task.outputs = dict(outputs)
+        self.notes[activity] = note
+
+    async def skip_task(self, key: RunKey, activity: str, reason: str) -> None:
+        task = self.task(activity)
+        task.state, task.message, task.outputs = TaskState.SKIPPED, reason, {}
+
+    async def wait_task(self, key: RunKey, activity: str, wake: datetime) -> None:
+        task = self.task(activity)
+        task.state, task.wake_time = TaskState.WAITING, wake
+
+    async def suspend_run(self, key: RunKey, wake: datetime) -> None:
+        self.run.state, self.run.scheduled_time = RunState.WAITING, wake
+
+    async def signal_campaign(
+        self, key: RunKey, activity: str, campaign_id: str, parameters: Mapping[str, value_pb2.Value]
+    ) -> str:
+        self.signals.append((activity, campaign_id, dict(parameters)))
+        return f"campaigns/{campaign_id}/runs/signalled-{len(self.signals)}"
+
+    async def fail_task(self, key: RunKey, activity: str, message: str) -> None:
+        task = self.task(activity)
+        task.state, task.message = TaskState.FAILED, message
+
+    async def suspend_failed_run(self, key: RunKey, activity: str, message: str) -> None:
+        await self.fail_task(key, activity, message)
+        self.run.state, self.run.error = RunState.SUSPENDED, message
 
     async def fail_run(self, key: RunKey, activity: str | None, message: str) -> None:
         for task in self.run.tasks:

@@ -5,8 +5,10 @@ isort:skip_file
 
 from carillon.audience.v1 import query_pb2 as _query_pb2
 from carillon.type.v1 import channel_pb2 as _channel_pb2
+from carillon.type.v1 import value_pb2 as _value_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -35,11 +37,17 @@ class _CampaignStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Campaig
     CAMPAIGN_STATE_SCHEDULED: _CampaignState.ValueType  # 2
     """Published; waiting for its first run."""
     CAMPAIGN_STATE_LIVE: _CampaignState.ValueType  # 3
-    """Published; a run is in progress."""
+    """Published; its first run has started (a recurring or signal-scheduled campaign stays live between
+    runs until it is closed or its schedule ends).
+    """
     CAMPAIGN_STATE_COMPLETED: _CampaignState.ValueType  # 4
     """Every run has finished and no more will start."""
     CAMPAIGN_STATE_STOPPED: _CampaignState.ValueType  # 5
-    """Stopped by a user."""
+    """Stopped by a user: its unstarted runs were cancelled and its running runs interrupted."""
+    CAMPAIGN_STATE_CLOSED: _CampaignState.ValueType  # 6
+    """Closed by a user: no new run starts; it completes when its last running run ends."""
+    CAMPAIGN_STATE_ARCHIVED: _CampaignState.ValueType  # 7
+    """Archived: read-only, kept for reference."""
 
 class CampaignState(_CampaignState, metaclass=_CampaignStateEnumTypeWrapper):
     """The lifecycle state of a campaign. Changed only by transition RPCs."""
@@ -51,12 +59,134 @@ CAMPAIGN_STATE_DRAFT: CampaignState.ValueType  # 1
 CAMPAIGN_STATE_SCHEDULED: CampaignState.ValueType  # 2
 """Published; waiting for its first run."""
 CAMPAIGN_STATE_LIVE: CampaignState.ValueType  # 3
-"""Published; a run is in progress."""
+"""Published; its first run has started (a recurring or signal-scheduled campaign stays live between
+runs until it is closed or its schedule ends).
+"""
 CAMPAIGN_STATE_COMPLETED: CampaignState.ValueType  # 4
 """Every run has finished and no more will start."""
 CAMPAIGN_STATE_STOPPED: CampaignState.ValueType  # 5
-"""Stopped by a user."""
+"""Stopped by a user: its unstarted runs were cancelled and its running runs interrupted."""
+CAMPAIGN_STATE_CLOSED: CampaignState.ValueType  # 6
+"""Closed by a user: no new run starts; it completes when its last running run ends."""
+CAMPAIGN_STATE_ARCHIVED: CampaignState.ValueType  # 7
+"""Archived: read-only, kept for reference."""
 Global___CampaignState: _TypeAlias = CampaignState  # noqa: Y015
+
+class _Comparison:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ComparisonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Comparison.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPARISON_UNSPECIFIED: _Comparison.ValueType  # 0
+    """Not set; never valid."""
+    COMPARISON_EQUAL: _Comparison.ValueType  # 1
+    """Equal."""
+    COMPARISON_NOT_EQUAL: _Comparison.ValueType  # 2
+    """Not equal."""
+    COMPARISON_LESS: _Comparison.ValueType  # 3
+    """Less than."""
+    COMPARISON_LESS_OR_EQUAL: _Comparison.ValueType  # 4
+    """Less than or equal."""
+    COMPARISON_GREATER: _Comparison.ValueType  # 5
+    """Greater than."""
+    COMPARISON_GREATER_OR_EQUAL: _Comparison.ValueType  # 6
+    """Greater than or equal."""
+
+class Comparison(_Comparison, metaclass=_ComparisonEnumTypeWrapper):
+    """How a test compares a value with its operand."""
+
+COMPARISON_UNSPECIFIED: Comparison.ValueType  # 0
+"""Not set; never valid."""
+COMPARISON_EQUAL: Comparison.ValueType  # 1
+"""Equal."""
+COMPARISON_NOT_EQUAL: Comparison.ValueType  # 2
+"""Not equal."""
+COMPARISON_LESS: Comparison.ValueType  # 3
+"""Less than."""
+COMPARISON_LESS_OR_EQUAL: Comparison.ValueType  # 4
+"""Less than or equal."""
+COMPARISON_GREATER: Comparison.ValueType  # 5
+"""Greater than."""
+COMPARISON_GREATER_OR_EQUAL: Comparison.ValueType  # 6
+"""Greater than or equal."""
+Global___Comparison: _TypeAlias = Comparison  # noqa: Y015
+
+class _Weekday:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WeekdayEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Weekday.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEEKDAY_UNSPECIFIED: _Weekday.ValueType  # 0
+    """Not set; never valid in a schedule."""
+    WEEKDAY_MONDAY: _Weekday.ValueType  # 1
+    """Monday."""
+    WEEKDAY_TUESDAY: _Weekday.ValueType  # 2
+    """Tuesday."""
+    WEEKDAY_WEDNESDAY: _Weekday.ValueType  # 3
+    """Wednesday."""
+    WEEKDAY_THURSDAY: _Weekday.ValueType  # 4
+    """Thursday."""
+    WEEKDAY_FRIDAY: _Weekday.ValueType  # 5
+    """Friday."""
+    WEEKDAY_SATURDAY: _Weekday.ValueType  # 6
+    """Saturday."""
+    WEEKDAY_SUNDAY: _Weekday.ValueType  # 7
+    """Sunday."""
+
+class Weekday(_Weekday, metaclass=_WeekdayEnumTypeWrapper):
+    """A day of the week."""
+
+WEEKDAY_UNSPECIFIED: Weekday.ValueType  # 0
+"""Not set; never valid in a schedule."""
+WEEKDAY_MONDAY: Weekday.ValueType  # 1
+"""Monday."""
+WEEKDAY_TUESDAY: Weekday.ValueType  # 2
+"""Tuesday."""
+WEEKDAY_WEDNESDAY: Weekday.ValueType  # 3
+"""Wednesday."""
+WEEKDAY_THURSDAY: Weekday.ValueType  # 4
+"""Thursday."""
+WEEKDAY_FRIDAY: Weekday.ValueType  # 5
+"""Friday."""
+WEEKDAY_SATURDAY: Weekday.ValueType  # 6
+"""Saturday."""
+WEEKDAY_SUNDAY: Weekday.ValueType  # 7
+"""Sunday."""
+Global___Weekday: _TypeAlias = Weekday  # noqa: Y015
+
+class _ErrorHandling:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorHandlingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorHandling.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_HANDLING_UNSPECIFIED: _ErrorHandling.ValueType  # 0
+    """Not set: abort."""
+    ERROR_HANDLING_ABORT: _ErrorHandling.ValueType  # 1
+    """The run fails at once; its unfinished activities are skipped."""
+    ERROR_HANDLING_IGNORE: _ErrorHandling.ValueType  # 2
+    """The failed activity's branch stops; the other branches go on; the run then fails, naming the
+    failed activities.
+    """
+    ERROR_HANDLING_SUSPEND: _ErrorHandling.ValueType  # 3
+    """The run is suspended where it failed; after a fix, RestartRun resumes it from its checkpoints."""
+
+class ErrorHandling(_ErrorHandling, metaclass=_ErrorHandlingEnumTypeWrapper):
+    """What a run does when an activity fails."""
+
+ERROR_HANDLING_UNSPECIFIED: ErrorHandling.ValueType  # 0
+"""Not set: abort."""
+ERROR_HANDLING_ABORT: ErrorHandling.ValueType  # 1
+"""The run fails at once; its unfinished activities are skipped."""
+ERROR_HANDLING_IGNORE: ErrorHandling.ValueType  # 2
+"""The failed activity's branch stops; the other branches go on; the run then fails, naming the
+failed activities.
+"""
+ERROR_HANDLING_SUSPEND: ErrorHandling.ValueType  # 3
+"""The run is suspended where it failed; after a fix, RestartRun resumes it from its checkpoints."""
+Global___ErrorHandling: _TypeAlias = ErrorHandling  # noqa: Y015
 
 @_typing.final
 class BuildAudienceActivity(_message.Message):
@@ -123,6 +253,257 @@ class ChannelActivity(_message.Message):
 Global___ChannelActivity: _TypeAlias = ChannelActivity  # noqa: Y015
 
 @_typing.final
+class ForkActivity(_message.Message):
+    """Passes its incoming population on to every outgoing transition, so that branches run in parallel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkActivity: _TypeAlias = ForkActivity  # noqa: Y015
+
+@_typing.final
+class JoinActivity(_message.Message):
+    """Waits for every incoming branch (AND-join), then passes on the population of its primary input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    primary: _builtins.str
+    """The activity whose transition into the join carries the population passed on; empty means the
+    source of the first incoming transition.
+    """
+    def __init__(
+        self,
+        *,
+        primary: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["primary", b"primary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinActivity: _TypeAlias = JoinActivity  # noqa: Y015
+
+@_typing.final
+class WaitActivity(_message.Message):
+    """Waits for a duration or until a fixed time, then passes its incoming population on. The wait is a
+    durable timer: the run holds no scheduler while it waits and resumes when it is due.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DURATION_FIELD_NUMBER: _builtins.int
+    UNTIL_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Wait this long after the activity is reached (at most 90 days)."""
+
+    @_builtins.property
+    def until_time(self) -> _timestamp_pb2.Timestamp:
+        """Wait until this time (no wait when it has passed)."""
+
+    def __init__(
+        self,
+        *,
+        duration: _duration_pb2.Duration | None = ...,
+        until_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "until", b"until", "until_time", b"until_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "until", b"until", "until_time", b"until_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_until: _TypeAlias = _typing.Literal["duration", "until_time"]  # noqa: Y015
+    _WhichOneofArgType_until: _TypeAlias = _typing.Literal["until", b"until"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_until) -> _WhichOneofReturnType_until | None: ...
+
+Global___WaitActivity: _TypeAlias = WaitActivity  # noqa: Y015
+
+@_typing.final
+class PopulationCondition(_message.Message):
+    """A condition on the size of the incoming population."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPARISON_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    comparison: Global___Comparison.ValueType
+    """How the population count compares with `value`."""
+    value: _builtins.int
+    """The operand."""
+    def __init__(
+        self,
+        *,
+        comparison: Global___Comparison.ValueType = ...,
+        value: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PopulationCondition: _TypeAlias = PopulationCondition  # noqa: Y015
+
+@_typing.final
+class VariableCondition(_message.Message):
+    """A condition on a variable: a run parameter (from SignalCampaign) or else a campaign variable. Numbers
+    compare as numbers; other values compare as text, equal and not equal only. A variable that is not
+    set never matches.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    COMPARISON_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The variable's name."""
+    comparison: Global___Comparison.ValueType
+    """How the variable compares with `value`."""
+    value: _builtins.str
+    """The operand."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        comparison: Global___Comparison.ValueType = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison", "name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VariableCondition: _TypeAlias = VariableCondition  # noqa: Y015
+
+@_typing.final
+class TestBranch(_message.Message):
+    """One branch of a test: the named output taken when its condition holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    POPULATION_FIELD_NUMBER: _builtins.int
+    VARIABLE_FIELD_NUMBER: _builtins.int
+    output: _builtins.str
+    """The output's name, used by the transitions leaving this branch: lower case letters, digits and `_`."""
+    @_builtins.property
+    def population(self) -> Global___PopulationCondition:
+        """On the incoming population's size."""
+
+    @_builtins.property
+    def variable(self) -> Global___VariableCondition:
+        """On a variable."""
+
+    def __init__(
+        self,
+        *,
+        output: _builtins.str = ...,
+        population: Global___PopulationCondition | None = ...,
+        variable: Global___VariableCondition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "population", b"population", "variable", b"variable"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "output", b"output", "population", b"population", "variable", b"variable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_condition: _TypeAlias = _typing.Literal["population", "variable"]  # noqa: Y015
+    _WhichOneofArgType_condition: _TypeAlias = _typing.Literal["condition", b"condition"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_condition) -> _WhichOneofReturnType_condition | None: ...
+
+Global___TestBranch: _TypeAlias = TestBranch  # noqa: Y015
+
+@_typing.final
+class TestActivity(_message.Message):
+    """Branches on a condition: the first branch whose condition holds passes the population on its
+    output; when none holds, the default output does. Transitions from the outputs not taken are skipped.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BRANCHES_FIELD_NUMBER: _builtins.int
+    DEFAULT_OUTPUT_FIELD_NUMBER: _builtins.int
+    default_output: _builtins.str
+    """The output taken when no branch matches (default "default")."""
+    @_builtins.property
+    def branches(self) -> _containers.RepeatedCompositeFieldContainer[Global___TestBranch]:
+        """The branches, tried in order."""
+
+    def __init__(
+        self,
+        *,
+        branches: _abc.Iterable[Global___TestBranch] | None = ...,
+        default_output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branches", b"branches", "default_output", b"default_output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestActivity: _TypeAlias = TestActivity  # noqa: Y015
+
+@_typing.final
+class EndActivity(_message.Message):
+    """Ends a branch: nothing follows it. It may signal another campaign, as SignalCampaign would, once
+    per run (the signal's request id is this run and activity).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _value_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _value_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SIGNAL_CAMPAIGN_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    signal_campaign: _builtins.str
+    """The signal-scheduled campaign to signal, `campaigns/{campaign}`; empty signals nothing."""
+    @_builtins.property
+    def parameters(self) -> _containers.MessageMap[_builtins.str, _value_pb2.Value]:
+        """The signal's parameters."""
+
+    def __init__(
+        self,
+        *,
+        signal_campaign: _builtins.str = ...,
+        parameters: _abc.Mapping[_builtins.str, _value_pb2.Value] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "signal_campaign", b"signal_campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndActivity: _TypeAlias = EndActivity  # noqa: Y015
+
+@_typing.final
 class Activity(_message.Message):
     """One activity of a campaign canvas."""
 
@@ -132,6 +513,11 @@ class Activity(_message.Message):
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     BUILD_AUDIENCE_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
+    FORK_FIELD_NUMBER: _builtins.int
+    JOIN_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The activity's id, unique in the campaign: lower case letters, digits, `_` and `-`."""
     display_name: _builtins.str
@@ -144,6 +530,26 @@ class Activity(_message.Message):
     def channel(self) -> Global___ChannelActivity:
         """Send a message over a channel."""
 
+    @_builtins.property
+    def fork(self) -> Global___ForkActivity:
+        """Run the following branches in parallel."""
+
+    @_builtins.property
+    def join(self) -> Global___JoinActivity:
+        """Wait for every incoming branch."""
+
+    @_builtins.property
+    def wait(self) -> Global___WaitActivity:
+        """Wait for a duration or until a time."""
+
+    @_builtins.property
+    def test(self) -> Global___TestActivity:
+        """Branch on a condition."""
+
+    @_builtins.property
+    def end(self) -> Global___EndActivity:
+        """End a branch."""
+
     def __init__(
         self,
         *,
@@ -151,12 +557,17 @@ class Activity(_message.Message):
         display_name: _builtins.str = ...,
         build_audience: Global___BuildAudienceActivity | None = ...,
         channel: Global___ChannelActivity | None = ...,
+        fork: Global___ForkActivity | None = ...,
+        join: Global___JoinActivity | None = ...,
+        wait: Global___WaitActivity | None = ...,
+        test: Global___TestActivity | None = ...,
+        end: Global___EndActivity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["build_audience", b"build_audience", "channel", b"channel", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["build_audience", b"build_audience", "channel", b"channel", "end", b"end", "fork", b"fork", "join", b"join", "kind", b"kind", "test", b"test", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_audience", b"build_audience", "channel", b"channel", "display_name", b"display_name", "id", b"id", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_audience", b"build_audience", "channel", b"channel", "display_name", b"display_name", "end", b"end", "fork", b"fork", "id", b"id", "join", b"join", "kind", b"kind", "test", b"test", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["build_audience", "channel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["build_audience", "channel", "fork", "join", "wait", "test", "end"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -170,19 +581,25 @@ class Transition(_message.Message):
 
     SOURCE_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     """The source activity id."""
     target: _builtins.str
     """The target activity id."""
+    output: _builtins.str
+    """The source's named output this transition leaves from: a test's branch or default output; empty
+    for every other activity's single output.
+    """
     def __init__(
         self,
         *,
         source: _builtins.str = ...,
         target: _builtins.str = ...,
+        output: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "source", b"source", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -213,30 +630,291 @@ class OnceSchedule(_message.Message):
 Global___OnceSchedule: _TypeAlias = OnceSchedule  # noqa: Y015
 
 @_typing.final
+class LocalTime(_message.Message):
+    """A wall-clock time of day in the schedule's time zone."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOURS_FIELD_NUMBER: _builtins.int
+    MINUTES_FIELD_NUMBER: _builtins.int
+    hours: _builtins.int
+    """The hour, 0 to 23."""
+    minutes: _builtins.int
+    """The minute, 0 to 59."""
+    def __init__(
+        self,
+        *,
+        hours: _builtins.int = ...,
+        minutes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hours", b"hours", "minutes", b"minutes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalTime: _TypeAlias = LocalTime  # noqa: Y015
+
+@_typing.final
+class DailySchedule(_message.Message):
+    """Run on chosen days (every day when none is chosen) at one or more chosen times."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAYS_FIELD_NUMBER: _builtins.int
+    TIMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def days(self) -> _containers.RepeatedScalarFieldContainer[Global___Weekday.ValueType]:
+        """The days on which to run; empty means every day (Monday to Friday for weekdays only)."""
+
+    @_builtins.property
+    def times(self) -> _containers.RepeatedCompositeFieldContainer[Global___LocalTime]:
+        """The times of day at which to run; at least one, at least the minimum interval apart."""
+
+    def __init__(
+        self,
+        *,
+        days: _abc.Iterable[Global___Weekday.ValueType] | None = ...,
+        times: _abc.Iterable[Global___LocalTime] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["days", b"days", "times", b"times"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DailySchedule: _TypeAlias = DailySchedule  # noqa: Y015
+
+@_typing.final
+class IntervalSchedule(_message.Message):
+    """Run every N minutes within a window of the day, on chosen days (every day when none is chosen)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAYS_FIELD_NUMBER: _builtins.int
+    INTERVAL_MINUTES_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    WINDOW_END_FIELD_NUMBER: _builtins.int
+    interval_minutes: _builtins.int
+    """Minutes between two runs; at least the minimum interval (default 15)."""
+    @_builtins.property
+    def days(self) -> _containers.RepeatedScalarFieldContainer[Global___Weekday.ValueType]:
+        """The days on which to run; empty means every day."""
+
+    @_builtins.property
+    def window_start(self) -> Global___LocalTime:
+        """The first run of the day; unset means 00:00."""
+
+    @_builtins.property
+    def window_end(self) -> Global___LocalTime:
+        """No run starts after this time of day; unset means 23:59."""
+
+    def __init__(
+        self,
+        *,
+        days: _abc.Iterable[Global___Weekday.ValueType] | None = ...,
+        interval_minutes: _builtins.int = ...,
+        window_start: Global___LocalTime | None = ...,
+        window_end: Global___LocalTime | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["days", b"days", "interval_minutes", b"interval_minutes", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IntervalSchedule: _TypeAlias = IntervalSchedule  # noqa: Y015
+
+@_typing.final
+class WeeklySchedule(_message.Message):
+    """Run every N weeks on chosen days at chosen times."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERVAL_WEEKS_FIELD_NUMBER: _builtins.int
+    DAYS_FIELD_NUMBER: _builtins.int
+    TIMES_FIELD_NUMBER: _builtins.int
+    interval_weeks: _builtins.int
+    """Run every this many weeks (default 1, at most 52), counted from the week of the validity start
+    (or from the week of 1970-01-05 when the schedule has none).
+    """
+    @_builtins.property
+    def days(self) -> _containers.RepeatedScalarFieldContainer[Global___Weekday.ValueType]:
+        """The days on which to run; at least one."""
+
+    @_builtins.property
+    def times(self) -> _containers.RepeatedCompositeFieldContainer[Global___LocalTime]:
+        """The times of day at which to run; at least one."""
+
+    def __init__(
+        self,
+        *,
+        interval_weeks: _builtins.int = ...,
+        days: _abc.Iterable[Global___Weekday.ValueType] | None = ...,
+        times: _abc.Iterable[Global___LocalTime] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["days", b"days", "interval_weeks", b"interval_weeks", "times", b"times"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WeeklySchedule: _TypeAlias = WeeklySchedule  # noqa: Y015
+
+@_typing.final
+class NthWeekday(_message.Message):
+    """The n-th given weekday of a month, such as the second Tuesday or the last Friday."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDINAL_FIELD_NUMBER: _builtins.int
+    WEEKDAY_FIELD_NUMBER: _builtins.int
+    ordinal: _builtins.int
+    """Which occurrence: 1 to 5, or -1 for the last one. A month without a fifth occurrence is skipped."""
+    weekday: Global___Weekday.ValueType
+    """The day of the week."""
+    def __init__(
+        self,
+        *,
+        ordinal: _builtins.int = ...,
+        weekday: Global___Weekday.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ordinal", b"ordinal", "weekday", b"weekday"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NthWeekday: _TypeAlias = NthWeekday  # noqa: Y015
+
+@_typing.final
+class MonthlySchedule(_message.Message):
+    """Run once a month on a chosen day at chosen times."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAY_OF_MONTH_FIELD_NUMBER: _builtins.int
+    LAST_DAY_FIELD_NUMBER: _builtins.int
+    NTH_WEEKDAY_FIELD_NUMBER: _builtins.int
+    TIMES_FIELD_NUMBER: _builtins.int
+    day_of_month: _builtins.int
+    """A day number, 1 to 31; months without that day are skipped."""
+    last_day: _builtins.bool
+    """The last day of the month, when true."""
+    @_builtins.property
+    def nth_weekday(self) -> Global___NthWeekday:
+        """The n-th weekday of the month."""
+
+    @_builtins.property
+    def times(self) -> _containers.RepeatedCompositeFieldContainer[Global___LocalTime]:
+        """The times of day at which to run; at least one."""
+
+    def __init__(
+        self,
+        *,
+        day_of_month: _builtins.int = ...,
+        last_day: _builtins.bool = ...,
+        nth_weekday: Global___NthWeekday | None = ...,
+        times: _abc.Iterable[Global___LocalTime] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["day", b"day", "day_of_month", b"day_of_month", "last_day", b"last_day", "nth_weekday", b"nth_weekday"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["day", b"day", "day_of_month", b"day_of_month", "last_day", b"last_day", "nth_weekday", b"nth_weekday", "times", b"times"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_day: _TypeAlias = _typing.Literal["day_of_month", "last_day", "nth_weekday"]  # noqa: Y015
+    _WhichOneofArgType_day: _TypeAlias = _typing.Literal["day", b"day"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_day) -> _WhichOneofReturnType_day | None: ...
+
+Global___MonthlySchedule: _TypeAlias = MonthlySchedule  # noqa: Y015
+
+@_typing.final
+class SignalSchedule(_message.Message):
+    """Run only when triggered by SignalCampaign (with parameters), never on a clock."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalSchedule: _TypeAlias = SignalSchedule  # noqa: Y015
+
+@_typing.final
 class Schedule(_message.Message):
-    """When a campaign runs."""
+    """When a campaign runs. Recurring launch times are wall-clock times in `time_zone`: a time that does
+    not exist on a day (the clocks jump forward) moves forward by the jump, and a time that occurs twice
+    (the clocks go back) runs once, at its first occurrence. A launch time missed by more than the
+    scheduler's grace period (a scheduler outage) is skipped: the campaign runs at its next launch time.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ONCE_FIELD_NUMBER: _builtins.int
+    DAILY_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    WEEKLY_FIELD_NUMBER: _builtins.int
+    MONTHLY_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
     TIME_ZONE_FIELD_NUMBER: _builtins.int
+    VALIDITY_START_TIME_FIELD_NUMBER: _builtins.int
+    VALIDITY_END_TIME_FIELD_NUMBER: _builtins.int
     time_zone: _builtins.str
     """The IANA time zone in which the schedule is read (default "UTC")."""
     @_builtins.property
     def once(self) -> Global___OnceSchedule:
         """A single run."""
 
+    @_builtins.property
+    def daily(self) -> Global___DailySchedule:
+        """Daily, on chosen days, at chosen times."""
+
+    @_builtins.property
+    def interval(self) -> Global___IntervalSchedule:
+        """Every N minutes within a window of the day."""
+
+    @_builtins.property
+    def weekly(self) -> Global___WeeklySchedule:
+        """Every N weeks on chosen days."""
+
+    @_builtins.property
+    def monthly(self) -> Global___MonthlySchedule:
+        """Monthly, on a day number, the last day or the n-th weekday."""
+
+    @_builtins.property
+    def signal(self) -> Global___SignalSchedule:
+        """Only when signalled through SignalCampaign."""
+
+    @_builtins.property
+    def validity_start_time(self) -> _timestamp_pb2.Timestamp:
+        """A recurring schedule launches no run before this time; unset means no lower bound."""
+
+    @_builtins.property
+    def validity_end_time(self) -> _timestamp_pb2.Timestamp:
+        """A recurring schedule launches no run after this time; unset means no end."""
+
     def __init__(
         self,
         *,
         once: Global___OnceSchedule | None = ...,
+        daily: Global___DailySchedule | None = ...,
+        interval: Global___IntervalSchedule | None = ...,
+        weekly: Global___WeeklySchedule | None = ...,
+        monthly: Global___MonthlySchedule | None = ...,
+        signal: Global___SignalSchedule | None = ...,
         time_zone: _builtins.str = ...,
+        validity_start_time: _timestamp_pb2.Timestamp | None = ...,
+        validity_end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "once", b"once"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["daily", b"daily", "interval", b"interval", "kind", b"kind", "monthly", b"monthly", "once", b"once", "signal", b"signal", "validity_end_time", b"validity_end_time", "validity_start_time", b"validity_start_time", "weekly", b"weekly"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "once", b"once", "time_zone", b"time_zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daily", b"daily", "interval", b"interval", "kind", b"kind", "monthly", b"monthly", "once", b"once", "signal", b"signal", "time_zone", b"time_zone", "validity_end_time", b"validity_end_time", "validity_start_time", b"validity_start_time", "weekly", b"weekly"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["once"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["once", "daily", "interval", "weekly", "monthly", "signal"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -248,6 +926,26 @@ class Campaign(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class VariablesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -257,12 +955,17 @@ class Campaign(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     PUBLISH_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_RUN_TIME_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    ERROR_HANDLING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `campaigns/{campaign}`."""
     display_name: _builtins.str
     """A human-readable name."""
     state: Global___CampaignState.ValueType
     """Output only. The lifecycle state."""
+    error_handling: Global___ErrorHandling.ValueType
+    """What a run does when an activity fails (default abort)."""
     @_builtins.property
     def activities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Activity]:
         """The activities."""
@@ -287,6 +990,14 @@ class Campaign(_message.Message):
     def publish_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When it was published."""
 
+    @_builtins.property
+    def next_run_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. The next launch time of a published recurring campaign; unset when none is left."""
+
+    @_builtins.property
+    def variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Campaign variables, usable in test activities (a run parameter of the same name wins)."""
+
     def __init__(
         self,
         *,
@@ -299,10 +1010,13 @@ class Campaign(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         publish_time: _timestamp_pb2.Timestamp | None = ...,
+        next_run_time: _timestamp_pb2.Timestamp | None = ...,
+        variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        error_handling: Global___ErrorHandling.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "publish_time", b"publish_time", "schedule", b"schedule", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "next_run_time", b"next_run_time", "publish_time", b"publish_time", "schedule", b"schedule", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activities", b"activities", "create_time", b"create_time", "display_name", b"display_name", "name", b"name", "publish_time", b"publish_time", "schedule", b"schedule", "state", b"state", "transitions", b"transitions", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activities", b"activities", "create_time", b"create_time", "display_name", b"display_name", "error_handling", b"error_handling", "name", b"name", "next_run_time", b"next_run_time", "publish_time", b"publish_time", "schedule", b"schedule", "state", b"state", "transitions", b"transitions", "update_time", b"update_time", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from carillon.type.v1 import value_pb2 as _value_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -36,6 +37,12 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     """Every activity succeeded."""
     RUN_STATE_FAILED: _RunState.ValueType  # 4
     """An activity failed; `error` says why."""
+    RUN_STATE_CANCELLED: _RunState.ValueType  # 5
+    """Cancelled before it ended, because its campaign was stopped, closed or returned to draft."""
+    RUN_STATE_WAITING: _RunState.ValueType  # 6
+    """A wait activity holds it until `scheduled_time`; no scheduler holds it meanwhile."""
+    RUN_STATE_SUSPENDED: _RunState.ValueType  # 7
+    """An activity failed under the suspend error handling; RestartRun resumes it after a fix."""
 
 class RunState(_RunState, metaclass=_RunStateEnumTypeWrapper):
     """The state of a run."""
@@ -50,7 +57,45 @@ RUN_STATE_SUCCEEDED: RunState.ValueType  # 3
 """Every activity succeeded."""
 RUN_STATE_FAILED: RunState.ValueType  # 4
 """An activity failed; `error` says why."""
+RUN_STATE_CANCELLED: RunState.ValueType  # 5
+"""Cancelled before it ended, because its campaign was stopped, closed or returned to draft."""
+RUN_STATE_WAITING: RunState.ValueType  # 6
+"""A wait activity holds it until `scheduled_time`; no scheduler holds it meanwhile."""
+RUN_STATE_SUSPENDED: RunState.ValueType  # 7
+"""An activity failed under the suspend error handling; RestartRun resumes it after a fix."""
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
+
+class _RunTrigger:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RunTriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunTrigger.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RUN_TRIGGER_UNSPECIFIED: _RunTrigger.ValueType  # 0
+    """Not set; never returned."""
+    RUN_TRIGGER_SCHEDULE: _RunTrigger.ValueType  # 1
+    """The campaign's schedule (a once or recurring launch time)."""
+    RUN_TRIGGER_SIGNAL: _RunTrigger.ValueType  # 2
+    """A SignalCampaign call, with parameters."""
+    RUN_TRIGGER_TEST: _RunTrigger.ValueType  # 3
+    """A TestCampaign call: a test-mode run of a draft, in which channel activities send nothing and
+    report the population they would send to (`targeted`).
+    """
+
+class RunTrigger(_RunTrigger, metaclass=_RunTriggerEnumTypeWrapper):
+    """What created a run."""
+
+RUN_TRIGGER_UNSPECIFIED: RunTrigger.ValueType  # 0
+"""Not set; never returned."""
+RUN_TRIGGER_SCHEDULE: RunTrigger.ValueType  # 1
+"""The campaign's schedule (a once or recurring launch time)."""
+RUN_TRIGGER_SIGNAL: RunTrigger.ValueType  # 2
+"""A SignalCampaign call, with parameters."""
+RUN_TRIGGER_TEST: RunTrigger.ValueType  # 3
+"""A TestCampaign call: a test-mode run of a draft, in which channel activities send nothing and
+report the population they would send to (`targeted`).
+"""
+Global___RunTrigger: _TypeAlias = RunTrigger  # noqa: Y015
 
 class _TaskState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -69,7 +114,9 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     TASK_STATE_FAILED: _TaskState.ValueType  # 4
     """Failed; `message` says why."""
     TASK_STATE_SKIPPED: _TaskState.ValueType  # 5
-    """Not executed because an earlier activity failed."""
+    """Not executed because an earlier activity failed, or because no branch leading to it was taken."""
+    TASK_STATE_WAITING: _TaskState.ValueType  # 6
+    """A wait activity waiting until its `wake_time`."""
 
 class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
     """The state of one activity within a run."""
@@ -85,8 +132,38 @@ TASK_STATE_SUCCEEDED: TaskState.ValueType  # 3
 TASK_STATE_FAILED: TaskState.ValueType  # 4
 """Failed; `message` says why."""
 TASK_STATE_SKIPPED: TaskState.ValueType  # 5
-"""Not executed because an earlier activity failed."""
+"""Not executed because an earlier activity failed, or because no branch leading to it was taken."""
+TASK_STATE_WAITING: TaskState.ValueType  # 6
+"""A wait activity waiting until its `wake_time`."""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
+
+class _RunLogLevel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RunLogLevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunLogLevel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RUN_LOG_LEVEL_UNSPECIFIED: _RunLogLevel.ValueType  # 0
+    """Not set; never returned."""
+    RUN_LOG_LEVEL_INFO: _RunLogLevel.ValueType  # 1
+    """Progress: a run created or claimed, an activity started or succeeded."""
+    RUN_LOG_LEVEL_WARNING: _RunLogLevel.ValueType  # 2
+    """Something to look at: a run cancelled."""
+    RUN_LOG_LEVEL_ERROR: _RunLogLevel.ValueType  # 3
+    """A failure, with its reason."""
+
+class RunLogLevel(_RunLogLevel, metaclass=_RunLogLevelEnumTypeWrapper):
+    """How notable a run log entry is."""
+
+RUN_LOG_LEVEL_UNSPECIFIED: RunLogLevel.ValueType  # 0
+"""Not set; never returned."""
+RUN_LOG_LEVEL_INFO: RunLogLevel.ValueType  # 1
+"""Progress: a run created or claimed, an activity started or succeeded."""
+RUN_LOG_LEVEL_WARNING: RunLogLevel.ValueType  # 2
+"""Something to look at: a run cancelled."""
+RUN_LOG_LEVEL_ERROR: RunLogLevel.ValueType  # 3
+"""A failure, with its reason."""
+Global___RunLogLevel: _TypeAlias = RunLogLevel  # noqa: Y015
 
 @_typing.final
 class ActivityTask(_message.Message):
@@ -134,6 +211,26 @@ class ActivityTask(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class OutputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ACTIVITY_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     TARGETED_FIELD_NUMBER: _builtins.int
@@ -146,6 +243,8 @@ class ActivityTask(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    WAKE_TIME_FIELD_NUMBER: _builtins.int
     activity: _builtins.str
     """The activity id."""
     state: Global___TaskState.ValueType
@@ -178,6 +277,16 @@ class ActivityTask(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When the activity finished."""
 
+    @_builtins.property
+    def outputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Records passed on by each output that was taken ("" is an activity's single output): the count of
+        every transition leaving that output.
+        """
+
+    @_builtins.property
+    def wake_time(self) -> _timestamp_pb2.Timestamp:
+        """When a waiting wait activity is due."""
+
     def __init__(
         self,
         *,
@@ -193,20 +302,81 @@ class ActivityTask(_message.Message):
         message: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        outputs: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        wake_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "wake_time", b"wake_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "already_sent", b"already_sent", "checkpoint", b"checkpoint", "end_time", b"end_time", "failed", b"failed", "message", b"message", "sent", b"sent", "skipped", b"skipped", "start_time", b"start_time", "state", b"state", "targeted", b"targeted", "working_set", b"working_set"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "already_sent", b"already_sent", "checkpoint", b"checkpoint", "end_time", b"end_time", "failed", b"failed", "message", b"message", "outputs", b"outputs", "sent", b"sent", "skipped", b"skipped", "start_time", b"start_time", "state", b"state", "targeted", b"targeted", "wake_time", b"wake_time", "working_set", b"working_set"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ActivityTask: _TypeAlias = ActivityTask  # noqa: Y015
 
 @_typing.final
+class TransitionCount(_message.Message):
+    """How many records passed along one transition of the canvas in a run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    TAKEN_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """The source activity id."""
+    target: _builtins.str
+    """The target activity id."""
+    output: _builtins.str
+    """The source's output the transition leaves from ("" for a single output)."""
+    taken: _builtins.bool
+    """Whether the transition was taken (its source finished and chose this output)."""
+    count: _builtins.int
+    """Records passed along it: the population of the source's output; 0 when not taken."""
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        target: _builtins.str = ...,
+        output: _builtins.str = ...,
+        taken: _builtins.bool = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "output", b"output", "source", b"source", "taken", b"taken", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransitionCount: _TypeAlias = TransitionCount  # noqa: Y015
+
+@_typing.final
 class Run(_message.Message):
     """One execution of a campaign."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _value_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _value_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     NAME_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -215,12 +385,17 @@ class Run(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    TRANSITIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `campaigns/{campaign}/runs/{run}`."""
     state: Global___RunState.ValueType
     """The state."""
     error: _builtins.str
     """Why the run failed."""
+    trigger: Global___RunTrigger.ValueType
+    """What created the run."""
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActivityTask]:
         """One task per activity, in execution order."""
@@ -237,6 +412,14 @@ class Run(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When execution ended."""
 
+    @_builtins.property
+    def parameters(self) -> _containers.MessageMap[_builtins.str, _value_pb2.Value]:
+        """The parameters of the signal that created the run; empty for a scheduled run."""
+
+    @_builtins.property
+    def transitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransitionCount]:
+        """Per-transition counts, in the canvas's transition order (from the campaign's current canvas)."""
+
     def __init__(
         self,
         *,
@@ -247,11 +430,54 @@ class Run(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         error: _builtins.str = ...,
+        trigger: Global___RunTrigger.ValueType = ...,
+        parameters: _abc.Mapping[_builtins.str, _value_pb2.Value] | None = ...,
+        transitions: _abc.Iterable[Global___TransitionCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "scheduled_time", b"scheduled_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "name", b"name", "scheduled_time", b"scheduled_time", "start_time", b"start_time", "state", b"state", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "name", b"name", "parameters", b"parameters", "scheduled_time", b"scheduled_time", "start_time", b"start_time", "state", b"state", "tasks", b"tasks", "transitions", b"transitions", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Run: _TypeAlias = Run  # noqa: Y015
+
+@_typing.final
+class RunLogEntry(_message.Message):
+    """One entry of a run's log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Orders the entries of a run: increasing, not necessarily consecutive."""
+    level: Global___RunLogLevel.ValueType
+    """How notable it is."""
+    activity: _builtins.str
+    """The activity it concerns; empty for the run itself."""
+    message: _builtins.str
+    """What happened."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        level: Global___RunLogLevel.ValueType = ...,
+        activity: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "level", b"level", "message", b"message", "sequence", b"sequence", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunLogEntry: _TypeAlias = RunLogEntry  # noqa: Y015

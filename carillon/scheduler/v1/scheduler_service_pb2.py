@@ -24,39 +24,98 @@ _sym_db = _symbol_database.Default()
 
 from carillon.scheduler.v1 import campaign_pb2 as carillon_dot_scheduler_dot_v1_dot_campaign__pb2
 from carillon.scheduler.v1 import run_pb2 as carillon_dot_scheduler_dot_v1_dot_run__pb2
+from carillon.type.v1 import value_pb2 as carillon_dot_type_dot_v1_dot_value__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-carillon/scheduler/v1/scheduler_service.proto\x12\x15\x63\x61rillon.scheduler.v1\x1a$carillon/scheduler/v1/campaign.proto\x1a\x1f\x63\x61rillon/scheduler/v1/run.proto\"s\n\x15\x43reateCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x31\n\x08\x63\x61mpaign\x18\x02 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"K\n\x16\x43reateCampaignResponse\x12\x31\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\"\"\n\x12GetCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x13GetCampaignResponse\x12\x31\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\"=\n\x14ListCampaignsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x15ListCampaignsResponse\x12\x32\n\tcampaigns\x18\x01 \x03(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x16PublishCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"Y\n\x17PublishCampaignResponse\x12\x31\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\x12\x0b\n\x03run\x18\x02 \x01(\t\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x0eGetRunResponse\x12\'\n\x03run\x18\x01 \x01(\x0b\x32\x1a.carillon.scheduler.v1.Run\"H\n\x0fListRunsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x10ListRunsResponse\x12(\n\x04runs\x18\x01 \x03(\x0b\x32\x1a.carillon.scheduler.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf8\x04\n\x0f\x43\x61mpaignService\x12m\n\x0e\x43reateCampaign\x12,.carillon.scheduler.v1.CreateCampaignRequest\x1a-.carillon.scheduler.v1.CreateCampaignResponse\x12\x64\n\x0bGetCampaign\x12).carillon.scheduler.v1.GetCampaignRequest\x1a*.carillon.scheduler.v1.GetCampaignResponse\x12j\n\rListCampaigns\x12+.carillon.scheduler.v1.ListCampaignsRequest\x1a,.carillon.scheduler.v1.ListCampaignsResponse\x12p\n\x0fPublishCampaign\x12-.carillon.scheduler.v1.PublishCampaignRequest\x1a..carillon.scheduler.v1.PublishCampaignResponse\x12U\n\x06GetRun\x12$.carillon.scheduler.v1.GetRunRequest\x1a%.carillon.scheduler.v1.GetRunResponse\x12[\n\x08ListRuns\x12&.carillon.scheduler.v1.ListRunsRequest\x1a\'.carillon.scheduler.v1.ListRunsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-carillon/scheduler/v1/scheduler_service.proto\x12\x15\x63\x61rillon.scheduler.v1\x1a$carillon/scheduler/v1/campaign.proto\x1a\x1f\x63\x61rillon/scheduler/v1/run.proto\x1a\x1c\x63\x61rillon/type/v1/value.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"s\n\x15\x43reateCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x31\n\x08\x63\x61mpaign\x18\x02 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"K\n\x16\x43reateCampaignResponse\x12\x31\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\"\"\n\x12GetCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x13GetCampaignResponse\x12\x31\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\"=\n\x14ListCampaignsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x15ListCampaignsResponse\x12\x32\n\tcampaigns\x18\x01 \x03(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x16PublishCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"Y\n\x17PublishCampaignResponse\x12\x31\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\x12\x0b\n\x03run\x18\x02 \x01(\t\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x0eGetRunResponse\x12\'\n\x03run\x18\x01 \x01(\x0b\x32\x1a.carillon.scheduler.v1.Run\"H\n\x0fListRunsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x10ListRunsResponse\x12(\n\x04runs\x18\x01 \x03(\x0b\x32\x1a.carillon.scheduler.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x98\x01\n\x16PreviewScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\x08schedule\x18\x02 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Schedule\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12.\n\nafter_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x17PreviewScheduleResponse\x12\x30\n\x0claunch_times\x18\x01 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\"{\n\x15UpdateCampaignRequest\x12\x31\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"K\n\x16UpdateCampaignResponse\x12\x31\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\"#\n\x13StopCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"I\n\x14StopCampaignResponse\x12\x31\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\"$\n\x14\x43loseCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"J\n\x15\x43loseCampaignResponse\x12\x31\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\"&\n\x16\x41rchiveCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"L\n\x17\x41rchiveCampaignResponse\x12\x31\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\",\n\x1cRevertCampaignToDraftRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x1dRevertCampaignToDraftResponse\x12\x31\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\"%\n\x15\x44\x65leteCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteCampaignResponse\"g\n\x18\x44uplicateCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"N\n\x19\x44uplicateCampaignResponse\x12\x31\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Campaign\"\xd7\x01\n\x15SignalCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12P\n\nparameters\x18\x02 \x03(\x0b\x32<.carillon.scheduler.v1.SignalCampaignRequest.ParametersEntry\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x1aJ\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"%\n\x16SignalCampaignResponse\x12\x0b\n\x03run\x18\x01 \x01(\t\"K\n\x12ListRunLogsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x13ListRunLogsResponse\x12\x33\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\".carillon.scheduler.v1.RunLogEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fWatchRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"p\n\x10WatchRunResponse\x12\'\n\x03run\x18\x01 \x01(\x0b\x32\x1a.carillon.scheduler.v1.Run\x12\x33\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\".carillon.scheduler.v1.RunLogEntry\"7\n\x13TestCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"#\n\x14TestCampaignResponse\x12\x0b\n\x03run\x18\x01 \x01(\t\"!\n\x11RestartRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x12RestartRunResponse\x12\x0b\n\x03run\x18\x01 \x01(\t2\x8c\x10\n\x0f\x43\x61mpaignService\x12m\n\x0e\x43reateCampaign\x12,.carillon.scheduler.v1.CreateCampaignRequest\x1a-.carillon.scheduler.v1.CreateCampaignResponse\x12\x64\n\x0bGetCampaign\x12).carillon.scheduler.v1.GetCampaignRequest\x1a*.carillon.scheduler.v1.GetCampaignResponse\x12j\n\rListCampaigns\x12+.carillon.scheduler.v1.ListCampaignsRequest\x1a,.carillon.scheduler.v1.ListCampaignsResponse\x12p\n\x0fPublishCampaign\x12-.carillon.scheduler.v1.PublishCampaignRequest\x1a..carillon.scheduler.v1.PublishCampaignResponse\x12U\n\x06GetRun\x12$.carillon.scheduler.v1.GetRunRequest\x1a%.carillon.scheduler.v1.GetRunResponse\x12[\n\x08ListRuns\x12&.carillon.scheduler.v1.ListRunsRequest\x1a\'.carillon.scheduler.v1.ListRunsResponse\x12m\n\x0eUpdateCampaign\x12,.carillon.scheduler.v1.UpdateCampaignRequest\x1a-.carillon.scheduler.v1.UpdateCampaignResponse\x12g\n\x0cStopCampaign\x12*.carillon.scheduler.v1.StopCampaignRequest\x1a+.carillon.scheduler.v1.StopCampaignResponse\x12j\n\rCloseCampaign\x12+.carillon.scheduler.v1.CloseCampaignRequest\x1a,.carillon.scheduler.v1.CloseCampaignResponse\x12p\n\x0f\x41rchiveCampaign\x12-.carillon.scheduler.v1.ArchiveCampaignRequest\x1a..carillon.scheduler.v1.ArchiveCampaignResponse\x12\x82\x01\n\x15RevertCampaignToDraft\x12\x33.carillon.scheduler.v1.RevertCampaignToDraftRequest\x1a\x34.carillon.scheduler.v1.RevertCampaignToDraftResponse\x12m\n\x0e\x44\x65leteCampaign\x12,.carillon.scheduler.v1.DeleteCampaignRequest\x1a-.carillon.scheduler.v1.DeleteCampaignResponse\x12v\n\x11\x44uplicateCampaign\x12/.carillon.scheduler.v1.DuplicateCampaignRequest\x1a\x30.carillon.scheduler.v1.DuplicateCampaignResponse\x12m\n\x0eSignalCampaign\x12,.carillon.scheduler.v1.SignalCampaignRequest\x1a-.carillon.scheduler.v1.SignalCampaignResponse\x12g\n\x0cTestCampaign\x12*.carillon.scheduler.v1.TestCampaignRequest\x1a+.carillon.scheduler.v1.TestCampaignResponse\x12\x61\n\nRestartRun\x12(.carillon.scheduler.v1.RestartRunRequest\x1a).carillon.scheduler.v1.RestartRunResponse\x12\x64\n\x0bListRunLogs\x12).carillon.scheduler.v1.ListRunLogsRequest\x1a*.carillon.scheduler.v1.ListRunLogsResponse\x12]\n\x08WatchRun\x12&.carillon.scheduler.v1.WatchRunRequest\x1a\'.carillon.scheduler.v1.WatchRunResponse0\x01\x12p\n\x0fPreviewSchedule\x12-.carillon.scheduler.v1.PreviewScheduleRequest\x1a..carillon.scheduler.v1.PreviewScheduleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'carillon.scheduler.v1.scheduler_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=143
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=258
-  _globals['_CREATECAMPAIGNRESPONSE']._serialized_start=260
-  _globals['_CREATECAMPAIGNRESPONSE']._serialized_end=335
-  _globals['_GETCAMPAIGNREQUEST']._serialized_start=337
-  _globals['_GETCAMPAIGNREQUEST']._serialized_end=371
-  _globals['_GETCAMPAIGNRESPONSE']._serialized_start=373
-  _globals['_GETCAMPAIGNRESPONSE']._serialized_end=445
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=447
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=508
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=510
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=610
-  _globals['_PUBLISHCAMPAIGNREQUEST']._serialized_start=612
-  _globals['_PUBLISHCAMPAIGNREQUEST']._serialized_end=650
-  _globals['_PUBLISHCAMPAIGNRESPONSE']._serialized_start=652
-  _globals['_PUBLISHCAMPAIGNRESPONSE']._serialized_end=741
-  _globals['_GETRUNREQUEST']._serialized_start=743
-  _globals['_GETRUNREQUEST']._serialized_end=772
-  _globals['_GETRUNRESPONSE']._serialized_start=774
-  _globals['_GETRUNRESPONSE']._serialized_end=831
-  _globals['_LISTRUNSREQUEST']._serialized_start=833
-  _globals['_LISTRUNSREQUEST']._serialized_end=905
-  _globals['_LISTRUNSRESPONSE']._serialized_start=907
-  _globals['_LISTRUNSRESPONSE']._serialized_end=992
-  _globals['_CAMPAIGNSERVICE']._serialized_start=995
-  _globals['_CAMPAIGNSERVICE']._serialized_end=1627
+  _globals['_SIGNALCAMPAIGNREQUEST_PARAMETERSENTRY']._loaded_options = None
+  _globals['_SIGNALCAMPAIGNREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=240
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=355
+  _globals['_CREATECAMPAIGNRESPONSE']._serialized_start=357
+  _globals['_CREATECAMPAIGNRESPONSE']._serialized_end=432
+  _globals['_GETCAMPAIGNREQUEST']._serialized_start=434
+  _globals['_GETCAMPAIGNREQUEST']._serialized_end=468
+  _globals['_GETCAMPAIGNRESPONSE']._serialized_start=470
+  _globals['_GETCAMPAIGNRESPONSE']._serialized_end=542
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=544
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=605
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=607
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=707
+  _globals['_PUBLISHCAMPAIGNREQUEST']._serialized_start=709
+  _globals['_PUBLISHCAMPAIGNREQUEST']._serialized_end=747
+  _globals['_PUBLISHCAMPAIGNRESPONSE']._serialized_start=749
+  _globals['_PUBLISHCAMPAIGNRESPONSE']._serialized_end=838
+  _globals['_GETRUNREQUEST']._serialized_start=840
+  _globals['_GETRUNREQUEST']._serialized_end=869
+  _globals['_GETRUNRESPONSE']._serialized_start=871
+  _globals['_GETRUNRESPONSE']._serialized_end=928
+  _globals['_LISTRUNSREQUEST']._serialized_start=930
+  _globals['_LISTRUNSREQUEST']._serialized_end=1002
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1004
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1089
+  _globals['_PREVIEWSCHEDULEREQUEST']._serialized_start=1092
+  _globals['_PREVIEWSCHEDULEREQUEST']._serialized_end=1244
+  _globals['_PREVIEWSCHEDULERESPONSE']._serialized_start=1246
+  _globals['_PREVIEWSCHEDULERESPONSE']._serialized_end=1321
+  _globals['_UPDATECAMPAIGNREQUEST']._serialized_start=1323
+  _globals['_UPDATECAMPAIGNREQUEST']._serialized_end=1446
+  _globals['_UPDATECAMPAIGNRESPONSE']._serialized_start=1448
+  _globals['_UPDATECAMPAIGNRESPONSE']._serialized_end=1523
+  _globals['_STOPCAMPAIGNREQUEST']._serialized_start=1525
+  _globals['_STOPCAMPAIGNREQUEST']._serialized_end=1560
+  _globals['_STOPCAMPAIGNRESPONSE']._serialized_start=1562
+  _globals['_STOPCAMPAIGNRESPONSE']._serialized_end=1635
+  _globals['_CLOSECAMPAIGNREQUEST']._serialized_start=1637
+  _globals['_CLOSECAMPAIGNREQUEST']._serialized_end=1673
+  _globals['_CLOSECAMPAIGNRESPONSE']._serialized_start=1675
+  _globals['_CLOSECAMPAIGNRESPONSE']._serialized_end=1749
+  _globals['_ARCHIVECAMPAIGNREQUEST']._serialized_start=1751
+  _globals['_ARCHIVECAMPAIGNREQUEST']._serialized_end=1789
+  _globals['_ARCHIVECAMPAIGNRESPONSE']._serialized_start=1791
+  _globals['_ARCHIVECAMPAIGNRESPONSE']._serialized_end=1867
+  _globals['_REVERTCAMPAIGNTODRAFTREQUEST']._serialized_start=1869
+  _globals['_REVERTCAMPAIGNTODRAFTREQUEST']._serialized_end=1913
+  _globals['_REVERTCAMPAIGNTODRAFTRESPONSE']._serialized_start=1915
+  _globals['_REVERTCAMPAIGNTODRAFTRESPONSE']._serialized_end=1997
+  _globals['_DELETECAMPAIGNREQUEST']._serialized_start=1999
+  _globals['_DELETECAMPAIGNREQUEST']._serialized_end=2036
+  _globals['_DELETECAMPAIGNRESPONSE']._serialized_start=2038
+  _globals['_DELETECAMPAIGNRESPONSE']._serialized_end=2062
+  _globals['_DUPLICATECAMPAIGNREQUEST']._serialized_start=2064
+  _globals['_DUPLICATECAMPAIGNREQUEST']._serialized_end=2167
+  _globals['_DUPLICATECAMPAIGNRESPONSE']._serialized_start=2169
+  _globals['_DUPLICATECAMPAIGNRESPONSE']._serialized_end=2247
+  _globals['_SIGNALCAMPAIGNREQUEST']._serialized_start=2250
+  _globals['_SIGNALCAMPAIGNREQUEST']._serialized_end=2465
+  _globals['_SIGNALCAMPAIGNREQUEST_PARAMETERSENTRY']._serialized_start=2391
+  _globals['_SIGNALCAMPAIGNREQUEST_PARAMETERSENTRY']._serialized_end=2465
+  _globals['_SIGNALCAMPAIGNRESPONSE']._serialized_start=2467
+  _globals['_SIGNALCAMPAIGNRESPONSE']._serialized_end=2504
+  _globals['_LISTRUNLOGSREQUEST']._serialized_start=2506
+  _globals['_LISTRUNLOGSREQUEST']._serialized_end=2581
+  _globals['_LISTRUNLOGSRESPONSE']._serialized_start=2583
+  _globals['_LISTRUNLOGSRESPONSE']._serialized_end=2682
+  _globals['_WATCHRUNREQUEST']._serialized_start=2684
+  _globals['_WATCHRUNREQUEST']._serialized_end=2715
+  _globals['_WATCHRUNRESPONSE']._serialized_start=2717
+  _globals['_WATCHRUNRESPONSE']._serialized_end=2829
+  _globals['_TESTCAMPAIGNREQUEST']._serialized_start=2831
+  _globals['_TESTCAMPAIGNREQUEST']._serialized_end=2886
+  _globals['_TESTCAMPAIGNRESPONSE']._serialized_start=2888
+  _globals['_TESTCAMPAIGNRESPONSE']._serialized_end=2923
+  _globals['_RESTARTRUNREQUEST']._serialized_start=2925
+  _globals['_RESTARTRUNREQUEST']._serialized_end=2958
+  _globals['_RESTARTRUNRESPONSE']._serialized_start=2960
+  _globals['_RESTARTRUNRESPONSE']._serialized_end=2993
+  _globals['_CAMPAIGNSERVICE']._serialized_start=2996
+  _globals['_CAMPAIGNSERVICE']._serialized_end=5056
 # @@protoc_insertion_point(module_scope)

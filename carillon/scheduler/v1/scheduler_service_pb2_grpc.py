@@ -66,6 +66,71 @@ class CampaignServiceStub:
                 request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
+        self.UpdateCampaign = channel.unary_unary(
+                '/carillon.scheduler.v1.CampaignService/UpdateCampaign',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdateCampaignRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdateCampaignResponse.FromString,
+                _registered_method=True)
+        self.StopCampaign = channel.unary_unary(
+                '/carillon.scheduler.v1.CampaignService/StopCampaign',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.StopCampaignRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.StopCampaignResponse.FromString,
+                _registered_method=True)
+        self.CloseCampaign = channel.unary_unary(
+                '/carillon.scheduler.v1.CampaignService/CloseCampaign',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CloseCampaignRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CloseCampaignResponse.FromString,
+                _registered_method=True)
+        self.ArchiveCampaign = channel.unary_unary(
+                '/carillon.scheduler.v1.CampaignService/ArchiveCampaign',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ArchiveCampaignRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ArchiveCampaignResponse.FromString,
+                _registered_method=True)
+        self.RevertCampaignToDraft = channel.unary_unary(
+                '/carillon.scheduler.v1.CampaignService/RevertCampaignToDraft',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RevertCampaignToDraftRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RevertCampaignToDraftResponse.FromString,
+                _registered_method=True)
+        self.DeleteCampaign = channel.unary_unary(
+                '/carillon.scheduler.v1.CampaignService/DeleteCampaign',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DeleteCampaignRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DeleteCampaignResponse.FromString,
+                _registered_method=True)
+        self.DuplicateCampaign = channel.unary_unary(
+                '/carillon.scheduler.v1.CampaignService/DuplicateCampaign',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DuplicateCampaignRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DuplicateCampaignResponse.FromString,
+                _registered_method=True)
+        self.SignalCampaign = channel.unary_unary(
+                '/carillon.scheduler.v1.CampaignService/SignalCampaign',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SignalCampaignRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SignalCampaignResponse.FromString,
+                _registered_method=True)
+        self.TestCampaign = channel.unary_unary(
+                '/carillon.scheduler.v1.CampaignService/TestCampaign',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.TestCampaignRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.TestCampaignResponse.FromString,
+                _registered_method=True)
+        self.RestartRun = channel.unary_unary(
+                '/carillon.scheduler.v1.CampaignService/RestartRun',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RestartRunRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RestartRunResponse.FromString,
+                _registered_method=True)
+        self.ListRunLogs = channel.unary_unary(
+                '/carillon.scheduler.v1.CampaignService/ListRunLogs',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunLogsRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunLogsResponse.FromString,
+                _registered_method=True)
+        self.WatchRun = channel.unary_stream(
+                '/carillon.scheduler.v1.CampaignService/WatchRun',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.WatchRunRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.WatchRunResponse.FromString,
+                _registered_method=True)
+        self.PreviewSchedule = channel.unary_unary(
+                '/carillon.scheduler.v1.CampaignService/PreviewSchedule',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.PreviewScheduleRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.PreviewScheduleResponse.FromString,
+                _registered_method=True)
 
 
 class CampaignServiceServicer:
@@ -98,8 +163,10 @@ class CampaignServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PublishCampaign(self, request, context):
-        """Publishes a draft campaign: its run is scheduled (at once when the schedule has no start time).
-        Errors: NOT_FOUND, FAILED_PRECONDITION (the campaign is not a draft).
+        """Publishes a draft campaign: its first run is scheduled (at once when a once schedule has no start
+        time; at the first launch time of a recurring schedule); a signal-scheduled campaign gets no run.
+        Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION: the campaign is not a draft;
+        SCHEDULE_EXHAUSTED: the validity window has no launch time left).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +183,133 @@ class CampaignServiceServicer:
     def ListRuns(self, request, context):
         """Lists the runs of a campaign, newest first, one page at a time.
         Errors: INVALID_ARGUMENT (bad page size or token), NOT_FOUND (unknown campaign).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateCampaign(self, request, context):
+        """Changes the fields of a draft campaign named by `update_mask` (an empty mask changes every
+        updatable field: display_name, activities, transitions, schedule, variables, error_handling).
+        Published campaigns are read-only.
+        Errors: INVALID_ARGUMENT (an unknown mask path, an invalid canvas or schedule, with the field named),
+        NOT_FOUND, FAILED_PRECONDITION (CAMPAIGN_READ_ONLY: the campaign is not a draft).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopCampaign(self, request, context):
+        """Stops a scheduled, live or closed campaign: no new run starts, unstarted runs are cancelled and
+        running runs are interrupted (a batch already handed to delivery may still be sent).
+        Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from any other state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseCampaign(self, request, context):
+        """Closes a scheduled or live campaign: no new run starts and unstarted runs are cancelled; the
+        campaign completes when its running runs end (at once when none is running).
+        Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from any other state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ArchiveCampaign(self, request, context):
+        """Archives a draft, completed or stopped campaign.
+        Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from any other state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevertCampaignToDraft(self, request, context):
+        """Returns a published campaign to draft, allowed only while none of its runs has sent a message and
+        none is running; its unstarted runs are cancelled.
+        Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from draft or archived, MESSAGES_SENT,
+        RUN_IN_PROGRESS).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCampaign(self, request, context):
+        """Deletes a draft campaign and its runs.
+        Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION: the campaign is not a draft).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DuplicateCampaign(self, request, context):
+        """Creates a draft copy of a campaign in any state (canvas and schedule; no runs). Idempotent on
+        `request_id`.
+        Errors: INVALID_ARGUMENT (a malformed name or id), NOT_FOUND, ALREADY_EXISTS (the new id is taken).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignalCampaign(self, request, context):
+        """Triggers a run of a published signal-scheduled campaign now, with parameters. Idempotent on
+        `request_id`: a repeat returns the run it created first.
+        Errors: INVALID_ARGUMENT (a missing request id, bad parameter names), NOT_FOUND,
+        FAILED_PRECONDITION (NOT_SIGNAL_TRIGGERED: the schedule is not a signal one; ILLEGAL_TRANSITION:
+        the campaign is not scheduled or live), RESOURCE_EXHAUSTED (SIGNAL_RATE_LIMITED: at most one
+        signal per `signal_min_interval_s`, one hour by default, naming the limit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TestCampaign(self, request, context):
+        """Runs a draft campaign in test mode, now: every activity runs for real except that channel
+        activities send nothing and report who would be sent (their `targeted` count). Idempotent on
+        `request_id`.
+        Errors: INVALID_ARGUMENT (malformed name or request id), NOT_FOUND, FAILED_PRECONDITION
+        (ILLEGAL_TRANSITION: the campaign is not a draft).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestartRun(self, request, context):
+        """Restarts a run that ended or was suspended. A suspended run resumes in place; a test run that
+        ended is replaced by a new test run of the draft's current canvas; a failed run of a published
+        campaign resumes in place from its checkpoints (nobody is sent twice).
+        Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND, FAILED_PRECONDITION (RUN_NOT_FINISHED,
+        RUN_NOT_RESTARTABLE: a published campaign's run that did not fail, ILLEGAL_TRANSITION: a test run
+        of a campaign that is no longer a draft, or a run of a campaign that is not scheduled, live or
+        completed; a completed campaign whose failed run resumes is live again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRunLogs(self, request, context):
+        """Lists a run's log, oldest first, one page at a time.
+        Errors: INVALID_ARGUMENT (malformed name, bad page size or token), NOT_FOUND (unknown run).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRun(self, request, context):
+        """Follows a run: a first message with the run and its log so far, then one at every change (task
+        states and counts, run state, new log entries); the stream ends after the run has ended or has
+        been suspended.
+        Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (unknown run).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PreviewSchedule(self, request, context):
+        """Lists the next launch times of a schedule: the one given, or the named campaign's.
+        Errors: INVALID_ARGUMENT (an invalid schedule or count, with the field named; neither or both of
+        `name` and `schedule` set), NOT_FOUND (unknown campaign).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,6 +347,71 @@ def add_CampaignServiceServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunsRequest.FromString,
                     response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'UpdateCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCampaign,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdateCampaignRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdateCampaignResponse.SerializeToString,
+            ),
+            'StopCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopCampaign,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.StopCampaignRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.StopCampaignResponse.SerializeToString,
+            ),
+            'CloseCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseCampaign,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CloseCampaignRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CloseCampaignResponse.SerializeToString,
+            ),
+            'ArchiveCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.ArchiveCampaign,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ArchiveCampaignRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ArchiveCampaignResponse.SerializeToString,
+            ),
+            'RevertCampaignToDraft': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevertCampaignToDraft,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RevertCampaignToDraftRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RevertCampaignToDraftResponse.SerializeToString,
+            ),
+            'DeleteCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCampaign,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DeleteCampaignRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DeleteCampaignResponse.SerializeToString,
+            ),
+            'DuplicateCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.DuplicateCampaign,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DuplicateCampaignRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DuplicateCampaignResponse.SerializeToString,
+            ),
+            'SignalCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalCampaign,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SignalCampaignRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SignalCampaignResponse.SerializeToString,
+            ),
+            'TestCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestCampaign,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.TestCampaignRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.TestCampaignResponse.SerializeToString,
+            ),
+            'RestartRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartRun,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RestartRunRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RestartRunResponse.SerializeToString,
+            ),
+            'ListRunLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRunLogs,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunLogsRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunLogsResponse.SerializeToString,
+            ),
+            'WatchRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRun,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.WatchRunRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.WatchRunResponse.SerializeToString,
+            ),
+            'PreviewSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewSchedule,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.PreviewScheduleRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.PreviewScheduleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -319,6 +578,357 @@ class CampaignService:
             '/carillon.scheduler.v1.CampaignService/ListRuns',
             carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunsRequest.SerializeToString,
             carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/UpdateCampaign',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdateCampaignRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdateCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/StopCampaign',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.StopCampaignRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.StopCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/CloseCampaign',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CloseCampaignRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CloseCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ArchiveCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/ArchiveCampaign',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ArchiveCampaignRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ArchiveCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevertCampaignToDraft(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/RevertCampaignToDraft',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RevertCampaignToDraftRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RevertCampaignToDraftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/DeleteCampaign',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DeleteCampaignRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DeleteCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DuplicateCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/DuplicateCampaign',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DuplicateCampaignRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DuplicateCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/SignalCampaign',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SignalCampaignRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SignalCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/TestCampaign',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.TestCampaignRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.TestCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/RestartRun',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RestartRunRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RestartRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRunLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/ListRunLogs',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunLogsRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/WatchRun',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.WatchRunRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.WatchRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/PreviewSchedule',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.PreviewScheduleRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.PreviewScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

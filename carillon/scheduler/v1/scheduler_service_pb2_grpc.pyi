@@ -48,8 +48,10 @@ class CampaignServiceStub:
     Errors: INVALID_ARGUMENT (bad page size or token).
     """
     PublishCampaign: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.PublishCampaignRequest, _scheduler_service_pb2.PublishCampaignResponse]
-    """Publishes a draft campaign: its run is scheduled (at once when the schedule has no start time).
-    Errors: NOT_FOUND, FAILED_PRECONDITION (the campaign is not a draft).
+    """Publishes a draft campaign: its first run is scheduled (at once when a once schedule has no start
+    time; at the first launch time of a recurring schedule); a signal-scheduled campaign gets no run.
+    Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION: the campaign is not a draft;
+    SCHEDULE_EXHAUSTED: the validity window has no launch time left).
     """
     GetRun: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetRunRequest, _scheduler_service_pb2.GetRunResponse]
     """Returns one run with its per-activity tasks and counts.
@@ -58,6 +60,81 @@ class CampaignServiceStub:
     ListRuns: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListRunsRequest, _scheduler_service_pb2.ListRunsResponse]
     """Lists the runs of a campaign, newest first, one page at a time.
     Errors: INVALID_ARGUMENT (bad page size or token), NOT_FOUND (unknown campaign).
+    """
+    UpdateCampaign: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.UpdateCampaignRequest, _scheduler_service_pb2.UpdateCampaignResponse]
+    """Changes the fields of a draft campaign named by `update_mask` (an empty mask changes every
+    updatable field: display_name, activities, transitions, schedule, variables, error_handling).
+    Published campaigns are read-only.
+    Errors: INVALID_ARGUMENT (an unknown mask path, an invalid canvas or schedule, with the field named),
+    NOT_FOUND, FAILED_PRECONDITION (CAMPAIGN_READ_ONLY: the campaign is not a draft).
+    """
+    StopCampaign: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.StopCampaignRequest, _scheduler_service_pb2.StopCampaignResponse]
+    """Stops a scheduled, live or closed campaign: no new run starts, unstarted runs are cancelled and
+    running runs are interrupted (a batch already handed to delivery may still be sent).
+    Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from any other state).
+    """
+    CloseCampaign: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.CloseCampaignRequest, _scheduler_service_pb2.CloseCampaignResponse]
+    """Closes a scheduled or live campaign: no new run starts and unstarted runs are cancelled; the
+    campaign completes when its running runs end (at once when none is running).
+    Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from any other state).
+    """
+    ArchiveCampaign: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ArchiveCampaignRequest, _scheduler_service_pb2.ArchiveCampaignResponse]
+    """Archives a draft, completed or stopped campaign.
+    Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from any other state).
+    """
+    RevertCampaignToDraft: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.RevertCampaignToDraftRequest, _scheduler_service_pb2.RevertCampaignToDraftResponse]
+    """Returns a published campaign to draft, allowed only while none of its runs has sent a message and
+    none is running; its unstarted runs are cancelled.
+    Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from draft or archived, MESSAGES_SENT,
+    RUN_IN_PROGRESS).
+    """
+    DeleteCampaign: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.DeleteCampaignRequest, _scheduler_service_pb2.DeleteCampaignResponse]
+    """Deletes a draft campaign and its runs.
+    Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION: the campaign is not a draft).
+    """
+    DuplicateCampaign: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.DuplicateCampaignRequest, _scheduler_service_pb2.DuplicateCampaignResponse]
+    """Creates a draft copy of a campaign in any state (canvas and schedule; no runs). Idempotent on
+    `request_id`.
+    Errors: INVALID_ARGUMENT (a malformed name or id), NOT_FOUND, ALREADY_EXISTS (the new id is taken).
+    """
+    SignalCampaign: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SignalCampaignRequest, _scheduler_service_pb2.SignalCampaignResponse]
+    """Triggers a run of a published signal-scheduled campaign now, with parameters. Idempotent on
+    `request_id`: a repeat returns the run it created first.
+    Errors: INVALID_ARGUMENT (a missing request id, bad parameter names), NOT_FOUND,
+    FAILED_PRECONDITION (NOT_SIGNAL_TRIGGERED: the schedule is not a signal one; ILLEGAL_TRANSITION:
+    the campaign is not scheduled or live), RESOURCE_EXHAUSTED (SIGNAL_RATE_LIMITED: at most one
+    signal per `signal_min_interval_s`, one hour by default, naming the limit).
+    """
+    TestCampaign: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.TestCampaignRequest, _scheduler_service_pb2.TestCampaignResponse]
+    """Runs a draft campaign in test mode, now: every activity runs for real except that channel
+    activities send nothing and report who would be sent (their `targeted` count). Idempotent on
+    `request_id`.
+    Errors: INVALID_ARGUMENT (malformed name or request id), NOT_FOUND, FAILED_PRECONDITION
+    (ILLEGAL_TRANSITION: the campaign is not a draft).
+    """
+    RestartRun: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.RestartRunRequest, _scheduler_service_pb2.RestartRunResponse]
+    """Restarts a run that ended or was suspended. A suspended run resumes in place; a test run that
+    ended is replaced by a new test run of the draft's current canvas; a failed run of a published
+    campaign resumes in place from its checkpoints (nobody is sent twice).
+    Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND, FAILED_PRECONDITION (RUN_NOT_FINISHED,
+    RUN_NOT_RESTARTABLE: a published campaign's run that did not fail, ILLEGAL_TRANSITION: a test run
+    of a campaign that is no longer a draft, or a run of a campaign that is not scheduled, live or
+    completed; a completed campaign whose failed run resumes is live again).
+    """
+    ListRunLogs: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListRunLogsRequest, _scheduler_service_pb2.ListRunLogsResponse]
+    """Lists a run's log, oldest first, one page at a time.
+    Errors: INVALID_ARGUMENT (malformed name, bad page size or token), NOT_FOUND (unknown run).
+    """
+    WatchRun: _grpc.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchRunRequest, _scheduler_service_pb2.WatchRunResponse]
+    """Follows a run: a first message with the run and its log so far, then one at every change (task
+    states and counts, run state, new log entries); the stream ends after the run has ended or has
+    been suspended.
+    Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (unknown run).
+    """
+    PreviewSchedule: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.PreviewScheduleRequest, _scheduler_service_pb2.PreviewScheduleResponse]
+    """Lists the next launch times of a schedule: the one given, or the named campaign's.
+    Errors: INVALID_ARGUMENT (an invalid schedule or count, with the field named; neither or both of
+    `name` and `schedule` set), NOT_FOUND (unknown campaign).
     """
 
 @_typing.type_check_only
@@ -80,8 +157,10 @@ class CampaignServiceAsyncStub(CampaignServiceStub):
     Errors: INVALID_ARGUMENT (bad page size or token).
     """
     PublishCampaign: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.PublishCampaignRequest, _scheduler_service_pb2.PublishCampaignResponse]  # type: ignore[assignment]
-    """Publishes a draft campaign: its run is scheduled (at once when the schedule has no start time).
-    Errors: NOT_FOUND, FAILED_PRECONDITION (the campaign is not a draft).
+    """Publishes a draft campaign: its first run is scheduled (at once when a once schedule has no start
+    time; at the first launch time of a recurring schedule); a signal-scheduled campaign gets no run.
+    Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION: the campaign is not a draft;
+    SCHEDULE_EXHAUSTED: the validity window has no launch time left).
     """
     GetRun: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetRunRequest, _scheduler_service_pb2.GetRunResponse]  # type: ignore[assignment]
     """Returns one run with its per-activity tasks and counts.
@@ -90,6 +169,81 @@ class CampaignServiceAsyncStub(CampaignServiceStub):
     ListRuns: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListRunsRequest, _scheduler_service_pb2.ListRunsResponse]  # type: ignore[assignment]
     """Lists the runs of a campaign, newest first, one page at a time.
     Errors: INVALID_ARGUMENT (bad page size or token), NOT_FOUND (unknown campaign).
+    """
+    UpdateCampaign: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.UpdateCampaignRequest, _scheduler_service_pb2.UpdateCampaignResponse]  # type: ignore[assignment]
+    """Changes the fields of a draft campaign named by `update_mask` (an empty mask changes every
+    updatable field: display_name, activities, transitions, schedule, variables, error_handling).
+    Published campaigns are read-only.
+    Errors: INVALID_ARGUMENT (an unknown mask path, an invalid canvas or schedule, with the field named),
+    NOT_FOUND, FAILED_PRECONDITION (CAMPAIGN_READ_ONLY: the campaign is not a draft).
+    """
+    StopCampaign: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.StopCampaignRequest, _scheduler_service_pb2.StopCampaignResponse]  # type: ignore[assignment]
+    """Stops a scheduled, live or closed campaign: no new run starts, unstarted runs are cancelled and
+    running runs are interrupted (a batch already handed to delivery may still be sent).
+    Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from any other state).
+    """
+    CloseCampaign: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.CloseCampaignRequest, _scheduler_service_pb2.CloseCampaignResponse]  # type: ignore[assignment]
+    """Closes a scheduled or live campaign: no new run starts and unstarted runs are cancelled; the
+    campaign completes when its running runs end (at once when none is running).
+    Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from any other state).
+    """
+    ArchiveCampaign: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ArchiveCampaignRequest, _scheduler_service_pb2.ArchiveCampaignResponse]  # type: ignore[assignment]
+    """Archives a draft, completed or stopped campaign.
+    Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from any other state).
+    """
+    RevertCampaignToDraft: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.RevertCampaignToDraftRequest, _scheduler_service_pb2.RevertCampaignToDraftResponse]  # type: ignore[assignment]
+    """Returns a published campaign to draft, allowed only while none of its runs has sent a message and
+    none is running; its unstarted runs are cancelled.
+    Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from draft or archived, MESSAGES_SENT,
+    RUN_IN_PROGRESS).
+    """
+    DeleteCampaign: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.DeleteCampaignRequest, _scheduler_service_pb2.DeleteCampaignResponse]  # type: ignore[assignment]
+    """Deletes a draft campaign and its runs.
+    Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION: the campaign is not a draft).
+    """
+    DuplicateCampaign: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.DuplicateCampaignRequest, _scheduler_service_pb2.DuplicateCampaignResponse]  # type: ignore[assignment]
+    """Creates a draft copy of a campaign in any state (canvas and schedule; no runs). Idempotent on
+    `request_id`.
+    Errors: INVALID_ARGUMENT (a malformed name or id), NOT_FOUND, ALREADY_EXISTS (the new id is taken).
+    """
+    SignalCampaign: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SignalCampaignRequest, _scheduler_service_pb2.SignalCampaignResponse]  # type: ignore[assignment]
+    """Triggers a run of a published signal-scheduled campaign now, with parameters. Idempotent on
+    `request_id`: a repeat returns the run it created first.
+    Errors: INVALID_ARGUMENT (a missing request id, bad parameter names), NOT_FOUND,
+    FAILED_PRECONDITION (NOT_SIGNAL_TRIGGERED: the schedule is not a signal one; ILLEGAL_TRANSITION:
+    the campaign is not scheduled or live), RESOURCE_EXHAUSTED (SIGNAL_RATE_LIMITED: at most one
+    signal per `signal_min_interval_s`, one hour by default, naming the limit).
+    """
+    TestCampaign: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.TestCampaignRequest, _scheduler_service_pb2.TestCampaignResponse]  # type: ignore[assignment]
+    """Runs a draft campaign in test mode, now: every activity runs for real except that channel
+    activities send nothing and report who would be sent (their `targeted` count). Idempotent on
+    `request_id`.
+    Errors: INVALID_ARGUMENT (malformed name or request id), NOT_FOUND, FAILED_PRECONDITION
+    (ILLEGAL_TRANSITION: the campaign is not a draft).
+    """
+    RestartRun: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.RestartRunRequest, _scheduler_service_pb2.RestartRunResponse]  # type: ignore[assignment]
+    """Restarts a run that ended or was suspended. A suspended run resumes in place; a test run that
+    ended is replaced by a new test run of the draft's current canvas; a failed run of a published
+    campaign resumes in place from its checkpoints (nobody is sent twice).
+    Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND, FAILED_PRECONDITION (RUN_NOT_FINISHED,
+    RUN_NOT_RESTARTABLE: a published campaign's run that did not fail, ILLEGAL_TRANSITION: a test run
+    of a campaign that is no longer a draft, or a run of a campaign that is not scheduled, live or
+    completed; a completed campaign whose failed run resumes is live again).
+    """
+    ListRunLogs: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListRunLogsRequest, _scheduler_service_pb2.ListRunLogsResponse]  # type: ignore[assignment]
+    """Lists a run's log, oldest first, one page at a time.
+    Errors: INVALID_ARGUMENT (malformed name, bad page size or token), NOT_FOUND (unknown run).
+    """
+    WatchRun: _aio.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchRunRequest, _scheduler_service_pb2.WatchRunResponse]  # type: ignore[assignment]
+    """Follows a run: a first message with the run and its log so far, then one at every change (task
+    states and counts, run state, new log entries); the stream ends after the run has ended or has
+    been suspended.
+    Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (unknown run).
+    """
+    PreviewSchedule: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.PreviewScheduleRequest, _scheduler_service_pb2.PreviewScheduleResponse]  # type: ignore[assignment]
+    """Lists the next launch times of a schedule: the one given, or the named campaign's.
+    Errors: INVALID_ARGUMENT (an invalid schedule or count, with the field named; neither or both of
+    `name` and `schedule` set), NOT_FOUND (unknown campaign).
     """
 
 class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -133,8 +287,10 @@ class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_service_pb2.PublishCampaignRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_service_pb2.PublishCampaignResponse, _abc.Awaitable[_scheduler_service_pb2.PublishCampaignResponse]]:
-        """Publishes a draft campaign: its run is scheduled (at once when the schedule has no start time).
-        Errors: NOT_FOUND, FAILED_PRECONDITION (the campaign is not a draft).
+        """Publishes a draft campaign: its first run is scheduled (at once when a once schedule has no start
+        time; at the first launch time of a recurring schedule); a signal-scheduled campaign gets no run.
+        Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION: the campaign is not a draft;
+        SCHEDULE_EXHAUSTED: the validity window has no launch time left).
         """
 
     @_abc_1.abstractmethod
@@ -155,6 +311,159 @@ class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_scheduler_service_pb2.ListRunsResponse, _abc.Awaitable[_scheduler_service_pb2.ListRunsResponse]]:
         """Lists the runs of a campaign, newest first, one page at a time.
         Errors: INVALID_ARGUMENT (bad page size or token), NOT_FOUND (unknown campaign).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateCampaign(
+        self,
+        request: _scheduler_service_pb2.UpdateCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.UpdateCampaignResponse, _abc.Awaitable[_scheduler_service_pb2.UpdateCampaignResponse]]:
+        """Changes the fields of a draft campaign named by `update_mask` (an empty mask changes every
+        updatable field: display_name, activities, transitions, schedule, variables, error_handling).
+        Published campaigns are read-only.
+        Errors: INVALID_ARGUMENT (an unknown mask path, an invalid canvas or schedule, with the field named),
+        NOT_FOUND, FAILED_PRECONDITION (CAMPAIGN_READ_ONLY: the campaign is not a draft).
+        """
+
+    @_abc_1.abstractmethod
+    def StopCampaign(
+        self,
+        request: _scheduler_service_pb2.StopCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.StopCampaignResponse, _abc.Awaitable[_scheduler_service_pb2.StopCampaignResponse]]:
+        """Stops a scheduled, live or closed campaign: no new run starts, unstarted runs are cancelled and
+        running runs are interrupted (a batch already handed to delivery may still be sent).
+        Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from any other state).
+        """
+
+    @_abc_1.abstractmethod
+    def CloseCampaign(
+        self,
+        request: _scheduler_service_pb2.CloseCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.CloseCampaignResponse, _abc.Awaitable[_scheduler_service_pb2.CloseCampaignResponse]]:
+        """Closes a scheduled or live campaign: no new run starts and unstarted runs are cancelled; the
+        campaign completes when its running runs end (at once when none is running).
+        Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from any other state).
+        """
+
+    @_abc_1.abstractmethod
+    def ArchiveCampaign(
+        self,
+        request: _scheduler_service_pb2.ArchiveCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.ArchiveCampaignResponse, _abc.Awaitable[_scheduler_service_pb2.ArchiveCampaignResponse]]:
+        """Archives a draft, completed or stopped campaign.
+        Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from any other state).
+        """
+
+    @_abc_1.abstractmethod
+    def RevertCampaignToDraft(
+        self,
+        request: _scheduler_service_pb2.RevertCampaignToDraftRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.RevertCampaignToDraftResponse, _abc.Awaitable[_scheduler_service_pb2.RevertCampaignToDraftResponse]]:
+        """Returns a published campaign to draft, allowed only while none of its runs has sent a message and
+        none is running; its unstarted runs are cancelled.
+        Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION from draft or archived, MESSAGES_SENT,
+        RUN_IN_PROGRESS).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteCampaign(
+        self,
+        request: _scheduler_service_pb2.DeleteCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.DeleteCampaignResponse, _abc.Awaitable[_scheduler_service_pb2.DeleteCampaignResponse]]:
+        """Deletes a draft campaign and its runs.
+        Errors: NOT_FOUND, FAILED_PRECONDITION (ILLEGAL_TRANSITION: the campaign is not a draft).
+        """
+
+    @_abc_1.abstractmethod
+    def DuplicateCampaign(
+        self,
+        request: _scheduler_service_pb2.DuplicateCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.DuplicateCampaignResponse, _abc.Awaitable[_scheduler_service_pb2.DuplicateCampaignResponse]]:
+        """Creates a draft copy of a campaign in any state (canvas and schedule; no runs). Idempotent on
+        `request_id`.
+        Errors: INVALID_ARGUMENT (a malformed name or id), NOT_FOUND, ALREADY_EXISTS (the new id is taken).
+        """
+
+    @_abc_1.abstractmethod
+    def SignalCampaign(
+        self,
+        request: _scheduler_service_pb2.SignalCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.SignalCampaignResponse, _abc.Awaitable[_scheduler_service_pb2.SignalCampaignResponse]]:
+        """Triggers a run of a published signal-scheduled campaign now, with parameters. Idempotent on
+        `request_id`: a repeat returns the run it created first.
+        Errors: INVALID_ARGUMENT (a missing request id, bad parameter names), NOT_FOUND,
+        FAILED_PRECONDITION (NOT_SIGNAL_TRIGGERED: the schedule is not a signal one; ILLEGAL_TRANSITION:
+        the campaign is not scheduled or live), RESOURCE_EXHAUSTED (SIGNAL_RATE_LIMITED: at most one
+        signal per `signal_min_interval_s`, one hour by default, naming the limit).
+        """
+
+    @_abc_1.abstractmethod
+    def TestCampaign(
+        self,
+        request: _scheduler_service_pb2.TestCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.TestCampaignResponse, _abc.Awaitable[_scheduler_service_pb2.TestCampaignResponse]]:
+        """Runs a draft campaign in test mode, now: every activity runs for real except that channel
+        activities send nothing and report who would be sent (their `targeted` count). Idempotent on
+        `request_id`.
+        Errors: INVALID_ARGUMENT (malformed name or request id), NOT_FOUND, FAILED_PRECONDITION
+        (ILLEGAL_TRANSITION: the campaign is not a draft).
+        """
+
+    @_abc_1.abstractmethod
+    def RestartRun(
+        self,
+        request: _scheduler_service_pb2.RestartRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.RestartRunResponse, _abc.Awaitable[_scheduler_service_pb2.RestartRunResponse]]:
+        """Restarts a run that ended or was suspended. A suspended run resumes in place; a test run that
+        ended is replaced by a new test run of the draft's current canvas; a failed run of a published
+        campaign resumes in place from its checkpoints (nobody is sent twice).
+        Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND, FAILED_PRECONDITION (RUN_NOT_FINISHED,
+        RUN_NOT_RESTARTABLE: a published campaign's run that did not fail, ILLEGAL_TRANSITION: a test run
+        of a campaign that is no longer a draft, or a run of a campaign that is not scheduled, live or
+        completed; a completed campaign whose failed run resumes is live again).
+        """
+
+    @_abc_1.abstractmethod
+    def ListRunLogs(
+        self,
+        request: _scheduler_service_pb2.ListRunLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.ListRunLogsResponse, _abc.Awaitable[_scheduler_service_pb2.ListRunLogsResponse]]:
+        """Lists a run's log, oldest first, one page at a time.
+        Errors: INVALID_ARGUMENT (malformed name, bad page size or token), NOT_FOUND (unknown run).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchRun(
+        self,
+        request: _scheduler_service_pb2.WatchRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_service_pb2.WatchRunResponse], _abc.AsyncIterator[_scheduler_service_pb2.WatchRunResponse]]:
+        """Follows a run: a first message with the run and its log so far, then one at every change (task
+        states and counts, run state, new log entries); the stream ends after the run has ended or has
+        been suspended.
+        Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (unknown run).
+        """
+
+    @_abc_1.abstractmethod
+    def PreviewSchedule(
+        self,
+        request: _scheduler_service_pb2.PreviewScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.PreviewScheduleResponse, _abc.Awaitable[_scheduler_service_pb2.PreviewScheduleResponse]]:
+        """Lists the next launch times of a schedule: the one given, or the named campaign's.
+        Errors: INVALID_ARGUMENT (an invalid schedule or count, with the field named; neither or both of
+        `name` and `schedule` set), NOT_FOUND (unknown campaign).
         """
 
 def add_CampaignServiceServicer_to_server(servicer: CampaignServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

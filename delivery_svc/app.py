@@ -3,31 +3,63 @@ provider → pipeline → servicer → server."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from carillon.delivery.v1 import delivery_service_pb2, delivery_service_pb2_grpc
 from carillon_chassis.database import Database
 from carillon_chassis.server import GrpcServer
 from delivery_svc import DOMAIN, SERVICE_NAME
+from delivery_svc.direct_mail import DirectMailProvider, ExtractConfig
 from delivery_svc.eligibility import ProfileServiceGateway
+from delivery_svc.feedback import FeedbackService, ProfileFeedbackForwarder
 from delivery_svc.ledger import Ledger
 from delivery_svc.pipeline import DeliveryPipeline
-from delivery_svc.providers import EmailProvider, OutboxProvider, RetryPolicy, SmtpConfig, SmtpProvider
+from delivery_svc.providers import MessageProvider, OutboxProvider, RetryPolicy, SmtpConfig, SmtpProvider
+from delivery_svc.push import ApnsProvider, FcmProvider, PushConfig
 from delivery_svc.servicer import DeliveryServicer
 from delivery_svc.settings import DeliverySettings
+from delivery_svc.sms import TwilioConfig, TwilioSmsProvider
 from delivery_svc.tables import MIGRATIONS
 from delivery_svc.templates import TemplateStore
 
 FULL_NAME = delivery_service_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name
-IMPLEMENTED_CHANNELS = ("email",)
+IMPLEMENTED_CHANNELS = ("email", "sms", "push", "direct_mail")
 
 
 class ChannelNotImplemented(ValueError):
     """The worker was configured for a channel that has no implementation yet."""
 
 
-def build_provider(settings: DeliverySettings) -> EmailProvider:
-    """The email provider the settings name."""
+def build_provider(settings: DeliverySettings) -> MessageProvider[Any]:
+    """The provider of the worker's channel: for email the one the settings name."""
+    if settings.channel == "sms":
+        token = settings.sms_token.get_secret_value() if settings.sms_token is not None else ""
+        return TwilioSmsProvider(
+            TwilioConfig(settings.sms_api_url, settings.sms_account, token, timeout_s=settings.sms_timeout_s)
+        )
+    if settings.channel == "direct_mail":
+        return DirectMailProvider(
+            ExtractConfig(
+                directory=settings.extract_dir or settings.data_dir / "extracts",
+                prefix=settings.extract_prefix,
+                delimiter=settings.extract_delimiter,
+                header=settings.extract_header,
+                max_rows=settings.extract_max_rows,
+                sort_column=settings.extract_sort_column,
+                extension="csv" if settings.extract_delimiter == "," else "txt",
+            )
+        )
+    if settings.channel == "push":
+        config = PushConfig(
+            base_url=settings.push_api_url,
+            token=settings.push_token.get_secret_value() if settings.push_token is not None else "",
+            project=settings.push_project,
+            topic=settings.push_topic,
+            timeout_s=settings.push_timeout_s,
+        )
+        return ApnsProvider(config) if settings.push_provider == "apns" else FcmProvider(config)
     if settings.email_provider == "smtp":
         password = settings.smtp_password.get_secret_value() if settings.smtp_password is not None else None
         return SmtpProvider(
@@ -46,7 +78,7 @@ def build_provider(settings: DeliverySettings) -> EmailProvider:
 async def build_server(settings: DeliverySettings) -> GrpcServer:
     """Create the database (applying migrations) and a server that is ready to start.
 
-    Raises ChannelNotImplemented for a channel other than email.
+    Raises ChannelNotImplemented for a channel that has no implementation.
     """
     if settings.channel not in IMPLEMENTED_CHANNELS:
         raise ChannelNotImplemented(
@@ -59,19 +91,30 @@ async def build_server(settings: DeliverySettings) -> GrpcServer:
     database.migrate(MIGRATIONS)
     templates = TemplateStore(database)
     gateway = ProfileServiceGateway(settings.profile_target, timeout_s=settings.profile_timeout_s)
+    ledger = Ledger(database)
+    forwarder = ProfileFeedbackForwarder(gateway)
     pipeline = DeliveryPipeline(
         database=database,
         templates=templates,
-        ledger=Ledger(database),
+        ledger=ledger,
         gateway=gateway,
         provider=build_provider(settings),
         channel=settings.channel,
         max_batch=settings.max_batch,
         sender_name=settings.sender_name,
-        sender_address=settings.sender_address,
-        retry=RetryPolicy(settings.send_attempts, settings.send_retry_initial_s, settings.send_retry_max_s),
+        sender_address=settings.sms_sender if settings.channel == "sms" else settings.sender_address,
+        retry=RetryPolicy(
+            settings.send_attempts,
+            settings.send_retry_initial_s,
+            settings.send_retry_max_s,
+            settings.resolved_retry_window(),
+        ),
+        max_rate=settings.max_rate_per_second,
+        provider_rate=settings.provider_rate_per_second,
+        forwarder=forwarder,
     )
-    servicer = DeliveryServicer(templates, pipeline)
+    feedback = FeedbackService(database, ledger, forwarder)
+    servicer = DeliveryServicer(templates, pipeline, ledger, feedback, gateway)
 
     def register(server: grpc.aio.Server) -> list[str]:
         delivery_service_pb2_grpc.add_DeliveryServiceServicer_to_server(servicer, server)

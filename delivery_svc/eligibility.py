@@ -88,6 +88,29 @@ class Communication:
     send_time: datetime
 
 
+@dataclass(frozen=True)
+class DeliveryEventView:
+    """A delivery event for the profile service: delivered, soft_bounce, hard_bounce, complaint or
+    unsubscribe, about an address (and its profile when known)."""
+
+    event_id: str
+    kind: str
+    channel: str
+    address: str
+    profile_id: str
+    event_time: datetime
+
+
+_EVENT_TYPES = {
+    "delivered": profile_pb2.DELIVERY_EVENT_TYPE_DELIVERED,
+    "soft_bounce": profile_pb2.DELIVERY_EVENT_TYPE_SOFT_BOUNCE,
+    "hard_bounce": profile_pb2.DELIVERY_EVENT_TYPE_HARD_BOUNCE,
+    "complaint": profile_pb2.DELIVERY_EVENT_TYPE_COMPLAINT,
+    "unsubscribe": profile_pb2.DELIVERY_EVENT_TYPE_UNSUBSCRIBE,
+}
+PROFILE_EVENT_KINDS = frozenset(_EVENT_TYPES)
+
+
 class EligibilityGateway(Protocol):
     """The profile service operations a delivery worker needs."""
 
@@ -185,6 +208,67 @@ class ProfileServiceGateway:
         except grpc.RpcError as err:
             raise _rpc_error("RecordCommunications", err) from err
         return int(response.recorded)
+
+    async def get_profile(self, sandbox: str, profile_id: str) -> ProfileView:
+        """One profile, for previews; NOT_FOUND when it does not exist."""
+        try:
+            response = await self._stub.GetProfile(
+                profile_service_pb2.GetProfileRequest(name=f"profiles/{profile_id}"),
+                metadata=call_metadata(sandbox),
+                timeout=self.timeout_s,
+            )
+        except grpc.RpcError as err:
+            raise _rpc_error("GetProfile", err) from err
+        message = response.profile
+        return ProfileView(
+            profile_id=profile_id,
+            first_name=message.first_name,
+            last_name=message.last_name,
+            locale=message.locale,
+            time_zone=message.time_zone,
+            identities=tuple((i.namespace, i.value) for i in message.identities),
+        )
+
+    async def record_delivery_events(self, sandbox: str, events: Sequence[DeliveryEventView]) -> bool:
+        """Forward delivery events (quarantine, consent) in one call; False when the profile service
+        does not implement RecordDeliveryEvents (an older profile_stub)."""
+        request = profile_service_pb2.RecordDeliveryEventsRequest(
+            events=[
+                profile_pb2.DeliveryEvent(
+                    event_id=e.event_id,
+                    channel=_channel(e.channel),
+                    address=e.address,
+                    profile=f"profiles/{e.profile_id}" if e.profile_id else "",
+                    type=_EVENT_TYPES[e.kind],
+                    source=f"carillon-feedback:{e.kind}",
+                    event_time=to_timestamp(e.event_time),
+                )
+                for e in events
+            ]
+        )
+        try:
+            await self._stub.RecordDeliveryEvents(request, metadata=call_metadata(sandbox), timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            if hasattr(err, "code") and err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return False
+            raise _rpc_error("RecordDeliveryEvents", err) from err
+        return True
+
+    async def opt_out(self, sandbox: str, profile_id: str, channel: str, source: str) -> None:
+        """Set the profile's consent on ``channel`` to opted-out; a profile that no longer exists is
+        left alone (it was forgotten)."""
+        request = profile_service_pb2.SetConsentRequest(
+            profile=f"profiles/{profile_id}",
+            channel=_channel(channel),
+            state=profile_pb2.CONSENT_STATE_OPTED_OUT,
+            source=source,
+        )
+        try:
+            await self._stub.SetConsent(request, metadata=call_metadata(sandbox), timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            if hasattr(err, "code") and err.code() == grpc.StatusCode.NOT_FOUND:
+                return
+            raise _rpc_error("SetConsent", err) from err
 
     async def close(self) -> None:
         """Close the channel."""

@@ -4,28 +4,32 @@ duplicate sends.
 A row is keyed by (sandbox, run, activity, profile key, entity key), unique in the database; its id
 is the message id, derived from that key, so that every attempt at the same message (a replayed
 batch, a resend after a crash) carries the same id, which is also the provider's idempotency key.
-Statuses: ``pending`` (written before the provider is called), ``sent``, ``skipped`` and ``failed``
-(with a reason). Plain synchronous SQLAlchemy; callers run it on the database worker pool.
+Statuses: ``pending`` (written before the provider is called), ``sent``, ``skipped``, ``failed`` (with a
+reason) and ``deferred`` (outside the send window until ``defer_until``). Feedback events (delivered,
+opened, ...) set the first time of each kind on a row, idempotent on the event id; the report of an
+activity is one grouped query. Plain synchronous SQLAlchemy; callers run it on the database worker
+pool.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from carillon_chassis.database import Database, as_utc, utcnow
-from delivery_svc.tables import LedgerRow
+from delivery_svc.tables import FeedbackEventRow, LedgerRow
 
 PENDING = "pending"
 SENT = "sent"
 SKIPPED = "skipped"
 FAILED = "failed"
-STATUSES = (PENDING, SENT, SKIPPED, FAILED)
+DEFERRED = "deferred"
+STATUSES = (PENDING, SENT, SKIPPED, FAILED, DEFERRED)
 _CHUNK = 1000
 # Keys per lookup query: a whole batch of the default maximum size (two bound values per key stay
 # under the parameter limits of SQLite and PostgreSQL).
@@ -63,6 +67,7 @@ class LedgerEntry:
     address: str = ""
     create_time: datetime | None = None
     update_time: datetime | None = None
+    defer_until: datetime | None = None
 
     @property
     def key(self) -> LedgerKey:
@@ -78,6 +83,78 @@ class StatusChange:
     status: str
     reason: str = ""
     address: str | None = None
+    defer_until: datetime | None = None
+
+
+# Feedback kinds and the ledger column each one stamps.
+FEEDBACK_COLUMNS = {
+    "delivered": "delivered_time",
+    "opened": "open_time",
+    "clicked": "click_time",
+    "soft_bounce": "bounce_time",
+    "hard_bounce": "bounce_time",
+    "complaint": "complaint_time",
+    "unsubscribe": "unsubscribe_time",
+}
+
+
+@dataclass(frozen=True)
+class FeedbackEvent:
+    """One feedback event about a sent message."""
+
+    event_id: str
+    message_id: str
+    kind: str
+    event_time: datetime
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class FeedbackTarget:
+    """What the profile service must learn from an event: the kind, the profile and the channel."""
+
+    event_id: str
+    kind: str
+    message_id: str
+    profile_key: str
+    channel: str
+    address: str
+    event_time: datetime
+
+
+@dataclass
+class FeedbackOutcome:
+    """The result of recording events: how many were new, how many repeats, and what to forward."""
+
+    recorded: int = 0
+    duplicates: int = 0
+    to_forward: list[FeedbackTarget] = field(default_factory=list)
+
+
+class UnknownMessages(LookupError):
+    """Feedback named message ids that are not in the ledger (their positions in the request)."""
+
+    def __init__(self, positions: list[int]) -> None:
+        super().__init__(f"{len(positions)} unknown message ids")
+        self.positions = positions
+
+
+@dataclass
+class ActivityReport:
+    """The counts of one run and activity."""
+
+    targeted: int = 0
+    sent: int = 0
+    pending: int = 0
+    deferred: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    delivered: int = 0
+    opened: int = 0
+    clicked: int = 0
+    bounced: int = 0
+    complained: int = 0
+    unsubscribed: int = 0
 
 
 def _entry(row: sa.RowMapping) -> LedgerEntry:
@@ -95,6 +172,7 @@ def _entry(row: sa.RowMapping) -> LedgerEntry:
         address=row["address"],
         create_time=as_utc(row["create_time"]),
         update_time=as_utc(row["update_time"]),
+        defer_until=as_utc(row["defer_until"]),
     )
 
 
@@ -116,13 +194,37 @@ class Ledger:
         wanted = list(dict.fromkeys(keys))
         found: dict[LedgerKey, LedgerEntry] = {}
         with self.database.engine.connect() as conn:
-            for chunk in _chunks(wanted, _FIND_CHUNK):
-                query = sa.select(t).where(
-                    t.c.sandbox == sandbox,
-                    t.c.run == run,
-                    t.c.activity == activity,
-                    sa.tuple_(t.c.profile_key, t.c.entity_key).in_(chunk),
-                )
+            postgres = conn.dialect.name == "postgresql"
+            for start in range(0, len(wanted), _FIND_CHUNK):
+                chunk = wanted[start : start + _FIND_CHUNK]
+                if postgres:
+                    # A join with unnest() of two arrays: an index lookup per key. A row-value IN list
+                    # of thousands of keys made PostgreSQL scan the activity's rows for every batch.
+                    keys_table = (
+                        sa.select(
+                            sa.func.unnest(
+                                sa.bindparam("b_profiles", [k[0] for k in chunk], type_=postgresql.ARRAY(sa.Text))
+                            ).label("p"),
+                            sa.func.unnest(
+                                sa.bindparam("b_entities", [k[1] for k in chunk], type_=postgresql.ARRAY(sa.Text))
+                            ).label("e"),
+                        )
+                    ).subquery("k")
+                    query = (
+                        sa.select(t)
+                        .join(
+                            keys_table,
+                            sa.and_(t.c.profile_key == keys_table.c.p, t.c.entity_key == keys_table.c.e),
+                        )
+                        .where(t.c.sandbox == sandbox, t.c.run == run, t.c.activity == activity)
+                    )
+                else:
+                    query = sa.select(t).where(
+                        t.c.sandbox == sandbox,
+                        t.c.run == run,
+                        t.c.activity == activity,
+                        sa.tuple_(t.c.profile_key, t.c.entity_key).in_(chunk),
+                    )
                 for row in conn.execute(query).mappings():
                     entry = _entry(row)
                     found[entry.key] = entry
@@ -167,6 +269,7 @@ class Ledger:
                             "address": e.address,
                             "create_time": now,
                             "update_time": now,
+                            "defer_until": e.defer_until,
                         }
                         for e in new
                     ],
@@ -186,11 +289,149 @@ class Ledger:
             groups.setdefault((change.status, change.reason), []).append(change.message_id)
             if change.address is not None:
                 addresses.append({"b_id": change.message_id, "b_address": change.address})
+        deferrals: list[dict[str, object]] = []
+        for change in changes:
+            if change.status == DEFERRED:
+                deferrals.append({"b_id": change.message_id, "b_until": change.defer_until})
         for (status, reason), ids in groups.items():
+            values: dict[str, object] = {"status": status, "reason": reason, "update_time": now}
+            if status == SENT:
+                values["sent_time"] = now
             for chunk in _chunks(ids):
-                conn.execute(t.update().where(t.c.id.in_(chunk)).values(status=status, reason=reason, update_time=now))
+                conn.execute(t.update().where(t.c.id.in_(chunk)).values(**values))
+        if deferrals:
+            conn.execute(
+                t.update().where(t.c.id == sa.bindparam("b_id")).values(defer_until=sa.bindparam("b_until")),
+                deferrals,
+            )
         if addresses:
             conn.execute(
                 t.update().where(t.c.id == sa.bindparam("b_id")).values(address=sa.bindparam("b_address")),
                 addresses,
             )
+
+    # -- feedback -------------------------------------------------------------------------------
+    def record_feedback(self, sandbox: str, events: Sequence[FeedbackEvent]) -> FeedbackOutcome:
+        """Record events in one transaction: each new event id stamps its message's row.
+
+        Raises UnknownMessages (nothing written) when a message id is not in the sandbox's ledger.
+        Events recorded earlier but never forwarded are returned for forwarding again.
+        """
+        t = self._table
+        f: sa.Table = FeedbackEventRow.__table__  # type: ignore[attr-defined]
+        now = utcnow()
+        outcome = FeedbackOutcome()
+        with self.database.engine.begin() as conn:
+            ids = list({e.message_id for e in events})
+            rows: dict[str, sa.RowMapping] = {}
+            for chunk in _chunks(ids):
+                query = sa.select(t.c.id, t.c.profile_key, t.c.channel, t.c.address).where(
+                    t.c.sandbox == sandbox, t.c.id.in_(chunk)
+                )
+                rows.update({r["id"]: r for r in conn.execute(query).mappings()})
+            unknown = [i for i, e in enumerate(events) if e.message_id not in rows]
+            if unknown:
+                raise UnknownMessages(unknown)
+            event_ids = list({e.event_id for e in events})
+            known: dict[str, bool] = {}
+            for chunk in _chunks(event_ids):
+                query = sa.select(f.c.event_id, f.c.forwarded).where(f.c.sandbox == sandbox, f.c.event_id.in_(chunk))
+                known.update({r.event_id: bool(r.forwarded) for r in conn.execute(query)})
+            fresh: dict[str, FeedbackEvent] = {}
+            for event in events:
+                if event.event_id in known or event.event_id in fresh:
+                    outcome.duplicates += 1
+                    if known.get(event.event_id) is False:
+                        known[event.event_id] = True  # forward once per call
+                        outcome.to_forward.append(self._target(event, rows[event.message_id]))
+                    continue
+                fresh[event.event_id] = event
+            if fresh:
+                conn.execute(
+                    f.insert(),
+                    [
+                        {
+                            "sandbox": sandbox,
+                            "event_id": e.event_id,
+                            "message_id": e.message_id,
+                            "kind": e.kind,
+                            "event_time": e.event_time,
+                            "detail": e.detail[:1000],
+                            "forwarded": False,
+                            "create_time": now,
+                        }
+                        for e in fresh.values()
+                    ],
+                )
+            for event in fresh.values():
+                column = t.c[FEEDBACK_COLUMNS[event.kind]]
+                values: dict[str, object] = {column.name: sa.func.coalesce(column, event.event_time)}
+                if event.kind == "hard_bounce":
+                    values["bounce_kind"] = "hard"
+                elif event.kind == "soft_bounce":
+                    values["bounce_kind"] = sa.case((t.c.bounce_kind == "hard", "hard"), else_="soft")
+                conn.execute(t.update().where(t.c.id == event.message_id).values(**values))
+                outcome.to_forward.append(self._target(event, rows[event.message_id]))
+            outcome.recorded = len(fresh)
+        return outcome
+
+    @staticmethod
+    def _target(event: FeedbackEvent, row: sa.RowMapping) -> FeedbackTarget:
+        return FeedbackTarget(
+            event_id=event.event_id,
+            kind=event.kind,
+            message_id=event.message_id,
+            profile_key=row["profile_key"],
+            channel=row["channel"],
+            address=row["address"],
+            event_time=event.event_time,
+        )
+
+    def mark_forwarded(self, sandbox: str, event_ids: Sequence[str]) -> None:
+        """Note that these events reached the profile service."""
+        f: sa.Table = FeedbackEventRow.__table__  # type: ignore[attr-defined]
+        with self.database.engine.begin() as conn:
+            for chunk in _chunks(list(event_ids)):
+                conn.execute(f.update().where(f.c.sandbox == sandbox, f.c.event_id.in_(chunk)).values(forwarded=True))
+
+    # -- reports --------------------------------------------------------------------------------
+    def report(self, sandbox: str, run: str, activity: str) -> ActivityReport:
+        """The counts of one run and activity, from one query grouped by status and reason."""
+        t = self._table
+        query = (
+            sa.select(
+                t.c.status,
+                t.c.reason,
+                sa.func.count().label("n"),
+                sa.func.count(t.c.delivered_time).label("delivered"),
+                sa.func.count(t.c.open_time).label("opened"),
+                sa.func.count(t.c.click_time).label("clicked"),
+                sa.func.count(t.c.bounce_time).label("bounced"),
+                sa.func.count(t.c.complaint_time).label("complained"),
+                sa.func.count(t.c.unsubscribe_time).label("unsubscribed"),
+            )
+            .where(t.c.sandbox == sandbox, t.c.run == run, t.c.activity == activity)
+            .group_by(t.c.status, t.c.reason)
+        )
+        report = ActivityReport()
+        with self.database.engine.connect() as conn:
+            for row in conn.execute(query):
+                n = int(row.n)
+                report.targeted += n
+                if row.status == SENT:
+                    report.sent += n
+                elif row.status == PENDING:
+                    report.pending += n
+                elif row.status == DEFERRED:
+                    report.deferred += n
+                elif row.status == SKIPPED:
+                    report.skipped[row.reason] = report.skipped.get(row.reason, 0) + n
+                elif row.status == FAILED:
+                    report.failed[row.reason] = report.failed.get(row.reason, 0) + n
+                report.delivered += int(row.delivered)
+                report.opened += int(row.opened)
+                report.clicked += int(row.clicked)
+                report.bounced += int(row.bounced)
+                report.complained += int(row.complained)
+                report.unsubscribed += int(row.unsubscribed)
+        return report

@@ -10,7 +10,14 @@ ledger is durable, so a crash at any point is repaired by replaying the batch:
 - a ``sent`` row is counted ``already_sent`` and not sent again;
 - a ``skipped`` or ``failed`` row reports its recorded reason again;
 - a ``pending`` row (a crash between the ledger write and the send) is sent again with the same
-  message id, the provider idempotency key, if the recipient is still eligible.
+  message id, the provider idempotency key, if the recipient is still eligible;
+- a row ``failed`` transiently is retried while its retry window (from its first write) lasts; past
+  the window a pending row fails with ``RETRY_WINDOW_EXPIRED``;
+- a ``deferred`` row (outside the header's send window in the recipient's local time) is sent once
+  the window is open, and deferred again until then.
+
+Sends go through a token bucket of the channel activity (the header's rate limit) and one of the
+provider (the worker's setting); time comes from an injectable clock.
 
 Plain domain code: the gateway, the provider, the ledger and the templates are given, so the pipeline
 runs with fakes in tests. Database work runs on the database worker pool and rendering and sending on
@@ -20,23 +27,29 @@ worker threads; nothing blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
 import structlog
 
 from carillon_chassis.database import Database, utcnow
-from carillon_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
+from carillon_chassis.errors import CarillonError, FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
 from carillon_chassis.names import parse_name, validate_id
+from delivery_svc.direct_mail import OutgoingRow
 from delivery_svc.eligibility import Communication, EligibilityGateway, ProfileView, Verdict
 from delivery_svc.emails import InvalidAddress, OutgoingEmail, compose_email
 from delivery_svc.ledger import (
+    DEFERRED,
     FAILED,
     PENDING,
     SENT,
     SKIPPED,
+    FeedbackTarget,
     Ledger,
     LedgerEntry,
     LedgerKey,
@@ -44,8 +57,20 @@ from delivery_svc.ledger import (
     message_id,
     profile_key,
 )
-from delivery_svc.providers import DeliveryReport, EmailProvider, RetryPolicy, deliver_batch
+from delivery_svc.providers import (
+    PROVIDER_PERMANENT,
+    PROVIDER_TRANSIENT,
+    DeliveryReport,
+    MessageProvider,
+    OutgoingMessage,
+    RetryPolicy,
+    deliver_batch,
+)
+from delivery_svc.push import OutgoingPush
+from delivery_svc.sms import MAX_SEGMENTS, OutgoingSms, count_segments
 from delivery_svc.templates import CHANNELS, CompiledTemplate, RenderError, TemplateStore, compile_template
+from delivery_svc.throttle import ActivityBuckets, Clock, SystemClock, TokenBucket
+from delivery_svc.windows import SendWindow
 
 log = structlog.get_logger("carillon.delivery")
 
@@ -59,6 +84,12 @@ INELIGIBLE = "INELIGIBLE"  # a verdict this worker does not know
 RENDER_ERROR = "RENDER_ERROR"
 INVALID_ADDRESS = "INVALID_ADDRESS"
 DUPLICATE = "DUPLICATE"  # the same profile and entity key earlier in the same batch
+MESSAGE_TOO_LONG = "MESSAGE_TOO_LONG"
+_PHONE = re.compile(r"^\+?[0-9]{6,16}$")
+RETRY_WINDOW_EXPIRED = "RETRY_WINDOW_EXPIRED"
+# Failure reasons a replay retries while the retry window lasts.
+RETRYABLE_REASONS = frozenset({PROVIDER_TRANSIENT})
+DEFAULT_MAX_RATE = 2000
 SKIP_REASONS = {
     "no_consent": NO_CONSENT,
     "quarantined": QUARANTINED,
@@ -83,6 +114,8 @@ class SendHeader:
     channel: str
     category: str
     template: str
+    rate_limit_per_second: int = 0
+    window: SendWindow | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +137,8 @@ class BatchAck:
     already_sent: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     failed: Counter[str] = field(default_factory=Counter)
+    deferred: int = 0
+    next_window_time: datetime | None = None
 
 
 def profile_context(profile: ProfileView, address: str) -> dict[str, Any]:
@@ -115,7 +150,9 @@ def profile_context(profile: ProfileView, address: str) -> dict[str, Any]:
         "last_name": profile.last_name,
         "locale": profile.locale,
         "time_zone": profile.time_zone,
-        "email": profile.identity("email") or address,
+        "email": profile.identity("email") or (address if "@" in address else ""),
+        "phone": profile.identity("phone"),
+        "address": address,
         "attributes": dict(profile.attributes),
     }
 
@@ -131,6 +168,14 @@ class _Job:
     existing: LedgerEntry | None
 
 
+class QuarantineForwarder(Protocol):
+    """Where permanent refusals go (the feedback forwarder: the profile service's quarantine)."""
+
+    async def forward(self, sandbox: str, targets: Sequence[FeedbackTarget]) -> None:
+        """Forward hard-bounce events."""
+        ...
+
+
 class DeliveryPipeline:
     """Eligibility, rendering, ledger and provider of one channel worker."""
 
@@ -141,12 +186,16 @@ class DeliveryPipeline:
         templates: TemplateStore,
         ledger: Ledger,
         gateway: EligibilityGateway,
-        provider: EmailProvider,
+        provider: MessageProvider[Any],
         channel: str,
         max_batch: int,
         sender_name: str,
         sender_address: str,
         retry: RetryPolicy | None = None,
+        clock: Clock | None = None,
+        max_rate: int = DEFAULT_MAX_RATE,
+        provider_rate: float = 0,
+        forwarder: QuarantineForwarder | None = None,
     ) -> None:
         self.database = database
         self.templates = templates
@@ -158,6 +207,11 @@ class DeliveryPipeline:
         self.sender_name = sender_name
         self.sender_address = sender_address
         self.retry = retry or RetryPolicy()
+        self.clock: Clock = clock or SystemClock()
+        self.max_rate = max_rate
+        self.forwarder = forwarder
+        self.activity_buckets = ActivityBuckets(self.clock)
+        self.provider_bucket = TokenBucket(provider_rate, self.clock) if provider_rate > 0 else None
 
     async def open(self, sandbox: str, header: SendHeader) -> SendSession:
         """Check a stream's header and load its template; the session then takes the batches."""
@@ -178,6 +232,27 @@ class DeliveryPipeline:
             ) from exc
         structlog.contextvars.bind_contextvars(campaign=header.campaign, run=header.run, activity=header.activity)
         return SendSession(self, sandbox, header, compiled)
+
+    async def preview(
+        self,
+        sandbox: str,
+        template_name: str,
+        profile: ProfileView,
+        target: Mapping[str, Any],
+    ) -> tuple[str, dict[str, str]]:
+        """The template's content kind and every part rendered for ``profile`` and ``target``
+        (INVALID_ARGUMENT when it does not render)."""
+        (template_id,) = parse_name(template_name, "templates", field="template")
+        template = await self.database.run(self.templates.get, sandbox, template_id, field_name="template")
+        compiled = compile_template(template)
+        address = profile.identity("phone" if template.channel == "sms" else "email")
+        context = {"profile": profile_context(profile, address), "target": dict(target)}
+        try:
+            return template.content_kind, compiled.render(context)
+        except RenderError as exc:
+            raise InvalidArgument(
+                f"the template does not render: {exc}", field="target", reason="RENDER_ERROR"
+            ) from exc
 
     def _check_header(self, header: SendHeader) -> None:
         if header.channel not in CHANNELS:
@@ -203,6 +278,10 @@ class DeliveryPipeline:
             validate_id(header.activity, "header.activity")
         except InvalidArgument as exc:
             violations += exc.violations
+        if not 0 <= header.rate_limit_per_second <= self.max_rate:
+            violations.append(
+                FieldViolation("header.rate_limit_per_second", f"must be between 1 and {self.max_rate}, or 0 for none")
+            )
         if violations:
             raise InvalidArgument("invalid send header", violations=violations, reason="INVALID_HEADER")
 
@@ -217,6 +296,9 @@ class SendSession:
         self.sandbox = sandbox
         self.header = header
         self.template = template
+        self.bucket = pipeline.activity_buckets.get(
+            (sandbox, header.run, header.activity), header.rate_limit_per_second
+        )
 
     # -- validation -----------------------------------------------------------------------------
     def _check_batch(self, recipients: Sequence[Recipient]) -> None:
@@ -248,6 +330,8 @@ class SendSession:
         if not recipients:
             return ack
         pipeline, header, sandbox = self.pipeline, self.header, self.sandbox
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
         verdicts = await pipeline.gateway.check(
             sandbox, header.channel, header.category, [(r.namespace, r.value) for r in recipients]
         )
@@ -260,6 +344,8 @@ class SendSession:
             (profile_key(v.profile.profile_id if v.profile else None, r.namespace, r.value), r.entity_key)
             for r, v in zip(recipients, verdicts, strict=True)
         ]
+        timings["eligibility"] = time.perf_counter() - started
+        started = time.perf_counter()
         existing = await pipeline.database.run(pipeline.ledger.find, sandbox, header.run, header.activity, keys)
 
         new_rows: list[LedgerEntry] = []
@@ -267,6 +353,8 @@ class SendSession:
         jobs: list[_Job] = []
         to_record: list[tuple[str, str]] = []  # (message id, profile id)
         seen: set[LedgerKey] = set()
+        now = pipeline.clock.now()
+        window_s = pipeline.retry.window
 
         def skip(mid: str, key: LedgerKey, reason: str, row: LedgerEntry | None) -> None:
             ack.skipped[reason] += 1
@@ -274,6 +362,18 @@ class SendSession:
                 new_rows.append(self._entry(mid, key, SKIPPED, reason))
             else:
                 changes.append(StatusChange(mid, SKIPPED, reason))
+
+        def defer(mid: str, key: LedgerKey, until: datetime, row: LedgerEntry | None) -> None:
+            ack.deferred += 1
+            if ack.next_window_time is None or until < ack.next_window_time:
+                ack.next_window_time = until
+            if row is None:
+                new_rows.append(self._entry(mid, key, DEFERRED, "", defer_until=until))
+            else:
+                changes.append(StatusChange(mid, DEFERRED, "", defer_until=until))
+
+        def expired(row: LedgerEntry) -> bool:
+            return row.create_time is not None and now - row.create_time > window_s
 
         for recipient, verdict, key in zip(recipients, verdicts, keys, strict=True):
             if key in seen:
@@ -289,8 +389,12 @@ class SendSession:
             if row is not None and row.status == SKIPPED:
                 ack.skipped[row.reason] += 1
                 continue
-            if row is not None and row.status == FAILED:
+            if row is not None and row.status == FAILED and (row.reason not in RETRYABLE_REASONS or expired(row)):
                 ack.failed[row.reason] += 1
+                continue
+            if row is not None and row.status == PENDING and expired(row):
+                ack.failed[RETRY_WINDOW_EXPIRED] += 1
+                changes.append(StatusChange(row.message_id, FAILED, RETRY_WINDOW_EXPIRED))
                 continue
             mid = row.message_id if row is not None else message_id(sandbox, header.run, header.activity, *key)
             if verdict.verdict != "allowed":
@@ -298,10 +402,19 @@ class SendSession:
             elif not verdict.address:
                 skip(mid, key, MISSING_ADDRESS, row)
             else:
-                jobs.append(_Job(mid, key, recipient, verdict, row))
+                opening = None
+                if header.window is not None:
+                    zone = verdict.profile.time_zone if verdict.profile is not None else ""
+                    opening = header.window.next_opening(now, zone)
+                if opening is not None:
+                    defer(mid, key, opening, row)
+                else:
+                    jobs.append(_Job(mid, key, recipient, verdict, row))
 
+        timings["ledger_find"] = time.perf_counter() - started
+        started = time.perf_counter()
         rendered = await asyncio.to_thread(self._render_all, jobs)
-        emails: list[OutgoingEmail] = []
+        emails: list[OutgoingMessage] = []
         profiles: dict[str, str] = {}
         for job, result in zip(jobs, rendered, strict=True):
             if isinstance(result, str):
@@ -312,22 +425,39 @@ class SendSession:
                 profiles[job.message_id] = job.verdict.profile.profile_id
             if job.existing is None:
                 new_rows.append(self._entry(job.message_id, job.key, PENDING, "", result.recipient))
-            elif job.existing.address != result.recipient:
+            elif job.existing.status != PENDING or job.existing.address != result.recipient:
                 changes.append(StatusChange(job.message_id, PENDING, "", result.recipient))
 
+        timings["render"] = time.perf_counter() - started
+        started = time.perf_counter()
         if new_rows or changes:
             await pipeline.database.run(pipeline.ledger.write, new_rows, changes)
-        report = await asyncio.to_thread(deliver_batch, pipeline.provider, emails, pipeline.retry) if emails else None
+        timings["ledger_write"] = time.perf_counter() - started
+        started = time.perf_counter()
+        report = None
+        if emails:
+            report = await asyncio.to_thread(
+                deliver_batch,
+                pipeline.provider,
+                emails,
+                pipeline.retry,
+                throttles=(self.bucket, pipeline.provider_bucket),
+                clock=pipeline.clock,
+            )
         if report is not None:
             await self._mark(report, ack)
+            await self._quarantine(report, {job.message_id: job for job in jobs})
             to_record += [(mid, profiles[mid]) for mid in report.sent if mid in profiles]
             if report.unsent:
                 log.warning("provider unavailable", sequence=sequence, unsent=len(report.unsent), error=report.error)
                 raise Unavailable(
                     f"the {header.channel} provider is unavailable: {report.error}", reason="PROVIDER_UNAVAILABLE"
                 )
+        timings["send"] = time.perf_counter() - started
+        started = time.perf_counter()
         if to_record:
             await pipeline.gateway.record(sandbox, self._communications(to_record))
+        timings["history"] = time.perf_counter() - started
         log.info(
             "batch delivered",
             sequence=sequence,
@@ -336,6 +466,8 @@ class SendSession:
             already_sent=ack.already_sent,
             skipped=dict(ack.skipped),
             failed=dict(ack.failed),
+            deferred=ack.deferred,
+            seconds={stage: round(t, 3) for stage, t in timings.items()},
         )
         return ack
 
@@ -347,7 +479,42 @@ class SendSession:
         ack.sent += len(report.sent)
         ack.failed.update(report.failed.values())
 
-    def _entry(self, mid: str, key: LedgerKey, status: str, reason: str, address: str = "") -> LedgerEntry:
+    async def _quarantine(self, report: DeliveryReport, jobs: Mapping[str, _Job]) -> None:
+        """Tell the profile service about addresses the provider refused permanently (a hard bounce,
+        event id ``{message id}:refused``). Best effort: the ledger already holds the failure, and a
+        profile service that cannot be reached only costs the quarantine (logged)."""
+        forwarder = self.pipeline.forwarder
+        refused = [mid for mid, reason in report.failed.items() if reason == PROVIDER_PERMANENT]
+        if forwarder is None or not refused:
+            return
+        now = self.pipeline.clock.now()
+        targets = [
+            FeedbackTarget(
+                event_id=f"{mid}:refused",
+                kind="hard_bounce",
+                message_id=mid,
+                profile_key=jobs[mid].key[0],
+                channel=self.header.channel,
+                address=jobs[mid].verdict.address,
+                event_time=now,
+            )
+            for mid in refused
+            if mid in jobs
+        ]
+        try:
+            await forwarder.forward(self.sandbox, targets)
+        except CarillonError as exc:
+            log.warning("permanent failures not forwarded to quarantine", count=len(targets), error=str(exc))
+
+    def _entry(
+        self,
+        mid: str,
+        key: LedgerKey,
+        status: str,
+        reason: str,
+        address: str = "",
+        defer_until: datetime | None = None,
+    ) -> LedgerEntry:
         header = self.header
         return LedgerEntry(
             message_id=mid,
@@ -361,6 +528,7 @@ class SendSession:
             status=status,
             reason=reason,
             address=address,
+            defer_until=defer_until,
         )
 
     def _communications(self, sent: Sequence[tuple[str, str]]) -> list[Communication]:
@@ -379,26 +547,63 @@ class SendSession:
             for mid, profile_id in sent
         ]
 
-    def _render_all(self, jobs: Sequence[_Job]) -> list[OutgoingEmail | str]:
-        """Each job's email, or the reason it is skipped (blocking: runs on a worker thread)."""
+    def _render_all(self, jobs: Sequence[_Job]) -> list[OutgoingMessage | str]:
+        """Each job's message, or the reason it is skipped (blocking: runs on a worker thread)."""
         return [self._render(job) for job in jobs]
 
-    def _render(self, job: _Job) -> OutgoingEmail | str:
+    def _render(self, job: _Job) -> OutgoingMessage | str:
         verdict = job.verdict
         address = verdict.address
         profile = verdict.profile or ProfileView(profile_id="")
         context = {"profile": profile_context(profile, address), "target": dict(job.recipient.target)}
         try:
             parts = self.template.render(context)
-            return compose_email(
-                job.message_id,
-                parts,
-                address,
-                default_sender_name=self.pipeline.sender_name,
-                default_sender_address=self.pipeline.sender_address,
-            )
+            return compose(self.pipeline, self.template.template.content_kind, job.message_id, parts, address)
         except InvalidAddress:
             return INVALID_ADDRESS
+        except MessageTooLong:
+            return MESSAGE_TOO_LONG
         except (RenderError, ValueError) as exc:
             log.info("render failed", message_id=job.message_id, error=str(exc))
             return RENDER_ERROR
+
+
+class MessageTooLong(ValueError):
+    """A rendered message exceeds its channel's limit (SMS segments)."""
+
+
+def compose(pipeline: DeliveryPipeline, kind: str, mid: str, parts: Mapping[str, str], address: str) -> OutgoingMessage:
+    """The outgoing message of rendered ``parts`` for a content kind.
+
+    Raises InvalidAddress, MessageTooLong, or ValueError for anything else that cannot be sent.
+    """
+    if kind == "direct_mail":
+        if not address.strip():
+            raise InvalidAddress("no postal address")
+        headers = tuple(parts)
+        return OutgoingRow(mid, address, headers, tuple(parts[h] for h in headers))
+    if kind == "push":
+        if not address or len(address) > 4096 or any(c.isspace() for c in address):
+            raise InvalidAddress("not a device token")
+        if not parts.get("body", "").strip():
+            raise ValueError("the rendered body is empty")
+        return OutgoingPush(mid, address, parts.get("title", ""), parts["body"], parts.get("deep_link", ""))
+    if kind == "sms":
+        if not _PHONE.match(address):
+            raise InvalidAddress(f"not a phone number: {address!r}")
+        body = parts.get("text", "")
+        if not body.strip():
+            raise ValueError("the rendered text is empty")
+        segments = count_segments(body)
+        if segments.count > MAX_SEGMENTS:
+            raise MessageTooLong(f"{segments.count} segments")
+        sender = parts.get("sender") or pipeline.sender_address
+        return OutgoingSms(mid, sender, address, body, segments.count)
+    email: OutgoingEmail = compose_email(
+        mid,
+        parts,
+        address,
+        default_sender_name=pipeline.sender_name,
+        default_sender_address=pipeline.sender_address,
+    )
+    return email

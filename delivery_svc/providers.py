@@ -25,13 +25,15 @@ import ssl
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from delivery_svc.emails import OutgoingEmail
+from delivery_svc.throttle import Clock, SystemClock, TokenBucket
 
 log = structlog.get_logger("carillon.delivery.providers")
 
@@ -74,13 +76,52 @@ class EmailProvider(Protocol):
         ...
 
 
+class OutgoingMessage(Protocol):
+    """What every channel's outgoing message has: its id (the idempotency key) and its recipient."""
+
+    @property
+    def message_id(self) -> str:
+        """The ledger id."""
+        ...
+
+    @property
+    def recipient(self) -> str:
+        """The address, phone number, device token or postal key."""
+        ...
+
+
+M = TypeVar("M", bound=OutgoingMessage, contravariant=True)
+M_co = TypeVar("M_co", bound=OutgoingMessage)
+
+
+class MessageSession(Protocol[M]):
+    """The sending side of any channel's provider for one batch."""
+
+    def send(self, message: M) -> None:
+        """Send one message or raise a ProviderError."""
+
+    def close(self) -> None:
+        """Release what the session holds; never raises."""
+
+
+class MessageProvider(Protocol[M]):
+    """A way to deliver one channel's messages."""
+
+    def open(self) -> MessageSession[M]:
+        """A session for one batch."""
+        ...
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How transient provider errors are retried: attempts per message and the backoff bounds."""
+    """How transient provider errors are retried: attempts per message and the backoff bounds within
+    one batch, and the window (from a message's first ledger write) within which a replay retries a
+    message that failed transiently or was interrupted."""
 
     attempts: int = 4
     initial_s: float = 0.5
     max_s: float = 10.0
+    window: timedelta = timedelta(hours=84)
 
 
 @dataclass
@@ -98,8 +139,21 @@ def _log_retry(state: RetryCallState) -> None:
     log.warning("provider send failed; retrying", attempt=state.attempt_number, error=repr(error))
 
 
-def deliver_batch(provider: EmailProvider, messages: Sequence[OutgoingEmail], policy: RetryPolicy) -> DeliveryReport:
-    """Send ``messages`` in order through one session, retrying transient errors (blocking)."""
+def deliver_batch(
+    provider: MessageProvider[M_co],
+    messages: Sequence[M_co],
+    policy: RetryPolicy,
+    *,
+    throttles: Sequence[TokenBucket | None] = (),
+    clock: Clock | None = None,
+) -> DeliveryReport:
+    """Send ``messages`` in order through one session, retrying transient errors (blocking).
+
+    Every attempt first takes a token from each bucket of ``throttles`` (the activity's and the
+    provider's); backoff and throttling sleep on ``clock``.
+    """
+    clock = clock or SystemClock()
+    buckets = [b for b in throttles if b is not None]
     report = DeliveryReport()
     if not messages:
         return report
@@ -116,11 +170,14 @@ def deliver_batch(provider: EmailProvider, messages: Sequence[OutgoingEmail], po
                 wait=wait_exponential_jitter(multiplier=policy.initial_s, max=policy.max_s, jitter=policy.initial_s),
                 retry=retry_if_exception_type(TransientProviderError),
                 before_sleep=_log_retry,
+                sleep=clock.sleep,
                 reraise=True,
             )
             try:
                 for attempt in retrying:
                     with attempt:
+                        for bucket in buckets:
+                            bucket.acquire()
                         session.send(message)
             except ProviderUnavailableError as exc:
                 report.unsent = [m.message_id for m in messages[index:]]
@@ -134,6 +191,14 @@ def deliver_batch(provider: EmailProvider, messages: Sequence[OutgoingEmail], po
                 log.warning("message failed", message_id=message.message_id, error=str(exc))
             else:
                 report.sent.append(message.message_id)
+        finish = getattr(session, "finish", None)
+        if finish is not None and report.sent:
+            try:
+                finish()  # a provider that writes the batch at its end (direct-mail extracts)
+            except ProviderUnavailableError as exc:
+                report.unsent = report.sent + report.unsent
+                report.sent = []
+                report.error = str(exc)
     finally:
         session.close()
     return report

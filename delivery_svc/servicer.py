@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import cast
+from typing import Protocol, cast
 
 import grpc
 
@@ -11,19 +11,41 @@ from carillon.delivery.v1 import delivery_service_pb2, delivery_service_pb2_grpc
 from carillon.type.v1 import channel_pb2
 from carillon_chassis.channels import category_name, channel_name, channel_value
 from carillon_chassis.errors import InvalidArgument
-from carillon_chassis.names import parse_name
+from carillon_chassis.names import parse_name, validate_id
 from carillon_chassis.pagination import page_size
 from carillon_chassis.sandbox import current_sandbox
-from carillon_chassis.values import from_value_map, to_timestamp
+from carillon_chassis.values import from_timestamp, from_value_map, to_timestamp
+from delivery_svc.eligibility import ProfileView
+from delivery_svc.feedback import FeedbackService, IncomingEvent
+from delivery_svc.ledger import ActivityReport, Ledger
 from delivery_svc.pipeline import BatchAck, DeliveryPipeline, Recipient, SendHeader, SendSession
+from delivery_svc.sms import count_segments
 from delivery_svc.templates import CONTENT_PARTS, Template, TemplateStore
+from delivery_svc.windows import SendWindow, parse_local_time
+
+FEEDBACK_KIND_NAMES = {
+    delivery_service_pb2.FEEDBACK_KIND_DELIVERED: "delivered",
+    delivery_service_pb2.FEEDBACK_KIND_OPENED: "opened",
+    delivery_service_pb2.FEEDBACK_KIND_CLICKED: "clicked",
+    delivery_service_pb2.FEEDBACK_KIND_SOFT_BOUNCE: "soft_bounce",
+    delivery_service_pb2.FEEDBACK_KIND_HARD_BOUNCE: "hard_bounce",
+    delivery_service_pb2.FEEDBACK_KIND_COMPLAINT: "complaint",
+    delivery_service_pb2.FEEDBACK_KIND_UNSUBSCRIBE: "unsubscribe",
+}
 
 
 def template_from_proto(message: template_pb2.Template) -> Template:
     """The domain template of a Template message (its name and create time are ignored)."""
     kind = message.WhichOneof("content") or ""
     content: dict[str, str] = {}
-    if kind:
+    if kind == "direct_mail":
+        headers = [c.header for c in message.direct_mail.columns]
+        if len(set(headers)) != len(headers):
+            raise InvalidArgument(
+                "column headers must be unique", field="template.direct_mail.columns", reason="INVALID_TEMPLATE"
+            )
+        content = {c.header: c.value for c in message.direct_mail.columns}
+    elif kind:
         parts = getattr(message, kind)
         content = {part: getattr(parts, part) for part in CONTENT_PARTS.get(kind, ())}
     return Template(
@@ -44,9 +66,29 @@ def template_to_proto(template: Template) -> template_pb2.Template:
     )
     if template.content_kind == "email":
         message.email.CopyFrom(template_pb2.EmailContent(**template.content))
+    elif template.content_kind == "sms":
+        message.sms.CopyFrom(template_pb2.SmsContent(**template.content))
+    elif template.content_kind == "push":
+        message.push.CopyFrom(template_pb2.PushContent(**template.content))
+    elif template.content_kind == "direct_mail":
+        message.direct_mail.columns.extend(
+            template_pb2.DirectMailColumn(header=h, value=v) for h, v in template.content.items()
+        )
     if template.create_time is not None:
         message.create_time.CopyFrom(to_timestamp(template.create_time))
     return message
+
+
+def window_from_proto(message: delivery_service_pb2.SendWindow) -> SendWindow:
+    """The domain send window of a SendWindow message; INVALID_ARGUMENT naming the bad fields."""
+    days = list(message.days_of_week)
+    violations = SendWindow.check(
+        message.start_local_time, message.end_local_time, days, message.default_time_zone, "header.send_window"
+    )
+    start, end = parse_local_time(message.start_local_time), parse_local_time(message.end_local_time)
+    if violations or start is None or end is None:
+        raise InvalidArgument("invalid send window", violations=violations, reason="INVALID_HEADER")
+    return SendWindow(start, end, frozenset(days), message.default_time_zone or "UTC")
 
 
 def header_from_proto(message: delivery_service_pb2.SendHeader) -> SendHeader:
@@ -58,6 +100,8 @@ def header_from_proto(message: delivery_service_pb2.SendHeader) -> SendHeader:
         channel=channel_name(message.channel),
         category=category_name(message.category),
         template=message.template,
+        rate_limit_per_second=message.rate_limit_per_second,
+        window=window_from_proto(message.send_window) if message.HasField("send_window") else None,
     )
 
 
@@ -76,21 +120,77 @@ def recipients_from_proto(batch: delivery_service_pb2.RecipientBatch) -> list[Re
 
 def ack_to_proto(ack: BatchAck) -> delivery_service_pb2.SendResponse:
     """The SendResponse message of a batch acknowledgement."""
-    return delivery_service_pb2.SendResponse(
+    response = delivery_service_pb2.SendResponse(
         sequence=ack.sequence,
         sent=ack.sent,
         already_sent=ack.already_sent,
         skipped=dict(ack.skipped),
         failed=dict(ack.failed),
+        deferred=ack.deferred,
     )
+    if ack.next_window_time is not None:
+        response.next_window_time.CopyFrom(to_timestamp(ack.next_window_time))
+    return response
+
+
+def events_from_proto(request: delivery_service_pb2.RecordFeedbackRequest) -> list[IncomingEvent]:
+    """The domain events of a RecordFeedbackRequest (an unset kind becomes "", refused later)."""
+    return [
+        IncomingEvent(
+            event_id=e.event_id,
+            message_id=e.message_id,
+            kind=FEEDBACK_KIND_NAMES.get(e.kind, ""),
+            event_time=from_timestamp(e.event_time) if e.HasField("event_time") else None,
+            detail=e.detail,
+        )
+        for e in request.events
+    ]
+
+
+def report_to_proto(run: str, activity: str, report: ActivityReport) -> delivery_service_pb2.DeliveryReport:
+    """The DeliveryReport message of an activity report."""
+    return delivery_service_pb2.DeliveryReport(
+        run=run,
+        activity=activity,
+        targeted=report.targeted,
+        sent=report.sent,
+        skipped=report.skipped,
+        failed=report.failed,
+        deferred=report.deferred,
+        pending=report.pending,
+        delivered=report.delivered,
+        opened=report.opened,
+        clicked=report.clicked,
+        bounced=report.bounced,
+        complained=report.complained,
+        unsubscribed=report.unsubscribed,
+    )
+
+
+class ProfileLookup(Protocol):
+    """How a preview gets its profile."""
+
+    async def get_profile(self, sandbox: str, profile_id: str) -> ProfileView:
+        """One profile; NOT_FOUND when missing."""
+        ...
 
 
 class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
     """DeliveryService over a TemplateStore and a DeliveryPipeline."""
 
-    def __init__(self, templates: TemplateStore, pipeline: DeliveryPipeline) -> None:
+    def __init__(
+        self,
+        templates: TemplateStore,
+        pipeline: DeliveryPipeline,
+        ledger: Ledger,
+        feedback: FeedbackService,
+        profiles: ProfileLookup | None = None,
+    ) -> None:
+        self.profiles = profiles
         self.templates = templates
         self.pipeline = pipeline
+        self.ledger = ledger
+        self.feedback = feedback
 
     async def CreateTemplate(
         self, request: delivery_service_pb2.CreateTemplateRequest, context: grpc.aio.ServicerContext
@@ -144,3 +244,36 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
                 )
             ack = await session.deliver(request.batch.sequence, recipients_from_proto(request.batch))
             yield ack_to_proto(ack)
+
+    async def RecordFeedback(
+        self, request: delivery_service_pb2.RecordFeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> delivery_service_pb2.RecordFeedbackResponse:
+        result = await self.feedback.record(current_sandbox(), events_from_proto(request))
+        return delivery_service_pb2.RecordFeedbackResponse(recorded=result.recorded, duplicates=result.duplicates)
+
+    async def GetDeliveryReport(
+        self, request: delivery_service_pb2.GetDeliveryReportRequest, context: grpc.aio.ServicerContext
+    ) -> delivery_service_pb2.GetDeliveryReportResponse:
+        parse_name(request.run, "campaigns", "runs", field="run")
+        validate_id(request.activity, "activity")
+        report = await self.ledger.database.run(self.ledger.report, current_sandbox(), request.run, request.activity)
+        return delivery_service_pb2.GetDeliveryReportResponse(
+            report=report_to_proto(request.run, request.activity, report)
+        )
+
+    async def PreviewMessage(
+        self, request: delivery_service_pb2.PreviewMessageRequest, context: grpc.aio.ServicerContext
+    ) -> delivery_service_pb2.PreviewMessageResponse:
+        sandbox = current_sandbox()
+        profile = ProfileView(profile_id="")
+        if request.profile:
+            (profile_id,) = parse_name(request.profile, "profiles", field="profile")
+            if self.profiles is None:
+                raise InvalidArgument("this worker cannot look profiles up", field="profile")
+            profile = await self.profiles.get_profile(sandbox, profile_id)
+        kind, parts = await self.pipeline.preview(sandbox, request.template, profile, from_value_map(request.target))
+        response = delivery_service_pb2.PreviewMessageResponse(parts=parts)
+        if kind == "sms":
+            segments = count_segments(parts.get("text", ""))
+            response.sms_segments, response.sms_encoding = segments.count, segments.encoding
+        return response

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -9,6 +10,8 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from carillon_chassis.settings import ServiceSettings
+
+DEFAULT_RETRY_WINDOW_H = {"email": 84.0, "sms": 24.0, "push": 6.0, "direct_mail": 24.0}
 
 
 class DeliverySettings(ServiceSettings):
@@ -18,7 +21,7 @@ class DeliverySettings(ServiceSettings):
 
     service_name: str = "delivery"
     port: int = 50053
-    # The channel this worker serves (email, sms, push, direct_mail); only email is implemented.
+    # The channel this worker serves (email, sms, push, direct_mail); every channel is implemented.
     channel: str = "email"
     # The ProfileService, host:port.
     profile_target: str = "127.0.0.1:50054"
@@ -32,6 +35,28 @@ class DeliverySettings(ServiceSettings):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_timeout_s: float = Field(default=30.0, gt=0)
+    # The Twilio-style SMS API: base URL, account id and auth token; the SMS sender id or number.
+    sms_api_url: str = "https://api.twilio.com"
+    sms_account: str = ""
+    sms_token: SecretStr | None = None
+    sms_sender: str = ""
+    sms_timeout_s: float = Field(default=30.0, gt=0)
+    # The push API: "fcm" (FCM v1 style) or "apns" (APNs style), its base URL and bearer token, the
+    # FCM project id and the APNs topic (bundle id).
+    push_provider: Literal["fcm", "apns"] = "fcm"
+    push_api_url: str = "https://fcm.googleapis.com"
+    push_token: SecretStr | None = None
+    push_project: str = ""
+    push_topic: str = ""
+    push_timeout_s: float = Field(default=30.0, gt=0)
+    # Direct-mail extracts: the directory (<data_dir>/extracts when unset), the file name prefix, the
+    # delimiter, whether a header line is written, rows per file and an optional sort column.
+    extract_dir: Path | None = None
+    extract_prefix: str = Field(default="extract", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    extract_delimiter: str = Field(default=",", min_length=1, max_length=1)
+    extract_header: bool = True
+    extract_max_rows: int = Field(default=200_000, ge=1)
+    extract_sort_column: str = ""
     # The sender used when a template does not name one.
     sender_address: str = "carillon@localhost"
     sender_name: str = "Carillon"
@@ -43,6 +68,19 @@ class DeliverySettings(ServiceSettings):
     send_attempts: int = Field(default=4, ge=1, le=20)
     send_retry_initial_s: float = Field(default=0.5, ge=0)
     send_retry_max_s: float = Field(default=10.0, ge=0)
+    # How long after its first attempt a message that failed transiently (or was interrupted) is
+    # retried when its batch is replayed; the channel's default when unset (email 84 h, SMS 24 h,
+    # push 6 h, direct mail 24 h).
+    retry_window_h: float | None = Field(default=None, gt=0)
+    # The highest rate limit a Send header may ask for, messages per second.
+    max_rate_per_second: int = Field(default=2000, ge=1)
+    # The provider's own limit, messages per second across every activity of this worker; 0 = none.
+    provider_rate_per_second: float = Field(default=0, ge=0)
+
+    def resolved_retry_window(self) -> timedelta:
+        """The retry window of the worker's channel."""
+        hours = self.retry_window_h or DEFAULT_RETRY_WINDOW_H.get(self.channel, 24.0)
+        return timedelta(hours=hours)
 
     def resolved_outbox_dir(self) -> Path:
         """The directory the outbox provider writes ``.eml`` files into."""

@@ -1,4 +1,5 @@
-"""The tables delivery_svc owns: templates and the send ledger. Every row belongs to a sandbox."""
+"""The tables delivery_svc owns: templates, the send ledger and feedback events. Every row belongs to a
+sandbox."""
 
 from __future__ import annotations
 
@@ -53,10 +54,76 @@ class LedgerRow(DeliveryBase, table=True):
     address: str = Field(default="", max_length=320)
     create_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
     update_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    # A deferred row (outside the send window) waits until this time.
+    defer_until: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    # When the provider accepted the message.
+    sent_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    # First time of each kind of feedback (null until reported).
+    delivered_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    open_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    click_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    bounce_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    complaint_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    unsubscribe_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    # "soft" or "hard" once the message bounced; a hard bounce is never downgraded.
+    bounce_kind: str = Field(default="", max_length=8)
+
+
+class FeedbackEventRow(DeliveryBase, table=True):
+    """A recorded feedback event, keyed by its id so that a repeat is recognised and ignored.
+
+    ``forwarded`` is set once the event's consequences reached the profile service, so that a retry
+    of an event whose forwarding failed forwards it again.
+    """
+
+    __tablename__ = "feedback_events"
+    sandbox: str = Field(primary_key=True, max_length=30)
+    event_id: str = Field(primary_key=True, max_length=200)
+    message_id: str = Field(max_length=64, index=True)
+    kind: str = Field(max_length=20)
+    event_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    detail: str = Field(default="", max_length=1000)
+    forwarded: bool = Field(default=False)
+    create_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+
+
+# The ledger columns added by migration 2, with their DDL type.
+_LEDGER_COLUMNS_V2 = (
+    *(
+        (name, "TIMESTAMP WITH TIME ZONE")
+        for name in (
+            "defer_until",
+            "sent_time",
+            "delivered_time",
+            "open_time",
+            "click_time",
+            "bounce_time",
+            "complaint_time",
+            "unsubscribe_time",
+        )
+    ),
+    ("bounce_kind", "VARCHAR(8) NOT NULL DEFAULT ''"),
+)
 
 
 def _initial(conn: sa.Connection) -> None:
     DeliveryBase.metadata.create_all(conn)
 
 
-MIGRATIONS = [Migration(1, "templates and the send ledger", _initial)]
+def _feedback(conn: sa.Connection) -> None:
+    """Add the send-window and feedback columns to a ledger created by version 1, and the events table.
+
+    A database created fresh already has them (version 1 creates the current tables), so each column
+    is added only when missing.
+    """
+    present = {column["name"] for column in sa.inspect(conn).get_columns("send_ledger")}
+    for name, ddl in _LEDGER_COLUMNS_V2:
+        if name not in present:
+            conn.execute(sa.text(f"ALTER TABLE send_ledger ADD COLUMN {name} {ddl}"))
+    FeedbackEventRow.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+
+
+MIGRATIONS = [
+    Migration(1, "templates and the send ledger", _initial),
+    Migration(2, "send windows, feedback and the feedback events", _feedback),
+]

@@ -6,7 +6,7 @@ attribute (``''.__class__``) is an error, and huge string or power operations ar
 are autoescaped, the other parts are not. A template is compiled when it is created, so a syntax error
 is reported then, naming the part (``template.email.subject``).
 
-Rendering context: ``profile`` (id, name, first_name, last_name, locale, time_zone, email,
+Rendering context: ``profile`` (id, name, first_name, last_name, locale, time_zone, email, phone,
 attributes) and ``target`` (the recipient's working-set row as Python values).
 """
 
@@ -35,12 +35,17 @@ CHANNELS = ("email", "sms", "push", "direct_mail")
 # The parts of each kind of content, and the channel each kind is for.
 CONTENT_PARTS: dict[str, tuple[str, ...]] = {
     "email": ("subject", "html_body", "text_body", "sender_name", "sender_address"),
+    "sms": ("text", "sender"),
+    "push": ("title", "body", "deep_link"),
+    "direct_mail": (),  # its parts are its columns: header -> value template, in order
 }
-CONTENT_CHANNEL = {"email": "email"}
+CONTENT_CHANNEL = {"email": "email", "sms": "sms", "push": "push", "direct_mail": "direct_mail"}
+MAX_EXTRACT_COLUMNS = 50  # the message id column included
+MAX_COLUMN_HEADER_CHARS = 63
 # Parts rendered with HTML autoescaping.
 HTML_PARTS = frozenset({"html_body"})
 # Parts that end up in a single-line header: whitespace runs (newlines included) become one space.
-SINGLE_LINE_PARTS = frozenset({"subject", "sender_name", "sender_address"})
+SINGLE_LINE_PARTS = frozenset({"subject", "sender_name", "sender_address", "sender", "title", "deep_link"})
 
 MAX_PART_CHARS = 100_000
 MAX_RENDERED_CHARS = 1_000_000
@@ -116,6 +121,13 @@ class CompiledTemplate:
         return rendered
 
 
+def content_parts(template: Template) -> tuple[str, ...]:
+    """The part names of a template: fixed per kind, or a direct-mail template's column headers."""
+    if template.content_kind == "direct_mail":
+        return tuple(template.content)
+    return CONTENT_PARTS.get(template.content_kind, ())
+
+
 def _field(kind: str, part: str) -> str:
     return f"template.{kind}.{part}"
 
@@ -144,6 +156,25 @@ def validate_template(template: Template) -> list[FieldViolation]:
         if not template.content.get("html_body") and not template.content.get("text_body"):
             for part in ("html_body", "text_body"):
                 violations.append(FieldViolation(_field(kind, part), "an HTML or a text body is required"))
+    if kind == "direct_mail":
+        if not template.content:
+            violations.append(FieldViolation(_field(kind, "columns"), "at least one column is required"))
+        if len(template.content) > MAX_EXTRACT_COLUMNS - 1:
+            violations.append(
+                FieldViolation(
+                    _field(kind, "columns"),
+                    f"at most {MAX_EXTRACT_COLUMNS - 1} columns (the extract adds the message id column)",
+                )
+            )
+        for header in template.content:
+            if not header.strip() or len(header) > MAX_COLUMN_HEADER_CHARS or header == "message_id":
+                violations.append(
+                    FieldViolation(_field(kind, "columns"), f"a bad column header {header[:MAX_COLUMN_HEADER_CHARS]!r}")
+                )
+    if kind == "push" and not template.content.get("body", "").strip():
+        violations.append(FieldViolation(_field(kind, "body"), "a body is required"))
+    if kind == "sms" and not template.content.get("text", "").strip():
+        violations.append(FieldViolation(_field(kind, "text"), "a text is required"))
     return violations
 
 
@@ -152,7 +183,7 @@ def compile_template(template: Template) -> CompiledTemplate:
     kind = template.content_kind
     compiled: dict[str, JinjaTemplate] = {}
     violations: list[FieldViolation] = []
-    for part in CONTENT_PARTS.get(kind, ()):
+    for part in content_parts(template):
         source = template.content.get(part, "")
         if not source:
             continue
@@ -206,7 +237,7 @@ class TemplateStore:
     def create(self, sandbox: str, template_id: str, template: Template) -> Template:
         """Validate, compile and store a new template; ALREADY_EXISTS when the id is taken."""
         check_new_template(template_id, template)
-        parts = CONTENT_PARTS[template.content_kind]
+        parts = content_parts(template)
         created = Template(
             template_id=template_id,
             channel=template.channel,

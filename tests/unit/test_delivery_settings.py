@@ -30,9 +30,9 @@ def test_settings_are_read_from_carillon_delivery_variables(monkeypatch: pytest.
     assert (settings.service_name, settings.port, settings.channel) == ("delivery", 50053, "email")
 
 
-def test_a_worker_for_a_channel_not_implemented_exits_at_start(tmp_path: Path) -> None:
+def test_a_worker_for_an_unknown_channel_exits_at_start(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "delivery_svc", "--channel", "sms", "--port", "0"],
+        [sys.executable, "-m", "delivery_svc", "--channel", "fax", "--port", "0"],
         cwd=REPO,
         env={"CARILLON_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
         capture_output=True,
@@ -41,5 +41,5 @@ def test_a_worker_for_a_channel_not_implemented_exits_at_start(tmp_path: Path) -
     )
 
     assert result.returncode != 0
-    assert "'sms'" in result.stderr
+    assert "'fax'" in result.stderr
     assert "Traceback" not in result.stderr

@@ -9,7 +9,9 @@ from carillon.type.v1 import value_pb2 as _value_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +22,50 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _FeedbackKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FeedbackKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FeedbackKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEEDBACK_KIND_UNSPECIFIED: _FeedbackKind.ValueType  # 0
+    """Not set; never valid in a request."""
+    FEEDBACK_KIND_DELIVERED: _FeedbackKind.ValueType  # 1
+    """The provider delivered the message to the recipient's mailbox or device."""
+    FEEDBACK_KIND_OPENED: _FeedbackKind.ValueType  # 2
+    """The recipient opened the message."""
+    FEEDBACK_KIND_CLICKED: _FeedbackKind.ValueType  # 3
+    """The recipient clicked a link of the message."""
+    FEEDBACK_KIND_SOFT_BOUNCE: _FeedbackKind.ValueType  # 4
+    """A temporary delivery failure (a full mailbox, for example)."""
+    FEEDBACK_KIND_HARD_BOUNCE: _FeedbackKind.ValueType  # 5
+    """A permanent delivery failure (an unknown address, for example)."""
+    FEEDBACK_KIND_COMPLAINT: _FeedbackKind.ValueType  # 6
+    """The recipient marked the message as spam."""
+    FEEDBACK_KIND_UNSUBSCRIBE: _FeedbackKind.ValueType  # 7
+    """The recipient unsubscribed through the message."""
+
+class FeedbackKind(_FeedbackKind, metaclass=_FeedbackKindEnumTypeWrapper):
+    """The kind of a feedback event about a sent message."""
+
+FEEDBACK_KIND_UNSPECIFIED: FeedbackKind.ValueType  # 0
+"""Not set; never valid in a request."""
+FEEDBACK_KIND_DELIVERED: FeedbackKind.ValueType  # 1
+"""The provider delivered the message to the recipient's mailbox or device."""
+FEEDBACK_KIND_OPENED: FeedbackKind.ValueType  # 2
+"""The recipient opened the message."""
+FEEDBACK_KIND_CLICKED: FeedbackKind.ValueType  # 3
+"""The recipient clicked a link of the message."""
+FEEDBACK_KIND_SOFT_BOUNCE: FeedbackKind.ValueType  # 4
+"""A temporary delivery failure (a full mailbox, for example)."""
+FEEDBACK_KIND_HARD_BOUNCE: FeedbackKind.ValueType  # 5
+"""A permanent delivery failure (an unknown address, for example)."""
+FEEDBACK_KIND_COMPLAINT: FeedbackKind.ValueType  # 6
+"""The recipient marked the message as spam."""
+FEEDBACK_KIND_UNSUBSCRIBE: FeedbackKind.ValueType  # 7
+"""The recipient unsubscribed through the message."""
+Global___FeedbackKind: _TypeAlias = FeedbackKind  # noqa: Y015
 
 @_typing.final
 class CreateTemplateRequest(_message.Message):
@@ -185,6 +231,8 @@ class SendHeader(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     CATEGORY_FIELD_NUMBER: _builtins.int
     TEMPLATE_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_PER_SECOND_FIELD_NUMBER: _builtins.int
+    SEND_WINDOW_FIELD_NUMBER: _builtins.int
     campaign: _builtins.str
     """The campaign, `campaigns/{campaign}`."""
     run: _builtins.str
@@ -197,6 +245,16 @@ class SendHeader(_message.Message):
     """The category."""
     template: _builtins.str
     """The template, `templates/{template}`."""
+    rate_limit_per_second: _builtins.int
+    """The most messages per second this activity sends; 0 means no limit of the activity's own (the
+    provider's limit still applies). Between 1 and the worker's configured maximum (2000 by default).
+    """
+    @_builtins.property
+    def send_window(self) -> Global___SendWindow:
+        """When set, messages are sent only inside this window of the recipient's local time; recipients
+        outside it are deferred to its next opening.
+        """
+
     def __init__(
         self,
         *,
@@ -206,14 +264,56 @@ class SendHeader(_message.Message):
         channel: _channel_pb2.Channel.ValueType = ...,
         category: _channel_pb2.MessageCategory.ValueType = ...,
         template: _builtins.str = ...,
+        rate_limit_per_second: _builtins.int = ...,
+        send_window: Global___SendWindow | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["send_window", b"send_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "campaign", b"campaign", "category", b"category", "channel", b"channel", "run", b"run", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "campaign", b"campaign", "category", b"category", "channel", b"channel", "rate_limit_per_second", b"rate_limit_per_second", "run", b"run", "send_window", b"send_window", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SendHeader: _TypeAlias = SendHeader  # noqa: Y015
+
+@_typing.final
+class SendWindow(_message.Message):
+    """A weekly window of local time in which messages may be sent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_LOCAL_TIME_FIELD_NUMBER: _builtins.int
+    END_LOCAL_TIME_FIELD_NUMBER: _builtins.int
+    DAYS_OF_WEEK_FIELD_NUMBER: _builtins.int
+    DEFAULT_TIME_ZONE_FIELD_NUMBER: _builtins.int
+    start_local_time: _builtins.str
+    """The local time the window opens each day, "HH:MM" (24-hour clock)."""
+    end_local_time: _builtins.str
+    """The local time the window closes each day, "HH:MM"; earlier than the start for a window that
+    spans midnight.
+    """
+    default_time_zone: _builtins.str
+    """The IANA time zone of recipients whose profile has none; UTC when empty."""
+    @_builtins.property
+    def days_of_week(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The ISO days of the week (1 = Monday ... 7 = Sunday) on which the window opens; every day when
+        empty.
+        """
+
+    def __init__(
+        self,
+        *,
+        start_local_time: _builtins.str = ...,
+        end_local_time: _builtins.str = ...,
+        days_of_week: _abc.Iterable[_builtins.int] | None = ...,
+        default_time_zone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["days_of_week", b"days_of_week", "default_time_zone", b"default_time_zone", "end_local_time", b"end_local_time", "start_local_time", b"start_local_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendWindow: _TypeAlias = SendWindow  # noqa: Y015
 
 @_typing.final
 class Recipient(_message.Message):
@@ -383,12 +483,18 @@ class SendResponse(_message.Message):
     ALREADY_SENT_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    DEFERRED_FIELD_NUMBER: _builtins.int
+    NEXT_WINDOW_TIME_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The acknowledged batch's sequence number."""
     sent: _builtins.int
     """Messages sent by this batch."""
     already_sent: _builtins.int
     """Recipients whose message was already in the ledger from an earlier attempt (not resent)."""
+    deferred: _builtins.int
+    """Recipients outside the send window, deferred to its next opening (not sent and not dropped:
+    replaying the batch after the opening sends them).
+    """
     @_builtins.property
     def skipped(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Recipients skipped, by reason (for example "NO_CONSENT", "UNKNOWN_PROFILE", "RENDER_ERROR")."""
@@ -396,6 +502,10 @@ class SendResponse(_message.Message):
     @_builtins.property
     def failed(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Recipients whose send failed, by reason."""
+
+    @_builtins.property
+    def next_window_time(self) -> _timestamp_pb2.Timestamp:
+        """The earliest next opening of the send window among the deferred recipients."""
 
     def __init__(
         self,
@@ -405,11 +515,380 @@ class SendResponse(_message.Message):
         already_sent: _builtins.int = ...,
         skipped: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         failed: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        deferred: _builtins.int = ...,
+        next_window_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_window_time", b"next_window_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_sent", b"already_sent", "failed", b"failed", "sent", b"sent", "sequence", b"sequence", "skipped", b"skipped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_sent", b"already_sent", "deferred", b"deferred", "failed", b"failed", "next_window_time", b"next_window_time", "sent", b"sent", "sequence", b"sequence", "skipped", b"skipped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SendResponse: _TypeAlias = SendResponse  # noqa: Y015
+
+@_typing.final
+class FeedbackEvent(_message.Message):
+    """One feedback event from a provider or a tracking endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The event's unique id; recording the same id twice is a no-op."""
+    message_id: _builtins.str
+    """The message the event is about: the send ledger id, also the provider idempotency key and the
+    `X-Carillon-Message-Id` of an email.
+    """
+    kind: Global___FeedbackKind.ValueType
+    """What happened."""
+    detail: _builtins.str
+    """The provider's explanation, for example a bounce's SMTP reply."""
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened; the time of the call when unset."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        kind: Global___FeedbackKind.ValueType = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "event_id", b"event_id", "event_time", b"event_time", "kind", b"kind", "message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedbackEvent: _TypeAlias = FeedbackEvent  # noqa: Y015
+
+@_typing.final
+class RecordFeedbackRequest(_message.Message):
+    """Request of RecordFeedback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedbackEvent]:
+        """The events (at most 1000)."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___FeedbackEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordFeedbackRequest: _TypeAlias = RecordFeedbackRequest  # noqa: Y015
+
+@_typing.final
+class RecordFeedbackResponse(_message.Message):
+    """Response of RecordFeedback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    recorded: _builtins.int
+    """Events recorded by this call."""
+    duplicates: _builtins.int
+    """Events whose id was already recorded (ignored)."""
+    def __init__(
+        self,
+        *,
+        recorded: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicates", b"duplicates", "recorded", b"recorded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordFeedbackResponse: _TypeAlias = RecordFeedbackResponse  # noqa: Y015
+
+@_typing.final
+class GetDeliveryReportRequest(_message.Message):
+    """Request of GetDeliveryReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """The run, `campaigns/{campaign}/runs/{run}`."""
+    activity: _builtins.str
+    """The channel activity id."""
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        activity: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeliveryReportRequest: _TypeAlias = GetDeliveryReportRequest  # noqa: Y015
+
+@_typing.final
+class DeliveryReport(_message.Message):
+    """The counts of one channel activity of one run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SkippedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class FailedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RUN_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    TARGETED_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    DEFERRED_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    OPENED_FIELD_NUMBER: _builtins.int
+    CLICKED_FIELD_NUMBER: _builtins.int
+    BOUNCED_FIELD_NUMBER: _builtins.int
+    COMPLAINED_FIELD_NUMBER: _builtins.int
+    UNSUBSCRIBED_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """The run, `campaigns/{campaign}/runs/{run}`."""
+    activity: _builtins.str
+    """The channel activity id."""
+    targeted: _builtins.int
+    """Recipients seen: every ledger entry of the activity, whatever its outcome."""
+    sent: _builtins.int
+    """Messages sent."""
+    deferred: _builtins.int
+    """Recipients deferred to the next opening of the send window and not sent yet."""
+    pending: _builtins.int
+    """Messages written to the ledger whose send is not confirmed yet (in flight, or interrupted)."""
+    delivered: _builtins.int
+    """Sent messages reported delivered."""
+    opened: _builtins.int
+    """Sent messages reported opened."""
+    clicked: _builtins.int
+    """Sent messages reported clicked."""
+    bounced: _builtins.int
+    """Sent messages that bounced (soft or hard)."""
+    complained: _builtins.int
+    """Sent messages that drew a spam complaint."""
+    unsubscribed: _builtins.int
+    """Sent messages through which the recipient unsubscribed."""
+    @_builtins.property
+    def skipped(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Recipients skipped, by reason."""
+
+    @_builtins.property
+    def failed(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Recipients whose send failed, by reason."""
+
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        activity: _builtins.str = ...,
+        targeted: _builtins.int = ...,
+        sent: _builtins.int = ...,
+        skipped: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        failed: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        deferred: _builtins.int = ...,
+        pending: _builtins.int = ...,
+        delivered: _builtins.int = ...,
+        opened: _builtins.int = ...,
+        clicked: _builtins.int = ...,
+        bounced: _builtins.int = ...,
+        complained: _builtins.int = ...,
+        unsubscribed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "bounced", b"bounced", "clicked", b"clicked", "complained", b"complained", "deferred", b"deferred", "delivered", b"delivered", "failed", b"failed", "opened", b"opened", "pending", b"pending", "run", b"run", "sent", b"sent", "skipped", b"skipped", "targeted", b"targeted", "unsubscribed", b"unsubscribed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryReport: _TypeAlias = DeliveryReport  # noqa: Y015
+
+@_typing.final
+class GetDeliveryReportResponse(_message.Message):
+    """Response of GetDeliveryReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def report(self) -> Global___DeliveryReport:
+        """The report."""
+
+    def __init__(
+        self,
+        *,
+        report: Global___DeliveryReport | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeliveryReportResponse: _TypeAlias = GetDeliveryReportResponse  # noqa: Y015
+
+@_typing.final
+class PreviewMessageRequest(_message.Message):
+    """Request of PreviewMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TargetEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _value_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _value_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    template: _builtins.str
+    """The template, `templates/{template}`."""
+    profile: _builtins.str
+    """The profile to personalise for, `profiles/{profile}`; an empty profile when unset."""
+    @_builtins.property
+    def target(self) -> _containers.MessageMap[_builtins.str, _value_pb2.Value]:
+        """The working-set row, available to the template as `target`."""
+
+    def __init__(
+        self,
+        *,
+        template: _builtins.str = ...,
+        profile: _builtins.str = ...,
+        target: _abc.Mapping[_builtins.str, _value_pb2.Value] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "target", b"target", "template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewMessageRequest: _TypeAlias = PreviewMessageRequest  # noqa: Y015
+
+@_typing.final
+class PreviewMessageResponse(_message.Message):
+    """Response of PreviewMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PartsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PARTS_FIELD_NUMBER: _builtins.int
+    SMS_SEGMENTS_FIELD_NUMBER: _builtins.int
+    SMS_ENCODING_FIELD_NUMBER: _builtins.int
+    sms_segments: _builtins.int
+    """For an SMS, the number of segments of the rendered text."""
+    sms_encoding: _builtins.str
+    """For an SMS, the encoding of the rendered text, "GSM-7" or "UCS-2"."""
+    @_builtins.property
+    def parts(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Every rendered part, by the name of its field in the template's content (for example
+        "subject", "text_body", "text").
+        """
+
+    def __init__(
+        self,
+        *,
+        parts: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        sms_segments: _builtins.int = ...,
+        sms_encoding: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parts", b"parts", "sms_encoding", b"sms_encoding", "sms_segments", b"sms_segments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewMessageResponse: _TypeAlias = PreviewMessageResponse  # noqa: Y015

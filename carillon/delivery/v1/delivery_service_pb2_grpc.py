@@ -56,6 +56,21 @@ class DeliveryServiceStub:
                 request_serializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.SendRequest.SerializeToString,
                 response_deserializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.SendResponse.FromString,
                 _registered_method=True)
+        self.RecordFeedback = channel.unary_unary(
+                '/carillon.delivery.v1.DeliveryService/RecordFeedback',
+                request_serializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.RecordFeedbackRequest.SerializeToString,
+                response_deserializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.RecordFeedbackResponse.FromString,
+                _registered_method=True)
+        self.PreviewMessage = channel.unary_unary(
+                '/carillon.delivery.v1.DeliveryService/PreviewMessage',
+                request_serializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.PreviewMessageRequest.SerializeToString,
+                response_deserializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.PreviewMessageResponse.FromString,
+                _registered_method=True)
+        self.GetDeliveryReport = channel.unary_unary(
+                '/carillon.delivery.v1.DeliveryService/GetDeliveryReport',
+                request_serializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.GetDeliveryReportRequest.SerializeToString,
+                response_deserializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.GetDeliveryReportResponse.FromString,
+                _registered_method=True)
 
 
 class DeliveryServiceServicer:
@@ -100,6 +115,36 @@ class DeliveryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordFeedback(self, request, context):
+        """Records feedback about sent messages (delivered, opened, clicked, bounced, complaint,
+        unsubscribe) in the send ledger, idempotent on each event id, and forwards what the profile
+        service must know (an unsubscribe or a complaint opts the profile out of the channel).
+        Errors: INVALID_ARGUMENT (a missing event id or message id, an unset kind, too many events;
+        nothing is written), NOT_FOUND (a message id not in the ledger; nothing is written),
+        UNAVAILABLE (the profile service cannot be reached; the ledger is updated and a retry of the
+        same events forwards them again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PreviewMessage(self, request, context):
+        """Renders a template for one profile and one working-set row, without sending anything.
+        Errors: INVALID_ARGUMENT (a malformed name, or the template does not render with this profile and
+        row), NOT_FOUND (unknown template or profile), UNAVAILABLE (the profile service cannot be reached).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeliveryReport(self, request, context):
+        """Returns the counts of one channel activity of one run, computed from the send ledger.
+        Errors: INVALID_ARGUMENT (a malformed run name or activity id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeliveryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +167,21 @@ def add_DeliveryServiceServicer_to_server(servicer, server):
                     servicer.Send,
                     request_deserializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.SendRequest.FromString,
                     response_serializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.SendResponse.SerializeToString,
+            ),
+            'RecordFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordFeedback,
+                    request_deserializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.RecordFeedbackRequest.FromString,
+                    response_serializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.RecordFeedbackResponse.SerializeToString,
+            ),
+            'PreviewMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewMessage,
+                    request_deserializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.PreviewMessageRequest.FromString,
+                    response_serializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.PreviewMessageResponse.SerializeToString,
+            ),
+            'GetDeliveryReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeliveryReport,
+                    request_deserializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.GetDeliveryReportRequest.FromString,
+                    response_serializer=carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.GetDeliveryReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -234,6 +294,87 @@ class DeliveryService:
             '/carillon.delivery.v1.DeliveryService/Send',
             carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.SendRequest.SerializeToString,
             carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.SendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.delivery.v1.DeliveryService/RecordFeedback',
+            carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.RecordFeedbackRequest.SerializeToString,
+            carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.RecordFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.delivery.v1.DeliveryService/PreviewMessage',
+            carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.PreviewMessageRequest.SerializeToString,
+            carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.PreviewMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeliveryReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.delivery.v1.DeliveryService/GetDeliveryReport',
+            carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.GetDeliveryReportRequest.SerializeToString,
+            carillon_dot_delivery_dot_v1_dot_delivery__service__pb2.GetDeliveryReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

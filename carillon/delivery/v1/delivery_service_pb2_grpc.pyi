@@ -56,6 +56,24 @@ class DeliveryServiceStub:
     NOT_FOUND (unknown template), FAILED_PRECONDITION (the template is of another channel),
     UNAVAILABLE (the profile service cannot be reached).
     """
+    RecordFeedback: _grpc.UnaryUnaryMultiCallable[_delivery_service_pb2.RecordFeedbackRequest, _delivery_service_pb2.RecordFeedbackResponse]
+    """Records feedback about sent messages (delivered, opened, clicked, bounced, complaint,
+    unsubscribe) in the send ledger, idempotent on each event id, and forwards what the profile
+    service must know (an unsubscribe or a complaint opts the profile out of the channel).
+    Errors: INVALID_ARGUMENT (a missing event id or message id, an unset kind, too many events;
+    nothing is written), NOT_FOUND (a message id not in the ledger; nothing is written),
+    UNAVAILABLE (the profile service cannot be reached; the ledger is updated and a retry of the
+    same events forwards them again).
+    """
+    PreviewMessage: _grpc.UnaryUnaryMultiCallable[_delivery_service_pb2.PreviewMessageRequest, _delivery_service_pb2.PreviewMessageResponse]
+    """Renders a template for one profile and one working-set row, without sending anything.
+    Errors: INVALID_ARGUMENT (a malformed name, or the template does not render with this profile and
+    row), NOT_FOUND (unknown template or profile), UNAVAILABLE (the profile service cannot be reached).
+    """
+    GetDeliveryReport: _grpc.UnaryUnaryMultiCallable[_delivery_service_pb2.GetDeliveryReportRequest, _delivery_service_pb2.GetDeliveryReportResponse]
+    """Returns the counts of one channel activity of one run, computed from the send ledger.
+    Errors: INVALID_ARGUMENT (a malformed run name or activity id).
+    """
 
 @_typing.type_check_only
 class DeliveryServiceAsyncStub(DeliveryServiceStub):
@@ -84,6 +102,24 @@ class DeliveryServiceAsyncStub(DeliveryServiceStub):
     Errors: INVALID_ARGUMENT (no header first, a channel this worker does not serve, a bad batch),
     NOT_FOUND (unknown template), FAILED_PRECONDITION (the template is of another channel),
     UNAVAILABLE (the profile service cannot be reached).
+    """
+    RecordFeedback: _aio.UnaryUnaryMultiCallable[_delivery_service_pb2.RecordFeedbackRequest, _delivery_service_pb2.RecordFeedbackResponse]  # type: ignore[assignment]
+    """Records feedback about sent messages (delivered, opened, clicked, bounced, complaint,
+    unsubscribe) in the send ledger, idempotent on each event id, and forwards what the profile
+    service must know (an unsubscribe or a complaint opts the profile out of the channel).
+    Errors: INVALID_ARGUMENT (a missing event id or message id, an unset kind, too many events;
+    nothing is written), NOT_FOUND (a message id not in the ledger; nothing is written),
+    UNAVAILABLE (the profile service cannot be reached; the ledger is updated and a retry of the
+    same events forwards them again).
+    """
+    PreviewMessage: _aio.UnaryUnaryMultiCallable[_delivery_service_pb2.PreviewMessageRequest, _delivery_service_pb2.PreviewMessageResponse]  # type: ignore[assignment]
+    """Renders a template for one profile and one working-set row, without sending anything.
+    Errors: INVALID_ARGUMENT (a malformed name, or the template does not render with this profile and
+    row), NOT_FOUND (unknown template or profile), UNAVAILABLE (the profile service cannot be reached).
+    """
+    GetDeliveryReport: _aio.UnaryUnaryMultiCallable[_delivery_service_pb2.GetDeliveryReportRequest, _delivery_service_pb2.GetDeliveryReportResponse]  # type: ignore[assignment]
+    """Returns the counts of one channel activity of one run, computed from the send ledger.
+    Errors: INVALID_ARGUMENT (a malformed run name or activity id).
     """
 
 class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -134,6 +170,42 @@ class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (no header first, a channel this worker does not serve, a bad batch),
         NOT_FOUND (unknown template), FAILED_PRECONDITION (the template is of another channel),
         UNAVAILABLE (the profile service cannot be reached).
+        """
+
+    @_abc_1.abstractmethod
+    def RecordFeedback(
+        self,
+        request: _delivery_service_pb2.RecordFeedbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_service_pb2.RecordFeedbackResponse, _abc.Awaitable[_delivery_service_pb2.RecordFeedbackResponse]]:
+        """Records feedback about sent messages (delivered, opened, clicked, bounced, complaint,
+        unsubscribe) in the send ledger, idempotent on each event id, and forwards what the profile
+        service must know (an unsubscribe or a complaint opts the profile out of the channel).
+        Errors: INVALID_ARGUMENT (a missing event id or message id, an unset kind, too many events;
+        nothing is written), NOT_FOUND (a message id not in the ledger; nothing is written),
+        UNAVAILABLE (the profile service cannot be reached; the ledger is updated and a retry of the
+        same events forwards them again).
+        """
+
+    @_abc_1.abstractmethod
+    def PreviewMessage(
+        self,
+        request: _delivery_service_pb2.PreviewMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_service_pb2.PreviewMessageResponse, _abc.Awaitable[_delivery_service_pb2.PreviewMessageResponse]]:
+        """Renders a template for one profile and one working-set row, without sending anything.
+        Errors: INVALID_ARGUMENT (a malformed name, or the template does not render with this profile and
+        row), NOT_FOUND (unknown template or profile), UNAVAILABLE (the profile service cannot be reached).
+        """
+
+    @_abc_1.abstractmethod
+    def GetDeliveryReport(
+        self,
+        request: _delivery_service_pb2.GetDeliveryReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_service_pb2.GetDeliveryReportResponse, _abc.Awaitable[_delivery_service_pb2.GetDeliveryReportResponse]]:
+        """Returns the counts of one channel activity of one run, computed from the send ledger.
+        Errors: INVALID_ARGUMENT (a malformed run name or activity id).
         """
 
 def add_DeliveryServiceServicer_to_server(servicer: DeliveryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

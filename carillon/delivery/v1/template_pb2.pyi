@@ -4,9 +4,11 @@ isort:skip_file
 """
 
 from carillon.type.v1 import channel_pb2 as _channel_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -59,6 +61,114 @@ class EmailContent(_message.Message):
 Global___EmailContent: _TypeAlias = EmailContent  # noqa: Y015
 
 @_typing.final
+class SmsContent(_message.Message):
+    """The content of an SMS template, rendered like an email's parts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The text of the message; sent as GSM-7 when every character allows it, else as UCS-2, in at
+    most 10 segments.
+    """
+    sender: _builtins.str
+    """The sender id or number; the worker's configured sender when empty."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        sender: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sender", b"sender", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SmsContent: _TypeAlias = SmsContent  # noqa: Y015
+
+@_typing.final
+class PushContent(_message.Message):
+    """The content of a push notification template, rendered like an email's parts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TITLE_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    DEEP_LINK_FIELD_NUMBER: _builtins.int
+    title: _builtins.str
+    """The notification's title."""
+    body: _builtins.str
+    """The notification's body; required."""
+    deep_link: _builtins.str
+    """The link the app opens, sent in the notification's data as "deep_link"."""
+    def __init__(
+        self,
+        *,
+        title: _builtins.str = ...,
+        body: _builtins.str = ...,
+        deep_link: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "deep_link", b"deep_link", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushContent: _TypeAlias = PushContent  # noqa: Y015
+
+@_typing.final
+class DirectMailColumn(_message.Message):
+    """One column of a direct-mail extract."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    header: _builtins.str
+    """The column's header; unique within the template, not "message_id" (the extract's first column)."""
+    value: _builtins.str
+    """The column's value, a template rendered like an email's parts."""
+    def __init__(
+        self,
+        *,
+        header: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DirectMailColumn: _TypeAlias = DirectMailColumn  # noqa: Y015
+
+@_typing.final
+class DirectMailContent(_message.Message):
+    """The content of a direct-mail template: the columns of the extract file, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___DirectMailColumn]:
+        """The columns (at most 49: the extract adds the message id column)."""
+
+    def __init__(
+        self,
+        *,
+        columns: _abc.Iterable[Global___DirectMailColumn] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DirectMailContent: _TypeAlias = DirectMailContent  # noqa: Y015
+
+@_typing.final
 class Template(_message.Message):
     """A message template of one channel."""
 
@@ -68,6 +178,9 @@ class Template(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
+    SMS_FIELD_NUMBER: _builtins.int
+    PUSH_FIELD_NUMBER: _builtins.int
+    DIRECT_MAIL_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `templates/{template}`."""
@@ -80,6 +193,18 @@ class Template(_message.Message):
         """Email content, for CHANNEL_EMAIL."""
 
     @_builtins.property
+    def sms(self) -> Global___SmsContent:
+        """SMS content, for CHANNEL_SMS."""
+
+    @_builtins.property
+    def push(self) -> Global___PushContent:
+        """Push content, for CHANNEL_PUSH."""
+
+    @_builtins.property
+    def direct_mail(self) -> Global___DirectMailContent:
+        """Direct-mail content, for CHANNEL_DIRECT_MAIL."""
+
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the template was created."""
 
@@ -90,13 +215,16 @@ class Template(_message.Message):
         channel: _channel_pb2.Channel.ValueType = ...,
         display_name: _builtins.str = ...,
         email: Global___EmailContent | None = ...,
+        sms: Global___SmsContent | None = ...,
+        push: Global___PushContent | None = ...,
+        direct_mail: Global___DirectMailContent | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "create_time", b"create_time", "email", b"email"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "create_time", b"create_time", "direct_mail", b"direct_mail", "email", b"email", "push", b"push", "sms", b"sms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "content", b"content", "create_time", b"create_time", "display_name", b"display_name", "email", b"email", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "content", b"content", "create_time", b"create_time", "direct_mail", b"direct_mail", "display_name", b"display_name", "email", b"email", "name", b"name", "push", b"push", "sms", b"sms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["email"]  # noqa: Y015
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["email", "sms", "push", "direct_mail"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 

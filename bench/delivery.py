@@ -1,0 +1,299 @@
+"""Benchmark of the email delivery worker on PostgreSQL through the outbox provider.
+
+Not a test: it prints throughput, a ratio against a floor measured in the same run, and the worker's
+peak memory.
+
+    .venv/bin/python bench/delivery.py [--scale 0.05] [--batch 5000]
+
+With scale 1 it sends a 1,000,000-recipient email campaign. profile_stub and
+``python -m delivery_svc --channel email`` run as subprocesses on PostgreSQL
+(``CARILLON_BENCH_POSTGRES_URL``, default the local ``test`` database; each in its own schema, dropped
+at the end); the worker writes ``.eml`` files into a temporary outbox. Every recipient has a profile
+with opt-in email consent; the template personalises with ``profile.first_name`` and ``target.hotel``.
+The benchmark streams the recipients to ``Send`` in batches (the scheduler's part), so each message
+goes through the whole pipeline: one eligibility call per batch (consent), rendering in the sandbox,
+the ledger (pending, then sent), the outbox file, and the communication history (one call per batch).
+Capping is not exercised: the current profile contract has no capping rules.
+
+Floor: the same rows read and written with raw COPY — the recipients' profile rows read (COPY TO), and
+one ledger row and one history row per recipient written (COPY FROM) — in the same database. Reported:
+messages/s, the floor's rows/s, their ratio, and the worker's peak resident memory (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from carillon.delivery.v1 import delivery_service_pb2 as dpb  # noqa: E402
+from carillon.delivery.v1 import delivery_service_pb2_grpc, template_pb2  # noqa: E402
+from carillon.profile.v1 import profile_pb2, profile_service_pb2, profile_service_pb2_grpc  # noqa: E402
+from carillon.type.v1 import channel_pb2, value_pb2  # noqa: E402
+from carillon_chassis.clients import call_metadata  # noqa: E402
+
+DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+METADATA = call_metadata("bench")
+HOTELS = ["Ritz", "Savoy", "Sacher", "Lutetia", "Adlon", "Hassler"]
+HEADER = dpb.SendHeader(
+    campaign="campaigns/bench",
+    run="campaigns/bench/runs/r1",
+    activity="email1",
+    channel=channel_pb2.CHANNEL_EMAIL,
+    category=channel_pb2.MESSAGE_CATEGORY_MARKETING,
+    template="templates/bench",
+)
+
+
+def address(i: int) -> str:
+    return f"person{i:07d}@example.com"
+
+
+class Service:
+    """A service subprocess reporting its port through a port file."""
+
+    def __init__(self, module: str, args: list[str], env: dict[str, str], workdir: Path) -> None:
+        self.port_file = workdir / f"{module}.port"
+        self.log = (workdir / f"{module}.log").open("wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", module, "--port", "0", "--port-file", str(self.port_file), *args],
+            env={**os.environ, "CARILLON_LOG_LEVEL": "warning", **env},
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def address(self) -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise SystemExit(f"a service exited with {self.popen.returncode}; see {self.log.name}")
+            if self.port_file.exists() and self.port_file.read_text().strip():
+                return f"127.0.0.1:{self.port_file.read_text().strip()}"
+            time.sleep(0.05)
+        raise SystemExit("a service did not start")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+        self.log.close()
+
+
+async def load_profiles(address_: str, n: int) -> float:
+    started = time.perf_counter()
+    async with grpc.aio.insecure_channel(address_) as channel:
+        stub = profile_service_pb2_grpc.ProfileServiceStub(channel)
+        for start in range(0, n, 5000):
+            await stub.UpsertProfiles(
+                profile_service_pb2.UpsertProfilesRequest(
+                    profiles=[
+                        profile_pb2.Profile(
+                            name=f"profiles/p{i:07d}",
+                            first_name=f"First{i}",
+                            identities=[value_pb2.Identity(namespace="email", value=address(i))],
+                            consents=[
+                                profile_pb2.Consent(
+                                    channel=channel_pb2.CHANNEL_EMAIL,
+                                    state=profile_pb2.CONSENT_STATE_OPTED_IN,
+                                    source="bench",
+                                )
+                            ],
+                        )
+                        for i in range(start, min(n, start + 5000))
+                    ]
+                ),
+                metadata=METADATA,
+                timeout=600,
+            )
+    return time.perf_counter() - started
+
+
+async def send_campaign(address_: str, n: int, batch: int) -> tuple[float, int]:
+    async with grpc.aio.insecure_channel(address_) as channel:
+        stub = delivery_service_pb2_grpc.DeliveryServiceStub(channel)
+        await stub.CreateTemplate(
+            dpb.CreateTemplateRequest(
+                template_id="bench",
+                template=template_pb2.Template(
+                    channel=channel_pb2.CHANNEL_EMAIL,
+                    email=template_pb2.EmailContent(
+                        subject="{{ profile.first_name }}, your stay at {{ target.hotel }}",
+                        text_body="Hello {{ profile.first_name }}, {{ target.hotel }} expects you.",
+                        html_body="<p>Hello {{ profile.first_name }}, {{ target.hotel }} expects you.</p>",
+                    ),
+                ),
+            ),
+            metadata=METADATA,
+        )
+
+        async def stream() -> AsyncIterator[dpb.SendRequest]:
+            yield dpb.SendRequest(header=HEADER)
+            for start in range(0, n, batch):
+                yield dpb.SendRequest(
+                    batch=dpb.RecipientBatch(
+                        sequence=start // batch,
+                        recipients=[
+                            dpb.Recipient(
+                                identity=value_pb2.Identity(namespace="email", value=address(i)),
+                                target={"hotel": value_pb2.Value(string_value=HOTELS[i % len(HOTELS)])},
+                            )
+                            for i in range(start, min(n, start + batch))
+                        ],
+                    )
+                )
+
+        started = time.perf_counter()
+        sent = 0
+        async for ack in stub.Send(stream(), metadata=METADATA, timeout=24 * 3600):
+            sent += ack.sent
+            if ack.failed or ack.skipped:
+                raise SystemExit(f"unexpected outcome in batch {ack.sequence}: {ack}")
+        return time.perf_counter() - started, sent
+
+
+def copy_floor(url: str, n: int) -> float:
+    """Read n profile-shaped rows and write n ledger rows and n history rows with COPY."""
+    schema = f"bench_floor_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+        try:
+            conn.execute(f'SET search_path TO "{schema}"')
+            conn.execute("CREATE TABLE profiles (id text primary key, email text, first_name text, consent text)")
+            with conn.cursor().copy("COPY profiles FROM STDIN") as copy:
+                for i in range(n):
+                    copy.write_row((f"p{i:07d}", address(i), f"First{i}", "opted_in"))
+            conn.execute(
+                "CREATE TABLE ledger (id text primary key, run text, activity text, profile_key text, entity_key text,"
+                " status text, address text, created timestamptz, UNIQUE (run, activity, profile_key, entity_key))"
+            )
+            conn.execute(
+                "CREATE TABLE history (message_id text primary key, profile_id text, channel text, campaign text,"
+                " sent timestamptz)"
+            )
+            started = time.perf_counter()
+            with conn.transaction():
+                buffer = io.BytesIO()
+                with conn.cursor().copy("COPY profiles TO STDOUT") as copy:
+                    for data in copy:
+                        buffer.write(data)
+                with conn.cursor().copy("COPY ledger FROM STDIN") as copy:
+                    for i in range(n):
+                        copy.write_row(
+                            (f"m{i:031d}", HEADER.run, HEADER.activity, f"p{i:07d}", "", "sent", address(i), "now")
+                        )
+                with conn.cursor().copy("COPY history FROM STDIN") as copy:
+                    for i in range(n):
+                        copy.write_row((f"m{i:031d}", f"p{i:07d}", "email", HEADER.campaign, "now"))
+            return time.perf_counter() - started
+        finally:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def stage_breakdown(log: Path) -> str:
+    """Seconds per pipeline stage, summed over the worker's "batch delivered" log lines."""
+    totals: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == "batch delivered":
+            for stage, seconds in record.get("seconds", {}).items():
+                totals[stage] = totals.get(stage, 0.0) + float(seconds)
+    return ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in totals.items()) or "n/a"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of 1,000,000 recipients")
+    parser.add_argument("--batch", type=int, default=5000, help="recipients per Send batch")
+    args = parser.parse_args()
+    n = max(1, int(1_000_000 * args.scale))
+    url = os.environ.get("CARILLON_BENCH_POSTGRES_URL", DEFAULT_URL)
+    suffix = uuid.uuid4().hex[:8]
+    schemas = {"profile": f"bench_profile_{suffix}", "delivery": f"bench_delivery_{suffix}"}
+    workdir = Path(tempfile.mkdtemp(prefix="carillon-bench-delivery-"))
+    services: list[Service] = []
+    try:
+        profile = Service(
+            "profile_stub",
+            [],
+            {
+                "CARILLON_DATA_DIR": str(workdir),
+                "CARILLON_PROFILE_DATABASE_URL": url,
+                "CARILLON_PROFILE_DATABASE_SCHEMA": schemas["profile"],
+            },
+            workdir,
+        )
+        services.append(profile)
+        profile_address = profile.address()
+        worker = Service(
+            "delivery_svc",
+            ["--channel", "email"],
+            {
+                "CARILLON_DATA_DIR": str(workdir),
+                "CARILLON_DELIVERY_DATABASE_URL": url,
+                "CARILLON_DELIVERY_DATABASE_SCHEMA": schemas["delivery"],
+                "CARILLON_DELIVERY_PROFILE_TARGET": profile_address,
+                "CARILLON_DELIVERY_EMAIL_PROVIDER": "outbox",
+                "CARILLON_DELIVERY_OUTBOX_DIR": str(workdir / "outbox"),
+                "CARILLON_DELIVERY_PROFILE_TIMEOUT_S": "600",
+                "CARILLON_LOG_LEVEL": "info",
+                "CARILLON_LOG_FORMAT": "json",
+            },
+            workdir,
+        )
+        services.append(worker)
+        worker_address = worker.address()
+        rss_at_start = worker.peak_rss_mb()
+        load_s = asyncio.run(load_profiles(profile_address, n))
+        send_s, sent = asyncio.run(send_campaign(worker_address, n, args.batch))
+        peak = worker.peak_rss_mb()
+        files = sum(1 for _ in (workdir / "outbox").glob("*.eml"))
+        floor_s = copy_floor(url, n)
+        rate, floor_rate = sent / send_s, n / floor_s
+        print(f"recipients                {n:>12,}")
+        print(f"profiles loaded in        {load_s:>12.1f} s (setup, not measured)")
+        print(f"messages sent             {sent:>12,}  ({files:,} .eml files in the outbox)")
+        print(f"send time                 {send_s:>12.1f} s")
+        print(f"messages/s                {rate:>12,.0f}")
+        print(f"COPY floor rows/s         {floor_rate:>12,.0f}  ({floor_s:.2f} s for the same rows)")
+        print(f"ratio to the floor        {rate / floor_rate:>12.1%}  (target >= 25%)")
+        print(f"worker time by stage      {stage_breakdown(workdir / 'delivery_svc.log')}")
+        print(f"worker peak RSS           {peak:>12.1f} MB  (at start {rss_at_start:.1f} MB, batch {args.batch:,})")
+    finally:
+        for service in reversed(services):
+            service.stop()
+        with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
+            for schema in schemas.values():
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

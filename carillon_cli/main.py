@@ -7,6 +7,7 @@
     carillon campaigns list        campaigns of a sandbox
     carillon runs list CAMPAIGN    runs of a campaign, newest first
     carillon runs get RUN          one run with its per-activity counts
+    carillon runs watch RUN        live progress bars of a run and its log until it ends
 
 Every command takes ``--help``.
 """
@@ -32,6 +33,7 @@ from carillon.scheduler.v1 import scheduler_service_pb2_grpc as sch_grpc
 from carillon_chassis.clients import call_metadata
 from carillon_cli.demo import Demo, DemoResult
 from carillon_cli.endpoints import GRPC_SERVICES, SERVICES, Endpoints
+from carillon_cli.runs_watch import add_watch_parser
 from carillon_cli.supervisor import StartupError, Supervisor, UpOptions, health_status
 
 console = Console()
@@ -371,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     rget.add_argument("--sandbox", default="demo")
     _add_endpoint_options(rget)
     rget.set_defaults(func=cmd_runs_get)
+    add_watch_parser(runs, _add_endpoint_options)
     return parser
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Protocol, cast
+import asyncio
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
+import structlog
 
 from carillon.delivery.v1 import delivery_service_pb2, delivery_service_pb2_grpc, template_pb2
 from carillon.type.v1 import channel_pb2
@@ -22,6 +24,9 @@ from delivery_svc.pipeline import BatchAck, DeliveryPipeline, Recipient, SendHea
 from delivery_svc.sms import count_segments
 from delivery_svc.templates import CONTENT_PARTS, Template, TemplateStore
 from delivery_svc.windows import SendWindow, parse_local_time
+
+T = TypeVar("T")
+log = structlog.get_logger("carillon.delivery")
 
 FEEDBACK_KIND_NAMES = {
     delivery_service_pb2.FEEDBACK_KIND_DELIVERED: "delivered",
@@ -242,8 +247,28 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
                 raise InvalidArgument(
                     "every message after the header must carry a batch", field=field_name, reason="BATCH_REQUIRED"
                 )
-            ack = await session.deliver(request.batch.sequence, recipients_from_proto(request.batch))
+            ack = await self._deliver_to_the_end(
+                session.deliver(request.batch.sequence, recipients_from_proto(request.batch))
+            )
             yield ack_to_proto(ack)
+
+    @staticmethod
+    async def _deliver_to_the_end(work: Coroutine[Any, Any, T]) -> T:
+        """Run one batch so that a cancelled stream cannot cut it off half way.
+
+        When the caller goes away (a scheduler killed mid-run), gRPC cancels this handler. A batch
+        cut off between the provider's acceptance and the ledger's ``sent`` mark would leave its rows
+        ``pending`` and be sent again on replay; so the batch runs in its own task, shielded, and the
+        cancellation takes effect only once the batch's ledger is final.
+        """
+        task = asyncio.ensure_future(work)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("batch failed after its stream was cancelled", error=repr(task.exception()))
+            raise
 
     async def RecordFeedback(
         self, request: delivery_service_pb2.RecordFeedbackRequest, context: grpc.aio.ServicerContext

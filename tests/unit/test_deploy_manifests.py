@@ -37,10 +37,21 @@ SERVICES = {
     "audience": ("audience", 50051),
     "scheduler": ("scheduler", 50052),
     "delivery-email": ("delivery", 50053),
+    "delivery-sms": ("delivery", 50053),
+    "delivery-push": ("delivery", 50053),
+    "delivery-direct-mail": ("delivery", 50053),
     "profile": ("profile", 50054),
 }
 # Base folder -> prefix of the service's own settings (CARILLON_<PREFIX>_*).
-SETTINGS_PREFIX = {"audience": "AUDIENCE", "scheduler": "SCHEDULER", "delivery-email": "DELIVERY", "profile": "PROFILE"}
+SETTINGS_PREFIX = {
+    "audience": "AUDIENCE",
+    "scheduler": "SCHEDULER",
+    "delivery-email": "DELIVERY",
+    "delivery-sms": "DELIVERY",
+    "delivery-push": "DELIVERY",
+    "delivery-direct-mail": "DELIVERY",
+    "profile": "PROFILE",
+}
 REQUIRED_LABELS = (
     "app.kubernetes.io/name",
     "app.kubernetes.io/component",
@@ -49,6 +60,11 @@ REQUIRED_LABELS = (
 )
 UID = 10001
 PRESTOP_KEYS = ("exec", "sleep")
+
+
+def channel_of(worker: str) -> str:
+    """The channel a delivery worker's name stands for (DNS names have hyphens, channels underscores)."""
+    return worker.removeprefix("delivery-").replace("-", "_")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -506,11 +522,14 @@ def test_services_point_each_client_at_the_service_of_its_peer(target: str) -> N
     objects = rendered(target)
     services = {name: svc["spec"]["ports"][0]["port"] for name, svc in of_kind(objects, "Service").items()}
     deployments = of_kind(objects, "Deployment")
-    scheduler, delivery = env_of(deployments["scheduler"]), env_of(deployments["delivery-email"])
+    scheduler = env_of(deployments["scheduler"])
     assert scheduler["CARILLON_SCHEDULER_AUDIENCE_TARGET"]["value"] == f"audience:{services['audience']}"
-    assert delivery["CARILLON_DELIVERY_PROFILE_TARGET"]["value"] == f"profile:{services['profile']}"
+    workers = {channel_of(name): name for name in deployments if name.startswith("delivery-")}
+    assert set(workers.values()) == {name for name in SERVICES if name.startswith("delivery-")}
+    for name in workers.values():
+        delivery = env_of(deployments[name])
+        assert delivery["CARILLON_DELIVERY_PROFILE_TARGET"]["value"] == f"profile:{services['profile']}", name
     routes = json.loads(scheduler["CARILLON_SCHEDULER_DELIVERY_TARGETS"]["value"])
-    workers = {name.removeprefix("delivery-"): name for name in deployments if name.startswith("delivery-")}
     assert routes == {channel: f"{name}:{services[name]}" for channel, name in workers.items()}
 
 
@@ -521,7 +540,7 @@ def test_every_delivery_worker_serves_the_channel_its_name_says(target: str) -> 
     for name, deployment in workers.items():
         args = container(deployment)["args"]
         assert args[0] == "delivery_svc"
-        assert args[args.index("--channel") + 1] == name.removeprefix("delivery-")
+        assert args[args.index("--channel") + 1] == channel_of(name)
         assert args[args.index("--channel") + 1] in ("email", "sms", "push", "direct_mail")
 
 

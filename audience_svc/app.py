@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 from datetime import timedelta
 
-import grpc
 import structlog
 
 from audience_svc import DOMAIN, SERVICE_NAME
@@ -23,8 +22,8 @@ from audience_svc.settings import AudienceSettings
 from audience_svc.tables import MIGRATIONS
 from audience_svc.working_sets import WorkingSetStore
 from carillon.audience.v1 import audience_service_pb2, audience_service_pb2_grpc
-from carillon_chassis.database import Database
 from carillon_chassis.server import GrpcServer
+from carillon_chassis.wiring import open_database, server_for
 
 FULL_NAME = audience_service_pb2.DESCRIPTOR.services_by_name["AudienceService"].full_name
 
@@ -45,10 +44,7 @@ async def purge_periodically(store: WorkingSetStore, interval_s: float) -> None:
 
 async def build_server(settings: AudienceSettings) -> GrpcServer:
     """Create the database (applying migrations) and a server that is ready to start."""
-    database = Database(
-        settings.resolved_database_url(), schema=settings.resolved_schema(), threads=settings.db_threads
-    )
-    database.migrate(MIGRATIONS)
+    database = open_database(settings, MIGRATIONS)
     limits = FilterLimits(max_depth=settings.max_filter_depth, max_nodes=settings.max_filter_nodes)
     catalog = EntityCatalog(database, max_entities=settings.max_entities)
     evaluator = AudienceEvaluator(catalog, limits=limits)
@@ -58,18 +54,15 @@ async def build_server(settings: AudienceSettings) -> GrpcServer:
     saved = SavedAudienceStore(catalog, working_sets, limits=limits)
     servicer = AudienceServicer(catalog, evaluator, working_sets, saved)
 
-    def register(server: grpc.aio.Server) -> list[str]:
-        audience_service_pb2_grpc.add_AudienceServiceServicer_to_server(servicer, server)
-        return [FULL_NAME]
-
-    server = GrpcServer(
+    server = server_for(
+        settings,
         name=SERVICE_NAME,
         domain=DOMAIN,
-        host=settings.host,
-        port=settings.port,
-        register=register,
-        grace_period_s=settings.grace_period_s,
-        port_file=settings.port_file,
+        service=FULL_NAME,
+        add_servicer=lambda grpc_server: audience_service_pb2_grpc.add_AudienceServiceServicer_to_server(
+            servicer, grpc_server
+        ),
+        database=database,
     )
     tasks: list[asyncio.Task[None]] = []
 
@@ -82,10 +75,6 @@ async def build_server(settings: AudienceSettings) -> GrpcServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def close() -> None:
-        database.close()
-
-    server.on_stop(close)
     server.on_start(start_purge)
     server.on_stop(stop_purge)
     return server

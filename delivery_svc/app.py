@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
-
 from carillon.delivery.v1 import delivery_service_pb2, delivery_service_pb2_grpc
-from carillon_chassis.database import Database
 from carillon_chassis.server import GrpcServer
+from carillon_chassis.wiring import open_database, server_for
 from delivery_svc import DOMAIN, SERVICE_NAME
 from delivery_svc.direct_mail import DirectMailProvider, ExtractConfig
 from delivery_svc.eligibility import ProfileServiceGateway
@@ -85,10 +83,7 @@ async def build_server(settings: DeliverySettings) -> GrpcServer:
             f"delivery channel {settings.channel!r} is not implemented yet "
             f"(implemented: {', '.join(IMPLEMENTED_CHANNELS)})"
         )
-    database = Database(
-        settings.resolved_database_url(), schema=settings.resolved_schema(), threads=settings.db_threads
-    )
-    database.migrate(MIGRATIONS)
+    database = open_database(settings, MIGRATIONS)
     templates = TemplateStore(database)
     gateway = ProfileServiceGateway(settings.profile_target, timeout_s=settings.profile_timeout_s)
     ledger = Ledger(database)
@@ -116,23 +111,15 @@ async def build_server(settings: DeliverySettings) -> GrpcServer:
     feedback = FeedbackService(database, ledger, forwarder)
     servicer = DeliveryServicer(templates, pipeline, ledger, feedback, gateway)
 
-    def register(server: grpc.aio.Server) -> list[str]:
-        delivery_service_pb2_grpc.add_DeliveryServiceServicer_to_server(servicer, server)
-        return [FULL_NAME]
-
-    server = GrpcServer(
+    server = server_for(
+        settings,
         name=f"{SERVICE_NAME}-{settings.channel}",
         domain=DOMAIN,
-        host=settings.host,
-        port=settings.port,
-        register=register,
-        grace_period_s=settings.grace_period_s,
-        port_file=settings.port_file,
+        service=FULL_NAME,
+        add_servicer=lambda grpc_server: delivery_service_pb2_grpc.add_DeliveryServiceServicer_to_server(
+            servicer, grpc_server
+        ),
+        database=database,
     )
-
-    async def close() -> None:
-        await gateway.close()
-        database.close()
-
-    server.on_stop(close)
+    server.on_stop(gateway.close)  # stop hooks run in reverse order: the gateway closes before the database
     return server

@@ -8,12 +8,11 @@ close (stop hooks run in reverse order of registration).
 
 from __future__ import annotations
 
-import grpc
-
 from carillon.scheduler.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 from carillon_chassis.clients import open_channel
 from carillon_chassis.database import Database
 from carillon_chassis.server import GrpcServer
+from carillon_chassis.wiring import server_for
 from scheduler_svc import DOMAIN, SERVICE_NAME
 from scheduler_svc.campaigns import CampaignStore
 from scheduler_svc.engine import Engine, EngineOptions
@@ -87,22 +86,16 @@ async def build_server(settings: SchedulerSettings) -> GrpcServer:
         misfire_grace_s=settings.misfire_grace_s,
     )
 
-    def register(server: grpc.aio.Server) -> list[str]:
-        scheduler_service_pb2_grpc.add_CampaignServiceServicer_to_server(servicer, server)
-        return [FULL_NAME]
-
-    server = GrpcServer(
+    server = server_for(
+        settings,
         name=SERVICE_NAME,
         domain=DOMAIN,
-        host=settings.host,
-        port=settings.port,
-        register=register,
-        grace_period_s=settings.grace_period_s,
-        port_file=settings.port_file,
+        service=FULL_NAME,
+        add_servicer=lambda grpc_server: scheduler_service_pb2_grpc.add_CampaignServiceServicer_to_server(
+            servicer, grpc_server
+        ),
+        database=database,
     )
-
-    async def close_database() -> None:
-        database.close()
 
     async def close_channels() -> None:
         for channel in [audience_channel, *delivery_channels.values()]:
@@ -113,7 +106,6 @@ async def build_server(settings: SchedulerSettings) -> GrpcServer:
             replica_lock.release()
 
     server.on_stop(release_replica_lock)
-    server.on_stop(close_database)
     server.on_stop(close_channels)
     server.on_start(runner.start)
     server.on_stop(runner.stop)

@@ -81,6 +81,13 @@ def _key_where(table: sa.Table, key: RunKey) -> tuple[sa.ColumnElement[bool], ..
     )
 
 
+def _update_task(conn: sa.Connection, key: RunKey, activity: str, **values: object) -> None:
+    """Set columns of one task of a run (the caller holds the run's lease in the same transaction)."""
+    conn.execute(
+        RUN_TASKS.update().where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity).values(**values)
+    )
+
+
 def _counts(task: Task) -> str:
     parts = [f"targeted {task.targeted}"]
     if task.sent or task.already_sent or task.skipped or task.failed:
@@ -245,9 +252,7 @@ class RunStore:
             values["targeted"] = targeted
         with self.database.engine.begin() as conn:
             self._renew(conn, key, lease, now)
-            conn.execute(
-                RUN_TASKS.update().where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity).values(**values)
-            )
+            _update_task(conn, key, activity, **values)
             log_event(conn, key, "activity started", activity=activity, now=now)
 
     def record_working_set(self, key: RunKey, lease: Lease, activity: str, working_set: str, count: int) -> None:
@@ -255,16 +260,15 @@ class RunStore:
         now = utcnow()
         with self.database.engine.begin() as conn:
             self._renew(conn, key, lease, now)
-            conn.execute(
-                RUN_TASKS.update()
-                .where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
-                .values(
-                    state=TaskState.SUCCEEDED.value,
-                    working_set=working_set,
-                    targeted=count,
-                    end_time=now,
-                    outputs={"": count},
-                )
+            _update_task(
+                conn,
+                key,
+                activity,
+                state=TaskState.SUCCEEDED.value,
+                working_set=working_set,
+                targeted=count,
+                end_time=now,
+                outputs={"": count},
             )
             log_event(conn, key, f"working set {working_set} built: {count} records", activity=activity, now=now)
 
@@ -314,11 +318,7 @@ class RunStore:
         now = utcnow()
         with self.database.engine.begin() as conn:
             self._renew(conn, key, lease, now)
-            conn.execute(
-                RUN_TASKS.update()
-                .where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
-                .values(state=TaskState.SKIPPED.value, message=reason, end_time=now, outputs={})
-            )
+            _update_task(conn, key, activity, state=TaskState.SKIPPED.value, message=reason, end_time=now, outputs={})
             log_event(conn, key, f"skipped: {reason}", activity=activity, now=now)
 
     def wait_task(self, key: RunKey, lease: Lease, activity: str, wake: datetime) -> None:
@@ -326,14 +326,13 @@ class RunStore:
         now = utcnow()
         with self.database.engine.begin() as conn:
             self._renew(conn, key, lease, now)
-            conn.execute(
-                RUN_TASKS.update()
-                .where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
-                .values(
-                    state=TaskState.WAITING.value,
-                    wake_time=wake,
-                    start_time=sa.func.coalesce(RUN_TASKS.c.start_time, now),
-                )
+            _update_task(
+                conn,
+                key,
+                activity,
+                state=TaskState.WAITING.value,
+                wake_time=wake,
+                start_time=sa.func.coalesce(RUN_TASKS.c.start_time, now),
             )
             log_event(conn, key, f"waiting until {wake.isoformat()}", activity=activity, now=now)
 
@@ -354,11 +353,7 @@ class RunStore:
         now = utcnow()
         with self.database.engine.begin() as conn:
             self._renew(conn, key, lease, now)
-            conn.execute(
-                RUN_TASKS.update()
-                .where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
-                .values(state=TaskState.FAILED.value, message=message, end_time=now)
-            )
+            _update_task(conn, key, activity, state=TaskState.FAILED.value, message=message, end_time=now)
             log_event(conn, key, f"failed: {message}", activity=activity, level=LogLevel.ERROR, now=now)
 
     def suspend_failed_run(self, key: RunKey, lease: Lease, activity: str, message: str) -> None:
@@ -368,11 +363,7 @@ class RunStore:
         error = f"activity {activity!r} failed: {message}"
         with self.database.engine.begin() as conn:
             self._renew(conn, key, lease, now)
-            conn.execute(
-                RUN_TASKS.update()
-                .where(*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
-                .values(state=TaskState.FAILED.value, message=message, end_time=now)
-            )
+            _update_task(conn, key, activity, state=TaskState.FAILED.value, message=message, end_time=now)
             conn.execute(
                 RUNS.update()
                 .where(*_key_where(RUNS, key))

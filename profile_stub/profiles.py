@@ -153,6 +153,20 @@ def _chunks(items: Sequence[object], size: int = _CHUNK) -> Iterable[Sequence[ob
         yield items[start : start + size]
 
 
+def _communication_from_row(r: sa.RowMapping) -> Communication:
+    """A Communication from a row of the communications table."""
+    return Communication(
+        message_id=r["message_id"],
+        profile_id=r["profile_id"],
+        channel=r["channel"],
+        category=r["category"],
+        campaign=r["campaign"],
+        run=r["run"],
+        activity=r["activity"],
+        send_time=as_utc(r["send_time"]),
+    )
+
+
 class ProfileStore:
     """The profile store of one database."""
 
@@ -368,19 +382,7 @@ class ProfileStore:
                 .where(table.c.sandbox == sandbox, table.c.profile_id == profile_id)
                 .order_by(table.c.send_time, table.c.message_id)
             ).mappings()
-            return [
-                Communication(
-                    message_id=r["message_id"],
-                    profile_id=r["profile_id"],
-                    channel=r["channel"],
-                    category=r["category"],
-                    campaign=r["campaign"],
-                    run=r["run"],
-                    activity=r["activity"],
-                    send_time=as_utc(r["send_time"]),
-                )
-                for r in rows
-            ]
+            return [_communication_from_row(r) for r in rows]
 
     def check_eligibility(
         self,
@@ -597,19 +599,7 @@ class ProfileStore:
         with self.database.engine.connect() as conn:
             self._require_profile(conn, sandbox, profile_id, "profile")
             rows = list(conn.execute(query).mappings())
-        page = [
-            Communication(
-                message_id=r["message_id"],
-                profile_id=r["profile_id"],
-                channel=r["channel"],
-                category=r["category"],
-                campaign=r["campaign"],
-                run=r["run"],
-                activity=r["activity"],
-                send_time=as_utc(r["send_time"]),
-            )
-            for r in rows[:page_size]
-        ]
+        page = [_communication_from_row(r) for r in rows[:page_size]]
         cursor = None
         if len(rows) > page_size and page:
             cursor = (page[-1].send_time or utcnow(), page[-1].message_id)

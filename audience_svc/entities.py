@@ -36,7 +36,7 @@ from audience_svc.tables import EntityRow
 from audience_svc.violations import invalid_argument
 from carillon_chassis.database import Database, as_utc, utcnow
 from carillon_chassis.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from carillon_chassis.pagination import decode_token, encode_token, page_size
+from carillon_chassis.pagination import keyset_page
 
 _entities: sa.Table = EntityRow.__table__  # type: ignore[attr-defined]
 
@@ -181,18 +181,11 @@ class EntityCatalog:
 
     def list_entities(self, sandbox: str, size: int = 0, token: str = "") -> tuple[list[Entity], str]:
         """One page of entities in id order, and the token of the next page ("" on the last one)."""
-        limit = page_size(size)
-        after = decode_token(token)
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument("page_token is not a token returned by this RPC", field="page_token")
-        query = sa.select(_entities).where(_entities.c.sandbox == sandbox)
-        if after is not None:
-            query = query.where(_entities.c.entity_id > after)
         with self.database.engine.connect() as conn:
-            rows = conn.execute(query.order_by(_entities.c.entity_id).limit(limit + 1)).mappings().all()
-        entities = [_entity_of(row) for row in rows[:limit]]
-        next_token = encode_token(entities[-1].entity_id) if len(rows) > limit else ""
-        return entities, next_token
+            rows, next_token = keyset_page(
+                conn, _entities, _entities.c.entity_id, [_entities.c.sandbox == sandbox], size, token
+            )
+        return [_entity_of(row) for row in rows], next_token
 
     def _checked_link_targets(self, sandbox: str, entity_id: str, schema: EntitySchema) -> dict[str, Entity | None]:
         """The link targets (as :meth:`_link_targets`), once the links' target halves are checked."""

@@ -30,7 +30,7 @@ from audience_svc.working_sets import WorkingSetStore, working_set_table
 from carillon_chassis.database import as_utc, utcnow
 from carillon_chassis.errors import AlreadyExists, InvalidArgument, NotFound
 from carillon_chassis.names import validate_id
-from carillon_chassis.pagination import decode_token, encode_token, page_size
+from carillon_chassis.pagination import keyset_page
 
 _saved: sa.Table = SavedAudienceRow.__table__  # type: ignore[attr-defined]
 DEFINITION = "definition"
@@ -182,17 +182,11 @@ class SavedAudienceStore:
 
     def list(self, sandbox: str, size: int = 0, token: str = "") -> tuple[list[SavedAudience], str]:
         """One page of saved audiences in id order, and the next page's token ("" on the last page)."""
-        limit = page_size(size)
-        after = decode_token(token)
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument("page_token is not a token returned by this RPC", field="page_token")
-        query = sa.select(_saved).where(_saved.c.sandbox == sandbox)
-        if after is not None:
-            query = query.where(_saved.c.audience_id > after)
         with self.database.engine.connect() as conn:
-            rows = conn.execute(query.order_by(_saved.c.audience_id).limit(limit + 1)).mappings().all()
-        audiences = [_audience_of(row) for row in rows[:limit]]
-        return audiences, encode_token(audiences[-1].audience_id) if len(rows) > limit else ""
+            rows, next_token = keyset_page(
+                conn, _saved, _saved.c.audience_id, [_saved.c.sandbox == sandbox], size, token
+            )
+        return [_audience_of(row) for row in rows], next_token
 
     def delete(self, sandbox: str, audience_id: str) -> None:
         """Delete a saved audience (and a snapshot's member table); NotFound when there is none."""

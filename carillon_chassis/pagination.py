@@ -9,7 +9,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Sequence
 from typing import Any
+
+import sqlalchemy as sa
 
 from carillon_chassis.errors import InvalidArgument
 
@@ -41,3 +44,28 @@ def decode_token(token: str, field: str = "page_token") -> Any:
         return json.loads(base64.urlsafe_b64decode(padded.encode()))["k"]
     except (binascii.Error, ValueError, KeyError, TypeError) as exc:
         raise InvalidArgument("page_token is not a token returned by this RPC", field=field) from exc
+
+
+def keyset_page(
+    conn: sa.Connection,
+    table: sa.Table,
+    key: sa.Column[Any],
+    where: Sequence[sa.ColumnElement[bool]],
+    requested_size: int,
+    token: str,
+) -> tuple[list[sa.RowMapping], str]:
+    """One page of ``table`` rows matching ``where`` in ``key`` order, and the next page's token.
+
+    The token carries the last key of the page ("" on the last page); a token that is not a string
+    key is ``INVALID_ARGUMENT`` on ``page_token``.
+    """
+    limit = page_size(requested_size)
+    after = decode_token(token)
+    if after is not None and not isinstance(after, str):
+        raise InvalidArgument("page_token is not a token returned by this RPC", field="page_token")
+    query = sa.select(table).where(*where)
+    if after is not None:
+        query = query.where(key > after)
+    rows = conn.execute(query.order_by(key).limit(limit + 1)).mappings().all()
+    next_token = encode_token(rows[limit - 1][key.name]) if len(rows) > limit else ""
+    return list(rows[:limit]), next_token

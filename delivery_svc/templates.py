@@ -28,7 +28,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from carillon_chassis.database import Database, as_utc, utcnow
 from carillon_chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
 from carillon_chassis.names import validate_id
-from carillon_chassis.pagination import decode_token, encode_token
+from carillon_chassis.pagination import keyset_page
 from delivery_svc.tables import TemplateRow
 
 CHANNELS = ("email", "sms", "push", "direct_mail")
@@ -289,15 +289,7 @@ class TemplateStore:
 
     def list(self, sandbox: str, size: int, token: str) -> tuple[list[Template], str]:
         """One page of templates in id order and the token of the next page ("" on the last)."""
-        after = decode_token(token)
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument("page_token is not a token returned by this RPC", field="page_token")
-        query = sa.select(self._table).where(self._table.c.sandbox == sandbox)
-        if after is not None:
-            query = query.where(self._table.c.template_id > after)
-        query = query.order_by(self._table.c.template_id).limit(size + 1)
+        table = self._table
         with self.database.engine.connect() as conn:
-            rows = list(conn.execute(query).mappings())
-        templates = [_from_row(r) for r in rows[:size]]
-        next_token = encode_token(templates[-1].template_id) if len(rows) > size else ""
-        return templates, next_token
+            rows, next_token = keyset_page(conn, table, table.c.template_id, [table.c.sandbox == sandbox], size, token)
+        return [_from_row(r) for r in rows], next_token

@@ -22,7 +22,7 @@ from carillon.type.v1 import value_pb2
 from carillon_chassis.database import Database, as_utc, utcnow
 from carillon_chassis.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from carillon_chassis.names import new_id, validate_id
-from carillon_chassis.pagination import decode_token, encode_token, page_size
+from carillon_chassis.pagination import keyset_page
 from scheduler_svc.model import (
     Campaign,
     CampaignState,
@@ -384,18 +384,11 @@ class CampaignStore:
 
     def list_campaigns(self, sandbox: str, requested_size: int = 0, token: str = "") -> tuple[list[Campaign], str]:
         """One page of campaigns in id order, and the token of the next page ("" on the last)."""
-        size = page_size(requested_size)
-        after = decode_token(token)
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument("page_token is not a token returned by this RPC", field="page_token")
-        query = sa.select(CAMPAIGNS).where(CAMPAIGNS.c.sandbox == sandbox)
-        if after is not None:
-            query = query.where(CAMPAIGNS.c.campaign_id > after)
         with self.database.engine.connect() as conn:
-            rows = conn.execute(query.order_by(CAMPAIGNS.c.campaign_id).limit(size + 1)).mappings().all()
-        campaigns = [campaign_from_row(r) for r in rows[:size]]
-        next_token = encode_token(campaigns[-1].campaign_id) if len(rows) > size else ""
-        return campaigns, next_token
+            rows, next_token = keyset_page(
+                conn, CAMPAIGNS, CAMPAIGNS.c.campaign_id, [CAMPAIGNS.c.sandbox == sandbox], requested_size, token
+            )
+        return [campaign_from_row(r) for r in rows], next_token
 
     def _by_request_id(self, sandbox: str, request_id: str) -> Campaign | None:
         with self.database.engine.connect() as conn:

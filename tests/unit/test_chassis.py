@@ -94,3 +94,27 @@ def test_to_status_lists_at_most_fifty_violations_and_says_how_many_there_were()
     assert len(bad.field_violations) == 50
     assert bad.field_violations[0].field == "changes[0]"
     assert info.metadata["violations_total"] == "500"
+
+
+def test_keyset_page_walks_every_row_once_in_key_order() -> None:
+    import sqlalchemy as sa
+
+    from carillon_chassis.pagination import keyset_page
+
+    table = sa.Table("things", sa.MetaData(), sa.Column("sandbox", sa.String), sa.Column("thing_id", sa.String))
+    engine = sa.create_engine("sqlite://")
+    with engine.begin() as conn:
+        table.create(conn)
+        conn.execute(table.insert(), [{"sandbox": "a", "thing_id": f"t{i:02d}"} for i in range(7)])
+        conn.execute(table.insert(), [{"sandbox": "b", "thing_id": "t00"}])
+        seen, token, pages = [], "", 0
+        while True:
+            rows, token = keyset_page(conn, table, table.c.thing_id, [table.c.sandbox == "a"], 3, token)
+            seen += [r["thing_id"] for r in rows]
+            pages += 1
+            if not token:
+                break
+    assert seen == [f"t{i:02d}" for i in range(7)]
+    assert pages == 3
+    with pytest.raises(InvalidArgument):
+        keyset_page(engine.connect(), table, table.c.thing_id, [], 3, encode_token(5))

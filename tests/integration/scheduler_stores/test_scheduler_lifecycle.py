@@ -4,7 +4,6 @@ illegal transition refused with FAILED_PRECONDITION and its reason."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -36,28 +35,10 @@ from scheduler_svc.model import (
 )
 from scheduler_svc.runner import StoreJournal
 from scheduler_svc.runs import Lease, RunStore
-from scheduler_svc.tables import MIGRATIONS
 from tests.unit.test_scheduler_fakes import FakeAudience, FakeDelivery
 
 A = Lease("replica-a", 60)
 LATER = datetime(2099, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-def database(make_database: Callable[[str], Database]) -> Database:
-    database = make_database("scheduler")
-    database.migrate(MIGRATIONS)
-    return database
-
-
-@pytest.fixture
-def campaigns(database: Database) -> CampaignStore:
-    return CampaignStore(database)
-
-
-@pytest.fixture
-def runs(database: Database) -> RunStore:
-    return RunStore(database)
 
 
 @pytest.fixture

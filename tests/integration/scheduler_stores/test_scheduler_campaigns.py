@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -24,24 +23,7 @@ from scheduler_svc.model import (
     Transition,
 )
 from scheduler_svc.runs import RunStore
-from scheduler_svc.tables import MIGRATIONS, RUNS
-
-
-@pytest.fixture
-def database(make_database: Callable[[str], Database]) -> Database:
-    database = make_database("scheduler")
-    database.migrate(MIGRATIONS)
-    return database
-
-
-@pytest.fixture
-def campaigns(database: Database) -> CampaignStore:
-    return CampaignStore(database)
-
-
-@pytest.fixture
-def runs(database: Database) -> RunStore:
-    return RunStore(database)
+from scheduler_svc.tables import RUNS
 
 
 def canvas(start: datetime | None = None) -> Canvas:

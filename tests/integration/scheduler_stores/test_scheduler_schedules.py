@@ -4,7 +4,6 @@ missed launch times rolled over, completion at the end of the validity window, a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
@@ -31,28 +30,11 @@ from scheduler_svc.model import (
 )
 from scheduler_svc.runner import Runner, StoreJournal
 from scheduler_svc.runs import Lease, RunStore
-from scheduler_svc.tables import MIGRATIONS, RUNS
+from scheduler_svc.tables import RUNS
 from tests.unit.test_scheduler_fakes import FakeAudience, FakeDelivery
 
 A = Lease("replica-a", 60)
 GRACE_S = 300.0
-
-
-@pytest.fixture
-def database(make_database: Callable[[str], Database]) -> Database:
-    database = make_database("scheduler")
-    database.migrate(MIGRATIONS)
-    return database
-
-
-@pytest.fixture
-def campaigns(database: Database) -> CampaignStore:
-    return CampaignStore(database)
-
-
-@pytest.fixture
-def runs(database: Database) -> RunStore:
-    return RunStore(database)
 
 
 def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:

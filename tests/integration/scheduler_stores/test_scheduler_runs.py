@@ -29,28 +29,10 @@ from scheduler_svc.model import (
 )
 from scheduler_svc.runner import Runner, StoreJournal
 from scheduler_svc.runs import Lease, RunStore
-from scheduler_svc.tables import MIGRATIONS
 from tests.unit.test_scheduler_fakes import FakeAudience, FakeDelivery
 
 A = Lease("replica-a", 60)
 B = Lease("replica-b", 60)
-
-
-@pytest.fixture
-def database(make_database: Callable[[str], Database]) -> Database:
-    database = make_database("scheduler")
-    database.migrate(MIGRATIONS)
-    return database
-
-
-@pytest.fixture
-def campaigns(database: Database) -> CampaignStore:
-    return CampaignStore(database)
-
-
-@pytest.fixture
-def runs(database: Database) -> RunStore:
-    return RunStore(database)
 
 
 def canvas(start: datetime | None = None, batch_size: int = 3) -> Canvas:

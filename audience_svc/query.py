@@ -43,7 +43,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from audience_svc.coercion import CoercionError, RawValue, coerce_operand
-from audience_svc.schema import ONE_TO_MANY, STRING_TYPES, Entity, Link
+from audience_svc.schema import ONE_TO_MANY, STRING_TYPES, Attribute, Entity, Link
 from audience_svc.violations import invalid_argument
 from carillon_chassis.database import as_utc, utcnow
 from carillon_chassis.errors import FieldViolation, InvalidArgument
@@ -488,12 +488,6 @@ class _Compiler:
         if operator in RELATIVE_DATE_OPERATORS and attribute.type not in ("date", "timestamp"):
             self.bad(f"{path}.operator", f"{operator} applies to date and timestamp attributes only")
             return None
-        found = self.operands(condition.values, condition.parameter, path)
-        if found is None:
-            return None
-        raws, list_path = found
-        if not self.arity_ok(operator, len(raws), list_path):
-            return None
         # A pattern or fragment of a string match is any string, even on an enum attribute.
         if operator in TEXT_OPERATORS:
             operand_type = "string"
@@ -501,9 +495,10 @@ class _Compiler:
             operand_type = "integer"
         else:
             operand_type = attribute.type
-        values = self.coerce(operand_type, raws, list_path, attribute.enum_values)
-        if values is None:
+        coerced = self.operand_values(condition.values, condition.parameter, path, operator, operand_type, attribute)
+        if coerced is None:
             return None
+        values, list_path = coerced
         column = table.c[attribute.name]
         if operator in RELATIVE_DATE_OPERATORS:
             days = values[0]
@@ -599,16 +594,33 @@ class _Compiler:
         if operator not in MEASURE_OPERATORS:
             self.bad(f"{path}.operator", f"{measure} is compared with one of {', '.join(MEASURE_OPERATORS)}")
             return None
-        found = self.operands(condition.values, condition.parameter, path)
+        coerced = self.operand_values(condition.values, condition.parameter, path, operator, operand_type)
+        if coerced is None:
+            return None
+        return aggregate, operator, coerced[0]
+
+    def operand_values(
+        self,
+        given: tuple[RawValue, ...],
+        parameter: str,
+        path: str,
+        operator: str,
+        operand_type: str,
+        attribute: Attribute | None = None,
+    ) -> tuple[list[Any], str] | None:
+        """The operands of a comparison (given values or a bound parameter), checked for the operator's
+        arity and coerced to ``operand_type`` (an enum ``attribute`` limits them to its values); with the
+        field path of the list for later errors. None (with the problem recorded) when they do not fit."""
+        found = self.operands(given, parameter, path)
         if found is None:
             return None
         raws, list_path = found
         if not self.arity_ok(operator, len(raws), list_path):
             return None
-        values = self.coerce(operand_type, raws, list_path)
+        values = self.coerce(operand_type, raws, list_path, attribute.enum_values if attribute is not None else ())
         if values is None:
             return None
-        return aggregate, operator, values
+        return values, list_path
 
 
 def _join(link: Link, outer: sa.FromClause, inner: sa.FromClause) -> sa.ColumnElement[bool]:

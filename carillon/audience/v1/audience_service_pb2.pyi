@@ -5,6 +5,7 @@ isort:skip_file
 
 from carillon.audience.v1 import audience_pb2 as _audience_pb2
 from carillon.audience.v1 import entity_pb2 as _entity_pb2
+from carillon.audience.v1 import message_log_pb2 as _message_log_pb2
 from carillon.audience.v1 import query_pb2 as _query_pb2
 from carillon.audience.v1 import working_set_pb2 as _working_set_pb2
 from carillon.type.v1 import value_pb2 as _value_pb2
@@ -1509,3 +1510,53 @@ class StreamWorkingSetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamWorkingSetResponse: _TypeAlias = StreamWorkingSetResponse  # noqa: Y015
+
+@_typing.final
+class RecordMessageLogsRequest(_message.Message):
+    """Request of RecordMessageLogs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def logs(self) -> _containers.RepeatedCompositeFieldContainer[_message_log_pb2.MessageLog]:
+        """The events (at most 5000)."""
+
+    def __init__(
+        self,
+        *,
+        logs: _abc.Iterable[_message_log_pb2.MessageLog] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logs", b"logs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordMessageLogsRequest: _TypeAlias = RecordMessageLogsRequest  # noqa: Y015
+
+@_typing.final
+class RecordMessageLogsResponse(_message.Message):
+    """Response of RecordMessageLogs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    recorded: _builtins.int
+    """Events recorded by this call."""
+    duplicates: _builtins.int
+    """Events already recorded by an earlier call (ignored)."""
+    def __init__(
+        self,
+        *,
+        recorded: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicates", b"duplicates", "recorded", b"recorded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordMessageLogsResponse: _TypeAlias = RecordMessageLogsResponse  # noqa: Y015

@@ -127,6 +127,11 @@ class AudienceServiceStub:
                 request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.StreamWorkingSetRequest.SerializeToString,
                 response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.StreamWorkingSetResponse.FromString,
                 _registered_method=True)
+        self.RecordMessageLogs = channel.unary_unary(
+                '/carillon.audience.v1.AudienceService/RecordMessageLogs',
+                request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.RecordMessageLogsRequest.SerializeToString,
+                response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.RecordMessageLogsResponse.FromString,
+                _registered_method=True)
 
 
 class AudienceServiceServicer:
@@ -301,6 +306,18 @@ class AudienceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordMessageLogs(self, request, context):
+        """Records message log events (delivery calls it after each send batch and for each feedback
+        event). Idempotent on (message_id, status): an event already recorded is counted as a
+        duplicate and left unchanged. The events are queryable when the call returns.
+        Errors: INVALID_ARGUMENT (more than 5000 logs, a missing message id, run, activity or identity,
+        an unset status or channel, a malformed campaign or run name; each bad log is a field
+        violation and nothing is written).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AudienceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -393,6 +410,11 @@ def add_AudienceServiceServicer_to_server(servicer, server):
                     servicer.StreamWorkingSet,
                     request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.StreamWorkingSetRequest.FromString,
                     response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.StreamWorkingSetResponse.SerializeToString,
+            ),
+            'RecordMessageLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordMessageLogs,
+                    request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.RecordMessageLogsRequest.FromString,
+                    response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.RecordMessageLogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -884,6 +906,33 @@ class AudienceService:
             '/carillon.audience.v1.AudienceService/StreamWorkingSet',
             carillon_dot_audience_dot_v1_dot_audience__service__pb2.StreamWorkingSetRequest.SerializeToString,
             carillon_dot_audience_dot_v1_dot_audience__service__pb2.StreamWorkingSetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordMessageLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.audience.v1.AudienceService/RecordMessageLogs',
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.RecordMessageLogsRequest.SerializeToString,
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.RecordMessageLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

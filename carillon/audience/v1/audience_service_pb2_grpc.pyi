@@ -130,6 +130,14 @@ class AudienceServiceStub:
     many-to-one paths and aggregates of linked records (enrichment).
     Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment, bad batch size), NOT_FOUND.
     """
+    RecordMessageLogs: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.RecordMessageLogsRequest, _audience_service_pb2.RecordMessageLogsResponse]
+    """Records message log events (delivery calls it after each send batch and for each feedback
+    event). Idempotent on (message_id, status): an event already recorded is counted as a
+    duplicate and left unchanged. The events are queryable when the call returns.
+    Errors: INVALID_ARGUMENT (more than 5000 logs, a missing message id, run, activity or identity,
+    an unset status or channel, a malformed campaign or run name; each bad log is a field
+    violation and nothing is written).
+    """
 
 @_typing.type_check_only
 class AudienceServiceAsyncStub(AudienceServiceStub):
@@ -232,6 +240,14 @@ class AudienceServiceAsyncStub(AudienceServiceStub):
     """Streams the rows of a working set after a position, in batches, with the requested attributes,
     many-to-one paths and aggregates of linked records (enrichment).
     Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment, bad batch size), NOT_FOUND.
+    """
+    RecordMessageLogs: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.RecordMessageLogsRequest, _audience_service_pb2.RecordMessageLogsResponse]  # type: ignore[assignment]
+    """Records message log events (delivery calls it after each send batch and for each feedback
+    event). Idempotent on (message_id, status): an event already recorded is counted as a
+    duplicate and left unchanged. The events are queryable when the call returns.
+    Errors: INVALID_ARGUMENT (more than 5000 logs, a missing message id, run, activity or identity,
+    an unset status or channel, a malformed campaign or run name; each bad log is a field
+    violation and nothing is written).
     """
 
 class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -440,6 +456,20 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams the rows of a working set after a position, in batches, with the requested attributes,
         many-to-one paths and aggregates of linked records (enrichment).
         Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment, bad batch size), NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordMessageLogs(
+        self,
+        request: _audience_service_pb2.RecordMessageLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audience_service_pb2.RecordMessageLogsResponse, _abc.Awaitable[_audience_service_pb2.RecordMessageLogsResponse]]:
+        """Records message log events (delivery calls it after each send batch and for each feedback
+        event). Idempotent on (message_id, status): an event already recorded is counted as a
+        duplicate and left unchanged. The events are queryable when the call returns.
+        Errors: INVALID_ARGUMENT (more than 5000 logs, a missing message id, run, activity or identity,
+        an unset status or channel, a malformed campaign or run name; each bad log is a field
+        violation and nothing is written).
         """
 
 def add_AudienceServiceServicer_to_server(servicer: AudienceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -9,14 +9,20 @@ other violations instead of failing the whole request on the first one.
 Coercion is strict: a string attribute takes only a string value, an integer attribute only an
 integer value; the one widening is an integer value for a decimal attribute. Timestamps must be
 timezone-aware and are normalized to UTC; decimals must be finite and fit ``NUMERIC(38, 10)``.
+
+Values of the bulk wire format (a CSV block) arrive as text; :func:`text_parser` gives the parser of
+one attribute type, precompiled once per column. Each accepts exactly one textual grammar (ASCII
+digits only, no surrounding spaces), documented on ``RecordBlock.csv``, and ends with the same
+checks as :func:`coerce_operand`, so a value means the same whichever wire format carried it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 from audience_svc.schema import Attribute
 from carillon_chassis.database import as_utc
@@ -72,6 +78,35 @@ def coerce_value(attribute: Attribute, value: RawValue) -> PyValue:
     return coerce_operand(attribute.type, value, attribute.enum_values)
 
 
+def value_coercer(attribute: Attribute) -> Callable[[RawValue], PyValue]:
+    """:func:`coerce_value` for one attribute, built once per batch: the common exact kinds return at once."""
+    kind = attribute.type
+
+    def coerce(value: RawValue) -> PyValue:
+        return coerce_value(attribute, value)
+
+    if kind == "string":
+
+        def coerce_string(value: RawValue) -> PyValue:
+            return value if type(value) is str and "\x00" not in value else coerce(value)
+
+        return coerce_string
+    if kind == "enum":
+        allowed = frozenset(attribute.enum_values)
+
+        def coerce_enum(value: RawValue) -> PyValue:
+            return value if type(value) is str and value in allowed else coerce(value)
+
+        return coerce_enum
+    if kind == "integer":
+
+        def coerce_integer(value: RawValue) -> PyValue:
+            return value if type(value) is int and INT64_MIN <= value <= INT64_MAX else coerce(value)
+
+        return coerce_integer
+    return coerce
+
+
 def coerce_operand(attribute_type: str, value: RawValue, enum_values: tuple[str, ...] = ()) -> PyValue:
     """A non-null value of type ``attribute_type`` (an enum value must be one of ``enum_values``)."""
     if isinstance(value, Malformed):
@@ -122,13 +157,107 @@ def _decimal(value: Decimal) -> Decimal:
         raise CoercionError("decimals must be finite numbers")
     if value.is_zero():
         return Decimal(0)
+    # adjusted() needs no context, so huge exponents are refused before normalize() could overflow.
+    if value.adjusted() >= DECIMAL_INTEGER_DIGITS:
+        raise CoercionError(f"decimals have at most {DECIMAL_INTEGER_DIGITS} digits before the point")
+    if value.adjusted() < -DECIMAL_SCALE:
+        raise CoercionError(f"decimals have at most {DECIMAL_SCALE} digits after the point")
     normalized = value.normalize()
-    if normalized.adjusted() >= DECIMAL_INTEGER_DIGITS:
+    if normalized.adjusted() >= DECIMAL_INTEGER_DIGITS:  # rounded up to 28 significant digits
         raise CoercionError(f"decimals have at most {DECIMAL_INTEGER_DIGITS} digits before the point")
     exponent = normalized.as_tuple().exponent
     if isinstance(exponent, int) and exponent < -DECIMAL_SCALE:
         raise CoercionError(f"decimals have at most {DECIMAL_SCALE} digits after the point")
     return normalized
+
+
+TextParser = Callable[[str], PyValue]
+
+INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+DATE_TEXT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+TIMESTAMP_TEXT = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ](?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
+BOOLEAN_TEXTS = {"true": True, "t": True, "1": True, "false": False, "f": False, "0": False}
+
+
+def text_parser(attribute_type: str, enum_values: tuple[str, ...] = ()) -> TextParser:
+    """The parser of a non-null text value of ``attribute_type``; it raises CoercionError when invalid."""
+    if attribute_type == "string":
+        return _string_text
+    if attribute_type == "enum":
+        allowed = frozenset(enum_values)
+
+        def enum_text(text: str) -> PyValue:
+            if text not in allowed:
+                raise CoercionError(f"{text!r} is not one of the enum values {list(enum_values)}")
+            return text
+
+        return enum_text
+    parser = _TEXT_PARSERS.get(attribute_type)
+    if parser is None:
+        raise CoercionError(f"unknown attribute type {attribute_type!r}")
+    return parser
+
+
+def _string_text(text: str) -> PyValue:
+    if "\x00" in text:
+        raise CoercionError("strings must not contain the NUL character")
+    return text
+
+
+def _integer_text(text: str) -> PyValue:
+    if not INTEGER_TEXT.fullmatch(text):
+        raise CoercionError(f"{text!r} is not an integer")
+    value = int(text)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise CoercionError("integers must fit in 64 bits")
+    return value
+
+
+def _decimal_text(text: str) -> PyValue:
+    if not DECIMAL_TEXT.fullmatch(text):
+        raise CoercionError(f"{text!r} is not a decimal number")
+    try:
+        return _decimal(Decimal(text))
+    except (InvalidOperation, ArithmeticError) as exc:
+        raise CoercionError(f"{text!r} is not a decimal number") from exc
+
+
+def _boolean_text(text: str) -> PyValue:
+    value = BOOLEAN_TEXTS.get(text.lower())
+    if value is None:
+        raise CoercionError(f"{text!r} is not a boolean (true or false)")
+    return value
+
+
+def _date_text(text: str) -> PyValue:
+    if DATE_TEXT.fullmatch(text):
+        try:
+            return dt.date.fromisoformat(text)
+        except ValueError:
+            pass
+    raise CoercionError(f"{text!r} is not a date in YYYY-MM-DD form")
+
+
+def _timestamp_text(text: str) -> PyValue:
+    if TIMESTAMP_TEXT.fullmatch(text):
+        try:
+            return dt.datetime.fromisoformat(text).astimezone(dt.UTC)
+        except (ValueError, OverflowError):
+            pass
+    raise CoercionError(f"{text!r} is not a timestamp like 2024-05-01T12:00:00Z (with Z or a +HH:MM offset)")
+
+
+_TEXT_PARSERS: dict[str, TextParser] = {
+    "integer": _integer_text,
+    "decimal": _decimal_text,
+    "boolean": _boolean_text,
+    "date": _date_text,
+    "timestamp": _timestamp_text,
+}
 
 
 def from_database(attribute_type: str, value: object) -> PyValue:

@@ -7,9 +7,17 @@ the transaction when the ``CREATE TABLE`` runs: both commit or roll back togethe
 
 Links can be added to an existing entity (:meth:`EntityCatalog.add_links`): that is how two
 entities come to link to each other (the second one to be created declares its link at creation,
-the first one gets the reverse link added afterwards). Nothing else of a schema changes yet.
-Resolved entities are cached per process for a few seconds, so a link added through another
-replica becomes visible here within ``cache_ttl_s``.
+the first one gets the reverse link added afterwards). Nullable attributes can be appended
+(:meth:`EntityCatalog.update_schema`): the table gets ``ALTER TABLE … ADD COLUMN`` in the
+transaction that updates the catalog row, and existing records read NULL. Nothing else of a schema
+changes: a removed, changed or reordered attribute, or a new non-nullable one, is refused
+(INCOMPATIBLE_SCHEMA_CHANGE). Resolved entities are cached per process for a few seconds, so a
+change made through another replica becomes visible here within ``cache_ttl_s``.
+
+The built-in entity ``message_logs`` (:data:`~audience_svc.schema.MESSAGE_LOGS_SCHEMA`) is created
+in a sandbox the first time it is needed (read, listed, linked to or written), with its index on
+``(identity_namespace, identity_value)``. It does not count against ``max_entities``; users cannot
+create, change or ingest into it.
 """
 
 from __future__ import annotations
@@ -22,10 +30,15 @@ import uuid
 import sqlalchemy as sa
 
 from audience_svc.schema import (
+    MESSAGE_LOGS,
+    MESSAGE_LOGS_INDEX,
+    MESSAGE_LOGS_SCHEMA,
     ONE_TO_MANY,
+    Attribute,
     Entity,
     EntitySchema,
     Link,
+    column_type,
     definition_from_json,
     definition_to_json,
     link_index_name,
@@ -35,7 +48,14 @@ from audience_svc.schema import (
 from audience_svc.tables import EntityRow
 from audience_svc.violations import invalid_argument
 from carillon_chassis.database import Database, as_utc, utcnow
-from carillon_chassis.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from carillon_chassis.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from carillon_chassis.pagination import keyset_page
 
 _entities: sa.Table = EntityRow.__table__  # type: ignore[attr-defined]
@@ -57,6 +77,12 @@ class EntityCatalog:
         A one-to-many link needs an index on the target's join attributes: it is created on the
         target's table (unless it exists) in the same transaction.
         """
+        if entity_id == MESSAGE_LOGS:
+            raise InvalidArgument(
+                f"{MESSAGE_LOGS!r} is the built-in entity of message logs; choose another id",
+                field="entity_id",
+                reason="RESERVED_ENTITY_ID",
+            )
         validate_schema(entity_id, schema)
         targets = self._checked_link_targets(sandbox, entity_id, schema)
         now = utcnow()
@@ -71,7 +97,9 @@ class EntityCatalog:
         try:
             with self.database.engine.begin() as conn:
                 count = conn.execute(
-                    sa.select(sa.func.count()).select_from(_entities).where(_entities.c.sandbox == sandbox)
+                    sa.select(sa.func.count())
+                    .select_from(_entities)
+                    .where(_entities.c.sandbox == sandbox, _entities.c.entity_id != MESSAGE_LOGS)
                 ).scalar_one()
                 if count >= self.max_entities:
                     raise ResourceExhausted(
@@ -105,6 +133,30 @@ class EntityCatalog:
         catalog update, in one transaction. Removing or changing a link is refused
         (INCOMPATIBLE_SCHEMA_CHANGE).
         """
+        return self.update_schema(sandbox, entity_id, links=links, field=field)
+
+    def update_schema(
+        self,
+        sandbox: str,
+        entity_id: str,
+        *,
+        attributes: tuple[Attribute, ...] | None = None,
+        links: tuple[Link, ...] | None = None,
+        field: str = "entity",
+    ) -> Entity:
+        """Append attributes and/or links to an entity (None: that part stays as it is).
+
+        ``attributes`` and ``links`` are complete lists: the existing ones first, unchanged and in
+        order, then the new ones. New attributes must be nullable (existing records have no value).
+        The catalog row, the new columns (``ALTER TABLE … ADD COLUMN``) and the new links' indexes
+        change in one transaction; a concurrent change of the same entity is FAILED_PRECONDITION.
+        """
+        if entity_id == MESSAGE_LOGS:
+            raise FailedPrecondition(
+                f"{MESSAGE_LOGS!r} is the built-in entity of message logs; its schema cannot be changed",
+                field=f"{field}.name",
+                reason="BUILT_IN_ENTITY",
+            )
         current = self._load(sandbox, entity_id, field)
         with self.database.engine.connect() as conn:
             # The definition exactly as stored (an older release wrote it without links): the
@@ -116,21 +168,31 @@ class EntityCatalog:
             ).scalar_one()
         if definition_from_json(stored, current.schema.display_name) != current.schema:
             current = self._load(sandbox, entity_id, field)
-        existing = current.schema.links
-        if links[: len(existing)] != existing:
-            raise InvalidArgument(
-                "links can only be added: the existing links must come first, unchanged and in order",
-                field=f"{field}.links",
-                reason="INCOMPATIBLE_SCHEMA_CHANGE",
-            )
-        schema = dataclasses.replace(current.schema, links=links)
+        schema = current.schema
+        added_attributes: tuple[Attribute, ...] = ()
+        if attributes is not None:
+            _check_appended_attributes(schema.attributes, attributes, field)
+            added_attributes = attributes[len(schema.attributes) :]
+            schema = dataclasses.replace(schema, attributes=attributes)
+        added_links: tuple[Link, ...] = ()
+        if links is not None:
+            existing = schema.links
+            if links[: len(existing)] != existing:
+                raise InvalidArgument(
+                    "links can only be added: the existing links must come first, unchanged and in order",
+                    field=f"{field}.links",
+                    reason="INCOMPATIBLE_SCHEMA_CHANGE",
+                )
+            added_links = links[len(existing) :]
+            schema = dataclasses.replace(schema, links=links)
         validate_schema(entity_id, schema)
         targets = self._checked_link_targets(sandbox, entity_id, schema)
-        added = links[len(existing) :]
-        updated = dataclasses.replace(current, schema=schema, update_time=utcnow())
-        if not added:
+        if not added_attributes and not added_links:
             return current
+        updated = dataclasses.replace(current, schema=schema, update_time=utcnow())
         with self.database.engine.begin() as conn:
+            # The catalog row first, so that SQLite's driver has opened the transaction before the
+            # ALTER TABLE: both commit or roll back together.
             changed = conn.execute(
                 _entities.update()
                 .where(
@@ -142,11 +204,13 @@ class EntityCatalog:
             ).rowcount
             if changed != 1:
                 raise FailedPrecondition(
-                    f"entity {entity_id!r} changed while its links were being added; read it and retry",
+                    f"entity {entity_id!r} changed while its schema was being updated; read it and retry",
                     field=field,
                     reason="CONCURRENT_SCHEMA_CHANGE",
                 )
-            _create_link_indexes(conn, updated, added, targets, own_table_created=False)
+            for attribute in added_attributes:
+                _add_column(conn, current.table_name, attribute)
+            _create_link_indexes(conn, updated, added_links, targets, own_table_created=False)
         with self._lock:
             self._cache[(sandbox, entity_id)] = (time.monotonic(), updated)
         return updated
@@ -159,6 +223,19 @@ class EntityCatalog:
             return cached[1]
         return self._load(sandbox, entity_id, field)
 
+    def writable_entity(self, sandbox: str, entity_id: str, *, field: str = "entity") -> Entity:
+        """The entity ``entity_id``, which records may be ingested into (not the built-in message logs).
+
+        FAILED_PRECONDITION (BUILT_IN_ENTITY) for ``message_logs``, which only RecordMessageLogs writes.
+        """
+        if entity_id == MESSAGE_LOGS:
+            raise FailedPrecondition(
+                f"{MESSAGE_LOGS!r} is the built-in entity of message logs; record them with RecordMessageLogs",
+                field=field,
+                reason="BUILT_IN_ENTITY",
+            )
+        return self.get_entity(sandbox, entity_id, field=field)
+
     def _load(self, sandbox: str, entity_id: str, field: str) -> Entity:
         """The entity as stored now (bypassing the cache, which it refreshes)."""
         with self.database.engine.connect() as conn:
@@ -169,6 +246,8 @@ class EntityCatalog:
                 .mappings()
                 .first()
             )
+        if row is None and entity_id == MESSAGE_LOGS:
+            return self.message_logs(sandbox)
         if row is None:
             raise NotFound(f"entity {entity_id!r} does not exist", field=field, reason="ENTITY_NOT_FOUND")
         entity = _entity_of(row)
@@ -179,8 +258,63 @@ class EntityCatalog:
             self._cache[(sandbox, entity_id)] = (time.monotonic(), entity)
         return entity
 
+    def message_logs(self, sandbox: str) -> Entity:
+        """The built-in entity ``message_logs`` of ``sandbox``, created (table and index) when missing."""
+        with self._lock:
+            cached = self._cache.get((sandbox, MESSAGE_LOGS))
+        if cached is not None:
+            return cached[1]  # its schema never changes
+        with self.database.engine.connect() as conn:
+            row = (
+                conn.execute(
+                    sa.select(_entities).where(_entities.c.sandbox == sandbox, _entities.c.entity_id == MESSAGE_LOGS)
+                )
+                .mappings()
+                .first()
+            )
+        if row is not None:
+            entity = _entity_of(row)
+        else:
+            now = utcnow()
+            entity = Entity(
+                sandbox=sandbox,
+                entity_id=MESSAGE_LOGS,
+                schema=MESSAGE_LOGS_SCHEMA,
+                table_name=f"ent_{uuid.uuid4().hex}",
+                create_time=now,
+                update_time=now,
+            )
+            try:
+                with self.database.engine.begin() as conn:
+                    conn.execute(
+                        _entities.insert().values(
+                            sandbox=sandbox,
+                            entity_id=MESSAGE_LOGS,
+                            table_name=entity.table_name,
+                            display_name=MESSAGE_LOGS_SCHEMA.display_name,
+                            definition=definition_to_json(MESSAGE_LOGS_SCHEMA),
+                            create_time=now,
+                            update_time=now,
+                        )
+                    )
+                    entity.table.create(conn)
+                    names = list(MESSAGE_LOGS_INDEX)
+                    sa.Index(link_index_name(entity.table_name, names), *[entity.table.c[n] for n in names]).create(
+                        conn
+                    )
+            except sa.exc.IntegrityError:
+                # Another caller created it at the same moment: use theirs.
+                return self._load(sandbox, MESSAGE_LOGS, "name")
+        with self._lock:
+            self._cache[(sandbox, MESSAGE_LOGS)] = (time.monotonic(), entity)
+        return entity
+
     def list_entities(self, sandbox: str, size: int = 0, token: str = "") -> tuple[list[Entity], str]:
-        """One page of entities in id order, and the token of the next page ("" on the last one)."""
+        """One page of entities in id order, and the token of the next page ("" on the last one).
+
+        The built-in ``message_logs`` is listed like the others (it is created first when missing).
+        """
+        self.message_logs(sandbox)
         with self.database.engine.connect() as conn:
             rows, next_token = keyset_page(
                 conn, _entities, _entities.c.entity_id, [_entities.c.sandbox == sandbox], size, token
@@ -248,6 +382,38 @@ def _create_link_indexes(
             table = entity.table
             names = [pair.attribute for pair in link.join]
         sa.Index(link_index_name(table.name, names), *[table.c[n] for n in names]).create(conn, checkfirst=True)
+
+
+def _check_appended_attributes(existing: tuple[Attribute, ...], attributes: tuple[Attribute, ...], field: str) -> None:
+    """Raise INCOMPATIBLE_SCHEMA_CHANGE naming each attribute that is not a plain nullable append."""
+    found: list[FieldViolation] = []
+    for i, old in enumerate(existing):
+        path = f"{field}.attributes[{i}]"
+        if i >= len(attributes):
+            found.append(FieldViolation(path, f"attribute {old.name!r} cannot be removed"))
+        elif attributes[i] != old:
+            found.append(
+                FieldViolation(path, f"attribute {old.name!r} cannot be changed, renamed or moved; append new ones")
+            )
+    for i in range(len(existing), len(attributes)):
+        if not attributes[i].nullable:
+            found.append(
+                FieldViolation(
+                    f"{field}.attributes[{i}].nullable",
+                    f"a new attribute must be nullable: the existing records have no value for {attributes[i].name!r}",
+                )
+            )
+    if found:
+        raise invalid_argument(
+            f"the attribute change has {len(found)} incompatible part(s)", found, "INCOMPATIBLE_SCHEMA_CHANGE"
+        )
+
+
+def _add_column(conn: sa.Connection, table_name: str, attribute: Attribute) -> None:
+    """``ALTER TABLE … ADD COLUMN`` of one nullable attribute (names quoted, the type compiled)."""
+    quote = conn.dialect.identifier_preparer.quote
+    type_sql = column_type(attribute.type).compile(dialect=conn.dialect)
+    conn.execute(sa.text(f"ALTER TABLE {quote(table_name)} ADD COLUMN {quote(attribute.name)} {type_sql}"))
 
 
 def _entity_of(row: sa.RowMapping) -> Entity:

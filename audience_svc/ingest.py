@@ -9,8 +9,8 @@ as stale. The survivors are written set-based in one transaction:
 * upserts as ``INSERT … ON CONFLICT (key) DO UPDATE … WHERE excluded.version > stored.version``,
   so a change whose version is not higher than the stored one is ignored and counted as stale. On
   PostgreSQL the rows first go by ``COPY`` into a temporary staging table (dropped at commit) and one
-  ``INSERT … SELECT … ON CONFLICT`` merges them; on SQLite the rows go in multi-row statements,
-  split only to respect the bound-parameter limit;
+  ``INSERT … SELECT … ON CONFLICT`` merges them; on SQLite one statement runs for all the rows
+  (``executemany``);
 * deletes as one parameterized ``DELETE … WHERE key = :key AND version <= :version`` executed for
   all of them, then one count of the keys that survived (their stored version was higher: stale).
 
@@ -19,6 +19,9 @@ applied and the invalid ones come back as rejections (their field violations), c
 
 Deleted records leave no tombstone: a late upsert with a version older than a delete re-creates the
 record.
+
+The same changes may arrive as a CSV block, the bulk wire format (:mod:`audience_svc.blocks`), whose
+exact path ends in :func:`apply_checked` like a list of changes.
 """
 
 from __future__ import annotations
@@ -31,11 +34,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from audience_svc.coercion import CoercionError, RawValue, coerce_value
+from audience_svc.coercion import CoercionError, RawValue, value_coercer
 from audience_svc.schema import Entity
 from audience_svc.violations import invalid_argument
 from carillon_chassis.database import Database
-from carillon_chassis.errors import FieldViolation
+from carillon_chassis.errors import FieldViolation, InvalidArgument
 from carillon_chassis.values import PyValue
 
 UPSERT = "upsert"
@@ -71,7 +74,9 @@ class IngestResult:
 
 
 @dataclass(frozen=True)
-class _Checked:
+class Checked:
+    """A valid change: its operation, key, version and the row to write (every attribute for an upsert)."""
+
     operation: str
     key: tuple[Any, ...]
     version: Any
@@ -80,15 +85,19 @@ class _Checked:
 
 def check_changes(
     entity: Entity, changes: Sequence[RecordChange], path: str = "changes", *, allow_partial: bool = False
-) -> tuple[list[_Checked], list[FieldViolation]]:
+) -> tuple[list[Checked], list[FieldViolation]]:
     """Coerce every change: the valid ones, and the violations of the others.
 
     Without ``allow_partial`` any violation raises InvalidArgument listing every bad value of every
     change.
     """
     schema = entity.schema
+    coercers = {a.name: value_coercer(a) for a in schema.attributes}
+    names = list(coercers)
+    identity = [*schema.primary_key, schema.version_attribute]
+    required_by_operation = {UPSERT: [a.name for a in schema.attributes if not a.nullable], DELETE: identity}
     violations: list[FieldViolation] = []
-    checked: list[_Checked] = []
+    checked: list[Checked] = []
     for i, change in enumerate(changes):
         before = len(violations)
         if change.operation not in (UPSERT, DELETE):
@@ -96,32 +105,27 @@ def check_changes(
             continue
         coerced: dict[str, PyValue] = {}
         for name, raw in change.values.items():
-            attribute = schema.attribute(name)
-            if attribute is None:
+            coerce = coercers.get(name)
+            if coerce is None:
                 violations.append(FieldViolation(f"{path}[{i}].values.{name}", f"unknown attribute {name!r}"))
                 continue
             try:
-                coerced[name] = coerce_value(attribute, raw)
+                coerced[name] = coerce(raw)
             except CoercionError as exc:
                 violations.append(FieldViolation(f"{path}[{i}].values.{name}", str(exc)))
-        required = (
-            [a.name for a in schema.attributes if not a.nullable]
-            if change.operation == UPSERT
-            else [*schema.primary_key, schema.version_attribute]
-        )
         violations += [
             FieldViolation(f"{path}[{i}].values.{name}", f"{name} is required")
-            for name in required
+            for name in required_by_operation[change.operation]
             if name not in change.values
         ]
         if len(violations) > before:
             continue
         if change.operation == UPSERT:
-            row = {a.name: coerced.get(a.name) for a in schema.attributes}
+            row = {name: coerced.get(name) for name in names}
         else:
-            row = {name: coerced[name] for name in [*schema.primary_key, schema.version_attribute]}
+            row = {name: coerced[name] for name in identity}
         checked.append(
-            _Checked(
+            Checked(
                 operation=change.operation,
                 key=tuple(coerced[name] for name in schema.primary_key),
                 version=coerced[schema.version_attribute],
@@ -129,18 +133,20 @@ def check_changes(
             )
         )
     if violations and not allow_partial:
-        bad_rows = len({v.field.split(".", 1)[0] for v in violations})
-        raise invalid_argument(
-            f"{bad_rows} of {len(changes)} changes are invalid; nothing of this batch was written",
-            violations,
-            "INVALID_RECORDS",
-        )
+        raise refusal(len(changes) - len(checked), len(changes), violations)
     return checked, violations
 
 
-def collapse(checked: Sequence[_Checked]) -> tuple[list[_Checked], int]:
+def refusal(bad_rows: int, rows: int, violations: Sequence[FieldViolation]) -> InvalidArgument:
+    """The error of a batch refused whole because ``bad_rows`` of its ``rows`` changes are invalid."""
+    return invalid_argument(
+        f"{bad_rows} of {rows} changes are invalid; nothing of this batch was written", violations, "INVALID_RECORDS"
+    )
+
+
+def collapse(checked: Sequence[Checked]) -> tuple[list[Checked], int]:
     """One change per key, the highest version winning (the later on a tie); and how many lost."""
-    winners: dict[tuple[Any, ...], _Checked] = {}
+    winners: dict[tuple[Any, ...], Checked] = {}
     for change in checked:
         current = winners.get(change.key)
         if current is None or change.version >= current.version:
@@ -156,12 +162,19 @@ def apply_changes(
     With ``allow_partial`` the invalid changes are left out and reported instead of failing the batch.
     """
     checked, violations = check_changes(entity, changes, allow_partial=allow_partial)
+    return apply_checked(database, entity, checked, violations, len(changes))
+
+
+def apply_checked(
+    database: Database, entity: Entity, checked: Sequence[Checked], violations: list[FieldViolation], total: int
+) -> IngestResult:
+    """Write the ``checked`` changes of a batch of ``total`` in one transaction (the others were rejected)."""
     survivors, superseded = collapse(checked)
     upserts = [c.row for c in survivors if c.operation == UPSERT]
     deletes = [c for c in survivors if c.operation == DELETE]
     result = IngestResult(
         ignored_stale=superseded,
-        rejected=len(changes) - len(checked),
+        rejected=total - len(checked),
         rejections=violations,
     )
     if not survivors:
@@ -190,19 +203,16 @@ def _upsert(conn: sa.Connection, entity: Entity, rows: list[dict[str, PyValue]])
         return _upsert_by_copy(conn, entity, rows)
     table = entity.table
     schema = entity.schema
-    insert = _dialect_insert(conn)
-    per_statement = max(1, MAX_PARAMETERS // len(schema.attributes))
-    written = 0
-    for start in range(0, len(rows), per_statement):
-        statement = insert(table).values(rows[start : start + per_statement])
-        statement = statement.on_conflict_do_update(
-            index_elements=entity.key_columns(),
-            set_={a.name: statement.excluded[a.name] for a in schema.attributes if a.name not in schema.primary_key},
-            where=statement.excluded[schema.version_attribute] > table.c[schema.version_attribute],
-        )
-        result = conn.execution_options(preserve_rowcount=True).execute(statement)
-        written += result.rowcount
-    return written
+    # One statement compiled once and executed for every row (executemany): compiling multi-row
+    # VALUES statements cost more than running them.
+    statement = _dialect_insert(conn)(table)
+    statement = statement.on_conflict_do_update(
+        index_elements=entity.key_columns(),
+        set_={a.name: statement.excluded[a.name] for a in schema.attributes if a.name not in schema.primary_key},
+        where=statement.excluded[schema.version_attribute] > table.c[schema.version_attribute],
+    )
+    result = conn.execution_options(preserve_rowcount=True).execute(statement, rows)
+    return int(result.rowcount)
 
 
 def _upsert_by_copy(conn: sa.Connection, entity: Entity, rows: list[dict[str, PyValue]]) -> int:
@@ -234,7 +244,7 @@ def _upsert_by_copy(conn: sa.Connection, entity: Entity, rows: list[dict[str, Py
     return int(merged.rowcount)
 
 
-def _delete(conn: sa.Connection, entity: Entity, deletes: list[_Checked]) -> tuple[int, int]:
+def _delete(conn: sa.Connection, entity: Entity, deletes: list[Checked]) -> tuple[int, int]:
     """Delete records whose stored version is not higher; return (deleted, stale)."""
     table = entity.table
     schema = entity.schema

@@ -294,7 +294,7 @@ def compile_aggregate(
             scalar = (
                 sa.select(value)
                 .select_from(linked)
-                .where(_join(link, entity.table, linked), nested)
+                .where(join_condition(link, entity.table, linked), nested)
                 .correlate_except(linked)
                 .scalar_subquery()
             )
@@ -547,7 +547,7 @@ class _Compiler:
         measured = self.measure(condition, target, linked, path)
         if nested is None or measured is None:
             return None
-        join = _join(link, table, linked)
+        join = join_condition(link, table, linked)
         if condition.measure in EXISTENCE_MEASURES:
             found = sa.select(sa.literal(1)).select_from(linked).where(join, nested).correlate_except(linked).exists()
             if condition.measure == "exists":
@@ -623,9 +623,22 @@ class _Compiler:
         return values, list_path
 
 
-def _join(link: Link, outer: sa.FromClause, inner: sa.FromClause) -> sa.ColumnElement[bool]:
-    """The join condition of ``link`` from ``outer`` to ``inner``."""
-    return sa.and_(*[outer.c[pair.attribute] == inner.c[pair.target_attribute] for pair in link.join])
+def join_condition(link: Link, outer: sa.FromClause, inner: sa.FromClause) -> sa.ColumnElement[bool]:
+    """The join condition of ``link`` from ``outer`` to ``inner``.
+
+    A built-in link (one with ``target_values``) also binds its fixed target values, and compares a
+    non-string local attribute as text (message logs hold identities as text; the built-in link
+    exists only for identity types whose SQL text is their canonical text, see
+    :data:`audience_svc.schema.MESSAGE_LOG_IDENTITY_TYPES`).
+    """
+    parts: list[sa.ColumnElement[bool]] = []
+    for pair in link.join:
+        local: sa.ColumnElement[Any] = outer.c[pair.attribute]
+        if link.target_values and not isinstance(local.type, sa.String):
+            local = sa.cast(local, sa.Text)
+        parts.append(local == inner.c[pair.target_attribute])
+    parts += [inner.c[name] == value for name, value in link.target_values]
+    return sa.and_(*parts)
 
 
 def _through(hops: Sequence[_Hop], expression: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:
@@ -639,7 +652,7 @@ def _through(hops: Sequence[_Hop], expression: sa.ColumnElement[bool]) -> sa.Col
         expression = (
             sa.select(sa.literal(1))
             .select_from(hop.inner)
-            .where(_join(hop.link, hop.outer, hop.inner), expression)
+            .where(join_condition(hop.link, hop.outer, hop.inner), expression)
             .correlate_except(hop.inner)
             .exists()
         )

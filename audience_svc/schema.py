@@ -18,6 +18,17 @@ A link joins this entity's attributes to a target entity's attributes, pair by p
 Only the local half of a link is checked here; the target half (the target exists, its attributes
 exist with compatible types) is checked by the catalog, which knows the other entities.
 
+Every sandbox has the built-in entity ``message_logs`` (:data:`MESSAGE_LOGS_SCHEMA`: one row per
+event of a message, keyed by message id and status), and every entity with an identity binding on a
+string, enum or integer attribute (:data:`MESSAGE_LOG_IDENTITY_TYPES`; other types have no text form
+that is the same in SQL on both backends) has the built-in one-to-many link ``message_logs`` to it
+(:func:`message_logs_link`). That link is
+implicit: it is not stored with the entity's links and not listed in them, but
+:meth:`EntitySchema.link` finds it, so rules, enrichment and change of dimension follow it like any
+user-defined link. Besides its join pair (the identity attribute = ``identity_value``) it fixes
+``identity_namespace`` to the entity's namespace (:attr:`Link.target_values`). The name
+``message_logs`` is reserved: no user-defined entity, link or attribute may take it.
+
 Attribute types map to portable column types: ``string`` and ``enum`` to TEXT, ``integer`` to
 BIGINT, ``decimal`` to NUMERIC(38, 10) (stored as a floating-point number by SQLite, so about 15
 significant digits survive there), ``boolean``, ``date`` and ``timestamp`` (UTC) to their own types.
@@ -51,6 +62,13 @@ MAX_ATTRIBUTES = 1000
 MAX_ENUM_VALUES = 1000
 MAX_DISPLAY_NAME = 200
 MAX_NAMESPACE = 63
+# The built-in entity of message logs, and the name of the built-in link every dimension has to it.
+MESSAGE_LOGS = "message_logs"
+MESSAGE_STATUSES = ("sent", "delivered", "opened", "clicked", "bounced", "failed")
+MESSAGE_CHANNELS = ("email", "sms", "push", "direct_mail")
+# The identity attribute types the built-in link supports: those whose text in SQL (a cast to text,
+# the same on both backends) equals their canonical text, the identity value messages are logged with.
+MESSAGE_LOG_IDENTITY_TYPES = ("string", "enum", "integer")
 
 
 @dataclass(frozen=True)
@@ -81,12 +99,17 @@ class JoinPair:
 
 @dataclass(frozen=True)
 class Link:
-    """A named link to another entity (or to the same one), N-1 or 1-N, on pairs of attributes."""
+    """A named link to another entity (or to the same one), N-1 or 1-N, on pairs of attributes.
+
+    ``target_values`` (built-in links only) are further conditions on the target: each names a
+    target attribute and the string it must equal (bound as a parameter).
+    """
 
     name: str
     target: str
     cardinality: str
     join: tuple[JoinPair, ...]
+    target_values: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,8 +128,13 @@ class EntitySchema:
         return self._by_name.get(name)
 
     def link(self, name: str) -> Link | None:
-        """The link called ``name``, or None."""
-        return next((link for link in self.links if link.name == name), None)
+        """The link called ``name`` (a declared one, or the built-in ``message_logs`` link), or None."""
+        found = next((link for link in self.links if link.name == name), None)
+        if found is None and name == MESSAGE_LOGS and self.identity is not None and self.attribute(name) is None:
+            identity = self.attribute(self.identity.attribute)
+            if identity is not None and identity.type in MESSAGE_LOG_IDENTITY_TYPES:
+                return message_logs_link(self.identity)
+        return found
 
     @property
     def key_attributes(self) -> tuple[Attribute, ...]:
@@ -151,6 +179,41 @@ def validate_entity_id(entity_id: str, field_path: str = "entity_id") -> list[Fi
     return [FieldViolation(field_path, "entity ids are 1-41 characters of a-z, 0-9 and _, starting with a letter")]
 
 
+def message_logs_link(identity: IdentityBinding) -> Link:
+    """The built-in one-to-many link ``message_logs`` of a dimension with this identity binding."""
+    return Link(
+        name=MESSAGE_LOGS,
+        target=MESSAGE_LOGS,
+        cardinality=ONE_TO_MANY,
+        join=(JoinPair(identity.attribute, "identity_value"),),
+        target_values=(("identity_namespace", identity.namespace),),
+    )
+
+
+MESSAGE_LOGS_SCHEMA = EntitySchema(
+    attributes=(
+        Attribute("message_id", "string"),
+        Attribute("status", "enum", enum_values=MESSAGE_STATUSES),
+        Attribute("campaign", "string"),
+        Attribute("run", "string"),
+        Attribute("activity", "string"),
+        Attribute("channel", "enum", enum_values=MESSAGE_CHANNELS),
+        Attribute("identity_namespace", "string"),
+        Attribute("identity_value", "string"),
+        Attribute("profile_id", "string", nullable=True),
+        Attribute("entity_key", "string", nullable=True),
+        Attribute("event_time", "timestamp"),
+        Attribute("version", "integer"),
+    ),
+    primary_key=("message_id", "status"),
+    version_attribute="version",
+    display_name="Message logs",
+)
+"""The schema of the built-in entity ``message_logs``; ``version`` is the event time in microseconds."""
+# The index of the built-in link's join (namespace first: it is always fixed).
+MESSAGE_LOGS_INDEX = ("identity_namespace", "identity_value")
+
+
 def validate_schema(entity_id: str, schema: EntitySchema) -> None:
     """Raise InvalidArgument listing every violation of the id and schema; return when both are valid."""
     violations = validate_entity_id(entity_id)
@@ -178,6 +241,8 @@ def _schema_violations(schema: EntitySchema) -> list[FieldViolation]:
             bad(f"{path}.name", "attribute names are 1-63 characters of a-z, 0-9 and _, starting with a letter")
         elif attribute.name in seen:
             bad(f"{path}.name", f"duplicate attribute name {attribute.name!r}")
+        elif attribute.name == MESSAGE_LOGS:
+            bad(f"{path}.name", f"{MESSAGE_LOGS!r} is reserved for the built-in link to message logs")
         seen.add(attribute.name)
         if attribute.type not in ATTRIBUTE_TYPES:
             bad(f"{path}.type", "the type must be set")
@@ -250,6 +315,8 @@ def _link_violations(schema: EntitySchema, by_name: dict[str, Attribute]) -> lis
             found.append(FieldViolation(f"{path}.name", f"duplicate link name {link.name!r}"))
         elif link.name in by_name:
             found.append(FieldViolation(f"{path}.name", f"{link.name!r} is already the name of an attribute"))
+        elif link.name == MESSAGE_LOGS:
+            found.append(FieldViolation(f"{path}.name", f"{MESSAGE_LOGS!r} is the name of the built-in link"))
         seen.add(link.name)
         if link.cardinality not in LINK_CARDINALITIES:
             found.append(FieldViolation(f"{path}.cardinality", "the cardinality must be MANY_TO_ONE or ONE_TO_MANY"))

@@ -7,6 +7,7 @@ chassis interceptor, which maps them to rich gRPC statuses.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -15,9 +16,22 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from audience_svc.audiences import AudienceEvaluator, Evaluation, sample_size
+from audience_svc.blocks import RecordBlock
 from audience_svc.coercion import Malformed, RawValue
+from audience_svc.collection_enrichment import Collection
 from audience_svc.entities import EntityCatalog
-from audience_svc.ingest import DELETE, UPSERT, IngestResult, RecordChange, apply_changes
+from audience_svc.incremental import (
+    DEFAULT_HISTORY_WINDOW,
+    MAX_HISTORY_WINDOW,
+    IncrementalBuild,
+    IncrementalBuilder,
+    IncrementalMode,
+)
+from audience_svc.incremental import ProcessedKeys as IncrementalProcessedKeys
+from audience_svc.incremental import Watermark as IncrementalWatermark
+from audience_svc.ingest import DELETE, UPSERT, IngestResult, RecordChange
+from audience_svc.ingest_stream import IngestStream
+from audience_svc.message_logs import MessageLog, MessageLogRecorder
 from audience_svc.query import (
     Aggregate,
     AllOf,
@@ -30,6 +44,7 @@ from audience_svc.query import (
     LinkCondition,
     Negate,
 )
+from audience_svc.reconciliation import Reconciliation, reconcile
 from audience_svc.saved_audiences import DEFINITION, SavedAudience, SavedAudienceStore
 from audience_svc.schema import (
     MANY_TO_ONE,
@@ -41,17 +56,20 @@ from audience_svc.schema import (
     JoinPair,
     Link,
 )
+from audience_svc.violations import invalid_argument
 from audience_svc.working_sets import Subset, WorkingSet, WorkingSetRecord, WorkingSetStore, batch_size
 from carillon.audience.v1 import (
     audience_pb2,
     audience_service_pb2,
     audience_service_pb2_grpc,
     entity_pb2,
+    message_log_pb2,
     query_pb2,
     working_set_pb2,
 )
 from carillon.type.v1 import value_pb2
-from carillon_chassis.errors import CarillonError, InvalidArgument
+from carillon_chassis.channels import channel_name
+from carillon_chassis.errors import CarillonError, FieldViolation, InvalidArgument
 from carillon_chassis.names import parse_name
 from carillon_chassis.sandbox import current_sandbox
 from carillon_chassis.values import from_timestamp, from_value, to_timestamp, to_value, to_value_map
@@ -127,6 +145,19 @@ DEDUPLICATION_METHODS: dict[int, str] = {
     audience_service_pb2.DEDUPLICATION_METHOD_PRIORITY: "priority",
 }
 
+MESSAGE_STATUS_NAMES: dict[int, str] = {
+    message_log_pb2.MESSAGE_STATUS_SENT: "sent",
+    message_log_pb2.MESSAGE_STATUS_DELIVERED: "delivered",
+    message_log_pb2.MESSAGE_STATUS_OPENED: "opened",
+    message_log_pb2.MESSAGE_STATUS_CLICKED: "clicked",
+    message_log_pb2.MESSAGE_STATUS_BOUNCED: "bounced",
+    message_log_pb2.MESSAGE_STATUS_FAILED: "failed",
+}
+
+# The update_mask paths of UpdateEntity that can change (the others are refused as incompatible).
+UPDATABLE_ENTITY_FIELDS = ("attributes", "links")
+FIXED_ENTITY_FIELDS = ("primary_key", "version_attribute", "identity")
+
 # At most this many problems of rejected changes are listed in an IngestRecords response.
 MAX_LISTED_REJECTIONS = 1000
 
@@ -137,8 +168,14 @@ _DATE_TEXT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 def raw_value(value: value_pb2.Value) -> RawValue:
     """The Python value of a Value message as sent, or :class:`Malformed` when it cannot be read."""
     kind = value.WhichOneof("kind")
+    if kind == "string_value":  # the most common kinds first, read directly
+        return value.string_value
+    if kind == "integer_value":
+        return value.integer_value
     if kind is None:
         return Malformed("unset", "the value has no kind set (use null_value for NULL)")
+    if kind in ("list_value", "struct_value"):
+        return Malformed(kind.removesuffix("_value"), "lists and structs are not attribute values")
     if kind == "decimal_value" and not _DECIMAL_TEXT.match(value.decimal_value):
         return Malformed("decimal", f"{value.decimal_value!r} is not a decimal number")
     if kind == "date_value" and not _DATE_TEXT.match(value.date_value):
@@ -324,13 +361,47 @@ def audience_to_proto(audience: SavedAudience) -> audience_pb2.Audience:
     return message
 
 
+def timestamp_from_proto(stamp: timestamp_pb2.Timestamp, field: str, reason: str = "INVALID_TIMESTAMP") -> dt.datetime:
+    """The UTC datetime of a Timestamp; INVALID_ARGUMENT naming ``field`` when it is out of range
+    (before year 1, after year 9999, or nanos outside 0-999,999,999)."""
+    try:
+        return from_timestamp(stamp)
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"{field} must be a valid timestamp between years 1 and 9999", field=field, reason=reason
+        ) from exc
+
+
 def bindings_from_proto(
     reference_time: timestamp_pb2.Timestamp | None, parameters: Mapping[str, query_pb2.ParameterValue]
 ) -> Bindings:
     """The execution bindings of a request: its reference time (None: now) and parameter values."""
     return Bindings(
-        reference_time=from_timestamp(reference_time) if reference_time is not None else None,
+        reference_time=timestamp_from_proto(reference_time, "reference_time") if reference_time is not None else None,
         parameters={name: tuple(raw_value(v) for v in value.values) for name, value in parameters.items()},
+    )
+
+
+def message_log_from_proto(message: message_log_pb2.MessageLog, field: str = "log") -> MessageLog:
+    """The domain message log of a MessageLog message (unset enums become "" for validation);
+    INVALID_ARGUMENT naming ``{field}.event_time`` when the event time is out of range."""
+    event_time = (
+        timestamp_from_proto(message.event_time, f"{field}.event_time", "INVALID_MESSAGE_LOGS")
+        if message.HasField("event_time")
+        else None
+    )
+    return MessageLog(
+        message_id=message.message_id,
+        status=MESSAGE_STATUS_NAMES.get(message.status, ""),
+        campaign=message.campaign,
+        run=message.run,
+        activity=message.activity,
+        channel=channel_name(message.channel),
+        identity_namespace=message.identity.namespace,
+        identity_value=message.identity.value,
+        profile_id=message.profile_id,
+        entity_key=message.entity_key,
+        event_time=event_time,
     )
 
 
@@ -354,7 +425,35 @@ def record_to_proto(record: WorkingSetRecord) -> working_set_pb2.WorkingSetRow:
     )
     if record.identity is not None:
         row.identity.CopyFrom(value_pb2.Identity(namespace=record.identity[0], value=record.identity[1]))
+    for alias, linked in record.collections.items():
+        row.values[alias].CopyFrom(to_value(linked))
     return row
+
+
+def incremental_from_proto(message: working_set_pb2.Incremental) -> IncrementalMode:
+    """The domain mode of an Incremental message; INVALID_ARGUMENT when no mode is set."""
+    kind = message.WhichOneof("mode")
+    if kind == "processed_keys":
+        keys = message.processed_keys
+        window = DEFAULT_HISTORY_WINDOW
+        if keys.HasField("history_window"):
+            if abs(keys.history_window.seconds) > MAX_HISTORY_WINDOW.total_seconds():
+                raise InvalidArgument(
+                    f"the history window must be between 0 and {MAX_HISTORY_WINDOW.days} days",
+                    field="incremental.processed_keys.history_window",
+                    reason="INVALID_INCREMENTAL",
+                )
+            window = keys.history_window.ToTimedelta()
+        return IncrementalProcessedKeys(history_window=window)
+    if kind == "watermark":
+        mark = message.watermark
+        initial = (
+            timestamp_from_proto(mark.initial_time, "incremental.watermark.initial_time", "INVALID_INCREMENTAL")
+            if mark.HasField("initial_time")
+            else None
+        )
+        return IncrementalWatermark(attribute=mark.attribute, initial=initial)
+    raise InvalidArgument("set processed_keys or watermark", field="incremental.mode", reason="INVALID_INCREMENTAL")
 
 
 class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
@@ -371,6 +470,8 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         self.evaluator = evaluator
         self.working_sets = working_sets
         self.saved = saved or SavedAudienceStore(catalog, working_sets, limits=evaluator.limits)
+        self.message_logs = MessageLogRecorder(catalog)
+        self.incremental = IncrementalBuilder(working_sets)
         self.database = catalog.database
 
     @staticmethod
@@ -403,14 +504,29 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
     ) -> audience_service_pb2.UpdateEntityResponse:
         (entity_id,) = parse_name(request.entity.name, "entities", field="entity.name")
         paths = list(request.update_mask.paths)
-        if paths != ["links"]:
+        fixed = [path for path in paths if path in FIXED_ENTITY_FIELDS]
+        if fixed:
             raise InvalidArgument(
-                "only the links of an entity can be updated (update_mask must be exactly ['links'])",
+                f"the {fixed[0]} of an existing entity cannot change",
+                field=f"entity.{fixed[0]}",
+                reason="INCOMPATIBLE_SCHEMA_CHANGE",
+            )
+        if not paths or any(path not in UPDATABLE_ENTITY_FIELDS for path in paths):
+            raise InvalidArgument(
+                "update_mask lists the fields to update: attributes and/or links",
                 field="update_mask",
                 reason="UNSUPPORTED_UPDATE_MASK",
             )
-        links = schema_from_proto(request.entity).links
-        entity = await self.database.run(self.catalog.add_links, current_sandbox(), entity_id, links)
+        schema = schema_from_proto(request.entity)
+        entity = await self.database.run(
+            functools.partial(
+                self.catalog.update_schema,
+                current_sandbox(),
+                entity_id,
+                attributes=schema.attributes if "attributes" in paths else None,
+                links=schema.links if "links" in paths else None,
+            )
+        )
         return audience_service_pb2.UpdateEntityResponse(entity=entity_to_proto(entity))
 
     async def ListEntities(
@@ -429,50 +545,69 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> audience_service_pb2.IngestRecordsResponse:
         sandbox = current_sandbox()
-        total = IngestResult()
-        batches = 0
-        entity: Entity | None = None
+        stream: IngestStream | None = None
         entity_name = ""
-        rejections: list[audience_service_pb2.RejectedChange] = []
-        async for request in request_iterator:
-            try:
-                if entity is None:
-                    (entity_id,) = parse_name(request.entity, "entities", field="entity")
-                    entity = await self.database.run(self.catalog.get_entity, sandbox, entity_id, field="entity")
-                    entity_name = request.entity
-                elif request.entity != entity_name:
-                    raise InvalidArgument(
-                        f"every batch of a stream must name {entity_name}", field="entity", reason="ENTITY_MISMATCH"
-                    )
-                changes = [
-                    RecordChange(
-                        operation=CHANGE_OPERATIONS.get(change.operation, ""),
-                        values={name: raw_value(value) for name, value in change.values.items()},
-                    )
-                    for change in request.changes
-                ]
-                result = await self.database.run(
-                    apply_changes, self.database, entity, changes, allow_partial=request.allow_partial
-                )
-            except CarillonError as exc:
-                # Earlier batches stay applied: tell the client which batch failed.
-                exc.metadata.setdefault("batch_index", str(batches))
-                exc.metadata.setdefault("batches_applied", str(batches))
-                raise
-            total.add(result)
-            rejections.extend(
-                audience_service_pb2.RejectedChange(batch_index=batches, field=v.field, description=v.description)
-                for v in result.rejections[: MAX_LISTED_REJECTIONS - len(rejections)]
-            )
-            batches += 1
+        try:
+            async for request in request_iterator:
+                try:
+                    if stream is None:
+                        (entity_id,) = parse_name(request.entity, "entities", field="entity")
+                        entity = await self.database.run(
+                            self.catalog.writable_entity, sandbox, entity_id, field="entity"
+                        )
+                        stream = IngestStream(self.database, entity, max_rejections=MAX_LISTED_REJECTIONS)
+                        entity_name = request.entity
+                    elif request.entity != entity_name:
+                        raise InvalidArgument(
+                            f"every batch of a stream must name {entity_name}", field="entity", reason="ENTITY_MISMATCH"
+                        )
+                    if request.HasField("block"):
+                        if request.changes:
+                            raise InvalidArgument(
+                                "a batch carries either changes or a block", field="block", reason="INVALID_RECORDS"
+                            )
+                        block = RecordBlock(columns=tuple(request.block.columns), text=request.block.csv)
+                        await stream.add_block(block, allow_partial=request.allow_partial)
+                    else:
+                        changes = [
+                            RecordChange(
+                                operation=CHANGE_OPERATIONS.get(change.operation, ""),
+                                values={name: raw_value(value) for name, value in change.values.items()},
+                            )
+                            for change in request.changes
+                        ]
+                        await stream.add_changes(changes, allow_partial=request.allow_partial)
+                except CarillonError as exc:
+                    self._failed_batch(exc, stream)
+                    raise
+            if stream is not None:
+                try:
+                    await stream.finish()
+                except CarillonError as exc:
+                    self._failed_batch(exc, stream)
+                    raise
+        finally:
+            if stream is not None:
+                await stream.close()
+        total = stream.total if stream is not None else IngestResult()
         return audience_service_pb2.IngestRecordsResponse(
-            batches=batches,
+            batches=stream.batches if stream is not None else 0,
             upserted=total.upserted,
             deleted=total.deleted,
             ignored_stale=total.ignored_stale,
             rejected=total.rejected,
-            rejections=rejections,
+            rejections=[
+                audience_service_pb2.RejectedChange(batch_index=index, field=v.field, description=v.description)
+                for index, v in (stream.rejections if stream is not None else [])
+            ],
         )
+
+    @staticmethod
+    def _failed_batch(exc: CarillonError, stream: IngestStream | None) -> None:
+        """Earlier batches stay applied: tell the client which batch failed."""
+        applied = str(stream.batches if stream is not None else 0)
+        exc.metadata.setdefault("batch_index", applied)
+        exc.metadata.setdefault("batches_applied", applied)
 
     async def EvaluateAudience(
         self, request: audience_service_pb2.EvaluateAudienceRequest, context: grpc.aio.ServicerContext
@@ -516,13 +651,23 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         )
         query, audience_id = self._source(request.HasField("query"), request.query, request.audience)
         sandbox = current_sandbox()
+        mode = incremental_from_proto(request.incremental) if request.HasField("incremental") else None
 
-        def build() -> WorkingSet:
+        def build() -> IncrementalBuild:
             resolved = self.saved.resolve(sandbox, audience_id, bindings) if audience_id else None
-            return self.working_sets.build(sandbox, request.run, request.activity, query, bindings, resolved=resolved)
+            if mode is not None:
+                return self.incremental.build(
+                    sandbox, request.run, request.activity, query, mode, bindings, resolved=resolved
+                )
+            working_set = self.working_sets.build(
+                sandbox, request.run, request.activity, query, bindings, resolved=resolved
+            )
+            return IncrementalBuild(working_set, 0)
 
-        working_set = await self.database.run(build)
-        return audience_service_pb2.BuildWorkingSetResponse(working_set=working_set_to_proto(working_set))
+        built = await self.database.run(build)
+        return audience_service_pb2.BuildWorkingSetResponse(
+            working_set=working_set_to_proto(built.working_set), excluded=built.excluded
+        )
 
     async def CreateAudience(
         self, request: audience_service_pb2.CreateAudienceRequest, context: grpc.aio.ServicerContext
@@ -652,6 +797,34 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             response.complement.CopyFrom(working_set_to_proto(complement))
         return response
 
+    async def ReconcileWorkingSet(
+        self, request: audience_service_pb2.ReconcileWorkingSetRequest, context: grpc.aio.ServicerContext
+    ) -> audience_service_pb2.ReconcileWorkingSetResponse:
+        (source,) = parse_name(request.working_set, "workingSets", field="working_set")
+        (target,) = parse_name(request.target, "entities", field="target")
+        result: Reconciliation = await self.database.run(
+            functools.partial(
+                reconcile,
+                self.working_sets,
+                current_sandbox(),
+                request.run,
+                request.activity,
+                source,
+                target,
+                [(pair.source_attribute, pair.target_attribute) for pair in request.pairs],
+                unreconciled_activity=request.unreconciled_activity,
+            )
+        )
+        response = audience_service_pb2.ReconcileWorkingSetResponse(
+            working_set=working_set_to_proto(result.working_set),
+            matched=result.matched,
+            unmatched=result.unmatched,
+            ambiguous=result.ambiguous,
+        )
+        if result.unreconciled is not None:
+            response.unreconciled.CopyFrom(working_set_to_proto(result.unreconciled))
+        return response
+
     async def GetWorkingSet(
         self, request: audience_service_pb2.GetWorkingSetRequest, context: grpc.aio.ServicerContext
     ) -> audience_service_pb2.GetWorkingSetResponse:
@@ -676,6 +849,17 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             )
             for e in request.enrichments
         )
+        collections = tuple(
+            Collection(
+                alias=c.alias,
+                link=c.link,
+                limit=c.limit,
+                order_by=tuple((key.attribute, key.descending) for key in c.order_by),
+                attributes=tuple(c.attributes),
+                filter=filter_from_proto(c.filter) if c.HasField("filter") else None,
+            )
+            for c in request.collections
+        )
         bindings = bindings_from_proto(request.reference_time if request.HasField("reference_time") else None, {})
         plan = await self.database.run(
             functools.partial(
@@ -684,14 +868,40 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 working_set_id,
                 list(request.attributes),
                 aggregates=aggregates,
+                collections=collections,
                 bindings=bindings,
             )
         )
+
+        def read(after: int) -> tuple[list[working_set_pb2.WorkingSetRow], int]:
+            # Read and convert in the thread pool: a batch with collections is large to convert.
+            records = self.working_sets.read_batch(plan, after, size)
+            return [record_to_proto(r) for r in records], records[-1].position if records else after
+
         after = request.after_position
         while True:
-            records = await self.database.run(self.working_sets.read_batch, plan, after, size)
-            if records:
-                yield audience_service_pb2.StreamWorkingSetResponse(rows=[record_to_proto(r) for r in records])
-            if len(records) < size:
+            rows, last = await self.database.run(read, after)
+            if rows:
+                yield audience_service_pb2.StreamWorkingSetResponse(rows=rows)
+            if len(rows) < size:
                 return
-            after = records[-1].position
+            after = last
+
+    async def RecordMessageLogs(
+        self, request: audience_service_pb2.RecordMessageLogsRequest, context: grpc.aio.ServicerContext
+    ) -> audience_service_pb2.RecordMessageLogsResponse:
+        logs: list[MessageLog] = []
+        violations: list[FieldViolation] = []
+        for i, log in enumerate(request.logs):
+            try:
+                logs.append(message_log_from_proto(log, f"logs[{i}]"))
+            except InvalidArgument as exc:
+                violations += exc.violations
+        if violations:
+            raise invalid_argument(
+                f"{len(violations)} problem(s) in the message logs; nothing was recorded",
+                violations,
+                "INVALID_MESSAGE_LOGS",
+            )
+        result = await self.database.run(self.message_logs.record, current_sandbox(), logs)
+        return audience_service_pb2.RecordMessageLogsResponse(recorded=result.recorded, duplicates=result.duplicates)

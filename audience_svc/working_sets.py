@@ -16,13 +16,17 @@ per produced working set and idempotent on (run, activity): combine (union / int
 exclusion), change dimension (through a link, counting the source records that reach nothing),
 split (ordered subsets with filter, limit by count or percent with a sort, overlap on or off,
 complement) and deduplication (per group of field values, keep N by a method; complement).
-Streams can enrich rows with many-to-one dot paths (one LEFT JOIN per link) and aggregates of
-linked records (one correlated scalar subquery each).
+Streams can enrich rows with many-to-one dot paths (one LEFT JOIN per link), aggregates of
+linked records (one correlated scalar subquery each) and collections of the first N linked records
+by a sort (one windowed statement per collection and batch, see
+:mod:`audience_svc.collection_enrichment`). Incremental builds (:mod:`audience_svc.incremental`)
+and reconciliation (:mod:`audience_svc.reconciliation`) materialize through the same store.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,6 +43,13 @@ from audience_svc.coercion import (
     from_database,
     stored_key_text,
 )
+from audience_svc.collection_enrichment import (
+    MAX_COLLECTIONS,
+    Collection,
+    CollectionPlan,
+    collection_statement,
+    plan_collection,
+)
 from audience_svc.entities import EntityCatalog
 from audience_svc.query import (
     Aggregate,
@@ -48,6 +59,7 @@ from audience_svc.query import (
     FilterLimits,
     compile_aggregate,
     compile_filter,
+    join_condition,
 )
 from audience_svc.schema import MANY_TO_ONE, Attribute, Entity, Link, column_type
 from audience_svc.tables import WorkingSetRow
@@ -97,6 +109,8 @@ class WorkingSetRecord:
     entity_key: str
     identity: tuple[str, str] | None
     values: dict[str, PyValue]
+    # Collection enrichments: by alias, the first linked records, each its attribute values.
+    collections: dict[str, list[dict[str, PyValue]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,6 +139,8 @@ class StreamPlan:
     paths: dict[str, tuple[tuple[tuple[Link, Entity], ...], Attribute]] = field(default_factory=dict)
     # Aggregates of linked records (enrichment): alias, scalar subquery and value type.
     aggregates: tuple[tuple[str, sa.ColumnElement[Any], str], ...] = ()
+    # Collections of the first linked records by a sort (1-N enrichment).
+    collections: tuple[CollectionPlan, ...] = ()
 
 
 def batch_size(requested: int, field: str = "batch_size") -> int:
@@ -269,7 +285,7 @@ class WorkingSetStore:
                 for i, c in enumerate([records.c[n] for n in source_entity.schema.primary_key], start=1)
             ]
         )
-        on_link = sa.and_(*[records.c[p.attribute] == linked.c[p.target_attribute] for p in link.join])
+        on_link = join_condition(link, records, linked)
         target_keys = [linked.c[n] for n in target.schema.primary_key]
         reached = (
             sa.select(*[c.label(f"k{i}") for i, c in enumerate(target_keys, start=1)])
@@ -524,50 +540,107 @@ class WorkingSetStore:
             )
         return result, complement
 
+    def find(self, sandbox: str, run: str, activity: str) -> WorkingSet | None:
+        """The working set of ``run``'s ``activity``, or None when it has none (yet, or any more)."""
+        return self._find(sandbox, run, activity)
+
+    def materialize(
+        self,
+        sandbox: str,
+        run: str,
+        activity: str,
+        entity: Entity,
+        selection: sa.Select[Any] | Callable[[sa.Connection], sa.Select[Any]],
+        *,
+        then: Callable[[sa.Connection, sa.Table, int], None] | None = None,
+    ) -> WorkingSet:
+        """Create the working set of ``run``'s ``activity`` from ``selection`` (position, k1, k2, …).
+
+        ``selection`` may be a function of the connection, called inside the transaction before the
+        rows are inserted (to take a lock and read state the selection depends on). ``then`` runs
+        in the same transaction after the rows are inserted, with the connection, the new table and
+        the row count: what it writes commits or rolls back with the working set.
+        When another call built the activity concurrently, that working set is returned (and
+        ``then`` has not run).
+        """
+        return self._materialize(sandbox, run, activity, entity, selection, then=then)
+
     def _materialize(
-        self, sandbox: str, run: str, activity: str, entity: Entity, selection: sa.Select[Any]
+        self,
+        sandbox: str,
+        run: str,
+        activity: str,
+        entity: Entity,
+        selection: sa.Select[Any] | Callable[[sa.Connection], sa.Select[Any]],
+        *,
+        then: Callable[[sa.Connection, sa.Table, int], None] | None = None,
     ) -> WorkingSet:
         """Create the working set of ``run``'s ``activity`` from ``selection`` (position, k1, k2, …)."""
-        now = utcnow()
-        working_set_id = new_id("ws")
-        table_name = f"ws_{uuid.uuid4().hex}"
-        table = working_set_table(table_name, entity)
-        keys = entity.key_columns()
         try:
             with self.database.engine.begin() as conn:
-                # The catalog row goes first so that SQLite's driver has begun the transaction
-                # before the CREATE TABLE: table, rows and catalog row commit or roll back together.
-                conn.execute(
-                    _catalog.insert().values(
-                        sandbox=sandbox,
-                        working_set_id=working_set_id,
-                        table_name=table_name,
-                        run=run,
-                        activity=activity,
-                        entity_id=entity.entity_id,
-                        count=0,
-                        create_time=now,
-                        expire_time=now + self.retention,
-                    )
-                )
-                table.create(conn)
-                inserted = conn.execution_options(preserve_rowcount=True).execute(
-                    table.insert().from_select(["position", *[f"k{i}" for i in range(1, len(keys) + 1)]], selection)
-                )
-                count = inserted.rowcount
-                conn.execute(
-                    _catalog.update()
-                    .where(_catalog.c.sandbox == sandbox, _catalog.c.working_set_id == working_set_id)
-                    .values(count=count)
-                )
+                built, table = self._create(conn, sandbox, run, activity, entity, selection)
+                if then is not None:
+                    then(conn, table, built.count)
         except sa.exc.IntegrityError:
             # Another call built this run's activity concurrently: return its working set.
             existing = self._find(sandbox, run, activity)
             if existing is None:
                 raise
             return existing
-        log.info("working set built", run=run, activity=activity, working_set=working_set_id, count=count)
-        return WorkingSet(
+        log.info("working set built", run=run, activity=activity, working_set=built.working_set_id, count=built.count)
+        return built
+
+    def materialize_in(
+        self, conn: sa.Connection, sandbox: str, run: str, activity: str, entity: Entity, selection: sa.Select[Any]
+    ) -> WorkingSet:
+        """Create the working set of ``run``'s ``activity`` in the caller's transaction ``conn`` (for
+        example a second working set from a :meth:`materialize` ``then`` hook: both commit together).
+
+        An IntegrityError when the activity already has a working set rolls back the whole transaction.
+        """
+        return self._create(conn, sandbox, run, activity, entity, selection)[0]
+
+    def _create(
+        self,
+        conn: sa.Connection,
+        sandbox: str,
+        run: str,
+        activity: str,
+        entity: Entity,
+        selection: sa.Select[Any] | Callable[[sa.Connection], sa.Select[Any]],
+    ) -> tuple[WorkingSet, sa.Table]:
+        now = utcnow()
+        working_set_id = new_id("ws")
+        table_name = f"ws_{uuid.uuid4().hex}"
+        table = working_set_table(table_name, entity)
+        keys = entity.key_columns()
+        # The catalog row goes first so that SQLite's driver has begun the transaction before the
+        # CREATE TABLE: table, rows and catalog row commit or roll back together.
+        conn.execute(
+            _catalog.insert().values(
+                sandbox=sandbox,
+                working_set_id=working_set_id,
+                table_name=table_name,
+                run=run,
+                activity=activity,
+                entity_id=entity.entity_id,
+                count=0,
+                create_time=now,
+                expire_time=now + self.retention,
+            )
+        )
+        table.create(conn)
+        select = selection(conn) if callable(selection) else selection
+        inserted = conn.execution_options(preserve_rowcount=True).execute(
+            table.insert().from_select(["position", *[f"k{i}" for i in range(1, len(keys) + 1)]], select)
+        )
+        count = inserted.rowcount
+        conn.execute(
+            _catalog.update()
+            .where(_catalog.c.sandbox == sandbox, _catalog.c.working_set_id == working_set_id)
+            .values(count=count)
+        )
+        working_set = WorkingSet(
             sandbox=sandbox,
             working_set_id=working_set_id,
             run=run,
@@ -577,6 +650,7 @@ class WorkingSetStore:
             create_time=now,
             expire_time=now + self.retention,
         )
+        return working_set, table
 
     def table_name(self, sandbox: str, working_set_id: str, *, field: str = "working_set") -> str:
         """The name of a working set's table; NotFound naming ``field`` when it does not exist."""
@@ -594,12 +668,14 @@ class WorkingSetStore:
         *,
         field: str = "working_set",
         aggregates: tuple[Aggregate, ...] = (),
+        collections: tuple[Collection, ...] = (),
         bindings: Bindings | None = None,
     ) -> StreamPlan:
         """Check the working set, the requested attributes and enrichments, and plan the batches of a stream.
 
         ``aggregates`` add one column each: an aggregate of the records linked to each row (for
-        example the number of its bookings in the last 30 days), under its alias.
+        example the number of its bookings in the last 30 days), under its alias. ``collections``
+        add one list each: the first linked records of each row by a sort, under its alias.
         """
         row = self._row(sandbox, working_set_id, field)
         working_set = self._working_set_of(row)
@@ -651,6 +727,26 @@ class WorkingSetStore:
                 entity, aggregate, limits=self.limits, path=f"enrichments[{i}]", resolve=resolve, bindings=bindings
             )
             columns.append((aggregate.alias, scalar, value_type))
+        if len(collections) > MAX_COLLECTIONS:
+            raise InvalidArgument(
+                f"at most {MAX_COLLECTIONS} collections per stream; got {len(collections)}",
+                field="collections",
+                reason="INVALID_ENRICHMENT",
+            )
+        planned: list[CollectionPlan] = []
+        for i, collection in enumerate(collections):
+            if not collection.alias or collection.alias in seen:
+                raise InvalidArgument(
+                    "each collection needs an alias unlike every attribute and other alias",
+                    field=f"collections[{i}].alias",
+                    reason="INVALID_ENRICHMENT",
+                )
+            seen.add(collection.alias)
+            planned.append(
+                plan_collection(
+                    entity, collection, limits=self.limits, path=f"collections[{i}]", resolve=resolve, bindings=bindings
+                )
+            )
         return StreamPlan(
             working_set=working_set,
             entity=entity,
@@ -658,6 +754,7 @@ class WorkingSetStore:
             attributes=tuple(dict.fromkeys(attributes)),
             paths=paths,
             aggregates=tuple(columns),
+            collections=tuple(planned),
         )
 
     def read_batch(self, plan: StreamPlan, after_position: int, limit: int) -> list[WorkingSetRecord]:
@@ -701,9 +798,19 @@ class WorkingSetStore:
             .order_by(ws.c.position)
             .limit(limit)
         )
+        collected: dict[str, dict[int, list[dict[str, PyValue]]]] = {}
         try:
             with self.database.engine.connect() as conn:
                 rows = conn.execute(statement).all()
+                if rows and plan.collections:
+                    # One statement per collection for the whole batch: memory stays bounded by it.
+                    last = int(rows[-1][0])
+                    for collection in plan.collections:
+                        by_position: dict[int, list[dict[str, PyValue]]] = {}
+                        found = conn.execute(collection_statement(collection, entity, ws, after_position, last))
+                        for position, *linked in found:
+                            by_position.setdefault(int(position), []).append(collection.values_of(linked))
+                        collected[collection.alias] = by_position
         except sa.exc.DBAPIError:
             # The working set may have been purged while it was being streamed.
             self._row(plan.working_set.sandbox, plan.working_set.working_set_id, "working_set")
@@ -733,6 +840,7 @@ class WorkingSetStore:
                     entity_key=stored_key_text(key_attributes, [by_name[n] for n in schema.primary_key]),
                     identity=identity_value,
                     values=values,
+                    collections={alias: by_position.get(int(row[0]), []) for alias, by_position in collected.items()},
                 )
             )
         return result

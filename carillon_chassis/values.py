@@ -1,8 +1,10 @@
 """Conversions between ``carillon.type.v1.Value`` and plain Python values.
 
-Python side: None, str, int, Decimal, bool, datetime.date and timezone-aware datetime. The
-attribute-typed coercion (is this value of that attribute's type?) lives in the audience domain; this
-module only maps representations.
+Python side: None, str, int, Decimal, bool, datetime.date and timezone-aware datetime (a
+:data:`PyValue`); a ``list_value`` is a Python list and a ``struct_value`` a dict of such values
+(collection enrichments of streamed rows, which templates loop over). The attribute-typed coercion
+(is this value of that attribute's type?) lives in the audience domain; this module only maps
+representations.
 """
 
 from __future__ import annotations
@@ -49,14 +51,23 @@ def to_value(value: Any) -> value_pb2.Value:
         return value_pb2.Value(timestamp_value=to_timestamp(value))
     if isinstance(value, dt.date):
         return value_pb2.Value(date_value=value.isoformat())
+    if isinstance(value, list | tuple):
+        return value_pb2.Value(list_value=value_pb2.ListValue(values=[to_value(v) for v in value]))
+    if isinstance(value, Mapping):
+        return value_pb2.Value(struct_value=value_pb2.StructValue(fields=to_value_map(value)))
     return value_pb2.Value(string_value=str(value))
 
 
 def from_value(value: value_pb2.Value) -> PyValue:
-    """The Python value of a Value message, as sent (no coercion); None when unset or null."""
+    """The Python value of a scalar Value message, as sent (no coercion); None when unset or null.
+
+    ValueError for a list or struct (see :func:`from_nested_value`).
+    """
     kind = value.WhichOneof("kind")
     if kind is None or kind == "null_value":
         return None
+    if kind in ("list_value", "struct_value"):
+        raise ValueError(f"a {kind} is not a scalar value")
     if kind == "decimal_value":
         return Decimal(value.decimal_value)
     if kind == "timestamp_value":
@@ -72,6 +83,16 @@ def to_value_map(values: Mapping[str, Any]) -> dict[str, value_pb2.Value]:
     return {key: to_value(val) for key, val in values.items()}
 
 
-def from_value_map(values: Mapping[str, value_pb2.Value]) -> dict[str, PyValue]:
-    """A dict of Python values from a protobuf map of Values."""
-    return {key: from_value(val) for key, val in values.items()}
+def from_nested_value(value: value_pb2.Value) -> Any:
+    """The Python value of any Value message: a list for a ``list_value``, a dict for a ``struct_value``."""
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        return [from_nested_value(v) for v in value.list_value.values]
+    if kind == "struct_value":
+        return from_value_map(value.struct_value.fields)
+    return from_value(value)
+
+
+def from_value_map(values: Mapping[str, value_pb2.Value]) -> dict[str, Any]:
+    """A dict of Python values from a protobuf map of Values (lists and structs included)."""
+    return {key: from_nested_value(val) for key, val in values.items()}

@@ -1,12 +1,14 @@
 """``carillon ingest ENTITY FILE``: load a CSV or JSON Lines file into an entity through the API.
 
-The entity's schema (``GetEntity``) decides how each cell is typed: CSV cells are text parsed per
-attribute type (an empty cell of a nullable attribute is NULL); JSON values are taken as they are
-and parsed only where the attribute needs it (dates, timestamps, decimals). A column or key named
-``_op`` holding ``d`` (or ``delete``) deletes the record instead of upserting it. The file is read
-lazily and streamed in batches, so memory stays bounded by the batch size. When the server refuses a
-batch, every reported problem is printed with the file line it came from, and nothing of that batch
-is written (earlier batches stay applied; the command says how many).
+A CSV file goes in the bulk wire format: its header names the block's columns and its rows are sent
+nearly as they are, re-quoted, as one CSV ``RecordBlock`` per batch; the server parses every cell by
+the attribute's type. An empty cell is NULL, except in a non-nullable string or enum attribute,
+where it is the empty string. JSON Lines go as per-row ``RecordChange`` messages: values are taken
+as they are and parsed only where the attribute needs it (dates, timestamps, decimals). A column or
+key named ``_op`` holding ``d`` (or ``delete``) deletes the record instead of upserting it. The file
+is read lazily and streamed in batches, so memory stays bounded by the batch size. When the server
+refuses a batch, every reported problem is printed with the file line it came from, and nothing of
+that batch is written (earlier batches stay applied; the command says how many).
 """
 
 from __future__ import annotations
@@ -87,23 +89,57 @@ def change_of(entity: entity_pb2.Entity, row: dict[str, Any], *, from_text: bool
     return aud.RecordChange(operation=operation, values=values)
 
 
-def read_rows(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) for each record of the file, read lazily."""
+def csv_cell(value: str | None) -> str:
+    """One cell of a CSV block: NULL unquoted and empty, a text quoted when empty or when it must be."""
+    if value is None:
+        return ""
+    if value == "" or any(char in value for char in ',"\r\n'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def empty_means_text(entity: entity_pb2.Entity, columns: list[str]) -> list[bool]:
+    """Per column: whether an empty cell is the empty string (a non-nullable string or enum) or NULL."""
+    attributes = {a.name: a for a in entity.attributes}
+    texts = (T.ATTRIBUTE_TYPE_STRING, T.ATTRIBUTE_TYPE_ENUM)
+    return [name in attributes and not attributes[name].nullable and attributes[name].type in texts for name in columns]
+
+
+def read_csv_blocks(
+    path: Path, entity: entity_pb2.Entity, batch_size: int
+) -> Iterator[tuple[list[str], list[int], str]]:
+    """(the columns, the file line of each row, the CSV text) of each block of ``batch_size`` rows."""
     with path.open(encoding="utf-8", newline="") as handle:
-        if fmt == "csv":
-            reader = csv.DictReader(handle)
-            for row in reader:
-                yield reader.line_num, dict(row)
-        else:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise RowError(f"line {number}: not JSON ({exc.msg})") from exc
-                    if not isinstance(row, dict):
-                        raise RowError(f"line {number}: a JSON object is expected")
-                    yield number, row
+        reader = csv.reader(handle)
+        columns = next(reader, None)
+        if columns is None:
+            return
+        as_text = empty_means_text(entity, columns)
+        lines: list[int] = []
+        rows: list[str] = []
+        for row in reader:
+            cells = [cell if cell or (i < len(as_text) and as_text[i]) else None for i, cell in enumerate(row)]
+            rows.append(",".join(csv_cell(cell) for cell in cells) + "\n")
+            lines.append(reader.line_num)
+            if len(rows) == batch_size:
+                yield columns, lines, "".join(rows)
+                lines, rows = [], []
+        if rows:
+            yield columns, lines, "".join(rows)
+
+
+def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each record of a JSON Lines file, read lazily."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise RowError(f"line {number}: not JSON ({exc.msg})") from exc
+                if not isinstance(row, dict):
+                    raise RowError(f"line {number}: a JSON object is expected")
+                yield number, row
 
 
 @dataclass
@@ -137,10 +173,13 @@ def _problems(err: grpc.RpcError, batch_lines: list[list[int]]) -> tuple[int, li
             detail.Unpack(bad)
             for violation in bad.field_violations:
                 where = violation.field
-                if where.startswith("changes[") and "]" in where:
-                    index = int(where[len("changes[") : where.index("]")])
-                    if 0 <= index < len(lines):
-                        where = f"line {lines[index]} ({violation.field})"
+                for prefix in ("changes[", "block.rows["):
+                    if where.startswith(prefix) and "]" in where:
+                        index = int(where[len(prefix) : where.index("]")])
+                        if 0 <= index < len(lines):
+                            where = f"line {lines[index]} ({violation.field})"
+                if where.startswith("block.columns"):
+                    where = f"line 1, the header ({violation.field})"
                 found.append(f"{where}: {violation.description}")
     return max(refused, 0), found or [f"{err.code().name}: {err.details()}"]
 
@@ -165,17 +204,25 @@ async def ingest_file(
         entity = reply.entity
         batch_lines: list[list[int]] = []
 
+        async def blocks() -> AsyncIterator[aud.IngestRecordsRequest]:
+            for columns, lines, text in read_csv_blocks(path, entity, batch_size):
+                batch_lines.append(lines)
+                report.rows += len(lines)
+                yield aud.IngestRecordsRequest(entity=entity.name, block=aud.RecordBlock(columns=columns, csv=text))
+                if on_progress is not None:
+                    on_progress(len(lines))
+
         async def batches() -> AsyncIterator[aud.IngestRecordsRequest]:
             changes: list[aud.RecordChange] = []
             lines: list[int] = []
-            rows = read_rows(path, fmt)
+            rows = read_rows(path)
             while True:
                 try:
                     item = next(rows, None)
                     if item is None:
                         break
                     number, row = item
-                    changes.append(change_of(entity, row, from_text=fmt == "csv"))
+                    changes.append(change_of(entity, row, from_text=False))
                 except RowError as exc:
                     # stop here: the batch being built is not sent, earlier batches stay applied
                     report.problems.append(str(exc) if str(exc).startswith("line ") else f"line {number}: {exc}")
@@ -195,7 +242,7 @@ async def ingest_file(
                     on_progress(len(changes))
 
         try:
-            result = await stub.IngestRecords(batches(), metadata=metadata)
+            result = await stub.IngestRecords(blocks() if fmt == "csv" else batches(), metadata=metadata)
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise

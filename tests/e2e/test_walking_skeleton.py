@@ -172,8 +172,9 @@ async def test_sandboxes_do_not_see_each_other(stack: Stack) -> None:
         stub = aud_grpc.AudienceServiceStub(channel)
         demo = await stub.ListEntities(aud.ListEntitiesRequest(), metadata=call_metadata("demo"))
         prod = await stub.ListEntities(aud.ListEntitiesRequest(), metadata=call_metadata("prod"))
-    assert {e.name for e in demo.entities} == {"entities/customers", "entities/bookings"}
-    assert list(prod.entities) == []
+    # Every sandbox has the built-in message logs; the user entities stay in their own sandbox.
+    assert {e.name for e in demo.entities} == {"entities/customers", "entities/bookings", "entities/message_logs"}
+    assert [e.name for e in prod.entities] == ["entities/message_logs"]
 
 
 def test_bundled_dataset_has_the_cases_the_demo_needs() -> None:

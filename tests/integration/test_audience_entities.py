@@ -60,7 +60,8 @@ def test_an_invalid_schema_writes_nothing(catalog: EntityCatalog) -> None:
     with pytest.raises(InvalidArgument):
         catalog.create_entity("prod", "customers", bad)
     assert table_names(catalog) == set()
-    assert catalog.list_entities("prod") == ([], "")
+    listed, token = catalog.list_entities("prod")
+    assert ([e.entity_id for e in listed], token) == (["message_logs"], "")
 
 
 def test_a_taken_id_is_already_exists_and_adds_no_table(catalog: EntityCatalog) -> None:
@@ -110,7 +111,7 @@ def test_entities_are_listed_in_id_order_one_page_at_a_time(catalog: EntityCatal
     first, token = catalog.list_entities("prod", 2)
     second, last = catalog.list_entities("prod", 2, token)
     assert [e.entity_id for e in first] == ["a", "b"]
-    assert [e.entity_id for e in second] == ["c"]
+    assert [e.entity_id for e in second] == ["c", "message_logs"]
     assert last == ""
 
 

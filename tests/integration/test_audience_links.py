@@ -471,6 +471,79 @@ def test_an_unknown_distribution_attribute_is_invalid_argument(catalog: EntityCa
     assert [v.field for v in caught.value.violations] == ["distribution_attribute"]
 
 
+def test_the_distribution_of_a_many_to_one_path_counts_each_record_once(catalog: EntityCatalog) -> None:
+    # b4 has no hotel and counts as NULL; b2's hotel h3 is in Miami.
+    evaluation = AudienceEvaluator(catalog).evaluate(
+        "prod", AudienceQuery("bookings"), distribution_attribute="hotel.city"
+    )
+    assert evaluation.distribution == [("Paris", 2), ("Miami", 1), (None, 1)]
+
+
+def test_the_distribution_of_a_chained_path_applies_the_filter(catalog: EntityCatalog) -> None:
+    bookers = AudienceQuery("bookings", Condition("nights", "greater_or_equal", (2,)))
+    evaluation = AudienceEvaluator(catalog).evaluate("prod", bookers, distribution_attribute="hotel.chain.name")
+    assert evaluation.distribution == [("Ritz", 1), (None, 1)]
+
+
+def test_the_distribution_of_a_path_keeps_the_top_twenty_values(catalog: EntityCatalog) -> None:
+    hotels = catalog.get_entity("prod", "hotels")
+    bookings = catalog.get_entity("prod", "bookings")
+    apply_changes(
+        catalog.database,
+        hotels,
+        [RecordChange("upsert", {"id": f"x{i}", "version": 1, "city": f"Oslo{i:02d}"}) for i in range(25)],
+    )
+    apply_changes(
+        catalog.database,
+        bookings,
+        [
+            RecordChange(
+                "upsert",
+                {
+                    "id": f"bx{i}",
+                    "version": 1,
+                    "customer_id": "d",
+                    "hotel_id": f"x{i}",
+                    "amount": Decimal(1),
+                    "nights": 1,
+                    "booked": REF,
+                },
+            )
+            for i in range(25)
+        ],
+    )
+    evaluation = AudienceEvaluator(catalog).evaluate(
+        "prod", AudienceQuery("bookings"), distribution_attribute="hotel.city"
+    )
+    assert evaluation.distribution == [("Paris", 2), ("Miami", 1), *[(f"Oslo{i:02d}", 1) for i in range(18)]]
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("bookings.nights", "ONE_TO_MANY_PATH"),
+        ("nope.city", "UNKNOWN_LINK"),
+        ("country.city", "UNKNOWN_LINK"),
+        ("bookings.hotel.city", "ONE_TO_MANY_PATH"),
+    ],
+)
+def test_a_bad_distribution_path_of_customers_is_invalid_argument(
+    catalog: EntityCatalog, path: str, reason: str
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        AudienceEvaluator(catalog).evaluate("prod", AudienceQuery("customers"), distribution_attribute=path)
+    assert (caught.value.reason, [v.field for v in caught.value.violations]) == (reason, ["distribution_attribute"])
+
+
+def test_an_unknown_attribute_at_the_end_of_a_distribution_path_is_invalid_argument(catalog: EntityCatalog) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        AudienceEvaluator(catalog).evaluate("prod", AudienceQuery("bookings"), distribution_attribute="hotel.stars")
+    assert (caught.value.reason, [v.field for v in caught.value.violations]) == (
+        "UNKNOWN_ATTRIBUTE",
+        ["distribution_attribute"],
+    )
+
+
 def test_an_entity_can_link_to_itself(catalog: EntityCatalog) -> None:
     people = _schema(
         Attribute("referrer_id", "string", nullable=True),

@@ -164,6 +164,25 @@ async def test_an_n1_path_filters_over_the_wire(stub: Stub) -> None:
     assert (response.count, list(response.sample_keys)) == (2, ["b1", "b2"])
 
 
+async def test_the_distribution_of_an_n1_path_over_the_wire(stub: Stub) -> None:
+    request = svc.EvaluateAudienceRequest(
+        query=query_pb2.AudienceQuery(dimension="entities/bookings"), distribution_attribute="customer.country"
+    )
+    response = await stub.EvaluateAudience(request, metadata=PROD)
+    assert [(v.value.string_value, v.count) for v in response.distribution] == [("SE", 2), ("FR", 1)]
+
+
+async def test_the_distribution_of_a_1n_path_is_invalid_argument_naming_the_field(stub: Stub) -> None:
+    await add_reverse_link(stub)
+    request = svc.EvaluateAudienceRequest(
+        query=query_pb2.AudienceQuery(dimension="entities/customers"), distribution_attribute="bookings.id"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.EvaluateAudience(request, metadata=PROD)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(caught.value) == ("ONE_TO_MANY_PATH", "audience.carillon.dev", ["distribution_attribute"])
+
+
 async def test_a_1n_path_used_as_n1_is_invalid_argument_naming_the_path(stub: Stub) -> None:
     await add_reverse_link(stub)
     bad = query_pb2.Filter(

@@ -106,11 +106,36 @@ async def test_a_refused_batch_names_the_file_line_and_writes_nothing_of_that_ba
     assert await count(audience) == 3
 
 
-async def test_a_cell_that_cannot_be_read_stops_before_its_batch_is_sent(audience: str, tmp_path: Path) -> None:
+async def test_a_csv_cell_the_server_cannot_read_is_reported_with_its_line(audience: str, tmp_path: Path) -> None:
     path = tmp_path / "people.csv"
     path.write_text("person_id,age,vip,joined,version\np1,1,,,1\np2,1,,,1\np3,old,,,1\n")
 
     report = await ingest_file(audience, "people", path, batch_size=2)
 
-    assert report.problems and report.problems[0].startswith("line 4: age")
+    assert report.batches == 1
+    assert report.problems == ["line 4 (block.rows[0].values.age): 'old' is not an integer"]
     assert await count(audience) == 2
+
+
+async def test_a_csv_file_keeps_quoted_text_and_deletes_with_the_op_column(audience: str, tmp_path: Path) -> None:
+    path = tmp_path / "people.csv"
+    path.write_text('person_id,age,version,_op\n"a,1",30,1,\n"b ""2""\nline",31,1,u\n,32,1,\nc,33,1,\n"a,1",,2,d\n')
+
+    report = await ingest_file(audience, "people", path, batch_size=4)
+
+    assert (report.problems, report.batches, report.upserted, report.deleted) == ([], 2, 4, 1)
+    is_b = query_pb2.Condition(
+        attribute="person_id", operator=query_pb2.OPERATOR_EQUAL, values=[to_value('b "2"\nline')]
+    )
+    empty_id = query_pb2.Condition(attribute="person_id", operator=query_pb2.OPERATOR_EQUAL, values=[to_value("")])
+    assert (await count(audience), await count(audience, is_b), await count(audience, empty_id)) == (3, 1, 1)
+
+
+async def test_an_unknown_csv_column_is_reported_on_the_header(audience: str, tmp_path: Path) -> None:
+    path = tmp_path / "people.csv"
+    path.write_text("person_id,shoe_size,version\np1,42,1\n")
+
+    report = await ingest_file(audience, "people", path)
+
+    assert report.problems == ["line 1, the header (block.columns[1]): unknown attribute 'shoe_size'"]
+    assert await count(audience) == 0

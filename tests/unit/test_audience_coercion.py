@@ -15,6 +15,8 @@ from audience_svc.coercion import (
     coerce_operand,
     coerce_value,
     key_text,
+    text_parser,
+    value_coercer,
 )
 from audience_svc.schema import Attribute
 from audience_svc.servicer import raw_value
@@ -166,3 +168,90 @@ def test_canonical_text_of_each_type(value: object, text: str) -> None:
 
 def test_a_composite_key_joins_its_texts_with_a_bar() -> None:
     assert key_text(["acme", 42, dt.date(2024, 1, 2)]) == "acme|42|2024-01-02"
+
+
+@pytest.mark.parametrize(
+    ("attribute_type", "text", "expected"),
+    [
+        ("string", "", ""),
+        ("integer", "-42", -42),
+        ("integer", "+7", 7),
+        ("integer", "9223372036854775807", 2**63 - 1),
+        ("decimal", "12.50", Decimal("12.5")),
+        ("decimal", ".5", Decimal("0.5")),
+        ("decimal", "1.5e3", Decimal("1500")),
+        ("decimal", "-0.000", Decimal(0)),
+        ("boolean", "TRUE", True),
+        ("boolean", "f", False),
+        ("boolean", "1", True),
+        ("date", "2024-02-29", dt.date(2024, 2, 29)),
+        ("timestamp", "2024-01-01T12:00:00+02:00", dt.datetime(2024, 1, 1, 10, tzinfo=dt.UTC)),
+        ("timestamp", "2024-01-01 12:00:00.25Z", dt.datetime(2024, 1, 1, 12, 0, 0, 250000, tzinfo=dt.UTC)),
+    ],
+)
+def test_text_values_of_the_block_format_parse_to_their_type(attribute_type: str, text: str, expected: object) -> None:
+    value = text_parser(attribute_type)(text)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("attribute_type", "text"),
+    [
+        ("string", "nul\x00"),
+        ("integer", " 42"),
+        ("integer", "1_000"),
+        ("integer", "0x10"),
+        ("integer", "٤٢"),
+        ("integer", "9223372036854775808"),
+        ("decimal", "NaN"),
+        ("decimal", "1e28"),
+        ("decimal", "1e999999999"),
+        ("decimal", "0.00000000001"),
+        ("decimal", "1,5"),
+        ("boolean", "yes"),
+        ("boolean", " true"),
+        ("date", "2024-02-30"),
+        ("date", "0000-01-01"),
+        ("date", "20240101"),
+        ("timestamp", "2024-01-01T12:00:00"),
+        ("timestamp", "2024-01-01T24:00:00Z"),
+        ("timestamp", "2024-01-01T12:00:60Z"),
+        ("timestamp", "2024-01-01T12:00:00.1234567Z"),
+        ("timestamp", "0001-01-01T00:00:00+01:00"),
+    ],
+)
+def test_text_outside_the_block_grammar_is_refused(attribute_type: str, text: str) -> None:
+    with pytest.raises(CoercionError):
+        text_parser(attribute_type)(text)
+
+
+def test_an_enum_text_must_be_one_of_the_values() -> None:
+    parse = text_parser("enum", ("gold", "silver"))
+    assert parse("gold") == "gold"
+    with pytest.raises(CoercionError):
+        parse("Gold")
+
+
+@pytest.mark.parametrize(
+    "attribute",
+    [
+        Attribute("s", "string"),
+        Attribute("e", "enum", nullable=True, enum_values=("gold", "silver")),
+        Attribute("i", "integer"),
+        Attribute("d", "decimal", nullable=True),
+        Attribute("b", "boolean"),
+    ],
+)
+def test_the_per_attribute_coercer_agrees_with_coerce_value(attribute: Attribute) -> None:
+    raws: list[object] = ["gold", "x\x00", "", 7, 2**63, -(2**63), True, Decimal("1.5"), None, Malformed("date", "bad")]
+    coerce = value_coercer(attribute)
+    for raw in raws:
+        try:
+            expected: object = coerce_value(attribute, raw)  # type: ignore[arg-type]
+        except CoercionError as exc:
+            expected = ("refused", str(exc))
+        try:
+            got: object = coerce(raw)  # type: ignore[arg-type]
+        except CoercionError as exc:
+            got = ("refused", str(exc))
+        assert got == expected and type(got) is type(expected), raw

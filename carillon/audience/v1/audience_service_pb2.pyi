@@ -227,7 +227,7 @@ class UpdateEntityRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """The fields to update; only `links` is supported."""
+        """The fields to update: `attributes`, `links` or both."""
 
     def __init__(
         self,
@@ -379,6 +379,7 @@ class IngestRecordsRequest(_message.Message):
     ENTITY_FIELD_NUMBER: _builtins.int
     CHANGES_FIELD_NUMBER: _builtins.int
     ALLOW_PARTIAL_FIELD_NUMBER: _builtins.int
+    BLOCK_FIELD_NUMBER: _builtins.int
     entity: _builtins.str
     """The target entity, `entities/{entity}`; every batch of a stream names the same entity."""
     allow_partial: _builtins.bool
@@ -389,20 +390,68 @@ class IngestRecordsRequest(_message.Message):
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordChange]:
         """The changes, applied in order."""
 
+    @_builtins.property
+    def block(self) -> Global___RecordBlock:
+        """The changes of this batch as one block of CSV text, the bulk alternative to `changes` (a batch
+        sets one or the other). Its problems are named `block.columns[2]`, `block.rows[3]` (a malformed
+        row), `block.rows[3].operation` and `block.rows[3].values.age`, rows counted from 0.
+        """
+
     def __init__(
         self,
         *,
         entity: _builtins.str = ...,
         changes: _abc.Iterable[Global___RecordChange] | None = ...,
         allow_partial: _builtins.bool = ...,
+        block: Global___RecordBlock | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["block", b"block"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_partial", b"allow_partial", "changes", b"changes", "entity", b"entity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_partial", b"allow_partial", "block", b"block", "changes", b"changes", "entity", b"entity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IngestRecordsRequest: _TypeAlias = IngestRecordsRequest  # noqa: Y015
+
+@_typing.final
+class RecordBlock(_message.Message):
+    """A block of record changes as CSV text: the column names once, then one line per change. It
+    carries the same changes as a list of `RecordChange` with far less work per value on both sides.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    CSV_FIELD_NUMBER: _builtins.int
+    csv: _builtins.str
+    """The rows, RFC 4180 CSV without a header line: fields separated by `,`, records ended by `\\n`
+    or `\\r\\n`, a field holding `,`, `"` or a line break quoted with `"` (and `""` for a quote).
+    An unquoted empty field is NULL; `""` is the empty string. Values are text: integers
+    `[+-]?[0-9]+`, decimals like `12.50` or `1.5e3`, booleans `true`/`false`/`t`/`f`/`1`/`0` in any
+    case, dates `YYYY-MM-DD`, timestamps `YYYY-MM-DDTHH:MM:SS[.ffffff]` (`T` or a space) ending in
+    `Z` or an offset `+HH:MM`.
+    """
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The attribute of each column, in order. The optional column `_op` holds each row's operation:
+        `u` or `upsert` (also an empty cell), `d` or `delete`, in any case. Upserts need every
+        non-nullable attribute (a missing nullable one is NULL); deletes read only the primary key and
+        version columns and ignore the other cells.
+        """
+
+    def __init__(
+        self,
+        *,
+        columns: _abc.Iterable[_builtins.str] | None = ...,
+        csv: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "csv", b"csv"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordBlock: _TypeAlias = RecordBlock  # noqa: Y015
 
 @_typing.final
 class RejectedChange(_message.Message):
@@ -517,8 +566,10 @@ class EvaluateAudienceRequest(_message.Message):
     explain: _builtins.bool
     """When true the response carries the compiled SQL text, for debugging."""
     distribution_attribute: _builtins.str
-    """When set, the response carries the distribution of this attribute of the dimension over the
-    matching records: the 20 most frequent values (NULL included) with their counts.
+    """When set, the response carries the distribution of this attribute over the matching records: the
+    20 most frequent values (NULL included) with their counts. It is an attribute of the dimension or
+    a dot path through many-to-one links (`hotel.city`; a record without a linked record counts as
+    NULL).
     """
     audience: _builtins.str
     """A saved audience to evaluate instead of `query`, `audiences/{audience}`."""
@@ -652,6 +703,7 @@ class BuildWorkingSetRequest(_message.Message):
     REFERENCE_TIME_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     AUDIENCE_FIELD_NUMBER: _builtins.int
+    INCREMENTAL_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The run, `campaigns/{campaign}/runs/{run}`."""
     activity: _builtins.str
@@ -670,6 +722,12 @@ class BuildWorkingSetRequest(_message.Message):
     def parameters(self) -> _containers.MessageMap[_builtins.str, _query_pb2.ParameterValue]:
         """The values of the query's named parameters (campaign variables), by name."""
 
+    @_builtins.property
+    def incremental(self) -> _working_set_pb2.Incremental:
+        """When set, only the matching records that earlier runs of this campaign activity did not produce
+        (incremental query); the records this run produces are remembered for the next runs.
+        """
+
     def __init__(
         self,
         *,
@@ -679,10 +737,11 @@ class BuildWorkingSetRequest(_message.Message):
         reference_time: _timestamp_pb2.Timestamp | None = ...,
         parameters: _abc.Mapping[_builtins.str, _query_pb2.ParameterValue] | None = ...,
         audience: _builtins.str = ...,
+        incremental: _working_set_pb2.Incremental | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "reference_time", b"reference_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["incremental", b"incremental", "query", b"query", "reference_time", b"reference_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "audience", b"audience", "parameters", b"parameters", "query", b"query", "reference_time", b"reference_time", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "audience", b"audience", "incremental", b"incremental", "parameters", b"parameters", "query", b"query", "reference_time", b"reference_time", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -695,6 +754,9 @@ class BuildWorkingSetResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKING_SET_FIELD_NUMBER: _builtins.int
+    EXCLUDED_FIELD_NUMBER: _builtins.int
+    excluded: _builtins.int
+    """Matching records left out because earlier runs already produced them (incremental query only)."""
     @_builtins.property
     def working_set(self) -> _working_set_pb2.WorkingSet:
         """The working set."""
@@ -703,10 +765,11 @@ class BuildWorkingSetResponse(_message.Message):
         self,
         *,
         working_set: _working_set_pb2.WorkingSet | None = ...,
+        excluded: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["working_set", b"working_set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["working_set", b"working_set"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["excluded", b"excluded", "working_set", b"working_set"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1349,6 +1412,96 @@ class DeduplicateWorkingSetResponse(_message.Message):
 Global___DeduplicateWorkingSetResponse: _TypeAlias = DeduplicateWorkingSetResponse  # noqa: Y015
 
 @_typing.final
+class ReconcileWorkingSetRequest(_message.Message):
+    """Request of ReconcileWorkingSet."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    WORKING_SET_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    PAIRS_FIELD_NUMBER: _builtins.int
+    UNRECONCILED_ACTIVITY_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """The run, `campaigns/{campaign}/runs/{run}`."""
+    activity: _builtins.str
+    """The activity id of the reconciled working set (of the target dimension)."""
+    working_set: _builtins.str
+    """The working set to reconcile, `workingSets/{working_set}`."""
+    target: _builtins.str
+    """The entity to match the source records to, `entities/{entity}`; it becomes the dimension."""
+    unreconciled_activity: _builtins.str
+    """When set, the activity id of a working set of the source dimension that keeps the source
+    records not reconciled (unmatched and ambiguous); when empty they are dropped (and counted).
+    """
+    @_builtins.property
+    def pairs(self) -> _containers.RepeatedCompositeFieldContainer[_working_set_pb2.ReconciliationPair]:
+        """The attribute pairs that must all be equal for a source record to match a target record (at
+        least one). A NULL source attribute matches nothing.
+        """
+
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        activity: _builtins.str = ...,
+        working_set: _builtins.str = ...,
+        target: _builtins.str = ...,
+        pairs: _abc.Iterable[_working_set_pb2.ReconciliationPair] | None = ...,
+        unreconciled_activity: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "pairs", b"pairs", "run", b"run", "target", b"target", "unreconciled_activity", b"unreconciled_activity", "working_set", b"working_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileWorkingSetRequest: _TypeAlias = ReconcileWorkingSetRequest  # noqa: Y015
+
+@_typing.final
+class ReconcileWorkingSetResponse(_message.Message):
+    """Response of ReconcileWorkingSet."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKING_SET_FIELD_NUMBER: _builtins.int
+    UNRECONCILED_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    UNMATCHED_FIELD_NUMBER: _builtins.int
+    AMBIGUOUS_FIELD_NUMBER: _builtins.int
+    matched: _builtins.int
+    """Source records that matched exactly one target record."""
+    unmatched: _builtins.int
+    """Source records that matched no target record (or whose record is gone)."""
+    ambiguous: _builtins.int
+    """Source records that matched more than one target record; they are not reconciled."""
+    @_builtins.property
+    def working_set(self) -> _working_set_pb2.WorkingSet:
+        """The reconciled working set: the target records matched, each once."""
+
+    @_builtins.property
+    def unreconciled(self) -> _working_set_pb2.WorkingSet:
+        """The working set of the source records not reconciled, when `unreconciled_activity` was set."""
+
+    def __init__(
+        self,
+        *,
+        working_set: _working_set_pb2.WorkingSet | None = ...,
+        unreconciled: _working_set_pb2.WorkingSet | None = ...,
+        matched: _builtins.int = ...,
+        unmatched: _builtins.int = ...,
+        ambiguous: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["unreconciled", b"unreconciled", "working_set", b"working_set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ambiguous", b"ambiguous", "matched", b"matched", "unmatched", b"unmatched", "unreconciled", b"unreconciled", "working_set", b"working_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileWorkingSetResponse: _TypeAlias = ReconcileWorkingSetResponse  # noqa: Y015
+
+@_typing.final
 class GetWorkingSetRequest(_message.Message):
     """Request of GetWorkingSet."""
 
@@ -1406,6 +1559,7 @@ class StreamWorkingSetRequest(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     ENRICHMENTS_FIELD_NUMBER: _builtins.int
     REFERENCE_TIME_FIELD_NUMBER: _builtins.int
+    COLLECTIONS_FIELD_NUMBER: _builtins.int
     working_set: _builtins.str
     """The working set's name, `workingSets/{working_set}`."""
     after_position: _builtins.int
@@ -1427,6 +1581,14 @@ class StreamWorkingSetRequest(_message.Message):
     def reference_time(self) -> _timestamp_pb2.Timestamp:
         """The reference time of relative-date conditions in enrichment filters; unset means now."""
 
+    @_builtins.property
+    def collections(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollectionEnrichment]:
+        """Collections of each row's first linked records to add to its values (1-N enrichment), each a
+        list of records under its alias. At most 10 per stream (more is INVALID_ARGUMENT naming
+        `collections`); with large collections, choose a batch size that keeps each response message
+        under the client's maximum message size.
+        """
+
     def __init__(
         self,
         *,
@@ -1436,14 +1598,66 @@ class StreamWorkingSetRequest(_message.Message):
         attributes: _abc.Iterable[_builtins.str] | None = ...,
         enrichments: _abc.Iterable[Global___Enrichment] | None = ...,
         reference_time: _timestamp_pb2.Timestamp | None = ...,
+        collections: _abc.Iterable[Global___CollectionEnrichment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reference_time", b"reference_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "attributes", b"attributes", "batch_size", b"batch_size", "enrichments", b"enrichments", "reference_time", b"reference_time", "working_set", b"working_set"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "attributes", b"attributes", "batch_size", b"batch_size", "collections", b"collections", "enrichments", b"enrichments", "reference_time", b"reference_time", "working_set", b"working_set"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamWorkingSetRequest: _TypeAlias = StreamWorkingSetRequest  # noqa: Y015
+
+@_typing.final
+class CollectionEnrichment(_message.Message):
+    """The first records linked to each streamed row, by a sort, added to the row's values as a
+    `list_value` of `struct_value`s (one per linked record) under the alias, so that a template can
+    loop over `target.<alias>`. A row without linked records gets an empty list.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """The key of the value in each row; unlike every requested attribute and other alias."""
+    link: _builtins.str
+    """A one-to-many link of the working set's dimension."""
+    limit: _builtins.int
+    """How many linked records at most, 1 to 100."""
+    @_builtins.property
+    def order_by(self) -> _containers.RepeatedCompositeFieldContainer[Global___SortKey]:
+        """Which linked records come first (NULLs last); ties and the rest go in key order."""
+
+    @_builtins.property
+    def attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The attributes of the linked entity each record carries; empty means all of them."""
+
+    @_builtins.property
+    def filter(self) -> _query_pb2.Filter:
+        """Only linked records matching this filter are taken; unset: all of them."""
+
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        link: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        order_by: _abc.Iterable[Global___SortKey] | None = ...,
+        attributes: _abc.Iterable[_builtins.str] | None = ...,
+        filter: _query_pb2.Filter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "attributes", b"attributes", "filter", b"filter", "limit", b"limit", "link", b"link", "order_by", b"order_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectionEnrichment: _TypeAlias = CollectionEnrichment  # noqa: Y015
 
 @_typing.final
 class Enrichment(_message.Message):

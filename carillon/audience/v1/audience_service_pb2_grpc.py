@@ -117,6 +117,11 @@ class AudienceServiceStub:
                 request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeduplicateWorkingSetRequest.SerializeToString,
                 response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeduplicateWorkingSetResponse.FromString,
                 _registered_method=True)
+        self.ReconcileWorkingSet = channel.unary_unary(
+                '/carillon.audience.v1.AudienceService/ReconcileWorkingSet',
+                request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ReconcileWorkingSetRequest.SerializeToString,
+                response_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ReconcileWorkingSetResponse.FromString,
+                _registered_method=True)
         self.GetWorkingSet = channel.unary_unary(
                 '/carillon.audience.v1.AudienceService/GetWorkingSet',
                 request_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.GetWorkingSetRequest.SerializeToString,
@@ -141,16 +146,22 @@ class AudienceServiceServicer:
     """
 
     def CreateEntity(self, request, context):
-        """Creates an entity and its table.
-        Errors: INVALID_ARGUMENT (bad schema or link, with the field named), ALREADY_EXISTS (the id is taken),
-        RESOURCE_EXHAUSTED (the sandbox's entity limit is reached).
+        """Creates an entity and its table. The id `message_logs` is reserved for the built-in entity of
+        message logs, and the name `message_logs` for the built-in link to it (neither a link nor an
+        attribute may take it).
+        Errors: INVALID_ARGUMENT (bad schema or link, with the field named; reason RESERVED_ENTITY_ID for
+        the id `message_logs`), ALREADY_EXISTS (the id is taken), RESOURCE_EXHAUSTED (the sandbox's
+        entity limit is reached; the built-in `message_logs` does not count).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetEntity(self, request, context):
-        """Returns one entity's schema.
+        """Returns one entity's schema; `entities/message_logs` is the built-in entity of message logs,
+        present in every sandbox. Its table, index and catalog row are created in a sandbox the first
+        time any call needs it (GetEntity, ListEntities, a query on it or through its link, or
+        RecordMessageLogs), so even these reading calls need a database user allowed to create tables.
         Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -158,20 +169,25 @@ class AudienceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateEntity(self, request, context):
-        """Changes an entity's schema; so far only adding links is supported (update_mask `links`):
-        `entity.links` is the complete list, the existing links first and unchanged, then the new ones.
-        The indexes the new links need are created with the change. This is how two entities come to
-        link to each other.
-        Errors: INVALID_ARGUMENT (a bad link; reason INCOMPATIBLE_SCHEMA_CHANGE when an existing link
-        is removed or changed; an unsupported update_mask path), NOT_FOUND, FAILED_PRECONDITION (the
-        entity changed concurrently).
+        """Changes an entity's schema by adding attributes and/or links (update_mask `attributes`, `links`
+        or both). `entity.attributes` is then the complete list of attributes: the existing ones first,
+        unchanged and in order, then the new ones, which must be nullable (existing records read NULL);
+        the table gets the new columns in the same transaction. `entity.links` is likewise the complete
+        list of links, existing ones first; the indexes the new links need are created with the change.
+        This is how two entities come to link to each other. Key, version and identity never change.
+        Errors: INVALID_ARGUMENT (a bad attribute or link; reason INCOMPATIBLE_SCHEMA_CHANGE naming the
+        field when an existing attribute or link is removed, changed or moved, a new attribute is not
+        nullable, or update_mask names `primary_key`, `version_attribute` or `identity`; reason
+        UNSUPPORTED_UPDATE_MASK for another path), NOT_FOUND, FAILED_PRECONDITION (reason
+        CONCURRENT_SCHEMA_CHANGE when the entity changed concurrently; BUILT_IN_ENTITY for
+        `entities/message_logs`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListEntities(self, request, context):
-        """Lists entities in name order, one page at a time.
+        """Lists entities in name order, one page at a time, the built-in `entities/message_logs` included.
         Errors: INVALID_ARGUMENT (bad page size or token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -181,9 +197,12 @@ class AudienceServiceServicer:
     def IngestRecords(self, request_iterator, context):
         """Upserts records from a stream of batches. Each batch is applied all-or-nothing, in one
         transaction (unless it sets `allow_partial`); the highest version of a record wins. Rows are
-        queryable when the call returns.
+        queryable when the call returns. A batch carries a list of `changes` or, for bulk loads, one CSV
+        `block`.
         Errors: INVALID_ARGUMENT (a bad row without `allow_partial`; every bad row is listed as a field
-        violation, nothing of that batch is written), NOT_FOUND (unknown entity).
+        violation, nothing of that batch is written; an unknown or repeated block column, or a batch
+        with both `changes` and `block`, fails the batch even with `allow_partial`), NOT_FOUND (unknown entity), FAILED_PRECONDITION
+        (reason BUILT_IN_ENTITY for `entities/message_logs`, which only RecordMessageLogs writes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,9 +210,10 @@ class AudienceServiceServicer:
 
     def EvaluateAudience(self, request, context):
         """Counts the records matching a query and returns a sample of their keys and, on request, the
-        distribution of one attribute's values.
-        Errors: INVALID_ARGUMENT (unknown attribute or link (also the distribution attribute), a one-to-many link in a dot path, wrong
-        value type, bad operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
+        distribution of one attribute's values (an attribute of the dimension or a many-to-one dot path).
+        Errors: INVALID_ARGUMENT (unknown attribute or link (also in the distribution attribute), a
+        one-to-many link in a dot path (also in the distribution attribute), wrong value type, bad
+        operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -244,7 +264,10 @@ class AudienceServiceServicer:
     def BuildWorkingSet(self, request, context):
         """Builds the working set of one run's activity from a query, in one INSERT ... SELECT statement.
         Idempotent: when the run and activity already have a working set, that one is returned.
-        Errors: INVALID_ARGUMENT, NOT_FOUND (unknown dimension).
+        With `incremental` it leaves out the records earlier runs of the campaign activity produced
+        (processed keys within a history window, or a date watermark) and reports how many.
+        Errors: INVALID_ARGUMENT (bad query; bad incremental mode, history window or watermark attribute,
+        reason INVALID_INCREMENTAL), NOT_FOUND (unknown dimension).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -289,6 +312,24 @@ class AudienceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReconcileWorkingSet(self, request, context):
+        """Reconciles a working set with a target entity: each source record is matched to the target
+        records whose attributes equal its own, pair by pair. The working set of the activity holds,
+        once each, the target records that are the only match of a source record (the dimension changes
+        to the target); source records that match none (unmatched) or several (ambiguous) are counted and
+        either dropped or kept in a working set of the source dimension. Both working sets and the
+        counts are written in one transaction. Idempotent per activity like BuildWorkingSet: calling
+        again returns the same working sets and the counts recorded with them.
+        Errors: INVALID_ARGUMENT (no pair, unknown attribute, incompatible attribute types, bad
+        activity; reason INVALID_RECONCILIATION or UNKNOWN_ATTRIBUTE), NOT_FOUND (unknown or purged
+        working set, or unknown target entity), FAILED_PRECONDITION (reason ACTIVITY_TAKEN: the
+        activity or unreconciled activity already holds a working set that is not this
+        reconciliation of this working set with this target).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetWorkingSet(self, request, context):
         """Returns one working set.
         Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (unknown or purged).
@@ -299,8 +340,10 @@ class AudienceServiceServicer:
 
     def StreamWorkingSet(self, request, context):
         """Streams the rows of a working set after a position, in batches, with the requested attributes,
-        many-to-one paths and aggregates of linked records (enrichment).
-        Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment, bad batch size), NOT_FOUND.
+        many-to-one paths, aggregates of linked records and collections of the first linked records by a
+        sort (enrichment).
+        Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment or collection, bad batch
+        size), NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -309,7 +352,8 @@ class AudienceServiceServicer:
     def RecordMessageLogs(self, request, context):
         """Records message log events (delivery calls it after each send batch and for each feedback
         event). Idempotent on (message_id, status): an event already recorded is counted as a
-        duplicate and left unchanged. The events are queryable when the call returns.
+        duplicate and left unchanged. The events are queryable when the call returns, as records of
+        `entities/message_logs` (an unset event time means the time of the call).
         Errors: INVALID_ARGUMENT (more than 5000 logs, a missing message id, run, activity or identity,
         an unset status or channel, a malformed campaign or run name; each bad log is a field
         violation and nothing is written).
@@ -400,6 +444,11 @@ def add_AudienceServiceServicer_to_server(servicer, server):
                     servicer.DeduplicateWorkingSet,
                     request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeduplicateWorkingSetRequest.FromString,
                     response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeduplicateWorkingSetResponse.SerializeToString,
+            ),
+            'ReconcileWorkingSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReconcileWorkingSet,
+                    request_deserializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ReconcileWorkingSetRequest.FromString,
+                    response_serializer=carillon_dot_audience_dot_v1_dot_audience__service__pb2.ReconcileWorkingSetResponse.SerializeToString,
             ),
             'GetWorkingSet': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWorkingSet,
@@ -852,6 +901,33 @@ class AudienceService:
             '/carillon.audience.v1.AudienceService/DeduplicateWorkingSet',
             carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeduplicateWorkingSetRequest.SerializeToString,
             carillon_dot_audience_dot_v1_dot_audience__service__pb2.DeduplicateWorkingSetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReconcileWorkingSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.audience.v1.AudienceService/ReconcileWorkingSet',
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.ReconcileWorkingSetRequest.SerializeToString,
+            carillon_dot_audience_dot_v1_dot_audience__service__pb2.ReconcileWorkingSetResponse.FromString,
             options,
             channel_credentials,
             insecure,

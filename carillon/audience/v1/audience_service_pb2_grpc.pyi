@@ -37,39 +37,54 @@ class AudienceServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AudienceServiceAsyncStub: ...
     CreateEntity: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.CreateEntityRequest, _audience_service_pb2.CreateEntityResponse]
-    """Creates an entity and its table.
-    Errors: INVALID_ARGUMENT (bad schema or link, with the field named), ALREADY_EXISTS (the id is taken),
-    RESOURCE_EXHAUSTED (the sandbox's entity limit is reached).
+    """Creates an entity and its table. The id `message_logs` is reserved for the built-in entity of
+    message logs, and the name `message_logs` for the built-in link to it (neither a link nor an
+    attribute may take it).
+    Errors: INVALID_ARGUMENT (bad schema or link, with the field named; reason RESERVED_ENTITY_ID for
+    the id `message_logs`), ALREADY_EXISTS (the id is taken), RESOURCE_EXHAUSTED (the sandbox's
+    entity limit is reached; the built-in `message_logs` does not count).
     """
     GetEntity: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.GetEntityRequest, _audience_service_pb2.GetEntityResponse]
-    """Returns one entity's schema.
+    """Returns one entity's schema; `entities/message_logs` is the built-in entity of message logs,
+    present in every sandbox. Its table, index and catalog row are created in a sandbox the first
+    time any call needs it (GetEntity, ListEntities, a query on it or through its link, or
+    RecordMessageLogs), so even these reading calls need a database user allowed to create tables.
     Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
     """
     UpdateEntity: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.UpdateEntityRequest, _audience_service_pb2.UpdateEntityResponse]
-    """Changes an entity's schema; so far only adding links is supported (update_mask `links`):
-    `entity.links` is the complete list, the existing links first and unchanged, then the new ones.
-    The indexes the new links need are created with the change. This is how two entities come to
-    link to each other.
-    Errors: INVALID_ARGUMENT (a bad link; reason INCOMPATIBLE_SCHEMA_CHANGE when an existing link
-    is removed or changed; an unsupported update_mask path), NOT_FOUND, FAILED_PRECONDITION (the
-    entity changed concurrently).
+    """Changes an entity's schema by adding attributes and/or links (update_mask `attributes`, `links`
+    or both). `entity.attributes` is then the complete list of attributes: the existing ones first,
+    unchanged and in order, then the new ones, which must be nullable (existing records read NULL);
+    the table gets the new columns in the same transaction. `entity.links` is likewise the complete
+    list of links, existing ones first; the indexes the new links need are created with the change.
+    This is how two entities come to link to each other. Key, version and identity never change.
+    Errors: INVALID_ARGUMENT (a bad attribute or link; reason INCOMPATIBLE_SCHEMA_CHANGE naming the
+    field when an existing attribute or link is removed, changed or moved, a new attribute is not
+    nullable, or update_mask names `primary_key`, `version_attribute` or `identity`; reason
+    UNSUPPORTED_UPDATE_MASK for another path), NOT_FOUND, FAILED_PRECONDITION (reason
+    CONCURRENT_SCHEMA_CHANGE when the entity changed concurrently; BUILT_IN_ENTITY for
+    `entities/message_logs`).
     """
     ListEntities: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.ListEntitiesRequest, _audience_service_pb2.ListEntitiesResponse]
-    """Lists entities in name order, one page at a time.
+    """Lists entities in name order, one page at a time, the built-in `entities/message_logs` included.
     Errors: INVALID_ARGUMENT (bad page size or token).
     """
     IngestRecords: _grpc.StreamUnaryMultiCallable[_audience_service_pb2.IngestRecordsRequest, _audience_service_pb2.IngestRecordsResponse]
     """Upserts records from a stream of batches. Each batch is applied all-or-nothing, in one
     transaction (unless it sets `allow_partial`); the highest version of a record wins. Rows are
-    queryable when the call returns.
+    queryable when the call returns. A batch carries a list of `changes` or, for bulk loads, one CSV
+    `block`.
     Errors: INVALID_ARGUMENT (a bad row without `allow_partial`; every bad row is listed as a field
-    violation, nothing of that batch is written), NOT_FOUND (unknown entity).
+    violation, nothing of that batch is written; an unknown or repeated block column, or a batch
+    with both `changes` and `block`, fails the batch even with `allow_partial`), NOT_FOUND (unknown entity), FAILED_PRECONDITION
+    (reason BUILT_IN_ENTITY for `entities/message_logs`, which only RecordMessageLogs writes).
     """
     EvaluateAudience: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.EvaluateAudienceRequest, _audience_service_pb2.EvaluateAudienceResponse]
     """Counts the records matching a query and returns a sample of their keys and, on request, the
-    distribution of one attribute's values.
-    Errors: INVALID_ARGUMENT (unknown attribute or link (also the distribution attribute), a one-to-many link in a dot path, wrong
-    value type, bad operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
+    distribution of one attribute's values (an attribute of the dimension or a many-to-one dot path).
+    Errors: INVALID_ARGUMENT (unknown attribute or link (also in the distribution attribute), a
+    one-to-many link in a dot path (also in the distribution attribute), wrong value type, bad
+    operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
     """
     CreateAudience: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.CreateAudienceRequest, _audience_service_pb2.CreateAudienceResponse]
     """Saves a query as a definition audience (evaluated when read). Parameters may stay unbound.
@@ -96,7 +111,10 @@ class AudienceServiceStub:
     BuildWorkingSet: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.BuildWorkingSetRequest, _audience_service_pb2.BuildWorkingSetResponse]
     """Builds the working set of one run's activity from a query, in one INSERT ... SELECT statement.
     Idempotent: when the run and activity already have a working set, that one is returned.
-    Errors: INVALID_ARGUMENT, NOT_FOUND (unknown dimension).
+    With `incremental` it leaves out the records earlier runs of the campaign activity produced
+    (processed keys within a history window, or a date watermark) and reports how many.
+    Errors: INVALID_ARGUMENT (bad query; bad incremental mode, history window or watermark attribute,
+    reason INVALID_INCREMENTAL), NOT_FOUND (unknown dimension).
     """
     CombineWorkingSets: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.CombineWorkingSetsRequest, _audience_service_pb2.CombineWorkingSetsResponse]
     """Builds the working set of one run's activity by combining working sets of one dimension
@@ -121,19 +139,36 @@ class AudienceServiceStub:
     Errors: INVALID_ARGUMENT (unknown field or attribute, bad keep, method or priority value),
     NOT_FOUND.
     """
+    ReconcileWorkingSet: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.ReconcileWorkingSetRequest, _audience_service_pb2.ReconcileWorkingSetResponse]
+    """Reconciles a working set with a target entity: each source record is matched to the target
+    records whose attributes equal its own, pair by pair. The working set of the activity holds,
+    once each, the target records that are the only match of a source record (the dimension changes
+    to the target); source records that match none (unmatched) or several (ambiguous) are counted and
+    either dropped or kept in a working set of the source dimension. Both working sets and the
+    counts are written in one transaction. Idempotent per activity like BuildWorkingSet: calling
+    again returns the same working sets and the counts recorded with them.
+    Errors: INVALID_ARGUMENT (no pair, unknown attribute, incompatible attribute types, bad
+    activity; reason INVALID_RECONCILIATION or UNKNOWN_ATTRIBUTE), NOT_FOUND (unknown or purged
+    working set, or unknown target entity), FAILED_PRECONDITION (reason ACTIVITY_TAKEN: the
+    activity or unreconciled activity already holds a working set that is not this
+    reconciliation of this working set with this target).
+    """
     GetWorkingSet: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.GetWorkingSetRequest, _audience_service_pb2.GetWorkingSetResponse]
     """Returns one working set.
     Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (unknown or purged).
     """
     StreamWorkingSet: _grpc.UnaryStreamMultiCallable[_audience_service_pb2.StreamWorkingSetRequest, _audience_service_pb2.StreamWorkingSetResponse]
     """Streams the rows of a working set after a position, in batches, with the requested attributes,
-    many-to-one paths and aggregates of linked records (enrichment).
-    Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment, bad batch size), NOT_FOUND.
+    many-to-one paths, aggregates of linked records and collections of the first linked records by a
+    sort (enrichment).
+    Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment or collection, bad batch
+    size), NOT_FOUND.
     """
     RecordMessageLogs: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.RecordMessageLogsRequest, _audience_service_pb2.RecordMessageLogsResponse]
     """Records message log events (delivery calls it after each send batch and for each feedback
     event). Idempotent on (message_id, status): an event already recorded is counted as a
-    duplicate and left unchanged. The events are queryable when the call returns.
+    duplicate and left unchanged. The events are queryable when the call returns, as records of
+    `entities/message_logs` (an unset event time means the time of the call).
     Errors: INVALID_ARGUMENT (more than 5000 logs, a missing message id, run, activity or identity,
     an unset status or channel, a malformed campaign or run name; each bad log is a field
     violation and nothing is written).
@@ -148,39 +183,54 @@ class AudienceServiceAsyncStub(AudienceServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateEntity: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.CreateEntityRequest, _audience_service_pb2.CreateEntityResponse]  # type: ignore[assignment]
-    """Creates an entity and its table.
-    Errors: INVALID_ARGUMENT (bad schema or link, with the field named), ALREADY_EXISTS (the id is taken),
-    RESOURCE_EXHAUSTED (the sandbox's entity limit is reached).
+    """Creates an entity and its table. The id `message_logs` is reserved for the built-in entity of
+    message logs, and the name `message_logs` for the built-in link to it (neither a link nor an
+    attribute may take it).
+    Errors: INVALID_ARGUMENT (bad schema or link, with the field named; reason RESERVED_ENTITY_ID for
+    the id `message_logs`), ALREADY_EXISTS (the id is taken), RESOURCE_EXHAUSTED (the sandbox's
+    entity limit is reached; the built-in `message_logs` does not count).
     """
     GetEntity: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.GetEntityRequest, _audience_service_pb2.GetEntityResponse]  # type: ignore[assignment]
-    """Returns one entity's schema.
+    """Returns one entity's schema; `entities/message_logs` is the built-in entity of message logs,
+    present in every sandbox. Its table, index and catalog row are created in a sandbox the first
+    time any call needs it (GetEntity, ListEntities, a query on it or through its link, or
+    RecordMessageLogs), so even these reading calls need a database user allowed to create tables.
     Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
     """
     UpdateEntity: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.UpdateEntityRequest, _audience_service_pb2.UpdateEntityResponse]  # type: ignore[assignment]
-    """Changes an entity's schema; so far only adding links is supported (update_mask `links`):
-    `entity.links` is the complete list, the existing links first and unchanged, then the new ones.
-    The indexes the new links need are created with the change. This is how two entities come to
-    link to each other.
-    Errors: INVALID_ARGUMENT (a bad link; reason INCOMPATIBLE_SCHEMA_CHANGE when an existing link
-    is removed or changed; an unsupported update_mask path), NOT_FOUND, FAILED_PRECONDITION (the
-    entity changed concurrently).
+    """Changes an entity's schema by adding attributes and/or links (update_mask `attributes`, `links`
+    or both). `entity.attributes` is then the complete list of attributes: the existing ones first,
+    unchanged and in order, then the new ones, which must be nullable (existing records read NULL);
+    the table gets the new columns in the same transaction. `entity.links` is likewise the complete
+    list of links, existing ones first; the indexes the new links need are created with the change.
+    This is how two entities come to link to each other. Key, version and identity never change.
+    Errors: INVALID_ARGUMENT (a bad attribute or link; reason INCOMPATIBLE_SCHEMA_CHANGE naming the
+    field when an existing attribute or link is removed, changed or moved, a new attribute is not
+    nullable, or update_mask names `primary_key`, `version_attribute` or `identity`; reason
+    UNSUPPORTED_UPDATE_MASK for another path), NOT_FOUND, FAILED_PRECONDITION (reason
+    CONCURRENT_SCHEMA_CHANGE when the entity changed concurrently; BUILT_IN_ENTITY for
+    `entities/message_logs`).
     """
     ListEntities: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.ListEntitiesRequest, _audience_service_pb2.ListEntitiesResponse]  # type: ignore[assignment]
-    """Lists entities in name order, one page at a time.
+    """Lists entities in name order, one page at a time, the built-in `entities/message_logs` included.
     Errors: INVALID_ARGUMENT (bad page size or token).
     """
     IngestRecords: _aio.StreamUnaryMultiCallable[_audience_service_pb2.IngestRecordsRequest, _audience_service_pb2.IngestRecordsResponse]  # type: ignore[assignment]
     """Upserts records from a stream of batches. Each batch is applied all-or-nothing, in one
     transaction (unless it sets `allow_partial`); the highest version of a record wins. Rows are
-    queryable when the call returns.
+    queryable when the call returns. A batch carries a list of `changes` or, for bulk loads, one CSV
+    `block`.
     Errors: INVALID_ARGUMENT (a bad row without `allow_partial`; every bad row is listed as a field
-    violation, nothing of that batch is written), NOT_FOUND (unknown entity).
+    violation, nothing of that batch is written; an unknown or repeated block column, or a batch
+    with both `changes` and `block`, fails the batch even with `allow_partial`), NOT_FOUND (unknown entity), FAILED_PRECONDITION
+    (reason BUILT_IN_ENTITY for `entities/message_logs`, which only RecordMessageLogs writes).
     """
     EvaluateAudience: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.EvaluateAudienceRequest, _audience_service_pb2.EvaluateAudienceResponse]  # type: ignore[assignment]
     """Counts the records matching a query and returns a sample of their keys and, on request, the
-    distribution of one attribute's values.
-    Errors: INVALID_ARGUMENT (unknown attribute or link (also the distribution attribute), a one-to-many link in a dot path, wrong
-    value type, bad operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
+    distribution of one attribute's values (an attribute of the dimension or a many-to-one dot path).
+    Errors: INVALID_ARGUMENT (unknown attribute or link (also in the distribution attribute), a
+    one-to-many link in a dot path (also in the distribution attribute), wrong value type, bad
+    operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
     """
     CreateAudience: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.CreateAudienceRequest, _audience_service_pb2.CreateAudienceResponse]  # type: ignore[assignment]
     """Saves a query as a definition audience (evaluated when read). Parameters may stay unbound.
@@ -207,7 +257,10 @@ class AudienceServiceAsyncStub(AudienceServiceStub):
     BuildWorkingSet: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.BuildWorkingSetRequest, _audience_service_pb2.BuildWorkingSetResponse]  # type: ignore[assignment]
     """Builds the working set of one run's activity from a query, in one INSERT ... SELECT statement.
     Idempotent: when the run and activity already have a working set, that one is returned.
-    Errors: INVALID_ARGUMENT, NOT_FOUND (unknown dimension).
+    With `incremental` it leaves out the records earlier runs of the campaign activity produced
+    (processed keys within a history window, or a date watermark) and reports how many.
+    Errors: INVALID_ARGUMENT (bad query; bad incremental mode, history window or watermark attribute,
+    reason INVALID_INCREMENTAL), NOT_FOUND (unknown dimension).
     """
     CombineWorkingSets: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.CombineWorkingSetsRequest, _audience_service_pb2.CombineWorkingSetsResponse]  # type: ignore[assignment]
     """Builds the working set of one run's activity by combining working sets of one dimension
@@ -232,19 +285,36 @@ class AudienceServiceAsyncStub(AudienceServiceStub):
     Errors: INVALID_ARGUMENT (unknown field or attribute, bad keep, method or priority value),
     NOT_FOUND.
     """
+    ReconcileWorkingSet: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.ReconcileWorkingSetRequest, _audience_service_pb2.ReconcileWorkingSetResponse]  # type: ignore[assignment]
+    """Reconciles a working set with a target entity: each source record is matched to the target
+    records whose attributes equal its own, pair by pair. The working set of the activity holds,
+    once each, the target records that are the only match of a source record (the dimension changes
+    to the target); source records that match none (unmatched) or several (ambiguous) are counted and
+    either dropped or kept in a working set of the source dimension. Both working sets and the
+    counts are written in one transaction. Idempotent per activity like BuildWorkingSet: calling
+    again returns the same working sets and the counts recorded with them.
+    Errors: INVALID_ARGUMENT (no pair, unknown attribute, incompatible attribute types, bad
+    activity; reason INVALID_RECONCILIATION or UNKNOWN_ATTRIBUTE), NOT_FOUND (unknown or purged
+    working set, or unknown target entity), FAILED_PRECONDITION (reason ACTIVITY_TAKEN: the
+    activity or unreconciled activity already holds a working set that is not this
+    reconciliation of this working set with this target).
+    """
     GetWorkingSet: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.GetWorkingSetRequest, _audience_service_pb2.GetWorkingSetResponse]  # type: ignore[assignment]
     """Returns one working set.
     Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (unknown or purged).
     """
     StreamWorkingSet: _aio.UnaryStreamMultiCallable[_audience_service_pb2.StreamWorkingSetRequest, _audience_service_pb2.StreamWorkingSetResponse]  # type: ignore[assignment]
     """Streams the rows of a working set after a position, in batches, with the requested attributes,
-    many-to-one paths and aggregates of linked records (enrichment).
-    Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment, bad batch size), NOT_FOUND.
+    many-to-one paths, aggregates of linked records and collections of the first linked records by a
+    sort (enrichment).
+    Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment or collection, bad batch
+    size), NOT_FOUND.
     """
     RecordMessageLogs: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.RecordMessageLogsRequest, _audience_service_pb2.RecordMessageLogsResponse]  # type: ignore[assignment]
     """Records message log events (delivery calls it after each send batch and for each feedback
     event). Idempotent on (message_id, status): an event already recorded is counted as a
-    duplicate and left unchanged. The events are queryable when the call returns.
+    duplicate and left unchanged. The events are queryable when the call returns, as records of
+    `entities/message_logs` (an unset event time means the time of the call).
     Errors: INVALID_ARGUMENT (more than 5000 logs, a missing message id, run, activity or identity,
     an unset status or channel, a malformed campaign or run name; each bad log is a field
     violation and nothing is written).
@@ -262,9 +332,12 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _audience_service_pb2.CreateEntityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audience_service_pb2.CreateEntityResponse, _abc.Awaitable[_audience_service_pb2.CreateEntityResponse]]:
-        """Creates an entity and its table.
-        Errors: INVALID_ARGUMENT (bad schema or link, with the field named), ALREADY_EXISTS (the id is taken),
-        RESOURCE_EXHAUSTED (the sandbox's entity limit is reached).
+        """Creates an entity and its table. The id `message_logs` is reserved for the built-in entity of
+        message logs, and the name `message_logs` for the built-in link to it (neither a link nor an
+        attribute may take it).
+        Errors: INVALID_ARGUMENT (bad schema or link, with the field named; reason RESERVED_ENTITY_ID for
+        the id `message_logs`), ALREADY_EXISTS (the id is taken), RESOURCE_EXHAUSTED (the sandbox's
+        entity limit is reached; the built-in `message_logs` does not count).
         """
 
     @_abc_1.abstractmethod
@@ -273,7 +346,10 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _audience_service_pb2.GetEntityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audience_service_pb2.GetEntityResponse, _abc.Awaitable[_audience_service_pb2.GetEntityResponse]]:
-        """Returns one entity's schema.
+        """Returns one entity's schema; `entities/message_logs` is the built-in entity of message logs,
+        present in every sandbox. Its table, index and catalog row are created in a sandbox the first
+        time any call needs it (GetEntity, ListEntities, a query on it or through its link, or
+        RecordMessageLogs), so even these reading calls need a database user allowed to create tables.
         Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND.
         """
 
@@ -283,13 +359,18 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _audience_service_pb2.UpdateEntityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audience_service_pb2.UpdateEntityResponse, _abc.Awaitable[_audience_service_pb2.UpdateEntityResponse]]:
-        """Changes an entity's schema; so far only adding links is supported (update_mask `links`):
-        `entity.links` is the complete list, the existing links first and unchanged, then the new ones.
-        The indexes the new links need are created with the change. This is how two entities come to
-        link to each other.
-        Errors: INVALID_ARGUMENT (a bad link; reason INCOMPATIBLE_SCHEMA_CHANGE when an existing link
-        is removed or changed; an unsupported update_mask path), NOT_FOUND, FAILED_PRECONDITION (the
-        entity changed concurrently).
+        """Changes an entity's schema by adding attributes and/or links (update_mask `attributes`, `links`
+        or both). `entity.attributes` is then the complete list of attributes: the existing ones first,
+        unchanged and in order, then the new ones, which must be nullable (existing records read NULL);
+        the table gets the new columns in the same transaction. `entity.links` is likewise the complete
+        list of links, existing ones first; the indexes the new links need are created with the change.
+        This is how two entities come to link to each other. Key, version and identity never change.
+        Errors: INVALID_ARGUMENT (a bad attribute or link; reason INCOMPATIBLE_SCHEMA_CHANGE naming the
+        field when an existing attribute or link is removed, changed or moved, a new attribute is not
+        nullable, or update_mask names `primary_key`, `version_attribute` or `identity`; reason
+        UNSUPPORTED_UPDATE_MASK for another path), NOT_FOUND, FAILED_PRECONDITION (reason
+        CONCURRENT_SCHEMA_CHANGE when the entity changed concurrently; BUILT_IN_ENTITY for
+        `entities/message_logs`).
         """
 
     @_abc_1.abstractmethod
@@ -298,7 +379,7 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _audience_service_pb2.ListEntitiesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audience_service_pb2.ListEntitiesResponse, _abc.Awaitable[_audience_service_pb2.ListEntitiesResponse]]:
-        """Lists entities in name order, one page at a time.
+        """Lists entities in name order, one page at a time, the built-in `entities/message_logs` included.
         Errors: INVALID_ARGUMENT (bad page size or token).
         """
 
@@ -310,9 +391,12 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_audience_service_pb2.IngestRecordsResponse, _abc.Awaitable[_audience_service_pb2.IngestRecordsResponse]]:
         """Upserts records from a stream of batches. Each batch is applied all-or-nothing, in one
         transaction (unless it sets `allow_partial`); the highest version of a record wins. Rows are
-        queryable when the call returns.
+        queryable when the call returns. A batch carries a list of `changes` or, for bulk loads, one CSV
+        `block`.
         Errors: INVALID_ARGUMENT (a bad row without `allow_partial`; every bad row is listed as a field
-        violation, nothing of that batch is written), NOT_FOUND (unknown entity).
+        violation, nothing of that batch is written; an unknown or repeated block column, or a batch
+        with both `changes` and `block`, fails the batch even with `allow_partial`), NOT_FOUND (unknown entity), FAILED_PRECONDITION
+        (reason BUILT_IN_ENTITY for `entities/message_logs`, which only RecordMessageLogs writes).
         """
 
     @_abc_1.abstractmethod
@@ -322,9 +406,10 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audience_service_pb2.EvaluateAudienceResponse, _abc.Awaitable[_audience_service_pb2.EvaluateAudienceResponse]]:
         """Counts the records matching a query and returns a sample of their keys and, on request, the
-        distribution of one attribute's values.
-        Errors: INVALID_ARGUMENT (unknown attribute or link (also the distribution attribute), a one-to-many link in a dot path, wrong
-        value type, bad operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
+        distribution of one attribute's values (an attribute of the dimension or a many-to-one dot path).
+        Errors: INVALID_ARGUMENT (unknown attribute or link (also in the distribution attribute), a
+        one-to-many link in a dot path (also in the distribution attribute), wrong value type, bad
+        operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
@@ -387,7 +472,10 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_audience_service_pb2.BuildWorkingSetResponse, _abc.Awaitable[_audience_service_pb2.BuildWorkingSetResponse]]:
         """Builds the working set of one run's activity from a query, in one INSERT ... SELECT statement.
         Idempotent: when the run and activity already have a working set, that one is returned.
-        Errors: INVALID_ARGUMENT, NOT_FOUND (unknown dimension).
+        With `incremental` it leaves out the records earlier runs of the campaign activity produced
+        (processed keys within a history window, or a date watermark) and reports how many.
+        Errors: INVALID_ARGUMENT (bad query; bad incremental mode, history window or watermark attribute,
+        reason INVALID_INCREMENTAL), NOT_FOUND (unknown dimension).
         """
 
     @_abc_1.abstractmethod
@@ -438,6 +526,26 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def ReconcileWorkingSet(
+        self,
+        request: _audience_service_pb2.ReconcileWorkingSetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audience_service_pb2.ReconcileWorkingSetResponse, _abc.Awaitable[_audience_service_pb2.ReconcileWorkingSetResponse]]:
+        """Reconciles a working set with a target entity: each source record is matched to the target
+        records whose attributes equal its own, pair by pair. The working set of the activity holds,
+        once each, the target records that are the only match of a source record (the dimension changes
+        to the target); source records that match none (unmatched) or several (ambiguous) are counted and
+        either dropped or kept in a working set of the source dimension. Both working sets and the
+        counts are written in one transaction. Idempotent per activity like BuildWorkingSet: calling
+        again returns the same working sets and the counts recorded with them.
+        Errors: INVALID_ARGUMENT (no pair, unknown attribute, incompatible attribute types, bad
+        activity; reason INVALID_RECONCILIATION or UNKNOWN_ATTRIBUTE), NOT_FOUND (unknown or purged
+        working set, or unknown target entity), FAILED_PRECONDITION (reason ACTIVITY_TAKEN: the
+        activity or unreconciled activity already holds a working set that is not this
+        reconciliation of this working set with this target).
+        """
+
+    @_abc_1.abstractmethod
     def GetWorkingSet(
         self,
         request: _audience_service_pb2.GetWorkingSetRequest,
@@ -454,8 +562,10 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_audience_service_pb2.StreamWorkingSetResponse], _abc.AsyncIterator[_audience_service_pb2.StreamWorkingSetResponse]]:
         """Streams the rows of a working set after a position, in batches, with the requested attributes,
-        many-to-one paths and aggregates of linked records (enrichment).
-        Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment, bad batch size), NOT_FOUND.
+        many-to-one paths, aggregates of linked records and collections of the first linked records by a
+        sort (enrichment).
+        Errors: INVALID_ARGUMENT (unknown attribute or path, bad enrichment or collection, bad batch
+        size), NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
@@ -466,7 +576,8 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_audience_service_pb2.RecordMessageLogsResponse, _abc.Awaitable[_audience_service_pb2.RecordMessageLogsResponse]]:
         """Records message log events (delivery calls it after each send batch and for each feedback
         event). Idempotent on (message_id, status): an event already recorded is counted as a
-        duplicate and left unchanged. The events are queryable when the call returns.
+        duplicate and left unchanged. The events are queryable when the call returns, as records of
+        `entities/message_logs` (an unset event time means the time of the call).
         Errors: INVALID_ARGUMENT (more than 5000 logs, a missing message id, run, activity or identity,
         an unset status or channel, a malformed campaign or run name; each bad log is a field
         violation and nothing is written).

@@ -195,7 +195,9 @@ class Link(_message.Message):
     CARDINALITY_FIELD_NUMBER: _builtins.int
     JOIN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The link's name, unique among the entity's links and attributes; the first segment of a dot path."""
+    """The link's name, unique among the entity's links and attributes; the first segment of a dot path.
+    `message_logs` is reserved for the built-in link to message logs.
+    """
     target: _builtins.str
     """The target entity, `entities/{entity}`; it must exist in the same sandbox (or be this entity)."""
     cardinality: Global___LinkCardinality.ValueType
@@ -265,7 +267,11 @@ class Entity(_message.Message):
 
     @_builtins.property
     def links(self) -> _containers.RepeatedCompositeFieldContainer[Global___Link]:
-        """The entity's links to other entities."""
+        """The entity's links to other entities. An entity with an identity binding on a string, enum or
+        integer attribute also has the built-in one-to-many link `message_logs` to
+        `entities/message_logs`, which is implicit and never listed here: it joins the identity attribute to `identity_value` and matches only logs whose
+        `identity_namespace` is the binding's namespace. Rules use it like any one-to-many link.
+        """
 
     def __init__(
         self,

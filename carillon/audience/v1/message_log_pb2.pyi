@@ -64,7 +64,7 @@ Global___MessageStatus: _TypeAlias = MessageStatus  # noqa: Y015
 class MessageLog(_message.Message):
     """One event in the life of one message. Message logs form the built-in entity
     `entities/message_logs` (primary key `message_id` and `status`), which every entity with an
-    identity attribute reaches through its built-in one-to-many link `message_logs` (its identity
+    identity attribute of type string, enum or integer reaches through its built-in one-to-many link `message_logs` (its identity
     attribute equals `identity_value` and its identity namespace equals `identity_namespace`), so
     rules can target "has no opened message log of campaign X" like any other linked entity. Its
     attributes, all non-null except `profile_id` and `entity_key`: `message_id`, `status` (enum

@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from carillon.type.v1 import value_pb2 as carillon_dot_type_dot_v1_dot_value__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&carillon/audience/v1/working_set.proto\x12\x14\x63\x61rillon.audience.v1\x1a\x1c\x63\x61rillon/type/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbd\x01\n\nWorkingSet\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03run\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x03 \x01(\t\x12\x11\n\tdimension\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xec\x01\n\rWorkingSetRow\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x12\n\nentity_key\x18\x02 \x01(\t\x12,\n\x08identity\x18\x03 \x01(\x0b\x32\x1a.carillon.type.v1.Identity\x12?\n\x06values\x18\x04 \x03(\x0b\x32/.carillon.audience.v1.WorkingSetRow.ValuesEntry\x1a\x46\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&carillon/audience/v1/working_set.proto\x12\x14\x63\x61rillon.audience.v1\x1a\x1c\x63\x61rillon/type/v1/value.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbd\x01\n\nWorkingSet\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03run\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x03 \x01(\t\x12\x11\n\tdimension\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xec\x01\n\rWorkingSetRow\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x12\n\nentity_key\x18\x02 \x01(\t\x12,\n\x08identity\x18\x03 \x01(\x0b\x32\x1a.carillon.type.v1.Identity\x12?\n\x06values\x18\x04 \x03(\x0b\x32/.carillon.audience.v1.WorkingSetRow.ValuesEntry\x1a\x46\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"\xa0\x01\n\x0bIncremental\x12H\n\x0eprocessed_keys\x18\x01 \x01(\x0b\x32..carillon.audience.v1.IncrementalProcessedKeysH\x00\x12?\n\twatermark\x18\x02 \x01(\x0b\x32*.carillon.audience.v1.IncrementalWatermarkH\x00\x42\x06\n\x04mode\"M\n\x18IncrementalProcessedKeys\x12\x31\n\x0ehistory_window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"[\n\x14IncrementalWatermark\x12\x11\n\tattribute\x18\x01 \x01(\t\x12\x30\n\x0cinitial_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x12ReconciliationPair\x12\x18\n\x10source_attribute\x18\x01 \x01(\t\x12\x18\n\x10target_attribute\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +36,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKINGSETROW_VALUESENTRY']._loaded_options = None
   _globals['_WORKINGSETROW_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_WORKINGSET']._serialized_start=128
-  _globals['_WORKINGSET']._serialized_end=317
-  _globals['_WORKINGSETROW']._serialized_start=320
-  _globals['_WORKINGSETROW']._serialized_end=556
-  _globals['_WORKINGSETROW_VALUESENTRY']._serialized_start=486
-  _globals['_WORKINGSETROW_VALUESENTRY']._serialized_end=556
+  _globals['_WORKINGSET']._serialized_start=160
+  _globals['_WORKINGSET']._serialized_end=349
+  _globals['_WORKINGSETROW']._serialized_start=352
+  _globals['_WORKINGSETROW']._serialized_end=588
+  _globals['_WORKINGSETROW_VALUESENTRY']._serialized_start=518
+  _globals['_WORKINGSETROW_VALUESENTRY']._serialized_end=588
+  _globals['_INCREMENTAL']._serialized_start=591
+  _globals['_INCREMENTAL']._serialized_end=751
+  _globals['_INCREMENTALPROCESSEDKEYS']._serialized_start=753
+  _globals['_INCREMENTALPROCESSEDKEYS']._serialized_end=830
+  _globals['_INCREMENTALWATERMARK']._serialized_start=832
+  _globals['_INCREMENTALWATERMARK']._serialized_end=923
+  _globals['_RECONCILIATIONPAIR']._serialized_start=925
+  _globals['_RECONCILIATIONPAIR']._serialized_end=997
 # @@protoc_insertion_point(module_scope)

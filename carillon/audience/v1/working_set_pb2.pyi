@@ -6,6 +6,7 @@ isort:skip_file
 from carillon.type.v1 import value_pb2 as _value_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -128,3 +129,126 @@ class WorkingSetRow(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkingSetRow: _TypeAlias = WorkingSetRow  # noqa: Y015
+
+@_typing.final
+class Incremental(_message.Message):
+    """An incremental query: only the records that earlier runs of the same campaign activity have not
+    produced yet. The campaign is the one of the request's run, and the state is kept per campaign,
+    activity and dimension, so each incremental activity of a campaign has its own history.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROCESSED_KEYS_FIELD_NUMBER: _builtins.int
+    WATERMARK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def processed_keys(self) -> Global___IncrementalProcessedKeys:
+        """By the keys earlier runs produced, within a history window."""
+
+    @_builtins.property
+    def watermark(self) -> Global___IncrementalWatermark:
+        """By a date or timestamp attribute greater than the highest value an earlier run produced."""
+
+    def __init__(
+        self,
+        *,
+        processed_keys: Global___IncrementalProcessedKeys | None = ...,
+        watermark: Global___IncrementalWatermark | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "processed_keys", b"processed_keys", "watermark", b"watermark"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "processed_keys", b"processed_keys", "watermark", b"watermark"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_mode: _TypeAlias = _typing.Literal["processed_keys", "watermark"]  # noqa: Y015
+    _WhichOneofArgType_mode: _TypeAlias = _typing.Literal["mode", b"mode"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_mode) -> _WhichOneofReturnType_mode | None: ...
+
+Global___Incremental: _TypeAlias = Incremental  # noqa: Y015
+
+@_typing.final
+class IncrementalProcessedKeys(_message.Message):
+    """The processed-keys mode: the keys every run produced are recorded with the run and its reference
+    time; a new run leaves out the keys another run of the activity produced within the window
+    before its reference time. Runs of one campaign activity build one at a time.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HISTORY_WINDOW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def history_window(self) -> _duration_pb2.Duration:
+        """How far back processed keys count, from the run's reference time; unset means 30 days and a
+        zero duration means forever. Must be between 0 and 36525 days (100 years).
+        """
+
+    def __init__(
+        self,
+        *,
+        history_window: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["history_window", b"history_window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history_window", b"history_window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncrementalProcessedKeys: _TypeAlias = IncrementalProcessedKeys  # noqa: Y015
+
+@_typing.final
+class IncrementalWatermark(_message.Message):
+    """The watermark mode: a run takes only records whose attribute is greater than the watermark, the
+    highest value of the attribute among the records earlier runs produced. Records whose attribute
+    is NULL are never taken.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    INITIAL_TIME_FIELD_NUMBER: _builtins.int
+    attribute: _builtins.str
+    """A date or timestamp attribute of the dimension."""
+    @_builtins.property
+    def initial_time(self) -> _timestamp_pb2.Timestamp:
+        """The watermark of the first run; unset means the first run takes every matching record. Must
+        be a valid timestamp (years 1 to 9999).
+        """
+
+    def __init__(
+        self,
+        *,
+        attribute: _builtins.str = ...,
+        initial_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_time", b"initial_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "initial_time", b"initial_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncrementalWatermark: _TypeAlias = IncrementalWatermark  # noqa: Y015
+
+@_typing.final
+class ReconciliationPair(_message.Message):
+    """One pair of attributes a reconciliation matches on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    TARGET_ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    source_attribute: _builtins.str
+    """The attribute of the source working set's dimension."""
+    target_attribute: _builtins.str
+    """The attribute of the target entity that must equal it."""
+    def __init__(
+        self,
+        *,
+        source_attribute: _builtins.str = ...,
+        target_attribute: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["source_attribute", b"source_attribute", "target_attribute", b"target_attribute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconciliationPair: _TypeAlias = ReconciliationPair  # noqa: Y015

@@ -26,15 +26,23 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61rillon/type/v1/value.proto\x12\x10\x63\x61rillon.type.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf1\x01\n\x05Value\x12\x30\n\nnull_value\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValueH\x00\x12\x16\n\x0cstring_value\x18\x02 \x01(\tH\x00\x12\x17\n\rinteger_value\x18\x03 \x01(\x03H\x00\x12\x17\n\rdecimal_value\x18\x04 \x01(\tH\x00\x12\x17\n\rboolean_value\x18\x05 \x01(\x08H\x00\x12\x14\n\ndate_value\x18\x06 \x01(\tH\x00\x12\x35\n\x0ftimestamp_value\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x42\x06\n\x04kind\",\n\x08Identity\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61rillon/type/v1/value.proto\x12\x10\x63\x61rillon.type.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x02\n\x05Value\x12\x30\n\nnull_value\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValueH\x00\x12\x16\n\x0cstring_value\x18\x02 \x01(\tH\x00\x12\x17\n\rinteger_value\x18\x03 \x01(\x03H\x00\x12\x17\n\rdecimal_value\x18\x04 \x01(\tH\x00\x12\x17\n\rboolean_value\x18\x05 \x01(\x08H\x00\x12\x14\n\ndate_value\x18\x06 \x01(\tH\x00\x12\x35\n\x0ftimestamp_value\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x31\n\nlist_value\x18\x08 \x01(\x0b\x32\x1b.carillon.type.v1.ListValueH\x00\x12\x35\n\x0cstruct_value\x18\t \x01(\x0b\x32\x1d.carillon.type.v1.StructValueH\x00\x42\x06\n\x04kind\"4\n\tListValue\x12\'\n\x06values\x18\x01 \x03(\x0b\x32\x17.carillon.type.v1.Value\"\x90\x01\n\x0bStructValue\x12\x39\n\x06\x66ields\x18\x01 \x03(\x0b\x32).carillon.type.v1.StructValue.FieldsEntry\x1a\x46\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\",\n\x08Identity\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'carillon.type.v1.value_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STRUCTVALUE_FIELDSENTRY']._loaded_options = None
+  _globals['_STRUCTVALUE_FIELDSENTRY']._serialized_options = b'8\001'
   _globals['_VALUE']._serialized_start=114
-  _globals['_VALUE']._serialized_end=355
-  _globals['_IDENTITY']._serialized_start=357
-  _globals['_IDENTITY']._serialized_end=401
+  _globals['_VALUE']._serialized_end=461
+  _globals['_LISTVALUE']._serialized_start=463
+  _globals['_LISTVALUE']._serialized_end=515
+  _globals['_STRUCTVALUE']._serialized_start=518
+  _globals['_STRUCTVALUE']._serialized_end=662
+  _globals['_STRUCTVALUE_FIELDSENTRY']._serialized_start=592
+  _globals['_STRUCTVALUE_FIELDSENTRY']._serialized_end=662
+  _globals['_IDENTITY']._serialized_start=664
+  _globals['_IDENTITY']._serialized_end=708
 # @@protoc_insertion_point(module_scope)

@@ -3,10 +3,12 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,7 +22,9 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Value(_message.Message):
-    """A typed scalar value: an attribute value of a record or an operand of a query condition."""
+    """A typed value: an attribute value of a record or an operand of a query condition (both scalar), or a
+    list or record of values (a collection enrichment of a streamed row).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -31,6 +35,8 @@ class Value(_message.Message):
     BOOLEAN_VALUE_FIELD_NUMBER: _builtins.int
     DATE_VALUE_FIELD_NUMBER: _builtins.int
     TIMESTAMP_VALUE_FIELD_NUMBER: _builtins.int
+    LIST_VALUE_FIELD_NUMBER: _builtins.int
+    STRUCT_VALUE_FIELD_NUMBER: _builtins.int
     null_value: _struct_pb2.NullValue.ValueType
     """An explicit SQL NULL."""
     string_value: _builtins.str
@@ -47,6 +53,14 @@ class Value(_message.Message):
     def timestamp_value(self) -> _timestamp_pb2.Timestamp:
         """An instant in time."""
 
+    @_builtins.property
+    def list_value(self) -> Global___ListValue:
+        """An ordered list of values, for example the linked records of a collection enrichment."""
+
+    @_builtins.property
+    def struct_value(self) -> Global___StructValue:
+        """Named values, for example one linked record of a collection enrichment."""
+
     def __init__(
         self,
         *,
@@ -57,16 +71,87 @@ class Value(_message.Message):
         boolean_value: _builtins.bool = ...,
         date_value: _builtins.str = ...,
         timestamp_value: _timestamp_pb2.Timestamp | None = ...,
+        list_value: Global___ListValue | None = ...,
+        struct_value: Global___StructValue | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["boolean_value", b"boolean_value", "date_value", b"date_value", "decimal_value", b"decimal_value", "integer_value", b"integer_value", "kind", b"kind", "null_value", b"null_value", "string_value", b"string_value", "timestamp_value", b"timestamp_value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["boolean_value", b"boolean_value", "date_value", b"date_value", "decimal_value", b"decimal_value", "integer_value", b"integer_value", "kind", b"kind", "list_value", b"list_value", "null_value", b"null_value", "string_value", b"string_value", "struct_value", b"struct_value", "timestamp_value", b"timestamp_value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boolean_value", b"boolean_value", "date_value", b"date_value", "decimal_value", b"decimal_value", "integer_value", b"integer_value", "kind", b"kind", "null_value", b"null_value", "string_value", b"string_value", "timestamp_value", b"timestamp_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boolean_value", b"boolean_value", "date_value", b"date_value", "decimal_value", b"decimal_value", "integer_value", b"integer_value", "kind", b"kind", "list_value", b"list_value", "null_value", b"null_value", "string_value", b"string_value", "struct_value", b"struct_value", "timestamp_value", b"timestamp_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["null_value", "string_value", "integer_value", "decimal_value", "boolean_value", "date_value", "timestamp_value"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["null_value", "string_value", "integer_value", "decimal_value", "boolean_value", "date_value", "timestamp_value", "list_value", "struct_value"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Value: _TypeAlias = Value  # noqa: Y015
+
+@_typing.final
+class ListValue(_message.Message):
+    """An ordered list of values; templates loop over it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedCompositeFieldContainer[Global___Value]:
+        """The values, in order."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[Global___Value] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListValue: _TypeAlias = ListValue  # noqa: Y015
+
+@_typing.final
+class StructValue(_message.Message):
+    """A record of named values; templates read its fields by name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    FIELDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def fields(self) -> _containers.MessageMap[_builtins.str, Global___Value]:
+        """The values, by name."""
+
+    def __init__(
+        self,
+        *,
+        fields: _abc.Mapping[_builtins.str, Global___Value] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StructValue: _TypeAlias = StructValue  # noqa: Y015
 
 @_typing.final
 class Identity(_message.Message):

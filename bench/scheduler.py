@@ -255,8 +255,11 @@ class MemoryJournal:
         task = self.tasks[activity]
         task.state, task.working_set, task.targeted, task.outputs = TaskState.SUCCEEDED, working_set, count, {"": count}
 
-    async def record_ack(self, key: RunKey, activity: str, ack: Ack) -> None:
+    async def record_ack(self, key: RunKey, activity: str, ack: Ack, after: int = 0) -> None:
         self.tasks[activity].checkpoint = ack.sequence
+
+    async def deferred_batches(self, key: RunKey, activity: str) -> list[object]:
+        return []  # no send windows in this canvas
 
     async def finish_task(self, key: RunKey, activity: str, note: str = "", outputs: object = None) -> None:
         self.tasks[activity].state = TaskState.SUCCEEDED

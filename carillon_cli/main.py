@@ -34,7 +34,7 @@ from carillon_chassis.clients import call_metadata
 from carillon_cli.demo import Demo, DemoResult
 from carillon_cli.endpoints import GRPC_SERVICES, SERVICES, Endpoints
 from carillon_cli.runs_watch import add_watch_parser
-from carillon_cli.supervisor import StartupError, Supervisor, UpOptions, health_status
+from carillon_cli.supervisor import SMS_WORKER, StartupError, Supervisor, UpOptions, health_status
 
 console = Console()
 
@@ -135,6 +135,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         smtp_host=args.smtp_host,
         smtp_port=args.smtp_port,
         log_format=args.log_format,
+        sms_api_url=args.sms_api_url,
     )
     supervisor = Supervisor(options)
     stop_requested = False
@@ -152,6 +153,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     for service in SERVICES:
         console.print(f"  {service:<9} {endpoints.of(service)}  SERVING")
+    console.print(f"  {'sms':<9} {supervisor.address(SMS_WORKER)}  SERVING (delivery worker, --channel sms)")
     code = 0
     try:
         if args.demo:
@@ -327,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--smtp-host", default="127.0.0.1", help="SMTP server host (with --email-provider smtp)")
     up.add_argument("--smtp-port", type=int, default=25, help="SMTP server port (with --email-provider smtp)")
+    up.add_argument(
+        "--sms-api-url",
+        help="Twilio-style API the SMS delivery worker posts to (default: env CARILLON_DELIVERY_SMS_API_URL, "
+        "else https://api.twilio.com)",
+    )
     up.add_argument("--log-format", choices=["console", "json"], default="console")
     up.add_argument("--sandbox", default="demo", help="sandbox the demo uses (default demo)")
     up.set_defaults(func=cmd_up)

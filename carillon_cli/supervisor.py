@@ -2,8 +2,12 @@
 
 Each service is started with ``python -m <package>`` (spawn, never fork: gRPC does not survive a
 fork), writes its bound port to a port file, and is considered up once gRPC health answers SERVING.
-Dependencies start first (audience and profile, then delivery, then scheduler) so that every service
-is told the real addresses of its peers — which also makes ephemeral ports (``--port-base 0``) work.
+Dependencies start first (audience and profile, then the email delivery worker, then the SMS delivery
+worker, then scheduler) so that every service is told the real addresses of its peers — which also
+makes ephemeral ports (``--port-base 0``) work. The SMS worker (``delivery_sms``: ``python -m
+delivery_svc --channel sms``, port base + 4) shares the delivery database and uses the Twilio-style
+provider at ``sms_api_url`` (or the worker's default, with the ``CARILLON_DELIVERY_SMS_*`` settings of
+the environment); the scheduler is given both workers as its ``email`` and ``sms`` delivery targets.
 On Ctrl-C or SIGTERM every child gets SIGTERM (graceful shutdown) and, after a grace period, SIGKILL.
 """
 
@@ -52,6 +56,9 @@ class UpOptions:
     smtp_port: int = 25
     log_format: str = "console"
     scheduler_poll_s: float = 0.5
+    # The Twilio-style API the SMS worker posts to; None leaves the worker's own setting (environment
+    # CARILLON_DELIVERY_SMS_API_URL, else its default).
+    sms_api_url: str | None = None
     startup_timeout_s: float = 60.0
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
@@ -73,6 +80,11 @@ def health_status(address: str, service: str = "", timeout: float = 1.0) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
+# Processes beyond the four services: the SMS delivery worker, its port offset and arguments.
+SMS_WORKER = "delivery_sms"
+SMS_WORKER_PORT = 50055
+
+
 class Supervisor:
     """Starts, watches and stops the four service processes."""
 
@@ -85,7 +97,8 @@ class Supervisor:
     def _port_for(self, service: str) -> int:
         if self.options.port_base == 0:
             return 0
-        return self.options.port_base + (DEFAULT_PORTS[service] - 50051)
+        default = SMS_WORKER_PORT if service == SMS_WORKER else DEFAULT_PORTS[service]
+        return self.options.port_base + (default - 50051)
 
     def _env(self, service: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -98,15 +111,22 @@ class Supervisor:
         )
         if self.options.database_url:
             env["CARILLON_DATABASE_URL"] = self.options.database_url
-        if service == "delivery":
+        if service in ("delivery", SMS_WORKER):
             env["CARILLON_DELIVERY_PROFILE_TARGET"] = self.address("profile")
+            env["CARILLON_DELIVERY_AUDIENCE_TARGET"] = self.address("audience")
             env["CARILLON_DELIVERY_EMAIL_PROVIDER"] = self.options.email_provider
             env["CARILLON_DELIVERY_OUTBOX_DIR"] = str(self.options.outbox_dir)
             env["CARILLON_DELIVERY_SMTP_HOST"] = self.options.smtp_host
             env["CARILLON_DELIVERY_SMTP_PORT"] = str(self.options.smtp_port)
+        if service == SMS_WORKER:
+            env["CARILLON_DELIVERY_CHANNEL"] = "sms"
+            if self.options.sms_api_url:
+                env["CARILLON_DELIVERY_SMS_API_URL"] = self.options.sms_api_url
         if service == "scheduler":
             env["CARILLON_SCHEDULER_AUDIENCE_TARGET"] = self.address("audience")
-            env["CARILLON_SCHEDULER_DELIVERY_TARGETS"] = json.dumps({"email": self.address("delivery")})
+            env["CARILLON_SCHEDULER_DELIVERY_TARGETS"] = json.dumps(
+                {"email": self.address("delivery"), "sms": self.address(SMS_WORKER)}
+            )
             env["CARILLON_SCHEDULER_POLL_INTERVAL_S"] = str(self.options.scheduler_poll_s)
         env.update(self.options.extra_env)
         return env
@@ -125,7 +145,10 @@ class Supervisor:
         port_file = self.run_dir / f"{service}.port"
         port_file.unlink(missing_ok=True)
         log_file = self.log_dir / f"{service}.log"
-        command = [sys.executable, "-m", MODULES[service], "--port", str(self._port_for(service))]
+        module = MODULES["delivery"] if service == SMS_WORKER else MODULES[service]
+        command = [sys.executable, "-m", module, "--port", str(self._port_for(service))]
+        if service == SMS_WORKER:
+            command += ["--channel", "sms"]
         command += ["--port-file", str(port_file)]
         with log_file.open("ab") as log:
             process = subprocess.Popen(
@@ -144,7 +167,8 @@ class Supervisor:
                     raise StartupError(f"{service} exited with code {child.process.returncode}; log tail:\n{tail}")
                 if not child.port and child.port_file.exists():
                     child.port = int(child.port_file.read_text())
-                if child.port and health_status(self.address(service), GRPC_SERVICES[service]) == "SERVING":
+                grpc_service = GRPC_SERVICES["delivery" if service == SMS_WORKER else service]
+                if child.port and health_status(self.address(service), grpc_service) == "SERVING":
                     pending.remove(service)
             if time.monotonic() > deadline:
                 raise StartupError(f"not SERVING after {self.options.startup_timeout_s:.0f}s: {', '.join(pending)}")
@@ -154,7 +178,8 @@ class Supervisor:
     def start(self) -> Endpoints:
         """Start every service in dependency order; return their addresses once all are SERVING."""
         try:
-            for wave in (["audience", "profile"], ["delivery"], ["scheduler"]):
+            # The SMS worker after the email worker: both migrate the shared delivery database.
+            for wave in (["audience", "profile"], ["delivery"], [SMS_WORKER], ["scheduler"]):
                 for service in wave:
                     self._spawn(service)
                 self._await_ready(wave)
@@ -169,7 +194,7 @@ class Supervisor:
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM every child (scheduler first), then SIGKILL what is left after ``grace_s``."""
-        order = [s for s in ("scheduler", "delivery", "audience", "profile") if s in self.children]
+        order = [s for s in ("scheduler", SMS_WORKER, "delivery", "audience", "profile") if s in self.children]
         for service in order:
             process = self.children[service].process
             if process.poll() is None:

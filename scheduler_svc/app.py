@@ -8,6 +8,8 @@ close (stop hooks run in reverse order of registration).
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from carillon.scheduler.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 from carillon_chassis.clients import open_channel
 from carillon_chassis.database import Database
@@ -47,6 +49,7 @@ async def build_server(settings: SchedulerSettings) -> GrpcServer:
         max_activities=settings.max_activities,
         max_channel_activities=settings.max_channel_activities,
         min_schedule_interval_minutes=settings.min_schedule_interval_minutes,
+        max_rate_per_second=settings.max_rate_per_second,
     )
     campaigns = CampaignStore(database, limits)
     runs = RunStore(database)
@@ -84,6 +87,9 @@ async def build_server(settings: SchedulerSettings) -> GrpcServer:
         max_concurrent_runs=settings.max_concurrent_runs,
         campaigns=campaigns,
         misfire_grace_s=settings.misfire_grace_s,
+        lifecycle=lifecycle,
+        archived_retention=timedelta(days=settings.archived_retention_days),
+        purge_interval_s=settings.purge_interval_s,
     )
 
     server = server_for(

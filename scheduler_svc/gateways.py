@@ -12,30 +12,66 @@ Row values and the audience query are the shared contract's messages (``carillon
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import grpc
 
 from carillon.audience.v1 import audience_service_pb2 as aud
 from carillon.audience.v1 import audience_service_pb2_grpc as aud_grpc
-from carillon.audience.v1 import query_pb2
+from carillon.audience.v1 import query_pb2, working_set_pb2
 from carillon.delivery.v1 import delivery_service_pb2 as dlv
 from carillon.delivery.v1 import delivery_service_pb2_grpc as dlv_grpc
 from carillon.type.v1 import channel_pb2, value_pb2
 from carillon_chassis.channels import category_value, channel_value
 from carillon_chassis.clients import call_metadata
 from carillon_chassis.errors import Unavailable, error_from_rpc
-from scheduler_svc.model import Ack
+from carillon_chassis.values import from_timestamp
+from scheduler_svc.model import Ack, Deduplicate, SendWindow, SplitSubset
+
+_COMBINE_OPERATIONS = {
+    "union": aud.COMBINE_OPERATION_UNION,
+    "intersection": aud.COMBINE_OPERATION_INTERSECTION,
+    "exclusion": aud.COMBINE_OPERATION_EXCLUSION,
+}
+_DEDUPLICATION_METHODS = {
+    "": aud.DEDUPLICATION_METHOD_UNSPECIFIED,
+    "random": aud.DEDUPLICATION_METHOD_RANDOM,
+    "highest": aud.DEDUPLICATION_METHOD_HIGHEST,
+    "lowest": aud.DEDUPLICATION_METHOD_LOWEST,
+    "non_empty": aud.DEDUPLICATION_METHOD_NON_EMPTY,
+    "priority": aud.DEDUPLICATION_METHOD_PRIORITY,
+}
+
+
+def _info(working_set: Any) -> WorkingSetInfo:
+    return WorkingSetInfo(name=working_set.name, count=working_set.count, dimension=working_set.dimension)
 
 
 @dataclass(frozen=True)
 class WorkingSetInfo:
-    """A built working set: its name (``workingSets/{working_set}``) and how many records it holds."""
+    """A built working set: its name (``workingSets/{working_set}``), how many records it holds and
+    its dimension (``entities/{entity}``; empty when not known, as for a resumed run)."""
 
     name: str
     count: int
+    dimension: str = ""
+    # Matching records an incremental build left out (earlier runs produced them).
+    excluded: int = 0
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """The outcome of a reconciliation: the reconciled working set, the unreconciled one when asked
+    for, and how many source records matched once, none or several times."""
+
+    reconciled: WorkingSetInfo
+    unreconciled: WorkingSetInfo | None
+    matched: int
+    unmatched: int
+    ambiguous: int
 
 
 @dataclass(frozen=True)
@@ -58,6 +94,8 @@ class SendHeader:
     channel: str
     category: str
     template: str
+    rate_limit_per_second: int = 0
+    send_window: SendWindow | None = None
 
 
 @dataclass(frozen=True)
@@ -72,15 +110,71 @@ class AudienceGateway(Protocol):
     """The targeting calls the scheduler makes to audience_svc."""
 
     async def build_working_set(
-        self, sandbox: str, run: str, activity: str, query: query_pb2.AudienceQuery
+        self,
+        sandbox: str,
+        run: str,
+        activity: str,
+        query: query_pb2.AudienceQuery,
+        incremental: working_set_pb2.Incremental | None = None,
     ) -> WorkingSetInfo:
-        """Build (or return, when it exists) the working set of a run's activity."""
+        """Build (or return, when it exists) the working set of a run's activity (incrementally when asked)."""
+        ...
+
+    async def reconcile(
+        self,
+        sandbox: str,
+        run: str,
+        activity: str,
+        working_set: str,
+        target: str,
+        pairs: Sequence[tuple[str, str]],
+        unreconciled_activity: str,
+    ) -> Reconciled:
+        """Reconcile a working set with the ``target`` entity on attribute pairs."""
         ...
 
     def stream_working_set(
         self, sandbox: str, working_set: str, after_position: int, batch_size: int, attributes: Sequence[str]
     ) -> AsyncGenerator[Sequence[Row], None]:
         """The rows of a working set after a position, in batches of at most ``batch_size``."""
+        ...
+
+    async def read_audience(self, sandbox: str, run: str, activity: str, audience: str) -> WorkingSetInfo:
+        """Build (or return) the working set of a run's activity from a saved audience."""
+        ...
+
+    async def combine(
+        self, sandbox: str, run: str, activity: str, primary: str, others: Sequence[str], operation: str
+    ) -> WorkingSetInfo:
+        """Build (or return) the working set of ``primary`` combined with ``others`` by ``operation``."""
+        ...
+
+    async def change_dimension(
+        self, sandbox: str, run: str, activity: str, working_set: str, link: str
+    ) -> tuple[WorkingSetInfo, int]:
+        """Build (or return) the working set reached through ``link``, with the unmatched source count."""
+        ...
+
+    async def split(
+        self,
+        sandbox: str,
+        run: str,
+        working_set: str,
+        subsets: Sequence[tuple[str, SplitSubset]],
+        complement_activity: str,
+        overlap: bool,
+    ) -> tuple[list[WorkingSetInfo], WorkingSetInfo | None]:
+        """Split a working set into ``(activity, subset)`` working sets and an optional complement."""
+        ...
+
+    async def deduplicate(
+        self, sandbox: str, run: str, activity: str, working_set: str, rule: Deduplicate, removed_activity: str
+    ) -> tuple[WorkingSetInfo, WorkingSetInfo | None]:
+        """Deduplicate a working set; the removed records too when ``removed_activity`` is set."""
+        ...
+
+    async def save_audience(self, sandbox: str, audience_id: str, working_set: str, display_name: str) -> bool:
+        """Save a working set's members as a snapshot audience; True when it was created."""
         ...
 
 
@@ -144,15 +238,116 @@ class GrpcAudienceGateway:
         self._connect_timeout_s = connect_timeout_s
 
     async def build_working_set(
-        self, sandbox: str, run: str, activity: str, query: query_pb2.AudienceQuery
+        self,
+        sandbox: str,
+        run: str,
+        activity: str,
+        query: query_pb2.AudienceQuery,
+        incremental: working_set_pb2.Incremental | None = None,
     ) -> WorkingSetInfo:
-        request = aud.BuildWorkingSetRequest(run=run, activity=activity, query=query)
+        request = aud.BuildWorkingSetRequest(run=run, activity=activity, query=query, incremental=incremental)
         await wait_until_ready(self._channel, self._target, self._connect_timeout_s)
         try:
             reply = await self._stub.BuildWorkingSet(request, metadata=call_metadata(sandbox), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err) from None
-        return WorkingSetInfo(name=reply.working_set.name, count=reply.working_set.count)
+        return dataclasses.replace(_info(reply.working_set), excluded=reply.excluded)
+
+    async def reconcile(
+        self,
+        sandbox: str,
+        run: str,
+        activity: str,
+        working_set: str,
+        target: str,
+        pairs: Sequence[tuple[str, str]],
+        unreconciled_activity: str,
+    ) -> Reconciled:
+        request = aud.ReconcileWorkingSetRequest(
+            run=run,
+            activity=activity,
+            working_set=working_set,
+            target=target,
+            pairs=[working_set_pb2.ReconciliationPair(source_attribute=a, target_attribute=b) for a, b in pairs],
+            unreconciled_activity=unreconciled_activity,
+        )
+        reply = await self._unary(self._stub.ReconcileWorkingSet, request, sandbox)
+        return Reconciled(
+            reconciled=_info(reply.working_set),
+            unreconciled=_info(reply.unreconciled) if reply.HasField("unreconciled") else None,
+            matched=reply.matched,
+            unmatched=reply.unmatched,
+            ambiguous=reply.ambiguous,
+        )
+
+    async def _unary(self, method: Any, request: Any, sandbox: str) -> Any:
+        await wait_until_ready(self._channel, self._target, self._connect_timeout_s)
+        try:
+            return await method(request, metadata=call_metadata(sandbox), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err) from None
+
+    async def read_audience(self, sandbox: str, run: str, activity: str, audience: str) -> WorkingSetInfo:
+        request = aud.BuildWorkingSetRequest(run=run, activity=activity, audience=audience)
+        return _info((await self._unary(self._stub.BuildWorkingSet, request, sandbox)).working_set)
+
+    async def combine(
+        self, sandbox: str, run: str, activity: str, primary: str, others: Sequence[str], operation: str
+    ) -> WorkingSetInfo:
+        request = aud.CombineWorkingSetsRequest(
+            run=run, activity=activity, primary=primary, others=others, operation=_COMBINE_OPERATIONS[operation]
+        )
+        return _info((await self._unary(self._stub.CombineWorkingSets, request, sandbox)).working_set)
+
+    async def change_dimension(
+        self, sandbox: str, run: str, activity: str, working_set: str, link: str
+    ) -> tuple[WorkingSetInfo, int]:
+        request = aud.ChangeDimensionRequest(run=run, activity=activity, working_set=working_set, link=link)
+        reply = await self._unary(self._stub.ChangeDimension, request, sandbox)
+        return _info(reply.working_set), int(reply.unmatched)
+
+    async def split(
+        self,
+        sandbox: str,
+        run: str,
+        working_set: str,
+        subsets: Sequence[tuple[str, SplitSubset]],
+        complement_activity: str,
+        overlap: bool,
+    ) -> tuple[list[WorkingSetInfo], WorkingSetInfo | None]:
+        request = aud.SplitWorkingSetRequest(
+            run=run, working_set=working_set, complement_activity=complement_activity, overlap=overlap
+        )
+        for activity, subset in subsets:
+            added = request.subsets.add(activity=activity, limit=subset.limit, limit_percent=subset.limit_percent)
+            if subset.filter is not None:
+                added.filter.CopyFrom(subset.filter)
+            added.order_by.extend(aud.SortKey(attribute=a, descending=d) for a, d in subset.order_by)
+        reply = await self._unary(self._stub.SplitWorkingSet, request, sandbox)
+        complement = _info(reply.complement) if reply.HasField("complement") else None
+        return [_info(w) for w in reply.subsets], complement
+
+    async def deduplicate(
+        self, sandbox: str, run: str, activity: str, working_set: str, rule: Deduplicate, removed_activity: str
+    ) -> tuple[WorkingSetInfo, WorkingSetInfo | None]:
+        request = aud.DeduplicateWorkingSetRequest(
+            run=run,
+            activity=activity,
+            working_set=working_set,
+            fields=rule.fields,
+            keep=rule.keep,
+            method=_DEDUPLICATION_METHODS[rule.method],
+            attribute=rule.attribute,
+            priority=rule.priority,
+            complement_activity=removed_activity,
+        )
+        reply = await self._unary(self._stub.DeduplicateWorkingSet, request, sandbox)
+        removed = _info(reply.complement) if reply.HasField("complement") else None
+        return _info(reply.working_set), removed
+
+    async def save_audience(self, sandbox: str, audience_id: str, working_set: str, display_name: str) -> bool:
+        request = aud.SaveAudienceRequest(audience_id=audience_id, working_set=working_set, display_name=display_name)
+        return bool((await self._unary(self._stub.SaveAudience, request, sandbox)).created)
 
     async def stream_working_set(
         self, sandbox: str, working_set: str, after_position: int, batch_size: int, attributes: Sequence[str]
@@ -222,6 +417,8 @@ class GrpcSendStream:
             already_sent=reply.already_sent,
             skipped=dict(reply.skipped),
             failed=dict(reply.failed),
+            deferred=reply.deferred,
+            next_window_time=from_timestamp(reply.next_window_time) if reply.HasField("next_window_time") else None,
         )
 
     def cancel(self) -> None:
@@ -252,6 +449,15 @@ class GrpcDeliveryGateway:
                         channel=cast(channel_pb2.Channel.ValueType, channel_value(header.channel)),
                         category=cast(channel_pb2.MessageCategory.ValueType, category_value(header.category)),
                         template=header.template,
+                        rate_limit_per_second=header.rate_limit_per_second,
+                        send_window=None
+                        if header.send_window is None
+                        else dlv.SendWindow(
+                            start_local_time=header.send_window.start_local_time,
+                            end_local_time=header.send_window.end_local_time,
+                            days_of_week=header.send_window.days,
+                            default_time_zone=header.send_window.default_time_zone,
+                        ),
                     )
                 )
             )

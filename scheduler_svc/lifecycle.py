@@ -43,6 +43,7 @@ from carillon.type.v1 import value_pb2
 from carillon_chassis.database import Database, as_utc, utcnow
 from carillon_chassis.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from carillon_chassis.names import new_id
+from carillon_chassis.values import from_value
 from scheduler_svc.campaigns import (
     MAX_REQUEST_ID,
     CampaignStore,
@@ -63,7 +64,7 @@ from scheduler_svc.model import (
     canvas_to_json,
 )
 from scheduler_svc.runlog import log_event
-from scheduler_svc.tables import CAMPAIGNS, RUN_TASKS, RUNS
+from scheduler_svc.tables import CAMPAIGNS, RUN_LOGS, RUN_TASKS, RUNS
 from scheduler_svc.validation import validate_campaign
 
 UPDATABLE_FIELDS = ("display_name", "activities", "transitions", "schedule", "variables", "error_handling")
@@ -238,6 +239,32 @@ class Lifecycle:
 
         self._transition(sandbox, campaign_id, "delete", (CampaignState.DRAFT,), apply)
 
+    def purge_archived(self, retention: timedelta, limit: int = 100, now: datetime | None = None) -> list[str]:
+        """Delete campaigns archived longer ago than ``retention`` (in every sandbox), with their runs,
+        tasks and run logs; at most ``limit`` per call, oldest first. Returns ``sandbox/campaigns/{id}``
+        of each deleted campaign. Each campaign goes in its own transaction, and only while it is still
+        archived, so a purge never removes anything else."""
+        now = now or utcnow()
+        cutoff = now - retention
+        expired = (CAMPAIGNS.c.state == CampaignState.ARCHIVED.value, CAMPAIGNS.c.update_time < cutoff)
+        with self.database.engine.connect() as conn:
+            keys = conn.execute(
+                sa.select(CAMPAIGNS.c.sandbox, CAMPAIGNS.c.campaign_id)
+                .where(*expired)
+                .order_by(CAMPAIGNS.c.update_time, CAMPAIGNS.c.sandbox, CAMPAIGNS.c.campaign_id)
+                .limit(limit)
+            ).all()
+        purged: list[str] = []
+        for sandbox, campaign_id in keys:
+            with self.database.engine.begin() as conn:
+                mine = (CAMPAIGNS.c.sandbox == sandbox, CAMPAIGNS.c.campaign_id == campaign_id)
+                if not conn.execute(CAMPAIGNS.delete().where(*mine, *expired)).rowcount:
+                    continue  # restored or purged by another replica meanwhile
+                for table in (RUN_LOGS, RUN_TASKS, RUNS):
+                    conn.execute(table.delete().where(table.c.sandbox == sandbox, table.c.campaign_id == campaign_id))
+            purged.append(f"{sandbox}/campaigns/{campaign_id}")
+        return purged
+
     def update(
         self, sandbox: str, campaign_id: str, display_name: str, canvas: Canvas, paths: Sequence[str]
     ) -> Campaign:
@@ -392,6 +419,14 @@ class Lifecycle:
                     "parameter names are lower case letters, digits and _, starting with a letter",
                     field=f"parameters[{name!r}]",
                 )
+            try:
+                # Branch conditions read parameters as scalars: refuse lists, structs and bad values now.
+                from_value(parameters[name])
+            except (ValueError, ArithmeticError) as exc:
+                raise InvalidArgument(
+                    f"parameter {name!r} must be a valid scalar value (no list or struct): {exc}",
+                    field=f"parameters[{name!r}]",
+                ) from exc
         key = RunKey(sandbox, campaign_id, new_id("r"))
         found: list[RunKey] = []
 

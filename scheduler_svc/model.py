@@ -18,7 +18,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from carillon.audience.v1 import query_pb2
+from carillon.audience.v1 import query_pb2, working_set_pb2
 from carillon.type.v1 import value_pb2
 
 CANVAS_FORMAT = 1
@@ -70,20 +70,137 @@ class TaskState(StrEnum):
 
 @dataclass
 class BuildAudience:
-    """A targeting activity: materialize the query as the run's working set for this activity."""
+    """A targeting activity: materialize the query as the run's working set for this activity; with
+    ``incremental`` only the records earlier runs of the activity did not produce."""
 
     query: query_pb2.AudienceQuery = field(default_factory=query_pb2.AudienceQuery)
+    incremental: working_set_pb2.Incremental | None = None
+
+
+@dataclass
+class ReadAudience:
+    """A targeting activity: a saved audience (``audiences/{audience}``) of ``dimension`` as the population."""
+
+    audience: str = ""
+    dimension: str = ""
+
+
+COMBINE_OPERATIONS = ("union", "intersection", "exclusion")
+
+
+@dataclass
+class Combine:
+    """A targeting activity: the populations of its incoming transitions combined by ``operation``
+    (``union``, ``intersection`` or ``exclusion`` of the others from ``primary``); ``complement_output``
+    names an extra output with the complement when set."""
+
+    operation: str = ""
+    primary: str = ""
+    complement_output: str = ""
+
+
+@dataclass
+class ChangeDimension:
+    """A targeting activity: follows ``link`` from each record; ``dimension`` is where the link leads."""
+
+    link: str = ""
+    dimension: str = ""
+
+
+@dataclass
+class SplitSubset:
+    """One ordered subset of a split, passed on by its output ``output``."""
+
+    output: str
+    filter: query_pb2.Filter | None = None
+    limit: int = 0
+    limit_percent: float = 0.0
+    # (attribute, descending) pairs.
+    order_by: list[tuple[str, bool]] = field(default_factory=list)
+
+
+@dataclass
+class Split:
+    """A targeting activity: ordered subsets, each a named output, and optionally a complement output."""
+
+    subsets: list[SplitSubset] = field(default_factory=list)
+    complement_output: str = ""
+    overlap: bool = False
+
+
+DEDUPLICATION_METHODS = ("random", "highest", "lowest", "non_empty", "priority")
+
+
+@dataclass
+class Deduplicate:
+    """A targeting activity: keeps ``keep`` records per combination of ``fields`` (chosen by ``method``
+    on ``attribute``); ``removed_output`` names an extra output with the removed records when set."""
+
+    fields: list[str] = field(default_factory=list)
+    keep: int = 0
+    method: str = ""
+    attribute: str = ""
+    priority: list[value_pb2.Value] = field(default_factory=list)
+    removed_output: str = ""
+
+
+@dataclass
+class Reconcile:
+    """A targeting activity: each record matched to the ``target`` records equal on every (source,
+    target) attribute pair; the single matches become the population (of the target's dimension);
+    ``unreconciled_output`` names an extra output with the others (of the incoming dimension)."""
+
+    target: str = ""
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    unreconciled_output: str = ""
+
+
+@dataclass
+class SaveAudience:
+    """A targeting activity: saves its population as the snapshot audience ``audience_id`` (creating or
+    overwriting it) and passes the population on; nothing is saved in test mode."""
+
+    audience_id: str = ""
+    display_name: str = ""
+
+
+@dataclass(frozen=True)
+class SendWindow:
+    """When a channel activity may send, in the recipient's local time (delivery's SendWindow)."""
+
+    start_local_time: str
+    end_local_time: str
+    days: tuple[int, ...] = ()
+    default_time_zone: str = ""
+
+
+DEFAULT_TIME_LIMIT_S = 12 * 3600
 
 
 @dataclass
 class ChannelSend:
-    """A channel activity: send a message to every record of the incoming working set."""
+    """A channel activity: send a message to every record of the incoming working set.
+
+    ``rate_limit_per_second`` (0: none of its own) and ``send_window`` travel in the send header;
+    recipients still deferred ``time_limit_s`` (0: the 12-hour default) after the activity started
+    are excluded. With ``confirm_before_sending`` nothing is sent before ConfirmActivity.
+    """
 
     channel: str = ""
     category: str = ""
     template: str = ""
     batch_size: int = 0
     target_attributes: list[str] = field(default_factory=list)
+    rate_limit_per_second: int = 0
+    send_window: SendWindow | None = None
+    time_limit_s: int = 0
+    # Wait for ConfirmActivity before sending (at most the time limit).
+    confirm_before_sending: bool = False
+
+    @property
+    def effective_time_limit_s(self) -> int:
+        """The time limit in seconds, with the default applied."""
+        return self.time_limit_s or DEFAULT_TIME_LIMIT_S
 
 
 @dataclass
@@ -146,7 +263,52 @@ class End:
 
 
 FlowKind = Fork | Join | Wait | BranchTest | End
-ActivityKind = BuildAudience | ChannelSend | Fork | Join | Wait | BranchTest | End
+# Targeting activities that call audience_svc (besides build_audience).
+TargetingKind = ReadAudience | Combine | ChangeDimension | Split | Deduplicate | Reconcile | SaveAudience
+ActivityKind = (
+    BuildAudience
+    | ChannelSend
+    | Fork
+    | Join
+    | Wait
+    | BranchTest
+    | End
+    | ReadAudience
+    | Combine
+    | ChangeDimension
+    | Split
+    | Deduplicate
+    | Reconcile
+    | SaveAudience
+)
+# The kinds that produce a population of their own (a new working set), rather than passing one on.
+POPULATION_KINDS = (BuildAudience, ReadAudience, Combine, ChangeDimension, Split, Deduplicate, Reconcile)
+
+
+def named_outputs(kind: object) -> list[str]:
+    """The named outputs an activity declares (a test's branches and default, a split's subsets and
+    complement, a combine's complement, a deduplication's removed records)."""
+    if isinstance(kind, BranchTest):
+        return [b.output for b in kind.branches] + [kind.default_output]
+    if isinstance(kind, Split):
+        return [s.output for s in kind.subsets] + ([kind.complement_output] if kind.complement_output else [])
+    if isinstance(kind, Combine):
+        return [kind.complement_output] if kind.complement_output else []
+    if isinstance(kind, Deduplicate):
+        return [kind.removed_output] if kind.removed_output else []
+    if isinstance(kind, Reconcile):
+        return [kind.unreconciled_output] if kind.unreconciled_output else []
+    return []
+
+
+def has_main_output(kind: object) -> bool:
+    """Whether an activity passes a population on its unnamed output ``""`` (all but tests and splits)."""
+    return not isinstance(kind, BranchTest | Split | End)
+
+
+def output_activity(activity_id: str, output: str) -> str:
+    """The activity id under which audience_svc keeps the working set of a named output."""
+    return f"{activity_id}--{output}" if output else activity_id
 
 
 @dataclass
@@ -315,6 +477,56 @@ class Task:
     end_time: datetime | None = None
     outputs: dict[str, int] = field(default_factory=dict)
     wake_time: datetime | None = None
+    # The working set of each output of a targeting activity ("" is the main output).
+    output_working_sets: dict[str, str] = field(default_factory=dict)
+    # Recipients of a channel activity deferred to the next opening of its send window.
+    deferred: int = 0
+    # The batches of a channel activity with deferred recipients, to send again when the window opens.
+    deferred_batches: list[DeferredBatch] = field(default_factory=list)
+    # A channel activity's confirmation: "" (none asked), "awaiting" or "confirmed".
+    confirmation: str = ""
+
+
+@dataclass
+class DeferredBatch:
+    """A send batch with deferred recipients: its positions ``(after, sequence]``, the counts last
+    acknowledged for it, and when its window next opens."""
+
+    after: int
+    sequence: int
+    sent: int = 0
+    already_sent: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    deferred: int = 0
+    next_window_time: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored JSON form."""
+        return {
+            "after": self.after,
+            "sequence": self.sequence,
+            "sent": self.sent,
+            "already_sent": self.already_sent,
+            "skipped": dict(self.skipped),
+            "failed": dict(self.failed),
+            "deferred": self.deferred,
+            "next_window_time": _iso(self.next_window_time),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DeferredBatch:
+        """The deferred batch of its stored JSON form."""
+        return cls(
+            after=data["after"],
+            sequence=data["sequence"],
+            sent=data.get("sent", 0),
+            already_sent=data.get("already_sent", 0),
+            skipped=dict(data.get("skipped") or {}),
+            failed=dict(data.get("failed") or {}),
+            deferred=data.get("deferred", 0),
+            next_window_time=_when(data.get("next_window_time")),
+        )
 
 
 @dataclass(frozen=True)
@@ -392,6 +604,9 @@ class Ack:
     already_sent: int = 0
     skipped: Mapping[str, int] = field(default_factory=dict)
     failed: Mapping[str, int] = field(default_factory=dict)
+    # Recipients outside the send window, and the earliest next opening among them.
+    deferred: int = 0
+    next_window_time: datetime | None = None
 
 
 class LeaseLost(Exception):
@@ -414,6 +629,10 @@ def canvas_to_json(canvas: Canvas) -> dict[str, Any]:
         kind = activity.kind
         if isinstance(kind, BuildAudience):
             item["build_audience"] = {"query": json_format.MessageToDict(kind.query, preserving_proto_field_name=True)}
+            if kind.incremental is not None:
+                item["build_audience"]["incremental"] = json_format.MessageToDict(
+                    kind.incremental, preserving_proto_field_name=True
+                )
         elif isinstance(kind, Fork):
             item["fork"] = {}
         elif isinstance(kind, Join):
@@ -436,13 +655,27 @@ def canvas_to_json(canvas: Canvas) -> dict[str, Any]:
         elif isinstance(kind, End):
             item["end"] = {"signal_campaign": kind.signal_campaign, "parameters": parameters_to_json(kind.parameters)}
         elif isinstance(kind, ChannelSend):
+            window = kind.send_window
             item["channel"] = {
                 "channel": kind.channel,
                 "category": kind.category,
                 "template": kind.template,
                 "batch_size": kind.batch_size,
                 "target_attributes": list(kind.target_attributes),
+                "rate_limit_per_second": kind.rate_limit_per_second,
+                "send_window": None
+                if window is None
+                else {
+                    "start": window.start_local_time,
+                    "end": window.end_local_time,
+                    "days": list(window.days),
+                    "time_zone": window.default_time_zone,
+                },
+                "time_limit_s": kind.time_limit_s,
+                "confirm_before_sending": kind.confirm_before_sending,
             }
+        else:
+            _targeting_to_json(item, kind)
         activities.append(item)
     return {
         "format": CANVAS_FORMAT,
@@ -552,15 +785,22 @@ def canvas_from_json(data: dict[str, Any]) -> Canvas:
         kind: ActivityKind | None = None
         if "build_audience" in item:
             query = json_format.ParseDict(item["build_audience"]["query"], query_pb2.AudienceQuery())
-            kind = BuildAudience(query=query)
+            stored = item["build_audience"].get("incremental")
+            incremental = None if stored is None else json_format.ParseDict(stored, working_set_pb2.Incremental())
+            kind = BuildAudience(query=query, incremental=incremental)
         elif "channel" in item:
             c = item["channel"]
+            w = c.get("send_window")
             kind = ChannelSend(
                 channel=c["channel"],
                 category=c["category"],
                 template=c["template"],
                 batch_size=c["batch_size"],
                 target_attributes=list(c["target_attributes"]),
+                rate_limit_per_second=c.get("rate_limit_per_second", 0),
+                send_window=None if not w else SendWindow(w["start"], w["end"], tuple(w["days"]), w["time_zone"]),
+                time_limit_s=c.get("time_limit_s", 0),
+                confirm_before_sending=c.get("confirm_before_sending", False),
             )
         elif "fork" in item:
             kind = Fork()
@@ -579,6 +819,8 @@ def canvas_from_json(data: dict[str, Any]) -> Canvas:
         elif "end" in item:
             end = item["end"]
             kind = End(end.get("signal_campaign", ""), parameters_from_json(end.get("parameters")))
+        else:
+            kind = _targeting_from_json(item)
         activities.append(Activity(id=item["id"], display_name=item.get("display_name", ""), kind=kind))
     return Canvas(
         activities=activities,
@@ -597,3 +839,99 @@ def parameters_to_json(parameters: Mapping[str, value_pb2.Value]) -> dict[str, A
 def parameters_from_json(data: Mapping[str, Any] | None) -> dict[str, value_pb2.Value]:
     """Signal parameters of their stored JSON form."""
     return {name: json_format.ParseDict(value, value_pb2.Value()) for name, value in (data or {}).items()}
+
+
+def _filter_json(value: query_pb2.Filter | None) -> dict[str, Any] | None:
+    return None if value is None else json_format.MessageToDict(value, preserving_proto_field_name=True)
+
+
+def _targeting_to_json(item: dict[str, Any], kind: ActivityKind | None) -> None:
+    """Add the stored form of a targeting activity (other than build_audience) to ``item``."""
+    if isinstance(kind, ReadAudience):
+        item["read_audience"] = {"audience": kind.audience, "dimension": kind.dimension}
+    elif isinstance(kind, Combine):
+        item["combine"] = {
+            "operation": kind.operation,
+            "primary": kind.primary,
+            "complement_output": kind.complement_output,
+        }
+    elif isinstance(kind, ChangeDimension):
+        item["change_dimension"] = {"link": kind.link, "dimension": kind.dimension}
+    elif isinstance(kind, Split):
+        item["split"] = {
+            "complement_output": kind.complement_output,
+            "overlap": kind.overlap,
+            "subsets": [
+                {
+                    "output": s.output,
+                    "filter": _filter_json(s.filter),
+                    "limit": s.limit,
+                    "limit_percent": s.limit_percent,
+                    "order_by": [[a, d] for a, d in s.order_by],
+                }
+                for s in kind.subsets
+            ],
+        }
+    elif isinstance(kind, Deduplicate):
+        item["deduplicate"] = {
+            "fields": list(kind.fields),
+            "keep": kind.keep,
+            "method": kind.method,
+            "attribute": kind.attribute,
+            "priority": [json_format.MessageToDict(v) for v in kind.priority],
+            "removed_output": kind.removed_output,
+        }
+    elif isinstance(kind, Reconcile):
+        item["reconcile"] = {
+            "target": kind.target,
+            "pairs": [[a, b] for a, b in kind.pairs],
+            "unreconciled_output": kind.unreconciled_output,
+        }
+    elif isinstance(kind, SaveAudience):
+        item["save_audience"] = {"audience_id": kind.audience_id, "display_name": kind.display_name}
+
+
+def _targeting_from_json(item: Mapping[str, Any]) -> ActivityKind | None:
+    """The targeting activity (other than build_audience) of its stored form; None when it is none."""
+    if "read_audience" in item:
+        r = item["read_audience"]
+        return ReadAudience(r["audience"], r["dimension"])
+    if "combine" in item:
+        c = item["combine"]
+        return Combine(c["operation"], c["primary"], c["complement_output"])
+    if "change_dimension" in item:
+        d = item["change_dimension"]
+        return ChangeDimension(d["link"], d["dimension"])
+    if "split" in item:
+        s = item["split"]
+        return Split(
+            subsets=[
+                SplitSubset(
+                    output=x["output"],
+                    filter=None if x["filter"] is None else json_format.ParseDict(x["filter"], query_pb2.Filter()),
+                    limit=x["limit"],
+                    limit_percent=x["limit_percent"],
+                    order_by=[(a, bool(d)) for a, d in x["order_by"]],
+                )
+                for x in s["subsets"]
+            ],
+            complement_output=s["complement_output"],
+            overlap=s["overlap"],
+        )
+    if "deduplicate" in item:
+        d = item["deduplicate"]
+        return Deduplicate(
+            fields=list(d["fields"]),
+            keep=d["keep"],
+            method=d["method"],
+            attribute=d["attribute"],
+            priority=[json_format.ParseDict(v, value_pb2.Value()) for v in d["priority"]],
+            removed_output=d["removed_output"],
+        )
+    if "reconcile" in item:
+        r = item["reconcile"]
+        return Reconcile(r["target"], [(a, b) for a, b in r["pairs"]], r["unreconciled_output"])
+    if "save_audience" in item:
+        a = item["save_audience"]
+        return SaveAudience(a["audience_id"], a["display_name"])
+    return None

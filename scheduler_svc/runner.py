@@ -1,5 +1,8 @@
 """The background runner: claims due runs with leases and executes them with the engine.
 
+Every ``purge_interval_s`` it also deletes the campaigns archived longer ago than the retention
+period, with their runs (:meth:`Lifecycle.purge_archived`).
+
 Every ``poll_interval_s`` the runner first creates the runs of recurring campaigns whose launch time
 has come (idempotent across replicas: one run per campaign and launch time), then claims up to
 ``max_concurrent_runs`` minus the runs it is executing (see :mod:`scheduler_svc.runs` for how claims
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -31,7 +34,7 @@ from carillon_chassis.errors import FailedPrecondition
 from scheduler_svc.campaigns import CampaignStore
 from scheduler_svc.engine import Engine
 from scheduler_svc.lifecycle import Lifecycle
-from scheduler_svc.model import Ack, ClaimedRun, LeaseLost, RunKey, TaskState
+from scheduler_svc.model import Ack, ClaimedRun, DeferredBatch, LeaseLost, RunKey, TaskState
 from scheduler_svc.runs import Lease, RunStore
 
 log = structlog.get_logger("carillon.scheduler.runner")
@@ -66,8 +69,28 @@ class StoreJournal:
     async def record_working_set(self, key: RunKey, activity: str, working_set: str, count: int) -> None:
         await self.database.run(self.runs.record_working_set, key, self.lease, activity, working_set, count)
 
-    async def record_ack(self, key: RunKey, activity: str, ack: Ack) -> None:
-        await self.database.run(self.runs.record_ack, key, self.lease, activity, ack)
+    async def record_outputs(
+        self, key: RunKey, activity: str, outputs: Mapping[str, tuple[str, int]], note: str = ""
+    ) -> None:
+        await self.database.run(self.runs.record_outputs, key, self.lease, activity, outputs, note)
+
+    async def record_ack(self, key: RunKey, activity: str, ack: Ack, after: int = 0) -> None:
+        await self.database.run(self.runs.record_ack, key, self.lease, activity, ack, after)
+
+    async def await_confirmation(self, key: RunKey, activity: str, deadline: datetime) -> None:
+        await self.database.run(self.runs.await_confirmation, key, self.lease, activity, deadline)
+
+    async def skip_recipients(self, key: RunKey, activity: str, reason: str, count: int) -> None:
+        await self.database.run(self.runs.skip_recipients, key, self.lease, activity, reason, count)
+
+    async def deferred_batches(self, key: RunKey, activity: str) -> list[DeferredBatch]:
+        return await self.database.run(self.runs.deferred_batches, key, activity)
+
+    async def record_replay(self, key: RunKey, activity: str, ack: Ack) -> None:
+        await self.database.run(self.runs.record_replay, key, self.lease, activity, ack)
+
+    async def exclude_deferred(self, key: RunKey, activity: str, reason: str) -> int:
+        return await self.database.run(self.runs.exclude_deferred, key, self.lease, activity, reason)
 
     async def finish_task(
         self, key: RunKey, activity: str, note: str = "", outputs: Mapping[str, int] | None = None
@@ -110,7 +133,14 @@ class Runner:
         max_concurrent_runs: int,
         campaigns: CampaignStore | None = None,
         misfire_grace_s: float = 300.0,
+        lifecycle: Lifecycle | None = None,
+        archived_retention: timedelta | None = None,
+        purge_interval_s: float = 3600.0,
     ) -> None:
+        self.lifecycle = lifecycle
+        self.archived_retention = archived_retention
+        self.purge_interval_s = purge_interval_s
+        self._purge_loop: asyncio.Task[None] | None = None
         self.campaigns = campaigns
         self.misfire_grace_s = misfire_grace_s
         self.database = database
@@ -132,9 +162,16 @@ class Runner:
         if self._loop is None:
             self._loop = asyncio.create_task(self._poll_forever(), name="scheduler-runner")
             log.info("runner started", replica=self.lease.owner, poll_interval_s=self.poll_interval_s)
+        if self._purge_loop is None and self.lifecycle is not None and self.archived_retention is not None:
+            self._purge_loop = asyncio.create_task(self._purge_forever(), name="scheduler-purge")
 
     async def stop(self) -> None:
-        """Stop polling, cancel the executions and release their leases."""
+        """Stop polling and purging, cancel the executions and release their leases."""
+        if self._purge_loop is not None:
+            self._purge_loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purge_loop
+            self._purge_loop = None
         if self._loop is not None:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -150,6 +187,28 @@ class Runner:
                 await self.database.run(self.runs.release_lease, key, self.lease)
         if interrupted:
             log.info("runner stopped", released=[key.name for key, _ in interrupted])
+
+    async def purge_once(self) -> list[str]:
+        """Delete the campaigns archived longer ago than the retention period, with their runs."""
+        if self.lifecycle is None or self.archived_retention is None:
+            return []
+        purged: list[str] = []
+        while True:
+            batch = await self.database.run(self.lifecycle.purge_archived, self.archived_retention, SPAWN_BATCH)
+            purged += batch
+            if len(batch) < SPAWN_BATCH:
+                break
+        if purged:
+            log.info("archived campaigns purged", campaigns=purged)
+        return purged
+
+    async def _purge_forever(self) -> None:
+        while True:
+            try:
+                await self.purge_once()
+            except Exception as exc:
+                log.warning("purging archived campaigns failed", error=repr(exc))
+            await asyncio.sleep(self.purge_interval_s)
 
     async def create_due_runs(self) -> list[RunKey]:
         """Create the runs of recurring campaigns whose launch time has come (see CampaignStore)."""

@@ -26,7 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from carillon_chassis.database import Database, as_utc, utcnow
-from carillon_chassis.errors import InvalidArgument, NotFound
+from carillon_chassis.errors import FailedPrecondition, InvalidArgument, NotFound
 from carillon_chassis.pagination import decode_token, encode_token, page_size
 from scheduler_svc.campaigns import complete_if_done
 from scheduler_svc.model import (
@@ -34,6 +34,7 @@ from scheduler_svc.model import (
     CampaignState,
     Canvas,
     ClaimedRun,
+    DeferredBatch,
     LeaseLost,
     LogEntry,
     LogLevel,
@@ -50,6 +51,7 @@ from scheduler_svc.model import (
 from scheduler_svc.runlog import entries_after, list_logs, log_event
 from scheduler_svc.tables import CAMPAIGNS, RUN_TASKS, RUNS
 
+AWAITING, CONFIRMED = "awaiting", "confirmed"
 _FINISHED_TASKS = (TaskState.SUCCEEDED.value, TaskState.FAILED.value, TaskState.SKIPPED.value)
 
 
@@ -70,6 +72,20 @@ def _merge(stored: Mapping[str, int] | None, added: Mapping[str, int] | None) ->
     for reason, count in (added or {}).items():
         if count:
             merged[reason] = merged.get(reason, 0) + int(count)
+    return merged
+
+
+def replay_counts(
+    total: Mapping[str, int] | None, before: Mapping[str, int], after: Mapping[str, int]
+) -> dict[str, int]:
+    """A task's counts by reason once a replayed batch's counts ``after`` replace its earlier ``before``."""
+    merged = dict(total or {})
+    for reason in set(before) | set(after):
+        count = merged.get(reason, 0) - before.get(reason, 0) + after.get(reason, 0)
+        if count > 0:
+            merged[reason] = count
+        else:
+            merged.pop(reason, None)
     return merged
 
 
@@ -114,6 +130,10 @@ def task_from_row(row: Any) -> Task:
         end_time=as_utc(row["end_time"]),
         outputs=dict(row["outputs"] or {}),
         wake_time=as_utc(row["wake_time"]),
+        output_working_sets=dict(row["output_working_sets"] or {}),
+        deferred=row["deferred"] or 0,
+        deferred_batches=[DeferredBatch.from_json(b) for b in row["deferred_batches"] or []],
+        confirmation=row["confirmation"] or "",
     )
 
 
@@ -272,8 +292,32 @@ class RunStore:
             )
             log_event(conn, key, f"working set {working_set} built: {count} records", activity=activity, now=now)
 
-    def record_ack(self, key: RunKey, lease: Lease, activity: str, ack: Ack) -> bool:
-        """Add an acknowledged batch's counts and move the checkpoint to its sequence, atomically.
+    def record_outputs(
+        self, key: RunKey, lease: Lease, activity: str, outputs: Mapping[str, tuple[str, int]], note: str = ""
+    ) -> None:
+        """A targeting task built the working set of each of its outputs (``output -> (working set,
+        count)``); the task SUCCEEDED, its main working set and count (``""``, else the first) stored."""
+        now = utcnow()
+        main = outputs.get("") or next(iter(outputs.values()), ("", 0))
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            _update_task(
+                conn,
+                key,
+                activity,
+                state=TaskState.SUCCEEDED.value,
+                working_set=main[0],
+                targeted=main[1],
+                end_time=now,
+                outputs={output: count for output, (_, count) in outputs.items()},
+                output_working_sets={output: name for output, (name, _) in outputs.items()},
+            )
+            summary = ", ".join(f"{output or 'main'} {count}" for output, (_, count) in outputs.items())
+            log_event(conn, key, note or f"working sets built: {summary}", activity=activity, now=now)
+
+    def record_ack(self, key: RunKey, lease: Lease, activity: str, ack: Ack, after: int = 0) -> bool:
+        """Add an acknowledged batch's counts and move the checkpoint to its sequence, atomically; a
+        batch with deferred recipients (positions ``after`` to its sequence) is kept to be sent again.
 
         Returns False (and changes nothing) when the checkpoint is already at or past the sequence.
         """
@@ -284,18 +328,155 @@ class RunStore:
             row = conn.execute(sa.select(RUN_TASKS).where(*where)).mappings().one()
             if ack.sequence <= row["checkpoint"]:
                 return False
+            values: dict[str, Any] = {
+                "sent": RUN_TASKS.c.sent + ack.sent,
+                "already_sent": RUN_TASKS.c.already_sent + ack.already_sent,
+                "skipped": _merge(row["skipped"], ack.skipped),
+                "failed": _merge(row["failed"], ack.failed),
+                "checkpoint": ack.sequence,
+            }
+            if ack.deferred:
+                batch = DeferredBatch(
+                    after, ack.sequence, ack.sent, ack.already_sent, dict(ack.skipped), dict(ack.failed)
+                )
+                batch.deferred, batch.next_window_time = ack.deferred, ack.next_window_time
+                values["deferred"] = RUN_TASKS.c.deferred + ack.deferred
+                values["deferred_batches"] = [*(row["deferred_batches"] or []), batch.to_json()]
+            conn.execute(RUN_TASKS.update().where(*where, RUN_TASKS.c.checkpoint == row["checkpoint"]).values(**values))
+        return True
+
+    def record_replay(self, key: RunKey, lease: Lease, activity: str, ack: Ack) -> bool:
+        """Record the acknowledgement of a deferred batch sent again: its newly sent recipients are
+        added, its skip and failure counts replace the batch's earlier ones, and the batch is kept
+        while recipients are still deferred. False (nothing changed) for a batch that is not deferred."""
+        now = utcnow()
+        where = (*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            row = conn.execute(sa.select(RUN_TASKS).where(*where)).mappings().one()
+            batches = [DeferredBatch.from_json(b) for b in row["deferred_batches"] or []]
+            old = next((b for b in batches if b.sequence == ack.sequence), None)
+            if old is None:
+                return False
+            skipped = replay_counts(row["skipped"], old.skipped, ack.skipped)
+            failed = replay_counts(row["failed"], old.failed, ack.failed)
+            old.sent += ack.sent
+            old.skipped, old.failed = dict(ack.skipped), dict(ack.failed)
+            deferred = (row["deferred"] or 0) - old.deferred + ack.deferred
+            old.deferred, old.next_window_time = ack.deferred, ack.next_window_time
+            kept = [b.to_json() for b in batches if b.deferred]
             conn.execute(
                 RUN_TASKS.update()
-                .where(*where, RUN_TASKS.c.checkpoint == row["checkpoint"])
+                .where(*where)
                 .values(
                     sent=RUN_TASKS.c.sent + ack.sent,
-                    already_sent=RUN_TASKS.c.already_sent + ack.already_sent,
-                    skipped=_merge(row["skipped"], ack.skipped),
-                    failed=_merge(row["failed"], ack.failed),
-                    checkpoint=ack.sequence,
+                    skipped=skipped,
+                    failed=failed,
+                    deferred=deferred,
+                    deferred_batches=kept,
                 )
             )
         return True
+
+    def await_confirmation(self, key: RunKey, lease: Lease, activity: str, deadline: datetime) -> None:
+        """A channel task WAITS for ConfirmActivity until ``deadline`` (then it gives up)."""
+        now = utcnow()
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            _update_task(conn, key, activity, state=TaskState.WAITING.value, wake_time=deadline, confirmation=AWAITING)
+            log_event(
+                conn,
+                key,
+                f"waiting for a confirmation (ConfirmActivity) until {deadline.isoformat()} before sending",
+                activity=activity,
+                now=now,
+            )
+
+    def confirm(self, key: RunKey, activity: str, now: datetime | None = None) -> Task:
+        """Confirm a channel task awaiting it: the run is due at once (ConfirmActivity).
+
+        NOT_FOUND for an unknown run or activity; FAILED_PRECONDITION ``NOT_AWAITING_CONFIRMATION``.
+        """
+        now = now or utcnow()
+        where = (*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
+        with self.database.engine.begin() as conn:
+            if conn.execute(sa.select(RUNS.c.run_id).where(*_key_where(RUNS, key))).first() is None:
+                raise NotFound(f"run {key.name!r} does not exist", field="run", reason="RUN_NOT_FOUND")
+            confirmed = conn.execute(
+                RUN_TASKS.update()
+                .where(*where, RUN_TASKS.c.confirmation == AWAITING, RUN_TASKS.c.state == TaskState.WAITING.value)
+                .values(confirmation=CONFIRMED, wake_time=now)
+            ).rowcount
+            row = conn.execute(sa.select(RUN_TASKS).where(*where)).mappings().first()
+            if row is None:
+                raise NotFound(
+                    f"{key.name} has no activity {activity!r}", field="activity", reason="ACTIVITY_NOT_FOUND"
+                )
+            if not confirmed:
+                raise FailedPrecondition(
+                    f"activity {activity!r} of {key.name} is not waiting for a confirmation",
+                    field="activity",
+                    reason="NOT_AWAITING_CONFIRMATION",
+                )
+            conn.execute(
+                RUNS.update()
+                .where(*_key_where(RUNS, key), RUNS.c.state == RunState.WAITING.value)
+                .values(scheduled_time=now)
+            )
+            log_event(conn, key, "confirmed: the activity sends", activity=activity, now=now)
+            return task_from_row(conn.execute(sa.select(RUN_TASKS).where(*where)).mappings().one())
+
+    def skip_recipients(self, key: RunKey, lease: Lease, activity: str, reason: str, count: int) -> None:
+        """Count ``count`` recipients of a channel task as skipped with ``reason`` (none was sent)."""
+        now = utcnow()
+        where = (*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            row = conn.execute(sa.select(RUN_TASKS.c.skipped).where(*where)).mappings().one()
+            conn.execute(RUN_TASKS.update().where(*where).values(skipped=_merge(row["skipped"], {reason: count})))
+            log_event(
+                conn, key, f"{count} recipients skipped: {reason}", activity=activity, level=LogLevel.WARNING, now=now
+            )
+
+    def deferred_batches(self, key: RunKey, activity: str) -> list[DeferredBatch]:
+        """A channel task's batches with deferred recipients, in sequence order."""
+        with self.database.engine.connect() as conn:
+            stored = conn.execute(
+                sa.select(RUN_TASKS.c.deferred_batches).where(
+                    *_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity
+                )
+            ).scalar()
+        return sorted((DeferredBatch.from_json(b) for b in stored or []), key=lambda b: b.sequence)
+
+    def exclude_deferred(self, key: RunKey, lease: Lease, activity: str, reason: str) -> int:
+        """The channel task's time limit passed: its deferred recipients are skipped with ``reason``
+        (counted) and no batch is sent again. Returns how many were excluded."""
+        now = utcnow()
+        where = (*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
+        with self.database.engine.begin() as conn:
+            self._renew(conn, key, lease, now)
+            row = conn.execute(sa.select(RUN_TASKS).where(*where)).mappings().one()
+            excluded = int(row["deferred"] or 0)
+            conn.execute(
+                RUN_TASKS.update()
+                .where(*where)
+                .values(
+                    skipped=_merge(row["skipped"], {reason: excluded}),
+                    deferred=0,
+                    deferred_batches=[],
+                    wake_time=None,
+                )
+            )
+            if excluded:
+                log_event(
+                    conn,
+                    key,
+                    f"time limit passed: {excluded} deferred recipients excluded ({reason})",
+                    activity=activity,
+                    level=LogLevel.WARNING,
+                    now=now,
+                )
+        return excluded
 
     def finish_task(
         self, key: RunKey, lease: Lease, activity: str, note: str = "", outputs: Mapping[str, int] | None = None
@@ -337,10 +518,19 @@ class RunStore:
             log_event(conn, key, f"waiting until {wake.isoformat()}", activity=activity, now=now)
 
     def suspend_run(self, key: RunKey, lease: Lease, wake: datetime) -> None:
-        """The run WAITS for a wait activity: no replica holds it; it is due again at ``wake``."""
+        """The run WAITS for a wait activity: no replica holds it; it is due again at ``wake``, or at the
+        earlier wake time of a waiting task (a confirmation given while the run was executing)."""
         now = utcnow()
         with self.database.engine.begin() as conn:
             self._renew(conn, key, lease, now)
+            stored = as_utc(
+                conn.execute(
+                    sa.select(sa.func.min(RUN_TASKS.c.wake_time)).where(
+                        *_key_where(RUN_TASKS, key), RUN_TASKS.c.state == TaskState.WAITING.value
+                    )
+                ).scalar()
+            )
+            wake = min(wake, stored) if stored is not None else wake
             conn.execute(
                 RUNS.update()
                 .where(*_key_where(RUNS, key))

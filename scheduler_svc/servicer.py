@@ -12,10 +12,12 @@ from typing import cast
 
 import grpc
 
+from carillon.audience.v1 import audience_service_pb2, working_set_pb2
+from carillon.delivery.v1 import delivery_service_pb2
 from carillon.scheduler.v1 import campaign_pb2, run_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
 from carillon.type.v1 import channel_pb2
 from carillon_chassis.channels import category_name, category_value, channel_name, channel_value
-from carillon_chassis.names import parse_name
+from carillon_chassis.names import parse_name, validate_id
 from carillon_chassis.sandbox import current_sandbox
 from carillon_chassis.values import from_timestamp, to_timestamp
 from scheduler_svc.campaigns import CampaignStore
@@ -29,9 +31,12 @@ from scheduler_svc.model import (
     Campaign,
     CampaignState,
     Canvas,
+    ChangeDimension,
     ChannelSend,
+    Combine,
     Condition,
     Daily,
+    Deduplicate,
     End,
     Fork,
     Interval,
@@ -40,12 +45,18 @@ from scheduler_svc.model import (
     LogEntry,
     LogLevel,
     Monthly,
+    ReadAudience,
+    Reconcile,
     Recurrence,
     Run,
     RunKey,
     RunState,
     RunTrigger,
+    SaveAudience,
     Schedule,
+    SendWindow,
+    Split,
+    SplitSubset,
     Task,
     TaskState,
     Transition,
@@ -111,18 +122,26 @@ def canvas_from_proto(message: campaign_pb2.Campaign) -> Canvas:
         which = item.WhichOneof("kind")
         kind: ActivityKind | None = None
         if which == "build_audience":
-            kind = BuildAudience(query=item.build_audience.query)
+            b = item.build_audience
+            kind = BuildAudience(query=b.query, incremental=b.incremental if b.HasField("incremental") else None)
         elif which == "channel":
             c = item.channel
+            w = c.send_window
             kind = ChannelSend(
                 channel=channel_name(c.channel),
                 category=category_name(c.category),
                 template=c.template,
                 batch_size=c.batch_size,
                 target_attributes=list(c.target_attributes),
+                rate_limit_per_second=c.rate_limit_per_second,
+                send_window=SendWindow(w.start_local_time, w.end_local_time, tuple(w.days_of_week), w.default_time_zone)
+                if c.HasField("send_window")
+                else None,
+                time_limit_s=_time_limit_s(c),
+                confirm_before_sending=c.confirm_before_sending,
             )
         elif which is not None:
-            kind = _flow_from_proto(item)
+            kind = _flow_from_proto(item) or _targeting_from_proto(item)
         activities.append(Activity(id=item.id, display_name=item.display_name, kind=kind))
     return Canvas(
         activities=activities,
@@ -167,6 +186,127 @@ def _flow_from_proto(item: campaign_pb2.Activity) -> ActivityKind | None:
             branches.append(Branch(b.output, condition))
         return BranchTest(branches=branches, default_output=item.test.default_output or "default")
     return None
+
+
+def _time_limit_s(channel: campaign_pb2.ChannelActivity) -> int:
+    """The time limit in whole seconds; -1 (refused by validation) when set but not positive."""
+    if not channel.HasField("time_limit"):
+        return 0
+    seconds = channel.time_limit.ToTimedelta().total_seconds()
+    return int(seconds) if seconds >= 1 else -1
+
+
+_COMBINE_OPERATIONS = {
+    audience_service_pb2.COMBINE_OPERATION_UNION: "union",
+    audience_service_pb2.COMBINE_OPERATION_INTERSECTION: "intersection",
+    audience_service_pb2.COMBINE_OPERATION_EXCLUSION: "exclusion",
+}
+_COMBINE_OPERATION_VALUES = {v: k for k, v in _COMBINE_OPERATIONS.items()}
+_DEDUPLICATION_METHODS = {
+    audience_service_pb2.DEDUPLICATION_METHOD_RANDOM: "random",
+    audience_service_pb2.DEDUPLICATION_METHOD_HIGHEST: "highest",
+    audience_service_pb2.DEDUPLICATION_METHOD_LOWEST: "lowest",
+    audience_service_pb2.DEDUPLICATION_METHOD_NON_EMPTY: "non_empty",
+    audience_service_pb2.DEDUPLICATION_METHOD_PRIORITY: "priority",
+}
+_DEDUPLICATION_METHOD_VALUES = {v: k for k, v in _DEDUPLICATION_METHODS.items()}
+
+
+def _targeting_from_proto(item: campaign_pb2.Activity) -> ActivityKind | None:
+    which = item.WhichOneof("kind")
+    if which == "read_audience":
+        return ReadAudience(item.read_audience.audience, item.read_audience.dimension)
+    if which == "combine":
+        c = item.combine
+        return Combine(_COMBINE_OPERATIONS.get(c.operation, ""), c.primary, c.complement_output)
+    if which == "change_dimension":
+        return ChangeDimension(item.change_dimension.link, item.change_dimension.dimension)
+    if which == "split":
+        sp = item.split
+        return Split(
+            subsets=[
+                SplitSubset(
+                    output=x.output,
+                    filter=x.filter if x.HasField("filter") else None,
+                    limit=x.limit,
+                    limit_percent=x.limit_percent,
+                    order_by=[(k.attribute, k.descending) for k in x.order_by],
+                )
+                for x in sp.subsets
+            ],
+            complement_output=sp.complement_output,
+            overlap=sp.overlap,
+        )
+    if which == "deduplicate":
+        d = item.deduplicate
+        return Deduplicate(
+            fields=list(d.fields),
+            keep=d.keep,
+            method=_DEDUPLICATION_METHODS.get(d.method, ""),
+            attribute=d.attribute,
+            priority=list(d.priority),
+            removed_output=d.removed_output,
+        )
+    if which == "reconcile":
+        r = item.reconcile
+        pairs = [(pair.source_attribute, pair.target_attribute) for pair in r.pairs]
+        return Reconcile(r.target, pairs, r.unreconciled_output)
+    if which == "save_audience":
+        return SaveAudience(item.save_audience.audience_id, item.save_audience.display_name)
+    return None
+
+
+def _targeting_to_proto(item: campaign_pb2.Activity, kind: ActivityKind | None) -> None:
+    if isinstance(kind, ReadAudience):
+        item.read_audience.CopyFrom(campaign_pb2.ReadAudienceActivity(audience=kind.audience, dimension=kind.dimension))
+    elif isinstance(kind, Combine):
+        item.combine.CopyFrom(
+            campaign_pb2.CombineActivity(
+                operation=_COMBINE_OPERATION_VALUES.get(
+                    kind.operation, audience_service_pb2.COMBINE_OPERATION_UNSPECIFIED
+                ),
+                primary=kind.primary,
+                complement_output=kind.complement_output,
+            )
+        )
+    elif isinstance(kind, ChangeDimension):
+        item.change_dimension.CopyFrom(campaign_pb2.ChangeDimensionActivity(link=kind.link, dimension=kind.dimension))
+    elif isinstance(kind, Split):
+        item.split.SetInParent()
+        item.split.complement_output = kind.complement_output
+        item.split.overlap = kind.overlap
+        for subset in kind.subsets:
+            added = item.split.subsets.add(output=subset.output, limit=subset.limit, limit_percent=subset.limit_percent)
+            if subset.filter is not None:
+                added.filter.CopyFrom(subset.filter)
+            added.order_by.extend(audience_service_pb2.SortKey(attribute=a, descending=d) for a, d in subset.order_by)
+    elif isinstance(kind, Deduplicate):
+        item.deduplicate.CopyFrom(
+            campaign_pb2.DeduplicateActivity(
+                fields=kind.fields,
+                keep=kind.keep,
+                method=_DEDUPLICATION_METHOD_VALUES.get(
+                    kind.method, audience_service_pb2.DEDUPLICATION_METHOD_UNSPECIFIED
+                ),
+                attribute=kind.attribute,
+                priority=kind.priority,
+                removed_output=kind.removed_output,
+            )
+        )
+    elif isinstance(kind, Reconcile):
+        item.reconcile.CopyFrom(
+            campaign_pb2.ReconcileActivity(
+                target=kind.target,
+                pairs=[
+                    working_set_pb2.ReconciliationPair(source_attribute=a, target_attribute=b) for a, b in kind.pairs
+                ],
+                unreconciled_output=kind.unreconciled_output,
+            )
+        )
+    elif isinstance(kind, SaveAudience):
+        item.save_audience.CopyFrom(
+            campaign_pb2.SaveAudienceActivity(audience_id=kind.audience_id, display_name=kind.display_name)
+        )
 
 
 def _flow_to_proto(item: campaign_pb2.Activity, kind: ActivityKind | None) -> None:
@@ -315,6 +455,8 @@ def campaign_to_proto(campaign: Campaign) -> campaign_pb2.Campaign:
         kind = activity.kind
         if isinstance(kind, BuildAudience):
             item.build_audience.query.CopyFrom(kind.query)
+            if kind.incremental is not None:
+                item.build_audience.incremental.CopyFrom(kind.incremental)
         elif isinstance(kind, ChannelSend):
             item.channel.CopyFrom(
                 campaign_pb2.ChannelActivity(
@@ -323,10 +465,25 @@ def campaign_to_proto(campaign: Campaign) -> campaign_pb2.Campaign:
                     template=kind.template,
                     batch_size=kind.batch_size,
                     target_attributes=kind.target_attributes,
+                    rate_limit_per_second=kind.rate_limit_per_second,
+                    confirm_before_sending=kind.confirm_before_sending,
                 )
             )
+            window = kind.send_window
+            if window is not None:
+                item.channel.send_window.CopyFrom(
+                    delivery_service_pb2.SendWindow(
+                        start_local_time=window.start_local_time,
+                        end_local_time=window.end_local_time,
+                        days_of_week=window.days,
+                        default_time_zone=window.default_time_zone,
+                    )
+                )
+            if kind.time_limit_s > 0:
+                item.channel.time_limit.FromSeconds(kind.time_limit_s)
         else:
             _flow_to_proto(item, kind)
+            _targeting_to_proto(item, kind)
     message.schedule.CopyFrom(schedule_to_proto(canvas.schedule))
     message.variables.update(canvas.variables)
     message.error_handling = _ERROR_HANDLING_VALUES[canvas.error_handling]
@@ -351,6 +508,8 @@ def task_to_proto(task: Task) -> run_pb2.ActivityTask:
         checkpoint=task.checkpoint,
         message=task.message,
         outputs=task.outputs,
+        deferred=task.deferred,
+        awaiting_confirmation=task.confirmation == "awaiting",
     )
     if task.wake_time is not None:
         message.wake_time.CopyFrom(to_timestamp(task.wake_time))
@@ -580,6 +739,16 @@ class CampaignServicer(scheduler_service_pb2_grpc.CampaignServiceServicer):
         (campaign_id,) = parse_name(request.name, "campaigns")
         run = await self.database.run(self.lifecycle.test, current_sandbox(), campaign_id, request.request_id)
         return scheduler_service_pb2.TestCampaignResponse(run=run.name)
+
+    async def ConfirmActivity(
+        self, request: scheduler_service_pb2.ConfirmActivityRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_service_pb2.ConfirmActivityResponse:
+        campaign_id, run_id = parse_name(request.run, "campaigns", "runs", field="run")
+        validate_id(request.activity, "activity")
+        task = await self.database.run(
+            self.runs.confirm, RunKey(current_sandbox(), campaign_id, run_id), request.activity
+        )
+        return scheduler_service_pb2.ConfirmActivityResponse(task=task_to_proto(task))
 
     async def RestartRun(
         self, request: scheduler_service_pb2.RestartRunRequest, context: grpc.aio.ServicerContext

@@ -62,6 +62,13 @@ class SchedulerSettings(ServiceSettings):
     signal_min_interval_s: float = Field(default=3600, ge=0)
     # How often WatchRun reads a watched run's progress, in seconds.
     watch_interval_s: float = Field(default=0.5, gt=0)
+    # The highest rate limit (messages per second) a channel activity may ask for; raise it together
+    # with the delivery workers' CARILLON_DELIVERY_MAX_RATE_PER_SECOND.
+    max_rate_per_second: int = Field(default=2000, ge=1)
+    # Archived campaigns are deleted, with their runs, this many days after they were archived.
+    archived_retention_days: float = Field(default=90, gt=0)
+    # How often the purge of expired archived campaigns runs, in seconds.
+    purge_interval_s: float = Field(default=3600, gt=0)
     # This replica's id, the owner of the leases it takes; unique per process by default.
     replica_id: str = Field(default_factory=default_replica_id, min_length=1, max_length=100)
 

@@ -93,8 +93,15 @@ class RunTaskRow(SchedulerBase, table=True):
     end_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
     # Records passed on by each output taken ("" is the single output of most activities).
     outputs: dict[str, int] | None = Field(default=None, sa_type=sa.JSON)
-    # When a waiting wait activity is due.
+    # When a waiting wait activity is due (or a channel activity sends its deferred recipients again).
     wake_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    # The working set of each output of a targeting activity ("" is the main output).
+    output_working_sets: dict[str, str] | None = Field(default=None, sa_type=sa.JSON)
+    # Recipients of a channel activity deferred to its send window's next opening, and their batches.
+    deferred: int = Field(default=0, sa_type=sa.BigInteger)
+    deferred_batches: list[dict[str, Any]] | None = Field(default=None, sa_type=sa.JSON)
+    # A channel activity's confirmation before sending: NULL (none asked), "awaiting" or "confirmed".
+    confirmation: str | None = Field(default=None, max_length=16)
 
 
 class RunLogRow(SchedulerBase, table=True):
@@ -151,12 +158,24 @@ def _flow(conn: sa.Connection) -> None:
     _add_missing(conn, "run_tasks", "wake_time")
 
 
+def _targeting_and_windows(conn: sa.Connection) -> None:
+    _add_missing(conn, "run_tasks", "output_working_sets", sa.JSON())
+    _add_missing(conn, "run_tasks", "deferred", sa.BigInteger(), "NOT NULL DEFAULT 0")
+    _add_missing(conn, "run_tasks", "deferred_batches", sa.JSON())
+    _add_missing(conn, "run_tasks", "confirmation", sa.String(16))
+
+
 MIGRATIONS = [
     Migration(1, "campaigns, runs, run tasks", _initial),
     Migration(2, "recurring schedules: next run time, one run per launch time", _recurring_schedules),
     Migration(3, "signal triggers: what created a run, its parameters and request id", _signals),
     Migration(4, "run logs", _run_logs),
     Migration(5, "flow activities: task outputs and wake times", _flow),
+    Migration(
+        6,
+        "targeting outputs' working sets; deferred recipients and confirmations of channel activities",
+        _targeting_and_windows,
+    ),
 ]
 
 # The Core tables, for statements that SQLModel's ORM layer does not type well.

@@ -10,24 +10,42 @@ from __future__ import annotations
 
 import heapq
 import re
+import zoneinfo
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from carillon.audience.v1 import working_set_pb2
+from carillon.type.v1 import value_pb2
 from carillon_chassis.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from carillon_chassis.names import ID_PATTERN, ID_RULE, parse_name
+from carillon_chassis.values import from_value
 from scheduler_svc.model import (
+    COMBINE_OPERATIONS,
     COMPARISONS,
+    DEDUPLICATION_METHODS,
     ERROR_HANDLINGS,
+    POPULATION_KINDS,
     Activity,
     BranchTest,
     BuildAudience,
     Canvas,
+    ChangeDimension,
     ChannelSend,
+    Combine,
+    Deduplicate,
     End,
     Fork,
     Join,
+    ReadAudience,
+    Reconcile,
+    SaveAudience,
+    SendWindow,
+    Split,
     Transition,
     Wait,
+    has_main_output,
+    named_outputs,
+    output_activity,
 )
 from scheduler_svc.schedules import schedule_violations
 
@@ -41,6 +59,12 @@ MAX_DISPLAY_NAME = 200
 MAX_TARGET_ATTRIBUTES = 200
 # The attribute-name rule of the audience contract (carillon.audience.v1.Attribute.name).
 ATTRIBUTE_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+ATTRIBUTE_RULE = "attribute names are lower case letters, digits and _, starting with a letter"
+MAX_TIME_LIMIT_S = 30 * 86400
+MAX_SUBSETS = 100
+MAX_DEDUPLICATION_FIELDS = 20
+MAX_KEEP = 1000
+LOCAL_TIME_PATTERN = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 
 
 @dataclass(frozen=True)
@@ -51,6 +75,8 @@ class Limits:
     max_channel_activities: int = 10
     # The shortest time between two launch times of a day (interval and times of day), in minutes.
     min_schedule_interval_minutes: int = 15
+    # The highest rate limit a channel activity may ask for, in messages per second.
+    max_rate_per_second: int = 2000
 
 
 def check_guardrails(canvas: Canvas, limits: Limits, prefix: str = "campaign") -> None:
@@ -80,7 +106,9 @@ def validate_campaign(display_name: str, canvas: Canvas, limits: Limits, prefix:
     violations: list[FieldViolation] = []
     if len(display_name) > MAX_DISPLAY_NAME:
         violations.append(FieldViolation(f"{prefix}.display_name", f"at most {MAX_DISPLAY_NAME} characters"))
-    violations += canvas_violations(canvas, prefix, limits.min_schedule_interval_minutes)
+    violations += canvas_violations(
+        canvas, prefix, limits.min_schedule_interval_minutes, max_rate_per_second=limits.max_rate_per_second
+    )
     if violations:
         raise InvalidArgument(
             f"invalid campaign: {violations[0].field}: {violations[0].description}"
@@ -91,10 +119,14 @@ def validate_campaign(display_name: str, canvas: Canvas, limits: Limits, prefix:
 
 
 def canvas_violations(
-    canvas: Canvas, prefix: str = "campaign", min_schedule_interval_minutes: int = 15
+    canvas: Canvas,
+    prefix: str = "campaign",
+    min_schedule_interval_minutes: int = 15,
+    *,
+    max_rate_per_second: int = 2000,
 ) -> list[FieldViolation]:
     """Every problem of the canvas, in field order: activities, transitions, then the schedule."""
-    violations = _activity_violations(canvas, prefix)
+    violations = _activity_violations(canvas, prefix, max_rate_per_second)
     violations += _transition_violations(canvas, prefix)
     if canvas.error_handling not in ERROR_HANDLINGS:
         violations.append(FieldViolation(f"{prefix}.error_handling", f"one of {list(ERROR_HANDLINGS)}"))
@@ -119,7 +151,7 @@ def _name_violation(value: str, collection: str, field: str) -> FieldViolation |
     return None
 
 
-def _activity_violations(canvas: Canvas, prefix: str) -> list[FieldViolation]:
+def _activity_violations(canvas: Canvas, prefix: str, max_rate_per_second: int = 2000) -> list[FieldViolation]:
     violations: list[FieldViolation] = []
     if not canvas.activities:
         return [FieldViolation(f"{prefix}.activities", "a campaign needs at least one activity")]
@@ -141,8 +173,14 @@ def _activity_violations(canvas: Canvas, prefix: str) -> list[FieldViolation]:
             problem = _name_violation(kind.query.dimension, "entities", f"{path}.build_audience.query.dimension")
             if problem:
                 violations.append(problem)
+            if kind.incremental is not None:
+                violations += _incremental_violations(kind.incremental, f"{path}.build_audience.incremental")
         elif isinstance(kind, ChannelSend):
-            violations += _channel_violations(kind, f"{path}.channel")
+            violations += _channel_violations(kind, f"{path}.channel", max_rate_per_second)
+        elif isinstance(
+            kind, ReadAudience | Combine | ChangeDimension | Split | Deduplicate | Reconcile | SaveAudience
+        ):
+            violations += _targeting_violations(activity.id, kind, path)
         elif isinstance(kind, Wait):
             if (kind.duration_s > 0) == (kind.until is not None):
                 violations.append(FieldViolation(f"{path}.wait", "exactly one of duration or until_time is required"))
@@ -157,6 +195,10 @@ def _activity_violations(canvas: Canvas, prefix: str) -> list[FieldViolation]:
             for name in sorted(kind.parameters):
                 if not OUTPUT_PATTERN.match(name):
                     violations.append(FieldViolation(f"{path}.end.parameters[{name!r}]", OUTPUT_RULE))
+                elif not _is_scalar(kind.parameters[name]):
+                    violations.append(
+                        FieldViolation(f"{path}.end.parameters[{name!r}]", "a valid scalar value (no list or struct)")
+                    )
         elif not isinstance(kind, Fork | Join | End):
             violations.append(FieldViolation(f"{path}.kind", "exactly one activity kind must be set"))
     return violations
@@ -187,8 +229,175 @@ def _test_violations(test: BranchTest, path: str) -> list[FieldViolation]:
     return violations
 
 
-def _channel_violations(channel: ChannelSend, path: str) -> list[FieldViolation]:
+def _output_name_violations(activity_id: str, output: str, field: str) -> list[FieldViolation]:
+    if not OUTPUT_PATTERN.match(output):
+        return [FieldViolation(field, OUTPUT_RULE)]
+    if ID_PATTERN.match(activity_id) and not ID_PATTERN.match(output_activity(activity_id, output)):
+        return [FieldViolation(field, "the activity id, '--' and the output name must fit in 63 characters")]
+    return []
+
+
+def _incremental_violations(incremental: working_set_pb2.Incremental, path: str) -> list[FieldViolation]:
+    mode = incremental.WhichOneof("mode")
+    if mode is None:
+        return [FieldViolation(f"{path}.mode", "set processed_keys or watermark")]
+    if mode == "processed_keys":
+        window = incremental.processed_keys.history_window
+        if window.seconds < 0 or window.nanos < 0:
+            return [FieldViolation(f"{path}.processed_keys.history_window", "must not be negative")]
+        return []
+    if not ATTRIBUTE_NAME_PATTERN.match(incremental.watermark.attribute):
+        return [FieldViolation(f"{path}.watermark.attribute", "a date or timestamp attribute: " + ATTRIBUTE_RULE)]
+    return []
+
+
+def _targeting_violations(
+    activity_id: str,
+    kind: ReadAudience | Combine | ChangeDimension | Split | Deduplicate | Reconcile | SaveAudience,
+    path: str,
+) -> list[FieldViolation]:
+    """The problems of a targeting activity other than build_audience (its own fields only)."""
     violations: list[FieldViolation] = []
+
+    def name(value: str, collection: str, field: str) -> None:
+        problem = _name_violation(value, collection, field)
+        if problem:
+            violations.append(problem)
+
+    if isinstance(kind, ReadAudience):
+        name(kind.audience, "audiences", f"{path}.read_audience.audience")
+        name(kind.dimension, "entities", f"{path}.read_audience.dimension")
+    elif isinstance(kind, ChangeDimension):
+        if not ATTRIBUTE_NAME_PATTERN.match(kind.link):
+            violations.append(FieldViolation(f"{path}.change_dimension.link", "a link name: " + ATTRIBUTE_RULE))
+        name(kind.dimension, "entities", f"{path}.change_dimension.dimension")
+    elif isinstance(kind, Combine):
+        where = f"{path}.combine"
+        if kind.operation not in COMBINE_OPERATIONS:
+            violations.append(FieldViolation(f"{where}.operation", f"one of {list(COMBINE_OPERATIONS)}"))
+        if kind.complement_output:
+            if kind.operation == "union":
+                violations.append(FieldViolation(f"{where}.complement_output", "a union has no complement"))
+            elif (
+                kind.operation == "intersection"
+                and ID_PATTERN.match(activity_id)
+                and not ID_PATTERN.match(f"{activity_id}--union-all")
+            ):
+                violations.append(
+                    FieldViolation(
+                        f"{where}.complement_output",
+                        "an intersection's complement needs an activity id of 52 characters at most",
+                    )
+                )
+            violations += _output_name_violations(activity_id, kind.complement_output, f"{where}.complement_output")
+    elif isinstance(kind, Split):
+        where = f"{path}.split"
+        if not kind.subsets:
+            violations.append(FieldViolation(f"{where}.subsets", "a split needs at least one subset"))
+        elif len(kind.subsets) > MAX_SUBSETS:
+            violations.append(FieldViolation(f"{where}.subsets", f"at most {MAX_SUBSETS} subsets"))
+        seen: set[str] = set()
+        for j, subset in enumerate(kind.subsets):
+            at = f"{where}.subsets[{j}]"
+            problems = _output_name_violations(activity_id, subset.output, f"{at}.output")
+            if not problems and subset.output in seen:
+                problems = [FieldViolation(f"{at}.output", f"the output {subset.output!r} is used twice")]
+            violations += problems
+            seen.add(subset.output)
+            if subset.limit < 0:
+                violations.append(FieldViolation(f"{at}.limit", "0 (no limit) or more"))
+            if not 0 <= subset.limit_percent <= 100:
+                violations.append(FieldViolation(f"{at}.limit_percent", "a percentage from 0 to 100"))
+            if subset.limit and subset.limit_percent:
+                violations.append(FieldViolation(f"{at}.limit_percent", "not together with limit"))
+            for k, (attribute, _) in enumerate(subset.order_by):
+                if not ATTRIBUTE_NAME_PATTERN.match(attribute):
+                    violations.append(FieldViolation(f"{at}.order_by[{k}].attribute", ATTRIBUTE_RULE))
+        if kind.complement_output:
+            field = f"{where}.complement_output"
+            problems = _output_name_violations(activity_id, kind.complement_output, field)
+            if not problems and kind.complement_output in seen:
+                problems = [FieldViolation(field, f"the output {kind.complement_output!r} is used twice")]
+            violations += problems
+    elif isinstance(kind, Deduplicate):
+        where = f"{path}.deduplicate"
+        if not kind.fields:
+            violations.append(FieldViolation(f"{where}.fields", "at least one attribute identifies duplicates"))
+        elif len(kind.fields) > MAX_DEDUPLICATION_FIELDS:
+            violations.append(FieldViolation(f"{where}.fields", f"at most {MAX_DEDUPLICATION_FIELDS} attributes"))
+        for j, attribute in enumerate(kind.fields):
+            if not ATTRIBUTE_NAME_PATTERN.match(attribute):
+                violations.append(FieldViolation(f"{where}.fields[{j}]", ATTRIBUTE_RULE))
+        if not 0 <= kind.keep <= MAX_KEEP:
+            violations.append(FieldViolation(f"{where}.keep", f"0 (the default, 1) to {MAX_KEEP}"))
+        if kind.method and kind.method not in DEDUPLICATION_METHODS:
+            violations.append(FieldViolation(f"{where}.method", f"one of {list(DEDUPLICATION_METHODS)}"))
+        if kind.method != "random" and not ATTRIBUTE_NAME_PATTERN.match(kind.attribute):
+            violations.append(
+                FieldViolation(f"{where}.attribute", "the attribute the method looks at: " + ATTRIBUTE_RULE)
+            )
+        if kind.method == "priority" and not kind.priority:
+            violations.append(FieldViolation(f"{where}.priority", "the values in priority order"))
+        if kind.priority and kind.method != "priority":
+            violations.append(FieldViolation(f"{where}.priority", "only with the PRIORITY method"))
+        if kind.removed_output:
+            violations += _output_name_violations(activity_id, kind.removed_output, f"{where}.removed_output")
+    elif isinstance(kind, Reconcile):
+        where = f"{path}.reconcile"
+        name(kind.target, "entities", f"{where}.target")
+        if not kind.pairs:
+            violations.append(FieldViolation(f"{where}.pairs", "at least one pair of attributes to match on"))
+        for j, (source_attribute, target_attribute) in enumerate(kind.pairs):
+            if not ATTRIBUTE_NAME_PATTERN.match(source_attribute):
+                violations.append(FieldViolation(f"{where}.pairs[{j}].source_attribute", ATTRIBUTE_RULE))
+            if not ATTRIBUTE_NAME_PATTERN.match(target_attribute):
+                violations.append(FieldViolation(f"{where}.pairs[{j}].target_attribute", ATTRIBUTE_RULE))
+        if kind.unreconciled_output:
+            violations += _output_name_violations(activity_id, kind.unreconciled_output, f"{where}.unreconciled_output")
+    else:
+        if not ID_PATTERN.match(kind.audience_id):
+            violations.append(
+                FieldViolation(f"{path}.save_audience.audience_id", f"{ID_RULE}; got {kind.audience_id!r}")
+            )
+        if len(kind.display_name) > MAX_DISPLAY_NAME:
+            violations.append(
+                FieldViolation(f"{path}.save_audience.display_name", f"at most {MAX_DISPLAY_NAME} characters")
+            )
+    return violations
+
+
+def _window_violations(window: SendWindow, path: str) -> list[FieldViolation]:
+    violations: list[FieldViolation] = []
+    for end in ("start_local_time", "end_local_time"):
+        if not LOCAL_TIME_PATTERN.match(getattr(window, end)):
+            violations.append(FieldViolation(f"{path}.{end}", "a local time HH:MM (24-hour clock)"))
+    if window.start_local_time == window.end_local_time:
+        violations.append(FieldViolation(f"{path}.end_local_time", "the window closes at another time than it opens"))
+    if any(not 1 <= d <= 7 for d in window.days) or len(set(window.days)) != len(window.days):
+        violations.append(FieldViolation(f"{path}.days_of_week", "distinct ISO days, 1 (Monday) to 7 (Sunday)"))
+    if window.default_time_zone:
+        try:
+            zoneinfo.ZoneInfo(window.default_time_zone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            violations.append(FieldViolation(f"{path}.default_time_zone", "an IANA time zone, such as Europe/Paris"))
+    return violations
+
+
+def _channel_violations(channel: ChannelSend, path: str, max_rate_per_second: int = 2000) -> list[FieldViolation]:
+    violations: list[FieldViolation] = []
+    if not 0 <= channel.rate_limit_per_second <= max_rate_per_second:
+        violations.append(
+            FieldViolation(
+                f"{path}.rate_limit_per_second",
+                f"0 (no limit of its own) or 1 to {max_rate_per_second} messages per second",
+            )
+        )
+    if channel.send_window is not None:
+        violations += _window_violations(channel.send_window, f"{path}.send_window")
+    if not 0 <= channel.time_limit_s <= MAX_TIME_LIMIT_S:
+        violations.append(
+            FieldViolation(f"{path}.time_limit", f"at least 1 second and at most {MAX_TIME_LIMIT_S // 86400} days")
+        )
     if not channel.channel:
         violations.append(FieldViolation(f"{path}.channel", "the channel must be set"))
     if not channel.category:
@@ -206,9 +415,7 @@ def _channel_violations(channel: ChannelSend, path: str) -> list[FieldViolation]
     for j, attribute in enumerate(channel.target_attributes):
         field = f"{path}.target_attributes[{j}]"
         if not ATTRIBUTE_NAME_PATTERN.match(attribute):
-            violations.append(
-                FieldViolation(field, "attribute names are lower case letters, digits and _, starting with a letter")
-            )
+            violations.append(FieldViolation(field, ATTRIBUTE_RULE))
         elif attribute in seen:
             violations.append(FieldViolation(field, f"{attribute!r} is listed twice"))
         seen.add(attribute)
@@ -251,15 +458,25 @@ def _transition_violations(canvas: Canvas, prefix: str) -> list[FieldViolation]:
         outgoing.setdefault(transition.source, []).append((k, transition))
     for k, transition in usable:
         source = kinds[transition.source]
+        names = named_outputs(source)
         if isinstance(source, BranchTest):
-            names = [b.output for b in source.branches] + [source.default_output]
             if transition.output not in names:
                 violations.append(
                     FieldViolation(f"{prefix}.transitions[{k}].output", f"one of the test's outputs {names}")
                 )
-        elif transition.output:
+        elif isinstance(source, Split):
+            if transition.output not in names:
+                violations.append(
+                    FieldViolation(f"{prefix}.transitions[{k}].output", f"one of the split's outputs {names}")
+                )
+        elif transition.output and transition.output not in names:
+            allowed = "" if not names else f" ({names} here)"
             violations.append(
-                FieldViolation(f"{prefix}.transitions[{k}].output", "only a test activity has named outputs")
+                FieldViolation(
+                    f"{prefix}.transitions[{k}].output",
+                    "only tests, splits, combines with a complement and deduplications with a removed output "
+                    "have named outputs" + allowed,
+                )
             )
         if isinstance(source, End):
             violations.append(FieldViolation(f"{prefix}.transitions[{k}].source", "an end activity ends its branch"))
@@ -268,6 +485,18 @@ def _transition_violations(canvas: Canvas, prefix: str) -> list[FieldViolation]:
             continue
         violations += _incoming_violations(activity.kind, i, incoming.get(activity.id, []), kinds, prefix)
         kind = activity.kind
+        if isinstance(kind, Split | Combine | Deduplicate | ReadAudience | ChangeDimension | Reconcile):
+            wired = {t.output for _, t in outgoing.get(activity.id, [])}
+            expected = ([""] if has_main_output(kind) else []) + named_outputs(kind)
+            for output in expected:
+                if output not in wired:
+                    label = f"output {output!r}" if output else "main output"
+                    violations.append(
+                        FieldViolation(
+                            f"{prefix}.activities[{i}]",
+                            f"its {label} needs a transition (to an end activity to end it)",
+                        )
+                    )
         if isinstance(kind, BranchTest):
             wired = {t.output for _, t in outgoing.get(activity.id, [])}
             for j, branch in enumerate(kind.branches):
@@ -287,13 +516,92 @@ def _transition_violations(canvas: Canvas, prefix: str) -> list[FieldViolation]:
                 )
     if cycle is None and not violations:
         for i, activity in enumerate(canvas.activities):
-            if isinstance(activity.kind, ChannelSend) and population_source(canvas, activity.id) is None:
+            needs_input = isinstance(
+                activity.kind, ChannelSend | Combine | ChangeDimension | Split | Deduplicate | Reconcile
+            )
+            if (needs_input or isinstance(activity.kind, SaveAudience)) and population_source(
+                canvas, activity.id
+            ) is None:
+                what = "a channel activity" if isinstance(activity.kind, ChannelSend) else "this activity"
                 violations.append(
                     FieldViolation(
                         f"{prefix}.activities[{i}]",
-                        "a channel activity needs a build_audience activity upstream to give it a population",
+                        f"{what} needs a targeting activity upstream (build or read audience) to give it a population",
                     )
                 )
+        if not violations:
+            violations += _dimension_violations(canvas, prefix)
+    return violations
+
+
+def _dimension_of(kind: object) -> str | None:
+    """The dimension an activity's own population has, or None when it passes its input's on."""
+    if isinstance(kind, BuildAudience):
+        return kind.query.dimension
+    if isinstance(kind, ReadAudience | ChangeDimension):
+        return kind.dimension
+    if isinstance(kind, Reconcile):
+        return kind.target
+    return None
+
+
+def dimensions(canvas: Canvas) -> dict[str, str]:
+    """The dimension of each activity's population, tracked along the transitions (the canvas must be
+    acyclic): a build or read audience sets it, a change of dimension or a reconciliation changes it,
+    every other activity passes on its (primary) input's."""
+    return _dimensions(canvas)[0]
+
+
+def _dimensions(canvas: Canvas) -> tuple[dict[str, str], dict[str, str]]:
+    """The dimension of each activity's population, and of the population entering it."""
+    found: dict[str, str] = {}
+    entering: dict[str, str] = {}
+    for activity_id in topological_order(canvas):
+        kind = (canvas.find(activity_id) or Activity(activity_id)).kind
+        incoming = [t for t in canvas.transitions if t.target == activity_id]
+        primary = kind.primary if isinstance(kind, Join | Combine) and kind.primary else ""
+        chosen = next((t for t in incoming if t.source == primary), incoming[0] if incoming else None)
+        if chosen is not None:
+            dimension = transition_dimension(canvas, chosen, found, entering)
+            if dimension:
+                entering[activity_id] = dimension
+        own = _dimension_of(kind)
+        if own is not None:
+            found[activity_id] = own
+        elif activity_id in entering:
+            found[activity_id] = entering[activity_id]
+    return found, entering
+
+
+def transition_dimension(
+    canvas: Canvas, transition: Transition, found: Mapping[str, str], entering: Mapping[str, str]
+) -> str:
+    """The dimension of the population along a transition: its source's, but a reconciliation's
+    unreconciled output keeps the dimension that entered the reconciliation."""
+    kind = (canvas.find(transition.source) or Activity(transition.source)).kind
+    if isinstance(kind, Reconcile) and transition.output and transition.output == kind.unreconciled_output:
+        return entering.get(transition.source, "")
+    return found.get(transition.source, "")
+
+
+def _dimension_violations(canvas: Canvas, prefix: str) -> list[FieldViolation]:
+    """A combine whose inputs have different dimensions (each activity's dimension tracked through the canvas)."""
+    violations: list[FieldViolation] = []
+    found, entering = _dimensions(canvas)
+    for k, transition in enumerate(canvas.transitions):
+        target = canvas.find(transition.target)
+        if target is None or not isinstance(target.kind, Combine):
+            continue
+        expected = found.get(transition.target)
+        actual = transition_dimension(canvas, transition, found, entering)
+        if expected and actual and expected != actual:
+            violations.append(
+                FieldViolation(
+                    f"{prefix}.transitions[{k}].source",
+                    f"the population from {transition.source!r} has the dimension {actual}; the combine "
+                    f"{transition.target!r} combines {expected} (every input needs the same dimension)",
+                )
+            )
     return violations
 
 
@@ -302,11 +610,14 @@ def _incoming_violations(
 ) -> list[FieldViolation]:
     violations: list[FieldViolation] = []
     path = f"{prefix}.activities[{i}]"
-    if isinstance(kind, Join):
+    if isinstance(kind, Join | Combine):
+        what = "join" if isinstance(kind, Join) else "combine"
         if len(edges) < 2:
-            violations.append(FieldViolation(path, "a join needs at least two incoming transitions"))
+            violations.append(FieldViolation(path, f"a {what} needs at least two incoming transitions"))
         elif kind.primary and kind.primary not in {t.source for _, t in edges}:
-            violations.append(FieldViolation(f"{path}.join.primary", "the source of one of the join's transitions"))
+            violations.append(
+                FieldViolation(f"{path}.{what}.primary", f"the source of one of the {what}'s transitions")
+            )
         return violations
     if isinstance(kind, ChannelSend):
         if not edges:
@@ -323,6 +634,8 @@ def _incoming_violations(
             )
     elif isinstance(kind, Fork | Wait | BranchTest | End) and not edges:
         return [FieldViolation(path, "a flow activity needs one incoming transition")]
+    elif isinstance(kind, ChangeDimension | Split | Deduplicate | Reconcile | SaveAudience) and not edges:
+        return [FieldViolation(path, "this activity needs one incoming transition, from the population")]
     for k, _ in edges[1:]:
         violations.append(
             FieldViolation(
@@ -333,16 +646,16 @@ def _incoming_violations(
 
 
 def population_source(canvas: Canvas, activity_id: str) -> str | None:
-    """The build_audience activity whose working set reaches ``activity_id`` (through flow and channel
-    activities; a join's primary input), or None. The canvas must be acyclic."""
+    """The targeting activity whose working set reaches ``activity_id`` (through flow, channel and save
+    activities; a join's or combine's primary input), or None. The canvas must be acyclic."""
     current = activity_id
     while True:
         sources = canvas.sources_of(current)
         if not sources:
             return None
         kind = (canvas.find(current) or Activity(current)).kind
-        current = kind.primary if isinstance(kind, Join) and kind.primary else sources[0]
-        if isinstance((canvas.find(current) or Activity(current)).kind, BuildAudience):
+        current = kind.primary if isinstance(kind, Join | Combine) and kind.primary else sources[0]
+        if isinstance((canvas.find(current) or Activity(current)).kind, POPULATION_KINDS):
             return current
 
 
@@ -409,3 +722,12 @@ def topological_order(canvas: Canvas) -> list[str]:
     if len(order) != len(position):
         raise ValueError("the canvas has a cycle")
     return order
+
+
+def _is_scalar(value: value_pb2.Value) -> bool:
+    """Whether ``value`` is a valid scalar Value (branch conditions of the signalled run read it as one)."""
+    try:
+        from_value(value)
+    except (ValueError, ArithmeticError):
+        return False
+    return True

@@ -22,14 +22,17 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from carillon.audience.v1 import audience_service_pb2 as carillon_dot_audience_dot_v1_dot_audience__service__pb2
 from carillon.audience.v1 import query_pb2 as carillon_dot_audience_dot_v1_dot_query__pb2
+from carillon.audience.v1 import working_set_pb2 as carillon_dot_audience_dot_v1_dot_working__set__pb2
+from carillon.delivery.v1 import delivery_service_pb2 as carillon_dot_delivery_dot_v1_dot_delivery__service__pb2
 from carillon.type.v1 import channel_pb2 as carillon_dot_type_dot_v1_dot_channel__pb2
 from carillon.type.v1 import value_pb2 as carillon_dot_type_dot_v1_dot_value__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$carillon/scheduler/v1/campaign.proto\x12\x15\x63\x61rillon.scheduler.v1\x1a carillon/audience/v1/query.proto\x1a\x1e\x63\x61rillon/type/v1/channel.proto\x1a\x1c\x63\x61rillon/type/v1/value.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"K\n\x15\x42uildAudienceActivity\x12\x32\n\x05query\x18\x01 \x01(\x0b\x32#.carillon.audience.v1.AudienceQuery\"\xb3\x01\n\x0f\x43hannelActivity\x12*\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x33\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32!.carillon.type.v1.MessageCategory\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x19\n\x11target_attributes\x18\x05 \x03(\t\"\x0e\n\x0c\x46orkActivity\"\x1f\n\x0cJoinActivity\x12\x0f\n\x07primary\x18\x01 \x01(\t\"x\n\x0cWaitActivity\x12-\n\x08\x64uration\x18\x01 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x12\x30\n\nuntil_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x42\x07\n\x05until\"[\n\x13PopulationCondition\x12\x35\n\ncomparison\x18\x01 \x01(\x0e\x32!.carillon.scheduler.v1.Comparison\x12\r\n\x05value\x18\x02 \x01(\x03\"g\n\x11VariableCondition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\ncomparison\x18\x02 \x01(\x0e\x32!.carillon.scheduler.v1.Comparison\x12\r\n\x05value\x18\x03 \x01(\t\"\xa9\x01\n\nTestBranch\x12\x0e\n\x06output\x18\x01 \x01(\t\x12@\n\npopulation\x18\x02 \x01(\x0b\x32*.carillon.scheduler.v1.PopulationConditionH\x00\x12<\n\x08variable\x18\x03 \x01(\x0b\x32(.carillon.scheduler.v1.VariableConditionH\x00\x42\x0b\n\tcondition\"[\n\x0cTestActivity\x12\x33\n\x08\x62ranches\x18\x01 \x03(\x0b\x32!.carillon.scheduler.v1.TestBranch\x12\x16\n\x0e\x64\x65\x66\x61ult_output\x18\x02 \x01(\t\"\xba\x01\n\x0b\x45ndActivity\x12\x17\n\x0fsignal_campaign\x18\x01 \x01(\t\x12\x46\n\nparameters\x18\x02 \x03(\x0b\x32\x32.carillon.scheduler.v1.EndActivity.ParametersEntry\x1aJ\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"\xbe\x03\n\x08\x41\x63tivity\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x46\n\x0e\x62uild_audience\x18\x03 \x01(\x0b\x32,.carillon.scheduler.v1.BuildAudienceActivityH\x00\x12\x39\n\x07\x63hannel\x18\x04 \x01(\x0b\x32&.carillon.scheduler.v1.ChannelActivityH\x00\x12\x33\n\x04\x66ork\x18\x05 \x01(\x0b\x32#.carillon.scheduler.v1.ForkActivityH\x00\x12\x33\n\x04join\x18\x06 \x01(\x0b\x32#.carillon.scheduler.v1.JoinActivityH\x00\x12\x33\n\x04wait\x18\x07 \x01(\x0b\x32#.carillon.scheduler.v1.WaitActivityH\x00\x12\x33\n\x04test\x18\x08 \x01(\x0b\x32#.carillon.scheduler.v1.TestActivityH\x00\x12\x31\n\x03\x65nd\x18\t \x01(\x0b\x32\".carillon.scheduler.v1.EndActivityH\x00\x42\x06\n\x04kind\"<\n\nTransition\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\">\n\x0cOnceSchedule\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\tLocalTime\x12\r\n\x05hours\x18\x01 \x01(\x05\x12\x0f\n\x07minutes\x18\x02 \x01(\x05\"n\n\rDailySchedule\x12,\n\x04\x64\x61ys\x18\x01 \x03(\x0e\x32\x1e.carillon.scheduler.v1.Weekday\x12/\n\x05times\x18\x02 \x03(\x0b\x32 .carillon.scheduler.v1.LocalTime\"\xc8\x01\n\x10IntervalSchedule\x12,\n\x04\x64\x61ys\x18\x01 \x03(\x0e\x32\x1e.carillon.scheduler.v1.Weekday\x12\x18\n\x10interval_minutes\x18\x02 \x01(\x05\x12\x36\n\x0cwindow_start\x18\x03 \x01(\x0b\x32 .carillon.scheduler.v1.LocalTime\x12\x34\n\nwindow_end\x18\x04 \x01(\x0b\x32 .carillon.scheduler.v1.LocalTime\"\x87\x01\n\x0eWeeklySchedule\x12\x16\n\x0einterval_weeks\x18\x01 \x01(\x05\x12,\n\x04\x64\x61ys\x18\x02 \x03(\x0e\x32\x1e.carillon.scheduler.v1.Weekday\x12/\n\x05times\x18\x03 \x03(\x0b\x32 .carillon.scheduler.v1.LocalTime\"N\n\nNthWeekday\x12\x0f\n\x07ordinal\x18\x01 \x01(\x05\x12/\n\x07weekday\x18\x02 \x01(\x0e\x32\x1e.carillon.scheduler.v1.Weekday\"\xaf\x01\n\x0fMonthlySchedule\x12\x16\n\x0c\x64\x61y_of_month\x18\x01 \x01(\x05H\x00\x12\x12\n\x08last_day\x18\x02 \x01(\x08H\x00\x12\x38\n\x0bnth_weekday\x18\x03 \x01(\x0b\x32!.carillon.scheduler.v1.NthWeekdayH\x00\x12/\n\x05times\x18\x04 \x03(\x0b\x32 .carillon.scheduler.v1.LocalTimeB\x05\n\x03\x64\x61y\"\x10\n\x0eSignalSchedule\"\xeb\x03\n\x08Schedule\x12\x33\n\x04once\x18\x01 \x01(\x0b\x32#.carillon.scheduler.v1.OnceScheduleH\x00\x12\x35\n\x05\x64\x61ily\x18\x02 \x01(\x0b\x32$.carillon.scheduler.v1.DailyScheduleH\x00\x12;\n\x08interval\x18\x03 \x01(\x0b\x32\'.carillon.scheduler.v1.IntervalScheduleH\x00\x12\x37\n\x06weekly\x18\x04 \x01(\x0b\x32%.carillon.scheduler.v1.WeeklyScheduleH\x00\x12\x39\n\x07monthly\x18\x05 \x01(\x0b\x32&.carillon.scheduler.v1.MonthlyScheduleH\x00\x12\x37\n\x06signal\x18\x06 \x01(\x0b\x32%.carillon.scheduler.v1.SignalScheduleH\x00\x12\x11\n\ttime_zone\x18\n \x01(\t\x12\x37\n\x13validity_start_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11validity_end_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\n\x04kind\"\xfd\x04\n\x08\x43\x61mpaign\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x33\n\x05state\x18\x03 \x01(\x0e\x32$.carillon.scheduler.v1.CampaignState\x12\x33\n\nactivities\x18\x04 \x03(\x0b\x32\x1f.carillon.scheduler.v1.Activity\x12\x36\n\x0btransitions\x18\x05 \x03(\x0b\x32!.carillon.scheduler.v1.Transition\x12\x31\n\x08schedule\x18\x06 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Schedule\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cpublish_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rnext_run_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x41\n\tvariables\x18\x0b \x03(\x0b\x32..carillon.scheduler.v1.Campaign.VariablesEntry\x12<\n\x0e\x65rror_handling\x18\x0c \x01(\x0e\x32$.carillon.scheduler.v1.ErrorHandling\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xf2\x01\n\rCampaignState\x12\x1e\n\x1a\x43\x41MPAIGN_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41MPAIGN_STATE_DRAFT\x10\x01\x12\x1c\n\x18\x43\x41MPAIGN_STATE_SCHEDULED\x10\x02\x12\x17\n\x13\x43\x41MPAIGN_STATE_LIVE\x10\x03\x12\x1c\n\x18\x43\x41MPAIGN_STATE_COMPLETED\x10\x04\x12\x1a\n\x16\x43\x41MPAIGN_STATE_STOPPED\x10\x05\x12\x19\n\x15\x43\x41MPAIGN_STATE_CLOSED\x10\x06\x12\x1b\n\x17\x43\x41MPAIGN_STATE_ARCHIVED\x10\x07*\xc4\x01\n\nComparison\x12\x1a\n\x16\x43OMPARISON_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPARISON_EQUAL\x10\x01\x12\x18\n\x14\x43OMPARISON_NOT_EQUAL\x10\x02\x12\x13\n\x0f\x43OMPARISON_LESS\x10\x03\x12\x1c\n\x18\x43OMPARISON_LESS_OR_EQUAL\x10\x04\x12\x16\n\x12\x43OMPARISON_GREATER\x10\x05\x12\x1f\n\x1b\x43OMPARISON_GREATER_OR_EQUAL\x10\x06*\xb6\x01\n\x07Weekday\x12\x17\n\x13WEEKDAY_UNSPECIFIED\x10\x00\x12\x12\n\x0eWEEKDAY_MONDAY\x10\x01\x12\x13\n\x0fWEEKDAY_TUESDAY\x10\x02\x12\x15\n\x11WEEKDAY_WEDNESDAY\x10\x03\x12\x14\n\x10WEEKDAY_THURSDAY\x10\x04\x12\x12\n\x0eWEEKDAY_FRIDAY\x10\x05\x12\x14\n\x10WEEKDAY_SATURDAY\x10\x06\x12\x12\n\x0eWEEKDAY_SUNDAY\x10\x07*\x80\x01\n\rErrorHandling\x12\x1e\n\x1a\x45RROR_HANDLING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45RROR_HANDLING_ABORT\x10\x01\x12\x19\n\x15\x45RROR_HANDLING_IGNORE\x10\x02\x12\x1a\n\x16\x45RROR_HANDLING_SUSPEND\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$carillon/scheduler/v1/campaign.proto\x12\x15\x63\x61rillon.scheduler.v1\x1a+carillon/audience/v1/audience_service.proto\x1a carillon/audience/v1/query.proto\x1a&carillon/audience/v1/working_set.proto\x1a+carillon/delivery/v1/delivery_service.proto\x1a\x1e\x63\x61rillon/type/v1/channel.proto\x1a\x1c\x63\x61rillon/type/v1/value.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x01\n\x15\x42uildAudienceActivity\x12\x32\n\x05query\x18\x01 \x01(\x0b\x32#.carillon.audience.v1.AudienceQuery\x12\x36\n\x0bincremental\x18\x02 \x01(\x0b\x32!.carillon.audience.v1.Incremental\"\xd8\x02\n\x0f\x43hannelActivity\x12*\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x33\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32!.carillon.type.v1.MessageCategory\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x19\n\x11target_attributes\x18\x05 \x03(\t\x12\x1d\n\x15rate_limit_per_second\x18\x06 \x01(\x05\x12\x35\n\x0bsend_window\x18\x07 \x01(\x0b\x32 .carillon.delivery.v1.SendWindow\x12-\n\ntime_limit\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16\x63onfirm_before_sending\x18\t \x01(\x08\";\n\x14ReadAudienceActivity\x12\x10\n\x08\x61udience\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\t\"x\n\x0f\x43ombineActivity\x12\x39\n\toperation\x18\x01 \x01(\x0e\x32&.carillon.audience.v1.CombineOperation\x12\x0f\n\x07primary\x18\x02 \x01(\t\x12\x19\n\x11\x63omplement_output\x18\x03 \x01(\t\":\n\x17\x43hangeDimensionActivity\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\t\"\xaa\x01\n\x13SplitSubsetActivity\x12\x0e\n\x06output\x18\x01 \x01(\t\x12,\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1c.carillon.audience.v1.Filter\x12\r\n\x05limit\x18\x03 \x01(\x03\x12\x15\n\rlimit_percent\x18\x04 \x01(\x01\x12/\n\x08order_by\x18\x05 \x03(\x0b\x32\x1d.carillon.audience.v1.SortKey\"x\n\rSplitActivity\x12;\n\x07subsets\x18\x01 \x03(\x0b\x32*.carillon.scheduler.v1.SplitSubsetActivity\x12\x19\n\x11\x63omplement_output\x18\x02 \x01(\t\x12\x0f\n\x07overlap\x18\x03 \x01(\x08\"\xc4\x01\n\x13\x44\x65\x64uplicateActivity\x12\x0e\n\x06\x66ields\x18\x01 \x03(\t\x12\x0c\n\x04keep\x18\x02 \x01(\x05\x12\x39\n\x06method\x18\x03 \x01(\x0e\x32).carillon.audience.v1.DeduplicationMethod\x12\x11\n\tattribute\x18\x04 \x01(\t\x12)\n\x08priority\x18\x05 \x03(\x0b\x32\x17.carillon.type.v1.Value\x12\x16\n\x0eremoved_output\x18\x06 \x01(\t\"y\n\x11ReconcileActivity\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x37\n\x05pairs\x18\x02 \x03(\x0b\x32(.carillon.audience.v1.ReconciliationPair\x12\x1b\n\x13unreconciled_output\x18\x03 \x01(\t\"A\n\x14SaveAudienceActivity\x12\x13\n\x0b\x61udience_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"\x0e\n\x0c\x46orkActivity\"\x1f\n\x0cJoinActivity\x12\x0f\n\x07primary\x18\x01 \x01(\t\"x\n\x0cWaitActivity\x12-\n\x08\x64uration\x18\x01 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x12\x30\n\nuntil_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x42\x07\n\x05until\"[\n\x13PopulationCondition\x12\x35\n\ncomparison\x18\x01 \x01(\x0e\x32!.carillon.scheduler.v1.Comparison\x12\r\n\x05value\x18\x02 \x01(\x03\"g\n\x11VariableCondition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\ncomparison\x18\x02 \x01(\x0e\x32!.carillon.scheduler.v1.Comparison\x12\r\n\x05value\x18\x03 \x01(\t\"\xa9\x01\n\nTestBranch\x12\x0e\n\x06output\x18\x01 \x01(\t\x12@\n\npopulation\x18\x02 \x01(\x0b\x32*.carillon.scheduler.v1.PopulationConditionH\x00\x12<\n\x08variable\x18\x03 \x01(\x0b\x32(.carillon.scheduler.v1.VariableConditionH\x00\x42\x0b\n\tcondition\"[\n\x0cTestActivity\x12\x33\n\x08\x62ranches\x18\x01 \x03(\x0b\x32!.carillon.scheduler.v1.TestBranch\x12\x16\n\x0e\x64\x65\x66\x61ult_output\x18\x02 \x01(\t\"\xba\x01\n\x0b\x45ndActivity\x12\x17\n\x0fsignal_campaign\x18\x01 \x01(\t\x12\x46\n\nparameters\x18\x02 \x03(\x0b\x32\x32.carillon.scheduler.v1.EndActivity.ParametersEntry\x1aJ\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"\x8a\x07\n\x08\x41\x63tivity\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x46\n\x0e\x62uild_audience\x18\x03 \x01(\x0b\x32,.carillon.scheduler.v1.BuildAudienceActivityH\x00\x12\x39\n\x07\x63hannel\x18\x04 \x01(\x0b\x32&.carillon.scheduler.v1.ChannelActivityH\x00\x12\x33\n\x04\x66ork\x18\x05 \x01(\x0b\x32#.carillon.scheduler.v1.ForkActivityH\x00\x12\x33\n\x04join\x18\x06 \x01(\x0b\x32#.carillon.scheduler.v1.JoinActivityH\x00\x12\x33\n\x04wait\x18\x07 \x01(\x0b\x32#.carillon.scheduler.v1.WaitActivityH\x00\x12\x33\n\x04test\x18\x08 \x01(\x0b\x32#.carillon.scheduler.v1.TestActivityH\x00\x12\x31\n\x03\x65nd\x18\t \x01(\x0b\x32\".carillon.scheduler.v1.EndActivityH\x00\x12\x44\n\rread_audience\x18\n \x01(\x0b\x32+.carillon.scheduler.v1.ReadAudienceActivityH\x00\x12\x39\n\x07\x63ombine\x18\x0b \x01(\x0b\x32&.carillon.scheduler.v1.CombineActivityH\x00\x12J\n\x10\x63hange_dimension\x18\x0c \x01(\x0b\x32..carillon.scheduler.v1.ChangeDimensionActivityH\x00\x12\x35\n\x05split\x18\r \x01(\x0b\x32$.carillon.scheduler.v1.SplitActivityH\x00\x12\x41\n\x0b\x64\x65\x64uplicate\x18\x0e \x01(\x0b\x32*.carillon.scheduler.v1.DeduplicateActivityH\x00\x12\x44\n\rsave_audience\x18\x0f \x01(\x0b\x32+.carillon.scheduler.v1.SaveAudienceActivityH\x00\x12=\n\treconcile\x18\x10 \x01(\x0b\x32(.carillon.scheduler.v1.ReconcileActivityH\x00\x42\x06\n\x04kind\"<\n\nTransition\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\">\n\x0cOnceSchedule\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\tLocalTime\x12\r\n\x05hours\x18\x01 \x01(\x05\x12\x0f\n\x07minutes\x18\x02 \x01(\x05\"n\n\rDailySchedule\x12,\n\x04\x64\x61ys\x18\x01 \x03(\x0e\x32\x1e.carillon.scheduler.v1.Weekday\x12/\n\x05times\x18\x02 \x03(\x0b\x32 .carillon.scheduler.v1.LocalTime\"\xc8\x01\n\x10IntervalSchedule\x12,\n\x04\x64\x61ys\x18\x01 \x03(\x0e\x32\x1e.carillon.scheduler.v1.Weekday\x12\x18\n\x10interval_minutes\x18\x02 \x01(\x05\x12\x36\n\x0cwindow_start\x18\x03 \x01(\x0b\x32 .carillon.scheduler.v1.LocalTime\x12\x34\n\nwindow_end\x18\x04 \x01(\x0b\x32 .carillon.scheduler.v1.LocalTime\"\x87\x01\n\x0eWeeklySchedule\x12\x16\n\x0einterval_weeks\x18\x01 \x01(\x05\x12,\n\x04\x64\x61ys\x18\x02 \x03(\x0e\x32\x1e.carillon.scheduler.v1.Weekday\x12/\n\x05times\x18\x03 \x03(\x0b\x32 .carillon.scheduler.v1.LocalTime\"N\n\nNthWeekday\x12\x0f\n\x07ordinal\x18\x01 \x01(\x05\x12/\n\x07weekday\x18\x02 \x01(\x0e\x32\x1e.carillon.scheduler.v1.Weekday\"\xaf\x01\n\x0fMonthlySchedule\x12\x16\n\x0c\x64\x61y_of_month\x18\x01 \x01(\x05H\x00\x12\x12\n\x08last_day\x18\x02 \x01(\x08H\x00\x12\x38\n\x0bnth_weekday\x18\x03 \x01(\x0b\x32!.carillon.scheduler.v1.NthWeekdayH\x00\x12/\n\x05times\x18\x04 \x03(\x0b\x32 .carillon.scheduler.v1.LocalTimeB\x05\n\x03\x64\x61y\"\x10\n\x0eSignalSchedule\"\xeb\x03\n\x08Schedule\x12\x33\n\x04once\x18\x01 \x01(\x0b\x32#.carillon.scheduler.v1.OnceScheduleH\x00\x12\x35\n\x05\x64\x61ily\x18\x02 \x01(\x0b\x32$.carillon.scheduler.v1.DailyScheduleH\x00\x12;\n\x08interval\x18\x03 \x01(\x0b\x32\'.carillon.scheduler.v1.IntervalScheduleH\x00\x12\x37\n\x06weekly\x18\x04 \x01(\x0b\x32%.carillon.scheduler.v1.WeeklyScheduleH\x00\x12\x39\n\x07monthly\x18\x05 \x01(\x0b\x32&.carillon.scheduler.v1.MonthlyScheduleH\x00\x12\x37\n\x06signal\x18\x06 \x01(\x0b\x32%.carillon.scheduler.v1.SignalScheduleH\x00\x12\x11\n\ttime_zone\x18\n \x01(\t\x12\x37\n\x13validity_start_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11validity_end_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\n\x04kind\"\xfd\x04\n\x08\x43\x61mpaign\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x33\n\x05state\x18\x03 \x01(\x0e\x32$.carillon.scheduler.v1.CampaignState\x12\x33\n\nactivities\x18\x04 \x03(\x0b\x32\x1f.carillon.scheduler.v1.Activity\x12\x36\n\x0btransitions\x18\x05 \x03(\x0b\x32!.carillon.scheduler.v1.Transition\x12\x31\n\x08schedule\x18\x06 \x01(\x0b\x32\x1f.carillon.scheduler.v1.Schedule\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cpublish_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rnext_run_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x41\n\tvariables\x18\x0b \x03(\x0b\x32..carillon.scheduler.v1.Campaign.VariablesEntry\x12<\n\x0e\x65rror_handling\x18\x0c \x01(\x0e\x32$.carillon.scheduler.v1.ErrorHandling\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xf2\x01\n\rCampaignState\x12\x1e\n\x1a\x43\x41MPAIGN_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41MPAIGN_STATE_DRAFT\x10\x01\x12\x1c\n\x18\x43\x41MPAIGN_STATE_SCHEDULED\x10\x02\x12\x17\n\x13\x43\x41MPAIGN_STATE_LIVE\x10\x03\x12\x1c\n\x18\x43\x41MPAIGN_STATE_COMPLETED\x10\x04\x12\x1a\n\x16\x43\x41MPAIGN_STATE_STOPPED\x10\x05\x12\x19\n\x15\x43\x41MPAIGN_STATE_CLOSED\x10\x06\x12\x1b\n\x17\x43\x41MPAIGN_STATE_ARCHIVED\x10\x07*\xc4\x01\n\nComparison\x12\x1a\n\x16\x43OMPARISON_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPARISON_EQUAL\x10\x01\x12\x18\n\x14\x43OMPARISON_NOT_EQUAL\x10\x02\x12\x13\n\x0f\x43OMPARISON_LESS\x10\x03\x12\x1c\n\x18\x43OMPARISON_LESS_OR_EQUAL\x10\x04\x12\x16\n\x12\x43OMPARISON_GREATER\x10\x05\x12\x1f\n\x1b\x43OMPARISON_GREATER_OR_EQUAL\x10\x06*\xb6\x01\n\x07Weekday\x12\x17\n\x13WEEKDAY_UNSPECIFIED\x10\x00\x12\x12\n\x0eWEEKDAY_MONDAY\x10\x01\x12\x13\n\x0fWEEKDAY_TUESDAY\x10\x02\x12\x15\n\x11WEEKDAY_WEDNESDAY\x10\x03\x12\x14\n\x10WEEKDAY_THURSDAY\x10\x04\x12\x12\n\x0eWEEKDAY_FRIDAY\x10\x05\x12\x14\n\x10WEEKDAY_SATURDAY\x10\x06\x12\x12\n\x0eWEEKDAY_SUNDAY\x10\x07*\x80\x01\n\rErrorHandling\x12\x1e\n\x1a\x45RROR_HANDLING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45RROR_HANDLING_ABORT\x10\x01\x12\x19\n\x15\x45RROR_HANDLING_IGNORE\x10\x02\x12\x1a\n\x16\x45RROR_HANDLING_SUSPEND\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,60 +43,76 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENDACTIVITY_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_CAMPAIGN_VARIABLESENTRY']._loaded_options = None
   _globals['_CAMPAIGN_VARIABLESENTRY']._serialized_options = b'8\001'
-  _globals['_CAMPAIGNSTATE']._serialized_start=3790
-  _globals['_CAMPAIGNSTATE']._serialized_end=4032
-  _globals['_COMPARISON']._serialized_start=4035
-  _globals['_COMPARISON']._serialized_end=4231
-  _globals['_WEEKDAY']._serialized_start=4234
-  _globals['_WEEKDAY']._serialized_end=4416
-  _globals['_ERRORHANDLING']._serialized_start=4419
-  _globals['_ERRORHANDLING']._serialized_end=4547
-  _globals['_BUILDAUDIENCEACTIVITY']._serialized_start=224
-  _globals['_BUILDAUDIENCEACTIVITY']._serialized_end=299
-  _globals['_CHANNELACTIVITY']._serialized_start=302
-  _globals['_CHANNELACTIVITY']._serialized_end=481
-  _globals['_FORKACTIVITY']._serialized_start=483
-  _globals['_FORKACTIVITY']._serialized_end=497
-  _globals['_JOINACTIVITY']._serialized_start=499
-  _globals['_JOINACTIVITY']._serialized_end=530
-  _globals['_WAITACTIVITY']._serialized_start=532
-  _globals['_WAITACTIVITY']._serialized_end=652
-  _globals['_POPULATIONCONDITION']._serialized_start=654
-  _globals['_POPULATIONCONDITION']._serialized_end=745
-  _globals['_VARIABLECONDITION']._serialized_start=747
-  _globals['_VARIABLECONDITION']._serialized_end=850
-  _globals['_TESTBRANCH']._serialized_start=853
-  _globals['_TESTBRANCH']._serialized_end=1022
-  _globals['_TESTACTIVITY']._serialized_start=1024
-  _globals['_TESTACTIVITY']._serialized_end=1115
-  _globals['_ENDACTIVITY']._serialized_start=1118
-  _globals['_ENDACTIVITY']._serialized_end=1304
-  _globals['_ENDACTIVITY_PARAMETERSENTRY']._serialized_start=1230
-  _globals['_ENDACTIVITY_PARAMETERSENTRY']._serialized_end=1304
-  _globals['_ACTIVITY']._serialized_start=1307
-  _globals['_ACTIVITY']._serialized_end=1753
-  _globals['_TRANSITION']._serialized_start=1755
-  _globals['_TRANSITION']._serialized_end=1815
-  _globals['_ONCESCHEDULE']._serialized_start=1817
-  _globals['_ONCESCHEDULE']._serialized_end=1879
-  _globals['_LOCALTIME']._serialized_start=1881
-  _globals['_LOCALTIME']._serialized_end=1924
-  _globals['_DAILYSCHEDULE']._serialized_start=1926
-  _globals['_DAILYSCHEDULE']._serialized_end=2036
-  _globals['_INTERVALSCHEDULE']._serialized_start=2039
-  _globals['_INTERVALSCHEDULE']._serialized_end=2239
-  _globals['_WEEKLYSCHEDULE']._serialized_start=2242
-  _globals['_WEEKLYSCHEDULE']._serialized_end=2377
-  _globals['_NTHWEEKDAY']._serialized_start=2379
-  _globals['_NTHWEEKDAY']._serialized_end=2457
-  _globals['_MONTHLYSCHEDULE']._serialized_start=2460
-  _globals['_MONTHLYSCHEDULE']._serialized_end=2635
-  _globals['_SIGNALSCHEDULE']._serialized_start=2637
-  _globals['_SIGNALSCHEDULE']._serialized_end=2653
-  _globals['_SCHEDULE']._serialized_start=2656
-  _globals['_SCHEDULE']._serialized_end=3147
-  _globals['_CAMPAIGN']._serialized_start=3150
-  _globals['_CAMPAIGN']._serialized_end=3787
-  _globals['_CAMPAIGN_VARIABLESENTRY']._serialized_start=3739
-  _globals['_CAMPAIGN_VARIABLESENTRY']._serialized_end=3787
+  _globals['_CAMPAIGNSTATE']._serialized_start=5529
+  _globals['_CAMPAIGNSTATE']._serialized_end=5771
+  _globals['_COMPARISON']._serialized_start=5774
+  _globals['_COMPARISON']._serialized_end=5970
+  _globals['_WEEKDAY']._serialized_start=5973
+  _globals['_WEEKDAY']._serialized_end=6155
+  _globals['_ERRORHANDLING']._serialized_start=6158
+  _globals['_ERRORHANDLING']._serialized_end=6286
+  _globals['_BUILDAUDIENCEACTIVITY']._serialized_start=355
+  _globals['_BUILDAUDIENCEACTIVITY']._serialized_end=486
+  _globals['_CHANNELACTIVITY']._serialized_start=489
+  _globals['_CHANNELACTIVITY']._serialized_end=833
+  _globals['_READAUDIENCEACTIVITY']._serialized_start=835
+  _globals['_READAUDIENCEACTIVITY']._serialized_end=894
+  _globals['_COMBINEACTIVITY']._serialized_start=896
+  _globals['_COMBINEACTIVITY']._serialized_end=1016
+  _globals['_CHANGEDIMENSIONACTIVITY']._serialized_start=1018
+  _globals['_CHANGEDIMENSIONACTIVITY']._serialized_end=1076
+  _globals['_SPLITSUBSETACTIVITY']._serialized_start=1079
+  _globals['_SPLITSUBSETACTIVITY']._serialized_end=1249
+  _globals['_SPLITACTIVITY']._serialized_start=1251
+  _globals['_SPLITACTIVITY']._serialized_end=1371
+  _globals['_DEDUPLICATEACTIVITY']._serialized_start=1374
+  _globals['_DEDUPLICATEACTIVITY']._serialized_end=1570
+  _globals['_RECONCILEACTIVITY']._serialized_start=1572
+  _globals['_RECONCILEACTIVITY']._serialized_end=1693
+  _globals['_SAVEAUDIENCEACTIVITY']._serialized_start=1695
+  _globals['_SAVEAUDIENCEACTIVITY']._serialized_end=1760
+  _globals['_FORKACTIVITY']._serialized_start=1762
+  _globals['_FORKACTIVITY']._serialized_end=1776
+  _globals['_JOINACTIVITY']._serialized_start=1778
+  _globals['_JOINACTIVITY']._serialized_end=1809
+  _globals['_WAITACTIVITY']._serialized_start=1811
+  _globals['_WAITACTIVITY']._serialized_end=1931
+  _globals['_POPULATIONCONDITION']._serialized_start=1933
+  _globals['_POPULATIONCONDITION']._serialized_end=2024
+  _globals['_VARIABLECONDITION']._serialized_start=2026
+  _globals['_VARIABLECONDITION']._serialized_end=2129
+  _globals['_TESTBRANCH']._serialized_start=2132
+  _globals['_TESTBRANCH']._serialized_end=2301
+  _globals['_TESTACTIVITY']._serialized_start=2303
+  _globals['_TESTACTIVITY']._serialized_end=2394
+  _globals['_ENDACTIVITY']._serialized_start=2397
+  _globals['_ENDACTIVITY']._serialized_end=2583
+  _globals['_ENDACTIVITY_PARAMETERSENTRY']._serialized_start=2509
+  _globals['_ENDACTIVITY_PARAMETERSENTRY']._serialized_end=2583
+  _globals['_ACTIVITY']._serialized_start=2586
+  _globals['_ACTIVITY']._serialized_end=3492
+  _globals['_TRANSITION']._serialized_start=3494
+  _globals['_TRANSITION']._serialized_end=3554
+  _globals['_ONCESCHEDULE']._serialized_start=3556
+  _globals['_ONCESCHEDULE']._serialized_end=3618
+  _globals['_LOCALTIME']._serialized_start=3620
+  _globals['_LOCALTIME']._serialized_end=3663
+  _globals['_DAILYSCHEDULE']._serialized_start=3665
+  _globals['_DAILYSCHEDULE']._serialized_end=3775
+  _globals['_INTERVALSCHEDULE']._serialized_start=3778
+  _globals['_INTERVALSCHEDULE']._serialized_end=3978
+  _globals['_WEEKLYSCHEDULE']._serialized_start=3981
+  _globals['_WEEKLYSCHEDULE']._serialized_end=4116
+  _globals['_NTHWEEKDAY']._serialized_start=4118
+  _globals['_NTHWEEKDAY']._serialized_end=4196
+  _globals['_MONTHLYSCHEDULE']._serialized_start=4199
+  _globals['_MONTHLYSCHEDULE']._serialized_end=4374
+  _globals['_SIGNALSCHEDULE']._serialized_start=4376
+  _globals['_SIGNALSCHEDULE']._serialized_end=4392
+  _globals['_SCHEDULE']._serialized_start=4395
+  _globals['_SCHEDULE']._serialized_end=4886
+  _globals['_CAMPAIGN']._serialized_start=4889
+  _globals['_CAMPAIGN']._serialized_end=5526
+  _globals['_CAMPAIGN_VARIABLESENTRY']._serialized_start=5478
+  _globals['_CAMPAIGN_VARIABLESENTRY']._serialized_end=5526
 # @@protoc_insertion_point(module_scope)

@@ -3,7 +3,10 @@
 isort:skip_file
 """
 
+from carillon.audience.v1 import audience_service_pb2 as _audience_service_pb2
 from carillon.audience.v1 import query_pb2 as _query_pb2
+from carillon.audience.v1 import working_set_pb2 as _working_set_pb2
+from carillon.delivery.v1 import delivery_service_pb2 as _delivery_service_pb2
 from carillon.type.v1 import channel_pb2 as _channel_pb2
 from carillon.type.v1 import value_pb2 as _value_pb2
 from collections import abc as _abc
@@ -195,18 +198,26 @@ class BuildAudienceActivity(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     QUERY_FIELD_NUMBER: _builtins.int
+    INCREMENTAL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def query(self) -> _query_pb2.AudienceQuery:
         """The query."""
+
+    @_builtins.property
+    def incremental(self) -> _working_set_pb2.Incremental:
+        """When set, an incremental query: only the matching records that earlier runs of this activity
+        did not produce (the run's task log says how many were left out).
+        """
 
     def __init__(
         self,
         *,
         query: _query_pb2.AudienceQuery | None = ...,
+        incremental: _working_set_pb2.Incremental | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["incremental", b"incremental", "query", b"query"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incremental", b"incremental", "query", b"query"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -223,6 +234,10 @@ class ChannelActivity(_message.Message):
     TEMPLATE_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     TARGET_ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_PER_SECOND_FIELD_NUMBER: _builtins.int
+    SEND_WINDOW_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    CONFIRM_BEFORE_SENDING_FIELD_NUMBER: _builtins.int
     channel: _channel_pb2.Channel.ValueType
     """The channel."""
     category: _channel_pb2.MessageCategory.ValueType
@@ -231,9 +246,32 @@ class ChannelActivity(_message.Message):
     """The template, `templates/{template}` (delivery_svc)."""
     batch_size: _builtins.int
     """Recipients per send batch (default 500, at most 10000)."""
+    rate_limit_per_second: _builtins.int
+    """The most messages per second this activity sends, 1 to the delivery worker's maximum (2000 by
+    default); 0 means no limit of the activity's own.
+    """
+    confirm_before_sending: _builtins.bool
+    """When true, the activity does not send until ConfirmActivity confirms it: its task waits
+    (WAITING, `awaiting_confirmation`) for at most the time limit; unconfirmed by then, nothing is sent
+    and every recipient is counted as skipped with the reason `NOT_CONFIRMED`. Test runs do not wait.
+    """
     @_builtins.property
     def target_attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The working-set attributes passed to the template as `target`."""
+
+    @_builtins.property
+    def send_window(self) -> _delivery_service_pb2.SendWindow:
+        """When set, messages are sent only inside this window of the recipient's local time. Recipients
+        outside it are deferred: the run waits (a durable timer) until the window opens and the scheduler
+        sends the deferred batches again, until every recipient is sent or the time limit has passed.
+        """
+
+    @_builtins.property
+    def time_limit(self) -> _duration_pb2.Duration:
+        """How long after the activity starts recipients may still be sent (default 12 hours, at most 30
+        days). Recipients still deferred when it has passed are excluded and counted as skipped with the
+        reason `TIME_LIMIT_EXCEEDED`.
+        """
 
     def __init__(
         self,
@@ -243,14 +281,300 @@ class ChannelActivity(_message.Message):
         template: _builtins.str = ...,
         batch_size: _builtins.int = ...,
         target_attributes: _abc.Iterable[_builtins.str] | None = ...,
+        rate_limit_per_second: _builtins.int = ...,
+        send_window: _delivery_service_pb2.SendWindow | None = ...,
+        time_limit: _duration_pb2.Duration | None = ...,
+        confirm_before_sending: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["send_window", b"send_window", "time_limit", b"time_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "category", b"category", "channel", b"channel", "target_attributes", b"target_attributes", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "category", b"category", "channel", b"channel", "confirm_before_sending", b"confirm_before_sending", "rate_limit_per_second", b"rate_limit_per_second", "send_window", b"send_window", "target_attributes", b"target_attributes", "template", b"template", "time_limit", b"time_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChannelActivity: _TypeAlias = ChannelActivity  # noqa: Y015
+
+@_typing.final
+class ReadAudienceActivity(_message.Message):
+    """A targeting activity that reads a saved audience (`audiences/{audience}`, audience_svc) as its
+    population: a definition audience is evaluated, a snapshot's members are read.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    audience: _builtins.str
+    """The saved audience, `audiences/{audience}`."""
+    dimension: _builtins.str
+    """The audience's dimension, `entities/{entity}`, used to check the canvas (dimensions along the
+    transitions); the run fails when the audience turns out to have another dimension.
+    """
+    def __init__(
+        self,
+        *,
+        audience: _builtins.str = ...,
+        dimension: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "dimension", b"dimension"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadAudienceActivity: _TypeAlias = ReadAudienceActivity  # noqa: Y015
+
+@_typing.final
+class CombineActivity(_message.Message):
+    """A targeting activity that combines the populations of its incoming transitions (all of one
+    dimension): union, intersection, or exclusion of the others from the primary input.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    COMPLEMENT_OUTPUT_FIELD_NUMBER: _builtins.int
+    operation: _audience_service_pb2.CombineOperation.ValueType
+    """How the populations are combined."""
+    primary: _builtins.str
+    """The activity whose transition into the combine carries the primary population; empty means the
+    source of the first incoming transition.
+    """
+    complement_output: _builtins.str
+    """When set, the name of an extra output with the complement: for an intersection, the records of
+    any input that are not in every input; for an exclusion, the primary records that were excluded.
+    Not allowed with a union. Lower case letters, digits and `_`.
+    """
+    def __init__(
+        self,
+        *,
+        operation: _audience_service_pb2.CombineOperation.ValueType = ...,
+        primary: _builtins.str = ...,
+        complement_output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complement_output", b"complement_output", "operation", b"operation", "primary", b"primary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CombineActivity: _TypeAlias = CombineActivity  # noqa: Y015
+
+@_typing.final
+class ChangeDimensionActivity(_message.Message):
+    """A targeting activity that follows a link from each record of its population to the linked
+    records, which become the new population (its dimension is the link's target).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINK_FIELD_NUMBER: _builtins.int
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    link: _builtins.str
+    """The link of the incoming population's dimension to follow."""
+    dimension: _builtins.str
+    """The dimension the link leads to, `entities/{entity}`; the run fails when the link leads elsewhere."""
+    def __init__(
+        self,
+        *,
+        link: _builtins.str = ...,
+        dimension: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimension", b"dimension", "link", b"link"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeDimensionActivity: _TypeAlias = ChangeDimensionActivity  # noqa: Y015
+
+@_typing.final
+class SplitSubsetActivity(_message.Message):
+    """One ordered subset of a split activity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    LIMIT_PERCENT_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
+    output: _builtins.str
+    """The subset's output name, used by the transitions leaving it: lower case letters, digits and `_`."""
+    limit: _builtins.int
+    """At most this many records are taken (0: no limit); not together with `limit_percent`."""
+    limit_percent: _builtins.float
+    """At most this percentage (0-100) of the matching records is taken, rounded down (0: no limit)."""
+    @_builtins.property
+    def filter(self) -> _query_pb2.Filter:
+        """Only records matching this filter are taken; unset takes every record."""
+
+    @_builtins.property
+    def order_by(self) -> _containers.RepeatedCompositeFieldContainer[_audience_service_pb2.SortKey]:
+        """Which records a limit keeps first; ties and the rest go in key order."""
+
+    def __init__(
+        self,
+        *,
+        output: _builtins.str = ...,
+        filter: _query_pb2.Filter | None = ...,
+        limit: _builtins.int = ...,
+        limit_percent: _builtins.float = ...,
+        order_by: _abc.Iterable[_audience_service_pb2.SortKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "limit", b"limit", "limit_percent", b"limit_percent", "order_by", b"order_by", "output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitSubsetActivity: _TypeAlias = SplitSubsetActivity  # noqa: Y015
+
+@_typing.final
+class SplitActivity(_message.Message):
+    """A targeting activity that splits its population into ordered subsets, each a named output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSETS_FIELD_NUMBER: _builtins.int
+    COMPLEMENT_OUTPUT_FIELD_NUMBER: _builtins.int
+    OVERLAP_FIELD_NUMBER: _builtins.int
+    complement_output: _builtins.str
+    """When set, the name of an extra output with the records no subset took."""
+    overlap: _builtins.bool
+    """When false, a record goes to the first subset that takes it; when true, subsets are independent
+    and may share records.
+    """
+    @_builtins.property
+    def subsets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SplitSubsetActivity]:
+        """The subsets, in order (at least one)."""
+
+    def __init__(
+        self,
+        *,
+        subsets: _abc.Iterable[Global___SplitSubsetActivity] | None = ...,
+        complement_output: _builtins.str = ...,
+        overlap: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complement_output", b"complement_output", "overlap", b"overlap", "subsets", b"subsets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitActivity: _TypeAlias = SplitActivity  # noqa: Y015
+
+@_typing.final
+class DeduplicateActivity(_message.Message):
+    """A targeting activity that keeps at most N records per combination of field values."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELDS_FIELD_NUMBER: _builtins.int
+    KEEP_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    REMOVED_OUTPUT_FIELD_NUMBER: _builtins.int
+    keep: _builtins.int
+    """How many records to keep per group (default 1)."""
+    method: _audience_service_pb2.DeduplicationMethod.ValueType
+    """Which records to keep."""
+    attribute: _builtins.str
+    """The attribute the method looks at (every method but RANDOM)."""
+    removed_output: _builtins.str
+    """When set, the name of an extra output with the removed records."""
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The attributes whose values identify duplicates (at least one)."""
+
+    @_builtins.property
+    def priority(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Value]:
+        """The values of `attribute` in priority order, for PRIORITY."""
+
+    def __init__(
+        self,
+        *,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+        keep: _builtins.int = ...,
+        method: _audience_service_pb2.DeduplicationMethod.ValueType = ...,
+        attribute: _builtins.str = ...,
+        priority: _abc.Iterable[_value_pb2.Value] | None = ...,
+        removed_output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "fields", b"fields", "keep", b"keep", "method", b"method", "priority", b"priority", "removed_output", b"removed_output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeduplicateActivity: _TypeAlias = DeduplicateActivity  # noqa: Y015
+
+@_typing.final
+class ReconcileActivity(_message.Message):
+    """A targeting activity that reconciles its population with another entity: each record is matched
+    to the target records whose attributes equal its own, pair by pair; the target records that are the
+    only match of a record become the population (of the target's dimension).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    PAIRS_FIELD_NUMBER: _builtins.int
+    UNRECONCILED_OUTPUT_FIELD_NUMBER: _builtins.int
+    target: _builtins.str
+    """The entity to match the records to, `entities/{entity}`; it becomes the dimension."""
+    unreconciled_output: _builtins.str
+    """When set, the name of an extra output with the records not reconciled (none or several
+    matches), still of the incoming dimension; when empty they are dropped (and counted in the log).
+    """
+    @_builtins.property
+    def pairs(self) -> _containers.RepeatedCompositeFieldContainer[_working_set_pb2.ReconciliationPair]:
+        """The attribute pairs that must all be equal (at least one)."""
+
+    def __init__(
+        self,
+        *,
+        target: _builtins.str = ...,
+        pairs: _abc.Iterable[_working_set_pb2.ReconciliationPair] | None = ...,
+        unreconciled_output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pairs", b"pairs", "target", b"target", "unreconciled_output", b"unreconciled_output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileActivity: _TypeAlias = ReconcileActivity  # noqa: Y015
+
+@_typing.final
+class SaveAudienceActivity(_message.Message):
+    """A targeting activity that saves its incoming population as a snapshot audience (creating or
+    overwriting `audiences/{audience_id}`), then passes the population on. In test mode it saves nothing.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIENCE_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    audience_id: _builtins.str
+    """The id of the audience to create or overwrite."""
+    display_name: _builtins.str
+    """A human-readable name of the audience."""
+    def __init__(
+        self,
+        *,
+        audience_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience_id", b"audience_id", "display_name", b"display_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveAudienceActivity: _TypeAlias = SaveAudienceActivity  # noqa: Y015
 
 @_typing.final
 class ForkActivity(_message.Message):
@@ -518,6 +842,13 @@ class Activity(_message.Message):
     WAIT_FIELD_NUMBER: _builtins.int
     TEST_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    READ_AUDIENCE_FIELD_NUMBER: _builtins.int
+    COMBINE_FIELD_NUMBER: _builtins.int
+    CHANGE_DIMENSION_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    DEDUPLICATE_FIELD_NUMBER: _builtins.int
+    SAVE_AUDIENCE_FIELD_NUMBER: _builtins.int
+    RECONCILE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The activity's id, unique in the campaign: lower case letters, digits, `_` and `-`."""
     display_name: _builtins.str
@@ -550,6 +881,34 @@ class Activity(_message.Message):
     def end(self) -> Global___EndActivity:
         """End a branch."""
 
+    @_builtins.property
+    def read_audience(self) -> Global___ReadAudienceActivity:
+        """Read a saved audience."""
+
+    @_builtins.property
+    def combine(self) -> Global___CombineActivity:
+        """Combine populations (union, intersection, exclusion)."""
+
+    @_builtins.property
+    def change_dimension(self) -> Global___ChangeDimensionActivity:
+        """Change the population's dimension through a link."""
+
+    @_builtins.property
+    def split(self) -> Global___SplitActivity:
+        """Split the population into ordered subsets."""
+
+    @_builtins.property
+    def deduplicate(self) -> Global___DeduplicateActivity:
+        """Remove duplicates from the population."""
+
+    @_builtins.property
+    def save_audience(self) -> Global___SaveAudienceActivity:
+        """Save the population as an audience."""
+
+    @_builtins.property
+    def reconcile(self) -> Global___ReconcileActivity:
+        """Reconcile the population with another entity."""
+
     def __init__(
         self,
         *,
@@ -562,12 +921,19 @@ class Activity(_message.Message):
         wait: Global___WaitActivity | None = ...,
         test: Global___TestActivity | None = ...,
         end: Global___EndActivity | None = ...,
+        read_audience: Global___ReadAudienceActivity | None = ...,
+        combine: Global___CombineActivity | None = ...,
+        change_dimension: Global___ChangeDimensionActivity | None = ...,
+        split: Global___SplitActivity | None = ...,
+        deduplicate: Global___DeduplicateActivity | None = ...,
+        save_audience: Global___SaveAudienceActivity | None = ...,
+        reconcile: Global___ReconcileActivity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["build_audience", b"build_audience", "channel", b"channel", "end", b"end", "fork", b"fork", "join", b"join", "kind", b"kind", "test", b"test", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["build_audience", b"build_audience", "change_dimension", b"change_dimension", "channel", b"channel", "combine", b"combine", "deduplicate", b"deduplicate", "end", b"end", "fork", b"fork", "join", b"join", "kind", b"kind", "read_audience", b"read_audience", "reconcile", b"reconcile", "save_audience", b"save_audience", "split", b"split", "test", b"test", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_audience", b"build_audience", "channel", b"channel", "display_name", b"display_name", "end", b"end", "fork", b"fork", "id", b"id", "join", b"join", "kind", b"kind", "test", b"test", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_audience", b"build_audience", "change_dimension", b"change_dimension", "channel", b"channel", "combine", b"combine", "deduplicate", b"deduplicate", "display_name", b"display_name", "end", b"end", "fork", b"fork", "id", b"id", "join", b"join", "kind", b"kind", "read_audience", b"read_audience", "reconcile", b"reconcile", "save_audience", b"save_audience", "split", b"split", "test", b"test", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["build_audience", "channel", "fork", "join", "wait", "test", "end"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["build_audience", "channel", "fork", "join", "wait", "test", "end", "read_audience", "combine", "change_dimension", "split", "deduplicate", "save_audience", "reconcile"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -587,8 +953,9 @@ class Transition(_message.Message):
     target: _builtins.str
     """The target activity id."""
     output: _builtins.str
-    """The source's named output this transition leaves from: a test's branch or default output; empty
-    for every other activity's single output.
+    """The source's named output this transition leaves from: a test's branch or default output, a
+    split's subset or complement output, a combine's complement output, a deduplication's removed
+    output or a reconciliation's unreconciled output; empty for an activity's main output.
     """
     def __init__(
         self,

@@ -26,7 +26,7 @@ from carillon.type.v1 import value_pb2 as carillon_dot_type_dot_v1_dot_value__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61rillon/scheduler/v1/run.proto\x12\x15\x63\x61rillon.scheduler.v1\x1a\x1c\x63\x61rillon/type/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x05\n\x0c\x41\x63tivityTask\x12\x10\n\x08\x61\x63tivity\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .carillon.scheduler.v1.TaskState\x12\x10\n\x08targeted\x18\x03 \x01(\x03\x12\x0c\n\x04sent\x18\x04 \x01(\x03\x12\x14\n\x0c\x61lready_sent\x18\x05 \x01(\x03\x12\x41\n\x07skipped\x18\x06 \x03(\x0b\x32\x30.carillon.scheduler.v1.ActivityTask.SkippedEntry\x12?\n\x06\x66\x61iled\x18\x07 \x03(\x0b\x32/.carillon.scheduler.v1.ActivityTask.FailedEntry\x12\x13\n\x0bworking_set\x18\x08 \x01(\t\x12\x12\n\ncheckpoint\x18\t \x01(\x03\x12\x0f\n\x07message\x18\n \x01(\t\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x41\n\x07outputs\x18\r \x03(\x0b\x32\x30.carillon.scheduler.v1.ActivityTask.OutputsEntry\x12-\n\twake_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"_\n\x0fTransitionCount\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\r\n\x05taken\x18\x04 \x01(\x08\x12\r\n\x05\x63ount\x18\x05 \x01(\x03\"\x95\x04\n\x03Run\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.carillon.scheduler.v1.RunState\x12\x32\n\x05tasks\x18\x03 \x03(\x0b\x32#.carillon.scheduler.v1.ActivityTask\x12\x32\n\x0escheduled_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x32\n\x07trigger\x18\x08 \x01(\x0e\x32!.carillon.scheduler.v1.RunTrigger\x12>\n\nparameters\x18\t \x03(\x0b\x32*.carillon.scheduler.v1.Run.ParametersEntry\x12;\n\x0btransitions\x18\n \x03(\x0b\x32&.carillon.scheduler.v1.TransitionCount\x1aJ\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"\x9f\x01\n\x0bRunLogEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x05level\x18\x03 \x01(\x0e\x32\".carillon.scheduler.v1.RunLogLevel\x12\x10\n\x08\x61\x63tivity\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t*\xcb\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05\x12\x15\n\x11RUN_STATE_WAITING\x10\x06\x12\x17\n\x13RUN_STATE_SUSPENDED\x10\x07*q\n\nRunTrigger\x12\x1b\n\x17RUN_TRIGGER_UNSPECIFIED\x10\x00\x12\x18\n\x14RUN_TRIGGER_SCHEDULE\x10\x01\x12\x16\n\x12RUN_TRIGGER_SIGNAL\x10\x02\x12\x14\n\x10RUN_TRIGGER_TEST\x10\x03*\xb8\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x16\n\x12TASK_STATE_SKIPPED\x10\x05\x12\x16\n\x12TASK_STATE_WAITING\x10\x06*x\n\x0bRunLogLevel\x12\x1d\n\x19RUN_LOG_LEVEL_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_LOG_LEVEL_INFO\x10\x01\x12\x19\n\x15RUN_LOG_LEVEL_WARNING\x10\x02\x12\x17\n\x13RUN_LOG_LEVEL_ERROR\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61rillon/scheduler/v1/run.proto\x12\x15\x63\x61rillon.scheduler.v1\x1a\x1c\x63\x61rillon/type/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd5\x05\n\x0c\x41\x63tivityTask\x12\x10\n\x08\x61\x63tivity\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .carillon.scheduler.v1.TaskState\x12\x10\n\x08targeted\x18\x03 \x01(\x03\x12\x0c\n\x04sent\x18\x04 \x01(\x03\x12\x14\n\x0c\x61lready_sent\x18\x05 \x01(\x03\x12\x41\n\x07skipped\x18\x06 \x03(\x0b\x32\x30.carillon.scheduler.v1.ActivityTask.SkippedEntry\x12?\n\x06\x66\x61iled\x18\x07 \x03(\x0b\x32/.carillon.scheduler.v1.ActivityTask.FailedEntry\x12\x13\n\x0bworking_set\x18\x08 \x01(\t\x12\x12\n\ncheckpoint\x18\t \x01(\x03\x12\x0f\n\x07message\x18\n \x01(\t\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x41\n\x07outputs\x18\r \x03(\x0b\x32\x30.carillon.scheduler.v1.ActivityTask.OutputsEntry\x12-\n\twake_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x0f \x01(\x03\x12\x1d\n\x15\x61waiting_confirmation\x18\x10 \x01(\x08\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"_\n\x0fTransitionCount\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\r\n\x05taken\x18\x04 \x01(\x08\x12\r\n\x05\x63ount\x18\x05 \x01(\x03\"\x95\x04\n\x03Run\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.carillon.scheduler.v1.RunState\x12\x32\n\x05tasks\x18\x03 \x03(\x0b\x32#.carillon.scheduler.v1.ActivityTask\x12\x32\n\x0escheduled_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x32\n\x07trigger\x18\x08 \x01(\x0e\x32!.carillon.scheduler.v1.RunTrigger\x12>\n\nparameters\x18\t \x03(\x0b\x32*.carillon.scheduler.v1.Run.ParametersEntry\x12;\n\x0btransitions\x18\n \x03(\x0b\x32&.carillon.scheduler.v1.TransitionCount\x1aJ\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"\x9f\x01\n\x0bRunLogEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x05level\x18\x03 \x01(\x0e\x32\".carillon.scheduler.v1.RunLogLevel\x12\x10\n\x08\x61\x63tivity\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t*\xcb\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05\x12\x15\n\x11RUN_STATE_WAITING\x10\x06\x12\x17\n\x13RUN_STATE_SUSPENDED\x10\x07*q\n\nRunTrigger\x12\x1b\n\x17RUN_TRIGGER_UNSPECIFIED\x10\x00\x12\x18\n\x14RUN_TRIGGER_SCHEDULE\x10\x01\x12\x16\n\x12RUN_TRIGGER_SIGNAL\x10\x02\x12\x14\n\x10RUN_TRIGGER_TEST\x10\x03*\xb8\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x16\n\x12TASK_STATE_SKIPPED\x10\x05\x12\x16\n\x12TASK_STATE_WAITING\x10\x06*x\n\x0bRunLogLevel\x12\x1d\n\x19RUN_LOG_LEVEL_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_LOG_LEVEL_INFO\x10\x01\x12\x19\n\x15RUN_LOG_LEVEL_WARNING\x10\x02\x12\x17\n\x13RUN_LOG_LEVEL_ERROR\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,28 +41,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACTIVITYTASK_OUTPUTSENTRY']._serialized_options = b'8\001'
   _globals['_RUN_PARAMETERSENTRY']._loaded_options = None
   _globals['_RUN_PARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=1596
-  _globals['_RUNSTATE']._serialized_end=1799
-  _globals['_RUNTRIGGER']._serialized_start=1801
-  _globals['_RUNTRIGGER']._serialized_end=1914
-  _globals['_TASKSTATE']._serialized_start=1917
-  _globals['_TASKSTATE']._serialized_end=2101
-  _globals['_RUNLOGLEVEL']._serialized_start=2103
-  _globals['_RUNLOGLEVEL']._serialized_end=2223
+  _globals['_RUNSTATE']._serialized_start=1645
+  _globals['_RUNSTATE']._serialized_end=1848
+  _globals['_RUNTRIGGER']._serialized_start=1850
+  _globals['_RUNTRIGGER']._serialized_end=1963
+  _globals['_TASKSTATE']._serialized_start=1966
+  _globals['_TASKSTATE']._serialized_end=2150
+  _globals['_RUNLOGLEVEL']._serialized_start=2152
+  _globals['_RUNLOGLEVEL']._serialized_end=2272
   _globals['_ACTIVITYTASK']._serialized_start=122
-  _globals['_ACTIVITYTASK']._serialized_end=798
-  _globals['_ACTIVITYTASK_SKIPPEDENTRY']._serialized_start=657
-  _globals['_ACTIVITYTASK_SKIPPEDENTRY']._serialized_end=703
-  _globals['_ACTIVITYTASK_FAILEDENTRY']._serialized_start=705
-  _globals['_ACTIVITYTASK_FAILEDENTRY']._serialized_end=750
-  _globals['_ACTIVITYTASK_OUTPUTSENTRY']._serialized_start=752
-  _globals['_ACTIVITYTASK_OUTPUTSENTRY']._serialized_end=798
-  _globals['_TRANSITIONCOUNT']._serialized_start=800
-  _globals['_TRANSITIONCOUNT']._serialized_end=895
-  _globals['_RUN']._serialized_start=898
-  _globals['_RUN']._serialized_end=1431
-  _globals['_RUN_PARAMETERSENTRY']._serialized_start=1357
-  _globals['_RUN_PARAMETERSENTRY']._serialized_end=1431
-  _globals['_RUNLOGENTRY']._serialized_start=1434
-  _globals['_RUNLOGENTRY']._serialized_end=1593
+  _globals['_ACTIVITYTASK']._serialized_end=847
+  _globals['_ACTIVITYTASK_SKIPPEDENTRY']._serialized_start=706
+  _globals['_ACTIVITYTASK_SKIPPEDENTRY']._serialized_end=752
+  _globals['_ACTIVITYTASK_FAILEDENTRY']._serialized_start=754
+  _globals['_ACTIVITYTASK_FAILEDENTRY']._serialized_end=799
+  _globals['_ACTIVITYTASK_OUTPUTSENTRY']._serialized_start=801
+  _globals['_ACTIVITYTASK_OUTPUTSENTRY']._serialized_end=847
+  _globals['_TRANSITIONCOUNT']._serialized_start=849
+  _globals['_TRANSITIONCOUNT']._serialized_end=944
+  _globals['_RUN']._serialized_start=947
+  _globals['_RUN']._serialized_end=1480
+  _globals['_RUN_PARAMETERSENTRY']._serialized_start=1406
+  _globals['_RUN_PARAMETERSENTRY']._serialized_end=1480
+  _globals['_RUNLOGENTRY']._serialized_start=1483
+  _globals['_RUNLOGENTRY']._serialized_end=1642
 # @@protoc_insertion_point(module_scope)

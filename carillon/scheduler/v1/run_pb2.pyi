@@ -116,7 +116,9 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     TASK_STATE_SKIPPED: _TaskState.ValueType  # 5
     """Not executed because an earlier activity failed, or because no branch leading to it was taken."""
     TASK_STATE_WAITING: _TaskState.ValueType  # 6
-    """A wait activity waiting until its `wake_time`."""
+    """A wait activity waiting until its `wake_time`, or a channel activity waiting for its send window
+    to open at `wake_time`.
+    """
 
 class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
     """The state of one activity within a run."""
@@ -134,7 +136,9 @@ TASK_STATE_FAILED: TaskState.ValueType  # 4
 TASK_STATE_SKIPPED: TaskState.ValueType  # 5
 """Not executed because an earlier activity failed, or because no branch leading to it was taken."""
 TASK_STATE_WAITING: TaskState.ValueType  # 6
-"""A wait activity waiting until its `wake_time`."""
+"""A wait activity waiting until its `wake_time`, or a channel activity waiting for its send window
+to open at `wake_time`.
+"""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
 class _RunLogLevel:
@@ -245,6 +249,8 @@ class ActivityTask(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     WAKE_TIME_FIELD_NUMBER: _builtins.int
+    DEFERRED_FIELD_NUMBER: _builtins.int
+    AWAITING_CONFIRMATION_FIELD_NUMBER: _builtins.int
     activity: _builtins.str
     """The activity id."""
     state: Global___TaskState.ValueType
@@ -261,6 +267,12 @@ class ActivityTask(_message.Message):
     """The last working-set position acknowledged by delivery (the checkpoint)."""
     message: _builtins.str
     """What went wrong, for a failed task."""
+    deferred: _builtins.int
+    """Recipients of a channel activity deferred to the next opening of its send window (not yet sent,
+    not dropped).
+    """
+    awaiting_confirmation: _builtins.bool
+    """True while a channel activity waits for ConfirmActivity before sending."""
     @_builtins.property
     def skipped(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Recipients skipped, by reason."""
@@ -285,7 +297,9 @@ class ActivityTask(_message.Message):
 
     @_builtins.property
     def wake_time(self) -> _timestamp_pb2.Timestamp:
-        """When a waiting wait activity is due."""
+        """When a waiting wait activity is due, or when a channel activity waiting for its send window
+        sends its deferred recipients again.
+        """
 
     def __init__(
         self,
@@ -304,10 +318,12 @@ class ActivityTask(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         outputs: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         wake_time: _timestamp_pb2.Timestamp | None = ...,
+        deferred: _builtins.int = ...,
+        awaiting_confirmation: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "wake_time", b"wake_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "already_sent", b"already_sent", "checkpoint", b"checkpoint", "end_time", b"end_time", "failed", b"failed", "message", b"message", "outputs", b"outputs", "sent", b"sent", "skipped", b"skipped", "start_time", b"start_time", "state", b"state", "targeted", b"targeted", "wake_time", b"wake_time", "working_set", b"working_set"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "already_sent", b"already_sent", "awaiting_confirmation", b"awaiting_confirmation", "checkpoint", b"checkpoint", "deferred", b"deferred", "end_time", b"end_time", "failed", b"failed", "message", b"message", "outputs", b"outputs", "sent", b"sent", "skipped", b"skipped", "start_time", b"start_time", "state", b"state", "targeted", b"targeted", "wake_time", b"wake_time", "working_set", b"working_set"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

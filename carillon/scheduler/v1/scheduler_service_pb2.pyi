@@ -1010,3 +1010,53 @@ class RestartRunResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RestartRunResponse: _TypeAlias = RestartRunResponse  # noqa: Y015
+
+@_typing.final
+class ConfirmActivityRequest(_message.Message):
+    """Request of ConfirmActivity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """The run, `campaigns/{campaign}/runs/{run}`."""
+    activity: _builtins.str
+    """The id of the channel activity to confirm."""
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        activity: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmActivityRequest: _TypeAlias = ConfirmActivityRequest  # noqa: Y015
+
+@_typing.final
+class ConfirmActivityResponse(_message.Message):
+    """Response of ConfirmActivity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> _run_pb2.ActivityTask:
+        """The activity's task after the confirmation."""
+
+    def __init__(
+        self,
+        *,
+        task: _run_pb2.ActivityTask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmActivityResponse: _TypeAlias = ConfirmActivityResponse  # noqa: Y015

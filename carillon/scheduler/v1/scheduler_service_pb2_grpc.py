@@ -116,6 +116,11 @@ class CampaignServiceStub:
                 request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RestartRunRequest.SerializeToString,
                 response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RestartRunResponse.FromString,
                 _registered_method=True)
+        self.ConfirmActivity = channel.unary_unary(
+                '/carillon.scheduler.v1.CampaignService/ConfirmActivity',
+                request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ConfirmActivityRequest.SerializeToString,
+                response_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ConfirmActivityResponse.FromString,
+                _registered_method=True)
         self.ListRunLogs = channel.unary_unary(
                 '/carillon.scheduler.v1.CampaignService/ListRunLogs',
                 request_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunLogsRequest.SerializeToString,
@@ -288,6 +293,17 @@ class CampaignServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfirmActivity(self, request, context):
+        """Confirms a channel activity that waits for a confirmation before sending
+        (`ChannelActivity.confirm_before_sending`): its run resumes at once and the activity sends.
+        Errors: INVALID_ARGUMENT (malformed run name or activity id), NOT_FOUND (RUN_NOT_FOUND,
+        ACTIVITY_NOT_FOUND), FAILED_PRECONDITION (NOT_AWAITING_CONFIRMATION: the activity is not waiting
+        for a confirmation, or was confirmed already).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRunLogs(self, request, context):
         """Lists a run's log, oldest first, one page at a time.
         Errors: INVALID_ARGUMENT (malformed name, bad page size or token), NOT_FOUND (unknown run).
@@ -397,6 +413,11 @@ def add_CampaignServiceServicer_to_server(servicer, server):
                     servicer.RestartRun,
                     request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RestartRunRequest.FromString,
                     response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RestartRunResponse.SerializeToString,
+            ),
+            'ConfirmActivity': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmActivity,
+                    request_deserializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ConfirmActivityRequest.FromString,
+                    response_serializer=carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ConfirmActivityResponse.SerializeToString,
             ),
             'ListRunLogs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRunLogs,
@@ -848,6 +869,33 @@ class CampaignService:
             '/carillon.scheduler.v1.CampaignService/RestartRun',
             carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RestartRunRequest.SerializeToString,
             carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RestartRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmActivity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carillon.scheduler.v1.CampaignService/ConfirmActivity',
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ConfirmActivityRequest.SerializeToString,
+            carillon_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ConfirmActivityResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -121,6 +121,13 @@ class CampaignServiceStub:
     of a campaign that is no longer a draft, or a run of a campaign that is not scheduled, live or
     completed; a completed campaign whose failed run resumes is live again).
     """
+    ConfirmActivity: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ConfirmActivityRequest, _scheduler_service_pb2.ConfirmActivityResponse]
+    """Confirms a channel activity that waits for a confirmation before sending
+    (`ChannelActivity.confirm_before_sending`): its run resumes at once and the activity sends.
+    Errors: INVALID_ARGUMENT (malformed run name or activity id), NOT_FOUND (RUN_NOT_FOUND,
+    ACTIVITY_NOT_FOUND), FAILED_PRECONDITION (NOT_AWAITING_CONFIRMATION: the activity is not waiting
+    for a confirmation, or was confirmed already).
+    """
     ListRunLogs: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListRunLogsRequest, _scheduler_service_pb2.ListRunLogsResponse]
     """Lists a run's log, oldest first, one page at a time.
     Errors: INVALID_ARGUMENT (malformed name, bad page size or token), NOT_FOUND (unknown run).
@@ -229,6 +236,13 @@ class CampaignServiceAsyncStub(CampaignServiceStub):
     RUN_NOT_RESTARTABLE: a published campaign's run that did not fail, ILLEGAL_TRANSITION: a test run
     of a campaign that is no longer a draft, or a run of a campaign that is not scheduled, live or
     completed; a completed campaign whose failed run resumes is live again).
+    """
+    ConfirmActivity: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ConfirmActivityRequest, _scheduler_service_pb2.ConfirmActivityResponse]  # type: ignore[assignment]
+    """Confirms a channel activity that waits for a confirmation before sending
+    (`ChannelActivity.confirm_before_sending`): its run resumes at once and the activity sends.
+    Errors: INVALID_ARGUMENT (malformed run name or activity id), NOT_FOUND (RUN_NOT_FOUND,
+    ACTIVITY_NOT_FOUND), FAILED_PRECONDITION (NOT_AWAITING_CONFIRMATION: the activity is not waiting
+    for a confirmation, or was confirmed already).
     """
     ListRunLogs: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListRunLogsRequest, _scheduler_service_pb2.ListRunLogsResponse]  # type: ignore[assignment]
     """Lists a run's log, oldest first, one page at a time.
@@ -431,6 +445,19 @@ class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
         RUN_NOT_RESTARTABLE: a published campaign's run that did not fail, ILLEGAL_TRANSITION: a test run
         of a campaign that is no longer a draft, or a run of a campaign that is not scheduled, live or
         completed; a completed campaign whose failed run resumes is live again).
+        """
+
+    @_abc_1.abstractmethod
+    def ConfirmActivity(
+        self,
+        request: _scheduler_service_pb2.ConfirmActivityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.ConfirmActivityResponse, _abc.Awaitable[_scheduler_service_pb2.ConfirmActivityResponse]]:
+        """Confirms a channel activity that waits for a confirmation before sending
+        (`ChannelActivity.confirm_before_sending`): its run resumes at once and the activity sends.
+        Errors: INVALID_ARGUMENT (malformed run name or activity id), NOT_FOUND (RUN_NOT_FOUND,
+        ACTIVITY_NOT_FOUND), FAILED_PRECONDITION (NOT_AWAITING_CONFIRMATION: the activity is not waiting
+        for a confirmation, or was confirmed already).
         """
 
     @_abc_1.abstractmethod

@@ -1,5 +1,5 @@
-"""Wiring of delivery_svc: settings → database (migrated) → templates, ledger, profile gateway and
-provider → pipeline → servicer → server."""
+"""Wiring of delivery_svc: settings → database (migrated) → templates, ledger, profile gateway,
+message log flusher and provider → pipeline → servicer → server."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from delivery_svc.direct_mail import DirectMailProvider, ExtractConfig
 from delivery_svc.eligibility import ProfileServiceGateway
 from delivery_svc.feedback import FeedbackService, ProfileFeedbackForwarder
 from delivery_svc.ledger import Ledger
+from delivery_svc.message_logs import AudienceMessageLogSink, MessageLogFlusher
 from delivery_svc.pipeline import DeliveryPipeline
 from delivery_svc.providers import MessageProvider, OutboxProvider, RetryPolicy, SmtpConfig, SmtpProvider
 from delivery_svc.push import ApnsProvider, FcmProvider, PushConfig
@@ -86,8 +87,18 @@ async def build_server(settings: DeliverySettings) -> GrpcServer:
     database = open_database(settings, MIGRATIONS)
     templates = TemplateStore(database)
     gateway = ProfileServiceGateway(settings.profile_target, timeout_s=settings.profile_timeout_s)
-    ledger = Ledger(database)
+    ledger = Ledger(database, message_logs=bool(settings.audience_target))
     forwarder = ProfileFeedbackForwarder(gateway)
+    sink = flusher = None
+    if settings.audience_target:
+        sink = AudienceMessageLogSink(settings.audience_target, timeout_s=settings.audience_timeout_s)
+        flusher = MessageLogFlusher(
+            database,
+            sink,
+            interval_s=settings.message_log_interval_s,
+            retry_initial_s=settings.message_log_interval_s,
+            retry_max_s=settings.message_log_retry_max_s,
+        )
     pipeline = DeliveryPipeline(
         database=database,
         templates=templates,
@@ -107,8 +118,9 @@ async def build_server(settings: DeliverySettings) -> GrpcServer:
         max_rate=settings.max_rate_per_second,
         provider_rate=settings.provider_rate_per_second,
         forwarder=forwarder,
+        log_waker=flusher,
     )
-    feedback = FeedbackService(database, ledger, forwarder)
+    feedback = FeedbackService(database, ledger, forwarder, log_waker=flusher)
     servicer = DeliveryServicer(templates, pipeline, ledger, feedback, gateway)
 
     server = server_for(
@@ -122,4 +134,8 @@ async def build_server(settings: DeliverySettings) -> GrpcServer:
         database=database,
     )
     server.on_stop(gateway.close)  # stop hooks run in reverse order: the gateway closes before the database
+    if flusher is not None and sink is not None:
+        server.on_start(flusher.start)
+        server.on_stop(sink.close)
+        server.on_stop(flusher.stop)  # stops first, then the channel closes, then the database
     return server

@@ -1,9 +1,10 @@
 """The profile service as delivery sees it: batch eligibility verdicts and the communication history.
 
 :class:`EligibilityGateway` is what the pipeline needs; :class:`ProfileServiceGateway` implements it
-over the ProfileService gRPC API (one ``CheckEligibility`` call per batch, one
-``RecordCommunications`` call per batch). A profile service that cannot be reached in time is
-:class:`Unavailable` (``PROFILE_UNAVAILABLE``).
+over the ProfileService gRPC API (per batch: one ``CheckEligibility`` call, a second one with
+``reserve`` for the marketing messages about to be sent, one ``ReleaseReservations`` call for those
+that were not sent, one ``RecordCommunications`` call). A profile service that cannot be reached in
+time is :class:`Unavailable` (``PROFILE_UNAVAILABLE``).
 """
 
 from __future__ import annotations
@@ -118,6 +119,18 @@ class EligibilityGateway(Protocol):
         """One verdict per identity, in order."""
         ...
 
+    async def reserve(
+        self, sandbox: str, channel: str, category: str, identities: Sequence[Identity], message_ids: Sequence[str]
+    ) -> list[Verdict]:
+        """One verdict per identity, in order; each allowed marketing identity also reserves one send
+        against the capping rules under its message id, atomically with the check (a message id
+        reserved or recorded already is allowed again without counting twice)."""
+        ...
+
+    async def release(self, sandbox: str, message_ids: Sequence[str]) -> int:
+        """Release reservations of messages that will not be sent; returns how many existed."""
+        ...
+
     async def record(self, sandbox: str, communications: Sequence[Communication]) -> int:
         """Record sent messages (idempotent on the message id); returns how many were new."""
         ...
@@ -171,10 +184,34 @@ class ProfileServiceGateway:
 
     async def check(self, sandbox: str, channel: str, category: str, identities: Sequence[Identity]) -> list[Verdict]:
         """One CheckEligibility call for the whole batch."""
+        return await self._check(sandbox, channel, category, identities, ())
+
+    async def reserve(
+        self, sandbox: str, channel: str, category: str, identities: Sequence[Identity], message_ids: Sequence[str]
+    ) -> list[Verdict]:
+        """One CheckEligibility call with ``reserve`` for the whole batch."""
+        return await self._check(sandbox, channel, category, identities, message_ids)
+
+    async def release(self, sandbox: str, message_ids: Sequence[str]) -> int:
+        """One ReleaseReservations call."""
+        request = profile_service_pb2.ReleaseReservationsRequest(message_ids=list(message_ids))
+        try:
+            response = await self._stub.ReleaseReservations(
+                request, metadata=call_metadata(sandbox), timeout=self.timeout_s
+            )
+        except grpc.RpcError as err:
+            raise _rpc_error("ReleaseReservations", err) from err
+        return int(response.released)
+
+    async def _check(
+        self, sandbox: str, channel: str, category: str, identities: Sequence[Identity], message_ids: Sequence[str]
+    ) -> list[Verdict]:
         request = profile_service_pb2.CheckEligibilityRequest(
             channel=_channel(channel),
             category=_category(category),
             identities=[value_pb2.Identity(namespace=ns, value=value) for ns, value in identities],
+            reserve=bool(message_ids),
+            message_ids=list(message_ids),
         )
         try:
             response = await self._stub.CheckEligibility(

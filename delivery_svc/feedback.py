@@ -9,8 +9,9 @@ What is forwarded (:class:`ProfileFeedbackForwarder`): delivered, soft and hard 
 and unsubscribes go to the profile service's ``RecordDeliveryEvents`` (quarantine, soft-bounce count,
 opt-out), idempotent there on the same event ids. Against a profile service without that RPC, an
 unsubscribe or a complaint falls back to ``SetConsent`` (opted out) and bounces are not forwarded.
-Opens and clicks have no profile-side effect. No event reaches the audience message logs yet: the
-audience contract has no RPC for them; they are in the ledger and counted in reports.
+Opens and clicks have no profile-side effect. Delivered, opened, clicked and bounced (soft or hard)
+events are also queued, in the ledger's transaction, as message logs for audience_svc
+(:mod:`delivery_svc.message_logs`); complaints and unsubscribes have no message log status.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ class IncomingEvent:
     kind: str
     event_time: datetime | None = None
     detail: str = ""
+
+
+class LogWaker(Protocol):
+    """Told when message logs were queued (the message log flusher)."""
+
+    def wake(self) -> None:
+        """Flush soon."""
+        ...
 
 
 class ProfileConsent(Protocol):
@@ -121,12 +130,18 @@ class FeedbackService:
     """Records feedback in the ledger and forwards it."""
 
     def __init__(
-        self, database: Database, ledger: Ledger, forwarder: FeedbackForwarder, clock: Clock | None = None
+        self,
+        database: Database,
+        ledger: Ledger,
+        forwarder: FeedbackForwarder,
+        clock: Clock | None = None,
+        log_waker: LogWaker | None = None,
     ) -> None:
         self.database = database
         self.ledger = ledger
         self.forwarder = forwarder
         self.clock: Clock = clock or SystemClock()
+        self.log_waker = log_waker
 
     def _check(self, events: Sequence[IncomingEvent]) -> None:
         if len(events) > MAX_EVENTS:
@@ -160,6 +175,8 @@ class FeedbackService:
                 violations=[FieldViolation(f"events[{i}].message_id", "no such message") for i in exc.positions[:100]],
                 reason="MESSAGE_NOT_FOUND",
             ) from exc
+        if outcome.recorded and self.log_waker is not None:
+            self.log_waker.wake()
         if outcome.to_forward:
             await self.forwarder.forward(sandbox, outcome.to_forward)
             await self.database.run(self.ledger.mark_forwarded, sandbox, [t.event_id for t in outcome.to_forward])

@@ -7,8 +7,13 @@ batch, a resend after a crash) carries the same id, which is also the provider's
 Statuses: ``pending`` (written before the provider is called), ``sent``, ``skipped``, ``failed`` (with a
 reason) and ``deferred`` (outside the send window until ``defer_until``). Feedback events (delivered,
 opened, ...) set the first time of each kind on a row, idempotent on the event id; the report of an
-activity is one grouped query. Plain synchronous SQLAlchemy; callers run it on the database worker
-pool.
+activity is one grouped query.
+
+Message logs for audience_svc are queued in the message log outbox in the same transaction as the
+ledger change they report (a ``sent`` or ``failed`` status, a delivered / opened / clicked / bounced
+feedback event), so that none is lost and none is queued for a change that was rolled back; the
+outbox is emptied by :mod:`delivery_svc.message_logs`. Plain synchronous SQLAlchemy; callers run it
+on the database worker pool.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from carillon_chassis.database import Database, as_utc, utcnow
-from delivery_svc.tables import FeedbackEventRow, LedgerRow
+from delivery_svc.tables import FeedbackEventRow, LedgerRow, MessageLogOutboxRow
 
 PENDING = "pending"
 SENT = "sent"
@@ -68,6 +73,8 @@ class LedgerEntry:
     create_time: datetime | None = None
     update_time: datetime | None = None
     defer_until: datetime | None = None
+    identity_namespace: str = ""
+    identity_value: str = ""
 
     @property
     def key(self) -> LedgerKey:
@@ -85,6 +92,25 @@ class StatusChange:
     address: str | None = None
     defer_until: datetime | None = None
 
+
+@dataclass(frozen=True)
+class LogEvent:
+    """A message log event to queue for audience_svc: a message, what happened and when."""
+
+    sandbox: str
+    message_id: str
+    status: str
+    event_time: datetime
+
+
+# Message log status of each feedback kind that has one (complaints and unsubscribes have none).
+FEEDBACK_LOG_STATUS = {
+    "delivered": "delivered",
+    "opened": "opened",
+    "clicked": "clicked",
+    "soft_bounce": "bounced",
+    "hard_bounce": "bounced",
+}
 
 # Feedback kinds and the ledger column each one stamps.
 FEEDBACK_COLUMNS = {
@@ -173,6 +199,8 @@ def _entry(row: sa.RowMapping) -> LedgerEntry:
         create_time=as_utc(row["create_time"]),
         update_time=as_utc(row["update_time"]),
         defer_until=as_utc(row["defer_until"]),
+        identity_namespace=row["identity_namespace"],
+        identity_value=row["identity_value"],
     )
 
 
@@ -184,9 +212,12 @@ def _chunks(items: Sequence[object], size: int = _CHUNK) -> Iterable[Sequence[ob
 class Ledger:
     """The send ledger of one database."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, message_logs: bool = False) -> None:
+        """``message_logs``: whether log events are queued for audience_svc (ignored when off)."""
         self.database = database
+        self.message_logs = message_logs
         self._table: sa.Table = LedgerRow.__table__  # type: ignore[attr-defined]
+        self._outbox: sa.Table = MessageLogOutboxRow.__table__  # type: ignore[attr-defined]
 
     def find(self, sandbox: str, run: str, activity: str, keys: Iterable[LedgerKey]) -> dict[LedgerKey, LedgerEntry]:
         """The existing rows of ``keys`` in one run and activity (one query per 10,000 keys)."""
@@ -241,8 +272,10 @@ class Ledger:
         with self.database.engine.connect() as conn:
             return [_entry(row) for row in conn.execute(query).mappings()]
 
-    def write(self, new: Sequence[LedgerEntry], changes: Sequence[StatusChange] = ()) -> None:
-        """Insert new rows and change existing ones in one transaction.
+    def write(
+        self, new: Sequence[LedgerEntry], changes: Sequence[StatusChange] = (), logs: Sequence[LogEvent] = ()
+    ) -> None:
+        """Insert new rows, change existing ones and queue message logs in one transaction.
 
         A new row whose key (or id) is already taken is left as it is: the ids are derived from the
         keys, so the existing row is the same message.
@@ -270,16 +303,43 @@ class Ledger:
                             "create_time": now,
                             "update_time": now,
                             "defer_until": e.defer_until,
+                            "identity_namespace": e.identity_namespace,
+                            "identity_value": e.identity_value,
                         }
                         for e in new
                     ],
                 )
             self._apply(conn, changes, now)
+            self._queue_logs(conn, logs, now)
 
-    def mark(self, changes: Sequence[StatusChange]) -> None:
-        """Record the outcome of sends (``sent`` or ``failed`` with a reason) in one transaction."""
+    def mark(self, changes: Sequence[StatusChange], logs: Sequence[LogEvent] = ()) -> None:
+        """Record the outcome of sends (``sent`` or ``failed`` with a reason) and queue their message
+        logs in one transaction."""
+        now = utcnow()
         with self.database.engine.begin() as conn:
-            self._apply(conn, changes, utcnow())
+            self._apply(conn, changes, now)
+            self._queue_logs(conn, logs, now)
+
+    def _queue_logs(self, conn: sa.Connection, logs: Sequence[LogEvent], now: datetime) -> None:
+        """Queue log events in the outbox; an event already queued (same message and status) stays."""
+        if not self.message_logs or not logs:
+            return
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        rows = [
+            {
+                "sandbox": e.sandbox,
+                "message_id": e.message_id,
+                "status": e.status,
+                "event_time": e.event_time,
+                "create_time": now,
+                "attempts": 0,
+                "next_attempt_time": now,
+            }
+            for e in logs
+        ]
+        statement = dialect.insert(self._outbox).on_conflict_do_nothing()
+        for start in range(0, len(rows), _CHUNK):
+            conn.execute(statement, rows[start : start + _CHUNK])
 
     def _apply(self, conn: sa.Connection, changes: Sequence[StatusChange], now: datetime) -> None:
         t = self._table
@@ -372,6 +432,15 @@ class Ledger:
                     values["bounce_kind"] = sa.case((t.c.bounce_kind == "hard", "hard"), else_="soft")
                 conn.execute(t.update().where(t.c.id == event.message_id).values(**values))
                 outcome.to_forward.append(self._target(event, rows[event.message_id]))
+            self._queue_logs(
+                conn,
+                [
+                    LogEvent(sandbox, e.message_id, FEEDBACK_LOG_STATUS[e.kind], e.event_time)
+                    for e in fresh.values()
+                    if e.kind in FEEDBACK_LOG_STATUS
+                ],
+                now,
+            )
             outcome.recorded = len(fresh)
         return outcome
 

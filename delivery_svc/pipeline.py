@@ -2,10 +2,13 @@
 
 Per batch: validate the recipients → one eligibility call for the whole batch → one ledger lookup of
 the batch's keys → classify each recipient (already sent, recorded skip or failure, newly ineligible,
-to render) → render in the sandbox → write ``pending`` (and ``skipped``) ledger rows in one
-transaction → send through the provider → mark ``sent`` / ``failed`` in one transaction → record the
-communications in one call → return the acknowledgement. The acknowledgement exists only once the
-ledger is durable, so a crash at any point is repaired by replaying the batch:
+to render) → for marketing, one eligibility call with ``reserve`` for the recipients about to be sent
+(the capping reservation, see below) → render in the sandbox → write ``pending`` (and ``skipped``)
+ledger rows in one transaction → send through the provider → mark ``sent`` / ``failed`` (and queue
+their message logs for audience_svc) in one transaction → release the reservations of messages not
+sent → record the communications in one call (which confirms the reservations) → return the
+acknowledgement. The acknowledgement exists only once the ledger is durable, so a crash at any point
+is repaired by replaying the batch:
 
 - a ``sent`` row is counted ``already_sent`` and not sent again;
 - a ``skipped`` or ``failed`` row reports its recorded reason again;
@@ -15,6 +18,21 @@ ledger is durable, so a crash at any point is repaired by replaying the batch:
   the window a pending row fails with ``RETRY_WINDOW_EXPIRED``;
 - a ``deferred`` row (outside the header's send window in the recipient's local time) is sent once
   the window is open, and deferred again until then.
+
+Capping is reserved in two phases per batch. The ledger's message id is derived from the profile id
+(one message per profile and entity key, whatever identity reached the profile), and the profile id
+is only known from the first eligibility answer; so the first call checks without reserving, the
+message ids are computed, and a second call reserves, atomically in profile_stub (per-profile row
+locks), one send for each recipient about to be sent, under its message id. A recipient whose cap
+was taken meanwhile by another campaign is skipped ``CAPPED``. Deriving the id from the identity
+instead (one call) would have changed the ledger key of existing rows (a replay after the upgrade
+would resend) and let two identities of one profile get two messages. A replayed message reserves
+again under the same id, which profile_stub allows without counting twice; the reservation of a
+message that fails to render or fails at the provider is released; a send that the provider did not
+get to (unavailable) keeps its reservation for the replay (it expires on its own otherwise). Because
+the first call does not name message ids, it counts such a message's own live reservation against
+its cap: a message attempted before and "capped" in the check goes to the reservation call, which
+decides. The cost is a second profile call per marketing batch.
 
 Sends go through a token bucket of the channel activity (the header's rate limit) and one of the
 provider (the worker's setting); time comes from an injectable clock.
@@ -40,7 +58,7 @@ import structlog
 from carillon_chassis.database import Database, utcnow
 from carillon_chassis.errors import CarillonError, FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
 from carillon_chassis.names import parse_name, validate_id
-from delivery_svc.direct_mail import OutgoingRow
+from delivery_svc.direct_mail import OutgoingRow, stream_name
 from delivery_svc.eligibility import Communication, EligibilityGateway, ProfileView, Verdict
 from delivery_svc.emails import InvalidAddress, OutgoingEmail, compose_email
 from delivery_svc.ledger import (
@@ -53,6 +71,7 @@ from delivery_svc.ledger import (
     Ledger,
     LedgerEntry,
     LedgerKey,
+    LogEvent,
     StatusChange,
     message_id,
     profile_key,
@@ -68,7 +87,14 @@ from delivery_svc.providers import (
 )
 from delivery_svc.push import OutgoingPush
 from delivery_svc.sms import MAX_SEGMENTS, OutgoingSms, count_segments
-from delivery_svc.templates import CHANNELS, CompiledTemplate, RenderError, TemplateStore, compile_template
+from delivery_svc.templates import (
+    CHANNELS,
+    PUSH_DATA_PREFIX,
+    CompiledTemplate,
+    RenderError,
+    TemplateStore,
+    compile_template,
+)
 from delivery_svc.throttle import ActivityBuckets, Clock, SystemClock, TokenBucket
 from delivery_svc.windows import SendWindow
 
@@ -168,6 +194,14 @@ class _Job:
     existing: LedgerEntry | None
 
 
+class LogWaker(Protocol):
+    """Told when message logs were queued (the message log flusher)."""
+
+    def wake(self) -> None:
+        """Flush soon."""
+        ...
+
+
 class QuarantineForwarder(Protocol):
     """Where permanent refusals go (the feedback forwarder: the profile service's quarantine)."""
 
@@ -196,6 +230,7 @@ class DeliveryPipeline:
         max_rate: int = DEFAULT_MAX_RATE,
         provider_rate: float = 0,
         forwarder: QuarantineForwarder | None = None,
+        log_waker: LogWaker | None = None,
     ) -> None:
         self.database = database
         self.templates = templates
@@ -210,6 +245,7 @@ class DeliveryPipeline:
         self.clock: Clock = clock or SystemClock()
         self.max_rate = max_rate
         self.forwarder = forwarder
+        self.log_waker = log_waker
         self.activity_buckets = ActivityBuckets(self.clock)
         self.provider_bucket = TokenBucket(provider_rate, self.clock) if provider_rate > 0 else None
 
@@ -299,6 +335,20 @@ class SendSession:
         self.bucket = pipeline.activity_buckets.get(
             (sandbox, header.run, header.activity), header.rate_limit_per_second
         )
+        # Direct mail: the extract files of this run and activity continue across batches.
+        self.extract_stream = stream_name(sandbox, header.run, header.activity)
+
+    async def close(self) -> None:
+        """The stream ended cleanly: complete what the provider keeps open for it (the last extract
+        file of a direct-mail activity). Best effort: a failure is logged, and the open file is
+        completed by the next stream of the activity or when it fills up."""
+        end_stream = getattr(self.pipeline.provider, "end_stream", None)
+        if end_stream is None:
+            return
+        try:
+            await asyncio.to_thread(end_stream, self.extract_stream)
+        except OSError as exc:
+            log.error("the last extract file could not be completed", stream=self.extract_stream, error=str(exc))
 
     # -- validation -----------------------------------------------------------------------------
     def _check_batch(self, recipients: Sequence[Recipient]) -> None:
@@ -356,19 +406,22 @@ class SendSession:
         now = pipeline.clock.now()
         window_s = pipeline.retry.window
 
-        def skip(mid: str, key: LedgerKey, reason: str, row: LedgerEntry | None) -> None:
+        logs: list[LogEvent] = []  # message logs queued with the ledger write (failures found here)
+        to_release: list[str] = []  # reservations of messages that will not be sent
+
+        def skip(mid: str, key: LedgerKey, reason: str, row: LedgerEntry | None, recipient: Recipient) -> None:
             ack.skipped[reason] += 1
             if row is None:
-                new_rows.append(self._entry(mid, key, SKIPPED, reason))
+                new_rows.append(self._entry(mid, key, SKIPPED, reason, recipient))
             else:
                 changes.append(StatusChange(mid, SKIPPED, reason))
 
-        def defer(mid: str, key: LedgerKey, until: datetime, row: LedgerEntry | None) -> None:
+        def defer(mid: str, key: LedgerKey, until: datetime, row: LedgerEntry | None, recipient: Recipient) -> None:
             ack.deferred += 1
             if ack.next_window_time is None or until < ack.next_window_time:
                 ack.next_window_time = until
             if row is None:
-                new_rows.append(self._entry(mid, key, DEFERRED, "", defer_until=until))
+                new_rows.append(self._entry(mid, key, DEFERRED, "", recipient, defer_until=until))
             else:
                 changes.append(StatusChange(mid, DEFERRED, "", defer_until=until))
 
@@ -395,43 +448,84 @@ class SendSession:
             if row is not None and row.status == PENDING and expired(row):
                 ack.failed[RETRY_WINDOW_EXPIRED] += 1
                 changes.append(StatusChange(row.message_id, FAILED, RETRY_WINDOW_EXPIRED))
+                logs.append(LogEvent(sandbox, row.message_id, "failed", now))
                 continue
             mid = row.message_id if row is not None else message_id(sandbox, header.run, header.activity, *key)
-            if verdict.verdict != "allowed":
-                skip(mid, key, SKIP_REASONS.get(verdict.verdict, INELIGIBLE), row)
-            elif not verdict.address:
-                skip(mid, key, MISSING_ADDRESS, row)
+            # A message attempted before (pending, retried, deferred) may hold the very reservation that
+            # caps it in the check: the reservation phase, which knows its message id, decides.
+            recheck = verdict.verdict == "capped" and row is not None and header.category == "marketing"
+            if verdict.verdict != "allowed" and not recheck:
+                skip(mid, key, SKIP_REASONS.get(verdict.verdict, INELIGIBLE), row, recipient)
+            elif not verdict.address and not recheck:
+                skip(mid, key, MISSING_ADDRESS, row, recipient)
             else:
                 opening = None
                 if header.window is not None:
                     zone = verdict.profile.time_zone if verdict.profile is not None else ""
                     opening = header.window.next_opening(now, zone)
                 if opening is not None:
-                    defer(mid, key, opening, row)
+                    defer(mid, key, opening, row, recipient)
                 else:
                     jobs.append(_Job(mid, key, recipient, verdict, row))
 
         timings["ledger_find"] = time.perf_counter() - started
+        reserved: set[str] = set()
+        if jobs and header.category == "marketing":
+            started = time.perf_counter()
+            verdicts = await pipeline.gateway.reserve(
+                sandbox,
+                header.channel,
+                header.category,
+                [(job.recipient.namespace, job.recipient.value) for job in jobs],
+                [job.message_id for job in jobs],
+            )
+            if len(verdicts) != len(jobs):
+                raise Unavailable(
+                    f"the profile service answered {len(verdicts)} reservations for {len(jobs)} identities",
+                    reason="PROFILE_BAD_RESPONSE",
+                )
+            kept: list[_Job] = []
+            for job, verdict in zip(jobs, verdicts, strict=True):
+                if verdict.verdict != "allowed":  # capped by a concurrent send, or changed meanwhile
+                    skip(
+                        job.message_id,
+                        job.key,
+                        SKIP_REASONS.get(verdict.verdict, INELIGIBLE),
+                        job.existing,
+                        job.recipient,
+                    )
+                elif not verdict.address:
+                    skip(job.message_id, job.key, MISSING_ADDRESS, job.existing, job.recipient)
+                    to_release.append(job.message_id)
+                else:
+                    reserved.add(job.message_id)
+                    if not job.verdict.address:  # capped in the check, allowed by its own reservation
+                        job.verdict = verdict
+                    kept.append(job)
+            jobs = kept
+            timings["reserve"] = time.perf_counter() - started
         started = time.perf_counter()
         rendered = await asyncio.to_thread(self._render_all, jobs)
         emails: list[OutgoingMessage] = []
         profiles: dict[str, str] = {}
         for job, result in zip(jobs, rendered, strict=True):
             if isinstance(result, str):
-                skip(job.message_id, job.key, result, job.existing)
+                skip(job.message_id, job.key, result, job.existing, job.recipient)
+                if job.message_id in reserved:
+                    to_release.append(job.message_id)
                 continue
             emails.append(result)
             if job.verdict.profile is not None:
                 profiles[job.message_id] = job.verdict.profile.profile_id
             if job.existing is None:
-                new_rows.append(self._entry(job.message_id, job.key, PENDING, "", result.recipient))
+                new_rows.append(self._entry(job.message_id, job.key, PENDING, "", job.recipient, result.recipient))
             elif job.existing.status != PENDING or job.existing.address != result.recipient:
                 changes.append(StatusChange(job.message_id, PENDING, "", result.recipient))
 
         timings["render"] = time.perf_counter() - started
         started = time.perf_counter()
         if new_rows or changes:
-            await pipeline.database.run(pipeline.ledger.write, new_rows, changes)
+            await pipeline.database.run(pipeline.ledger.write, new_rows, changes, logs)
         timings["ledger_write"] = time.perf_counter() - started
         started = time.perf_counter()
         report = None
@@ -448,11 +542,15 @@ class SendSession:
             await self._mark(report, ack)
             await self._quarantine(report, {job.message_id: job for job in jobs})
             to_record += [(mid, profiles[mid]) for mid in report.sent if mid in profiles]
-            if report.unsent:
-                log.warning("provider unavailable", sequence=sequence, unsent=len(report.unsent), error=report.error)
-                raise Unavailable(
-                    f"the {header.channel} provider is unavailable: {report.error}", reason="PROVIDER_UNAVAILABLE"
-                )
+            to_release += [mid for mid in report.failed if mid in reserved]
+        if pipeline.log_waker is not None and (logs or (report is not None and (report.sent or report.failed))):
+            pipeline.log_waker.wake()
+        await self._release(to_release)
+        if report is not None and report.unsent:
+            log.warning("provider unavailable", sequence=sequence, unsent=len(report.unsent), error=report.error)
+            raise Unavailable(
+                f"the {header.channel} provider is unavailable: {report.error}", reason="PROVIDER_UNAVAILABLE"
+            )
         timings["send"] = time.perf_counter() - started
         started = time.perf_counter()
         if to_record:
@@ -474,10 +572,23 @@ class SendSession:
     async def _mark(self, report: DeliveryReport, ack: BatchAck) -> None:
         changes = [StatusChange(mid, SENT) for mid in report.sent]
         changes += [StatusChange(mid, FAILED, reason) for mid, reason in report.failed.items()]
+        now = self.pipeline.clock.now()
+        logs = [LogEvent(self.sandbox, mid, "sent", now) for mid in report.sent]
+        logs += [LogEvent(self.sandbox, mid, "failed", now) for mid in report.failed]
         if changes:
-            await self.pipeline.database.run(self.pipeline.ledger.mark, changes)
+            await self.pipeline.database.run(self.pipeline.ledger.mark, changes, logs)
         ack.sent += len(report.sent)
         ack.failed.update(report.failed.values())
+
+    async def _release(self, message_ids: Sequence[str]) -> None:
+        """Free the capping reservations of messages that were not sent. Best effort: a reservation
+        that cannot be released stops counting when it expires (logged)."""
+        if not message_ids:
+            return
+        try:
+            await self.pipeline.gateway.release(self.sandbox, message_ids)
+        except CarillonError as exc:
+            log.warning("capping reservations not released", count=len(message_ids), error=str(exc))
 
     async def _quarantine(self, report: DeliveryReport, jobs: Mapping[str, _Job]) -> None:
         """Tell the profile service about addresses the provider refused permanently (a hard bounce,
@@ -512,6 +623,7 @@ class SendSession:
         key: LedgerKey,
         status: str,
         reason: str,
+        recipient: Recipient,
         address: str = "",
         defer_until: datetime | None = None,
     ) -> LedgerEntry:
@@ -529,6 +641,8 @@ class SendSession:
             reason=reason,
             address=address,
             defer_until=defer_until,
+            identity_namespace=recipient.namespace,
+            identity_value=recipient.value,
         )
 
     def _communications(self, sent: Sequence[tuple[str, str]]) -> list[Communication]:
@@ -558,7 +672,14 @@ class SendSession:
         context = {"profile": profile_context(profile, address), "target": dict(job.recipient.target)}
         try:
             parts = self.template.render(context)
-            return compose(self.pipeline, self.template.template.content_kind, job.message_id, parts, address)
+            return compose(
+                self.pipeline,
+                self.template.template.content_kind,
+                job.message_id,
+                parts,
+                address,
+                stream=self.extract_stream,
+            )
         except InvalidAddress:
             return INVALID_ADDRESS
         except MessageTooLong:
@@ -572,8 +693,17 @@ class MessageTooLong(ValueError):
     """A rendered message exceeds its channel's limit (SMS segments)."""
 
 
-def compose(pipeline: DeliveryPipeline, kind: str, mid: str, parts: Mapping[str, str], address: str) -> OutgoingMessage:
-    """The outgoing message of rendered ``parts`` for a content kind.
+def compose(
+    pipeline: DeliveryPipeline,
+    kind: str,
+    mid: str,
+    parts: Mapping[str, str],
+    address: str,
+    *,
+    stream: str = "extract",
+) -> OutgoingMessage:
+    """The outgoing message of rendered ``parts`` for a content kind (``stream``: the extract stream
+    of a direct-mail row).
 
     Raises InvalidAddress, MessageTooLong, or ValueError for anything else that cannot be sent.
     """
@@ -581,13 +711,18 @@ def compose(pipeline: DeliveryPipeline, kind: str, mid: str, parts: Mapping[str,
         if not address.strip():
             raise InvalidAddress("no postal address")
         headers = tuple(parts)
-        return OutgoingRow(mid, address, headers, tuple(parts[h] for h in headers))
+        return OutgoingRow(mid, address, headers, tuple(parts[h] for h in headers), stream)
     if kind == "push":
         if not address or len(address) > 4096 or any(c.isspace() for c in address):
             raise InvalidAddress("not a device token")
         if not parts.get("body", "").strip():
             raise ValueError("the rendered body is empty")
-        return OutgoingPush(mid, address, parts.get("title", ""), parts["body"], parts.get("deep_link", ""))
+        data = {
+            part.removeprefix(PUSH_DATA_PREFIX): text
+            for part, text in parts.items()
+            if part.startswith(PUSH_DATA_PREFIX)
+        }
+        return OutgoingPush(mid, address, parts.get("title", ""), parts["body"], parts.get("deep_link", ""), data)
     if kind == "sms":
         if not _PHONE.match(address):
             raise InvalidAddress(f"not a phone number: {address!r}")

@@ -11,7 +11,9 @@ replies permanent).
   UUID derived from the message id, so a resend carries the same id). The real APNs speaks only
   HTTP/2, which urllib does not: this adapter talks HTTP/1.1 to an APNs-style endpoint or gateway.
 
-Both put the message id in the payload (``carillon_message_id``) and the deep link in the data.
+Both put the message id in the payload (``carillon_message_id``), the deep link and the template's
+rendered custom data (FCM: in ``data``; APNs: top-level keys next to ``aps``); the template refuses
+custom keys that would collide with these.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import json
 import urllib.parse
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from delivery_svc.sms import post
 
@@ -34,6 +37,7 @@ class OutgoingPush:
     title: str
     body: str
     deep_link: str = ""
+    data: Mapping[str, str] = field(default_factory=dict)  # custom data, rendered per recipient
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class FcmProvider:
         """POST one message."""
         config = self.config
         url = f"{config.base_url.rstrip('/')}/v1/projects/{urllib.parse.quote(config.project)}/messages:send"
-        data = {"carillon_message_id": message.message_id}
+        data = {**message.data, "carillon_message_id": message.message_id}
         if message.deep_link:
             data["deep_link"] = message.deep_link
         payload = {
@@ -103,6 +107,7 @@ class ApnsProvider:
         config = self.config
         url = f"{config.base_url.rstrip('/')}/3/device/{urllib.parse.quote(message.recipient)}"
         payload: dict[str, object] = {
+            **message.data,
             "aps": {"alert": {"title": message.title, "body": message.body}},
             "carillon_message_id": message.message_id,
         }

@@ -22,7 +22,7 @@ from delivery_svc.feedback import FeedbackService, IncomingEvent
 from delivery_svc.ledger import ActivityReport, Ledger
 from delivery_svc.pipeline import BatchAck, DeliveryPipeline, Recipient, SendHeader, SendSession
 from delivery_svc.sms import count_segments
-from delivery_svc.templates import CONTENT_PARTS, Template, TemplateStore
+from delivery_svc.templates import CONTENT_PARTS, PUSH_DATA_PREFIX, Template, TemplateStore
 from delivery_svc.windows import SendWindow, parse_local_time
 
 T = TypeVar("T")
@@ -53,6 +53,8 @@ def template_from_proto(message: template_pb2.Template) -> Template:
     elif kind:
         parts = getattr(message, kind)
         content = {part: getattr(parts, part) for part in CONTENT_PARTS.get(kind, ())}
+        if kind == "push":
+            content.update({PUSH_DATA_PREFIX + key: value for key, value in sorted(message.push.data.items())})
     return Template(
         template_id="",
         channel=channel_name(message.channel),
@@ -74,7 +76,13 @@ def template_to_proto(template: Template) -> template_pb2.Template:
     elif template.content_kind == "sms":
         message.sms.CopyFrom(template_pb2.SmsContent(**template.content))
     elif template.content_kind == "push":
-        message.push.CopyFrom(template_pb2.PushContent(**template.content))
+        fixed = {part: text for part, text in template.content.items() if not part.startswith(PUSH_DATA_PREFIX)}
+        data = {
+            part.removeprefix(PUSH_DATA_PREFIX): text
+            for part, text in template.content.items()
+            if part.startswith(PUSH_DATA_PREFIX)
+        }
+        message.push.CopyFrom(template_pb2.PushContent(**fixed, data=data))
     elif template.content_kind == "direct_mail":
         message.direct_mail.columns.extend(
             template_pb2.DirectMailColumn(header=h, value=v) for h, v in template.content.items()
@@ -251,6 +259,8 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
                 session.deliver(request.batch.sequence, recipients_from_proto(request.batch))
             )
             yield ack_to_proto(ack)
+        if session is not None:
+            await session.close()
 
     @staticmethod
     async def _deliver_to_the_end(work: Coroutine[Any, Any, T]) -> T:

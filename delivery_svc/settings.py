@@ -27,6 +27,15 @@ class DeliverySettings(ServiceSettings):
     profile_target: str = "127.0.0.1:50054"
     # Deadline of one call to the profile service; past it the batch fails with UNAVAILABLE.
     profile_timeout_s: float = Field(default=30.0, gt=0)
+    # The AudienceService, host:port, which receives the message logs (sent, failed, delivered,
+    # opened, clicked, bounced); empty: no message logs are kept.
+    audience_target: str = "127.0.0.1:50051"
+    # Deadline of one RecordMessageLogs call.
+    audience_timeout_s: float = Field(default=30.0, gt=0)
+    # How often pending message logs are flushed (they are also flushed after every batch), and the
+    # longest wait between two attempts at a log audience_svc did not take (doubling from the interval).
+    message_log_interval_s: float = Field(default=1.0, gt=0)
+    message_log_retry_max_s: float = Field(default=60.0, gt=0)
     # Where emails go: files in outbox_dir ("outbox") or an SMTP relay ("smtp").
     email_provider: Literal["outbox", "smtp"] = "outbox"
     smtp_host: str = "127.0.0.1"
@@ -50,7 +59,8 @@ class DeliverySettings(ServiceSettings):
     push_topic: str = ""
     push_timeout_s: float = Field(default=30.0, gt=0)
     # Direct-mail extracts: the directory (<data_dir>/extracts when unset), the file name prefix, the
-    # delimiter, whether a header line is written, rows per file and an optional sort column.
+    # delimiter, whether a header line is written, rows per file (the files of one run and activity
+    # continue across its batches) and an optional sort column (each file is sorted on it).
     extract_dir: Path | None = None
     extract_prefix: str = Field(default="extract", pattern=r"^[A-Za-z0-9_-]{1,40}$")
     extract_delimiter: str = Field(default=",", min_length=1, max_length=1)

@@ -1,5 +1,5 @@
-"""The tables delivery_svc owns: templates, the send ledger and feedback events. Every row belongs to a
-sandbox."""
+"""The tables delivery_svc owns: templates, the send ledger, feedback events and the message log
+outbox. Every row belongs to a sandbox."""
 
 from __future__ import annotations
 
@@ -67,6 +67,28 @@ class LedgerRow(DeliveryBase, table=True):
     unsubscribe_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
     # "soft" or "hard" once the message bounced; a hard bounce is never downgraded.
     bounce_kind: str = Field(default="", max_length=8)
+    # The recipient's identity as the scheduler sent it (for message logs); empty on rows written
+    # before migration 3.
+    identity_namespace: str = Field(default="", max_length=63)
+    identity_value: str = Field(default="", max_length=320)
+
+
+class MessageLogOutboxRow(DeliveryBase, table=True):
+    """A message log event (sent, failed, delivered, opened, clicked, bounced) not yet accepted by
+    audience_svc; written in the same transaction as the ledger change it reports, deleted once
+    RecordMessageLogs accepted it. The rest of the log (campaign, identity, ...) is the ledger row's.
+    """
+
+    __tablename__ = "message_log_outbox"
+    __table_args__ = (sa.Index("ix_message_log_outbox_due", "next_attempt_time"),)
+    sandbox: str = Field(primary_key=True, max_length=30)
+    message_id: str = Field(primary_key=True, max_length=64)
+    status: str = Field(primary_key=True, max_length=16)
+    event_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    create_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    # Failed deliveries to audience_svc so far, and when the next attempt is due.
+    attempts: int = Field(default=0)
+    next_attempt_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
 
 
 class FeedbackEventRow(DeliveryBase, table=True):
@@ -123,7 +145,18 @@ def _feedback(conn: sa.Connection) -> None:
     FeedbackEventRow.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
 
 
+def _message_logs(conn: sa.Connection) -> None:
+    """Add the recipient identity to the ledger and create the message log outbox (each only when
+    missing: a database created fresh by version 1 already has them)."""
+    present = {column["name"] for column in sa.inspect(conn).get_columns("send_ledger")}
+    for name, size in (("identity_namespace", 63), ("identity_value", 320)):
+        if name not in present:
+            conn.execute(sa.text(f"ALTER TABLE send_ledger ADD COLUMN {name} VARCHAR({size}) NOT NULL DEFAULT ''"))
+    MessageLogOutboxRow.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+
+
 MIGRATIONS = [
     Migration(1, "templates and the send ledger", _initial),
     Migration(2, "send windows, feedback and the feedback events", _feedback),
+    Migration(3, "recipient identities in the ledger and the message log outbox", _message_logs),
 ]

@@ -12,17 +12,20 @@ attributes) and ``target`` (the recipient's working-set row as Python values).
 
 from __future__ import annotations
 
+import functools
 import operator
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 import sqlalchemy as sa
 from jinja2 import StrictUndefined, TemplateError
 from jinja2 import Template as JinjaTemplate
 from jinja2.exceptions import SecurityError
-from jinja2.runtime import Context
+from jinja2.runtime import Context, new_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from carillon_chassis.database import Database, as_utc, utcnow
@@ -46,6 +49,12 @@ MAX_COLUMN_HEADER_CHARS = 63
 HTML_PARTS = frozenset({"html_body"})
 # Parts that end up in a single-line header: whitespace runs (newlines included) become one space.
 SINGLE_LINE_PARTS = frozenset({"subject", "sender_name", "sender_address", "sender", "title", "deep_link"})
+
+# A push template's custom data: part "data.{key}" per key, sent in the notification's data.
+PUSH_DATA_PREFIX = "data."
+MAX_PUSH_DATA_KEYS = 20
+_PUSH_DATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+_RESERVED_PUSH_DATA_KEYS = frozenset({"deep_link", "carillon_message_id", "aps", "from", "message_type"})
 
 MAX_PART_CHARS = 100_000
 MAX_RENDERED_CHARS = 1_000_000
@@ -99,18 +108,40 @@ class Template:
 
 
 class CompiledTemplate:
-    """A template whose parts are compiled, ready to render once per recipient."""
+    """A template whose parts are compiled, ready to render once per recipient.
+
+    Rendering builds the variables of a recipient (the environment's globals and ``context``) once for
+    all the parts, where ``jinja2.Template.render`` copies the context and flattens the globals again
+    for every part: half the cost of rendering a three-part email (measured: 20 -> 11 us).
+    """
 
     def __init__(self, template: Template, parts: Mapping[str, JinjaTemplate]) -> None:
         self.template = template
         self._parts = dict(parts)
+        # The globals of each part's environment, flattened once; parts of one environment share them.
+        flattened: dict[int, dict[str, Any]] = {}
+        self._globals = {
+            part: flattened.setdefault(id(compiled.environment), dict(compiled.globals))
+            for part, compiled in self._parts.items()
+        }
 
     def render(self, context: Mapping[str, Any]) -> dict[str, str]:
         """Every part rendered with ``context``; raises RenderError naming the first part that fails."""
         rendered: dict[str, str] = {}
+        variables: dict[int, dict[str, Any]] = {}  # per environment: its globals, then ``context``
         for part, compiled in self._parts.items():
+            globals_ = self._globals[part]
+            parent = variables.get(id(globals_))
+            if parent is None:
+                parent = variables[id(globals_)] = {**globals_, **context}
             try:
-                text = compiled.render(context)
+                # What jinja2.Template.render does, with the variables shared by the parts (a template
+                # assigns to its own context, never to them).
+                text = compiled.environment.concat(
+                    compiled.root_render_func(
+                        new_context(compiled.environment, compiled.name, compiled.blocks, parent, shared=True)
+                    )
+                )
             except Exception as exc:  # template code is user code: any failure is a render error
                 raise RenderError(part, f"{type(exc).__name__}: {exc}") from exc
             if len(text) > MAX_RENDERED_CHARS:
@@ -125,6 +156,9 @@ def content_parts(template: Template) -> tuple[str, ...]:
     """The part names of a template: fixed per kind, or a direct-mail template's column headers."""
     if template.content_kind == "direct_mail":
         return tuple(template.content)
+    if template.content_kind == "push":
+        data = tuple(part for part in template.content if part.startswith(PUSH_DATA_PREFIX))
+        return CONTENT_PARTS["push"] + data
     return CONTENT_PARTS.get(template.content_kind, ())
 
 
@@ -173,18 +207,44 @@ def validate_template(template: Template) -> list[FieldViolation]:
                 )
     if kind == "push" and not template.content.get("body", "").strip():
         violations.append(FieldViolation(_field(kind, "body"), "a body is required"))
+    if kind == "push":
+        violations += _push_data_violations(template)
     if kind == "sms" and not template.content.get("text", "").strip():
         violations.append(FieldViolation(_field(kind, "text"), "a text is required"))
     return violations
 
 
+def _push_data_violations(template: Template) -> list[FieldViolation]:
+    keys = [part.removeprefix(PUSH_DATA_PREFIX) for part in template.content if part.startswith(PUSH_DATA_PREFIX)]
+    violations: list[FieldViolation] = []
+    if len(keys) > MAX_PUSH_DATA_KEYS:
+        violations.append(FieldViolation(_field("push", "data"), f"at most {MAX_PUSH_DATA_KEYS} keys"))
+    for key in keys:
+        lowered = key.lower()
+        if (
+            not _PUSH_DATA_KEY.match(key)
+            or lowered in _RESERVED_PUSH_DATA_KEYS
+            or lowered.startswith(("google", "gcm"))
+        ):
+            violations.append(FieldViolation(_field("push", "data"), f"a bad or reserved data key {key[:63]!r}"))
+    return violations
+
+
 def compile_template(template: Template) -> CompiledTemplate:
-    """Compile every non-empty part; a syntax error is InvalidArgument naming each failing part."""
-    kind = template.content_kind
+    """Compile every non-empty part; a syntax error is InvalidArgument naming each failing part.
+
+    Compiled parts are cached by content (a template version), so that every Send stream and preview
+    of the same template after the first skips the compilation (about a millisecond per template)."""
+    sources = tuple((part, template.content.get(part, "")) for part in content_parts(template))
+    return CompiledTemplate(template, _compile_parts(template.content_kind, sources))
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_parts(kind: str, sources: tuple[tuple[str, str], ...]) -> Mapping[str, JinjaTemplate]:
+    """The compiled non-empty parts of a content (cached; a content that does not compile is not)."""
     compiled: dict[str, JinjaTemplate] = {}
     violations: list[FieldViolation] = []
-    for part in content_parts(template):
-        source = template.content.get(part, "")
+    for part, source in sources:
         if not source:
             continue
         env = _HTML_ENV if part in HTML_PARTS else _TEXT_ENV
@@ -198,7 +258,7 @@ def compile_template(template: Template) -> CompiledTemplate:
             violations.append(FieldViolation(_field(kind, part), "is nested too deeply"))
     if violations:
         raise InvalidArgument("the template does not compile", violations=violations, reason="TEMPLATE_SYNTAX_ERROR")
-    return CompiledTemplate(template, compiled)
+    return MappingProxyType(compiled)
 
 
 def check_new_template(template_id: str, template: Template) -> CompiledTemplate:

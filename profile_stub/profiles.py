@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -22,6 +23,7 @@ from carillon_chassis.errors import AlreadyExists, FieldViolation, InvalidArgume
 from carillon_chassis.names import new_id, validate_id
 from profile_stub import quarantine
 from profile_stub.capping import MAX_MESSAGES_LIMIT, PERIODS, TIME_BASES, CappingRule, period_start
+from profile_stub.keysets import custom_plans, insert_rows, key_chunks, one_of
 from profile_stub.quarantine import EVENT_KINDS, OPT_OUT_KINDS, DeliveryEvent, Quarantine
 from profile_stub.tables import (
     CappingRuleRow,
@@ -41,7 +43,6 @@ CHANNELS = ("email", "sms", "push", "direct_mail")
 CONSENT_STATES = ("opted_in", "opted_out", "unknown")
 # The identity namespace that holds a profile's address on each channel.
 ADDRESS_NAMESPACE = {"email": "email", "sms": "phone", "push": "push_token", "direct_mail": "postal_address"}
-_CHUNK = 500
 # Names of custom attributes; the country is stored as the attribute "@country".
 ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _COUNTRY = "@country"
@@ -148,9 +149,14 @@ class Communication:
     send_time: datetime | None = None
 
 
-def _chunks(items: Sequence[object], size: int = _CHUNK) -> Iterable[Sequence[object]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _slices(conn: sa.Connection, keys: Sequence[str]) -> Iterator[Sequence[str]]:
+    """``keys`` in slices of one statement each on this connection's backend."""
+    return key_chunks(keys, conn.dialect.name == "postgresql")
+
+
+def _in(conn: sa.Connection, column: Any, keys: Sequence[str]) -> sa.ColumnElement[bool]:
+    """``column`` is one of ``keys`` (one array parameter on PostgreSQL)."""
+    return one_of(column, keys, conn.dialect.name == "postgresql")
 
 
 def _communication_from_row(r: sa.RowMapping) -> Communication:
@@ -192,13 +198,14 @@ class ProfileStore:
         now = utcnow()
         ids = [p.profile_id for p in profiles]
         with self.database.engine.begin() as conn:
+            custom_plans(conn)
             existing: set[str] = set()
-            for chunk in _chunks(ids):
+            for chunk in _slices(conn, ids):
                 existing.update(
                     conn.execute(
                         sa.select(ProfileRow.profile_id).where(  # type: ignore[call-overload]
                             ProfileRow.sandbox == sandbox,
-                            ProfileRow.profile_id.in_(chunk),  # type: ignore[attr-defined]
+                            _in(conn, ProfileRow.profile_id, chunk),
                         )
                     ).scalars()
                 )
@@ -206,12 +213,16 @@ class ProfileStore:
             profiles_t = ProfileRow.__table__  # type: ignore[attr-defined]
             identities_t = IdentityRow.__table__  # type: ignore[attr-defined]
             attributes_t = ProfileAttributeRow.__table__  # type: ignore[attr-defined]
-            for chunk in _chunks(ids):
+            for chunk in _slices(conn, ids):
                 conn.execute(
-                    identities_t.delete().where(identities_t.c.sandbox == sandbox, identities_t.c.profile_id.in_(chunk))
+                    identities_t.delete().where(
+                        identities_t.c.sandbox == sandbox, _in(conn, identities_t.c.profile_id, chunk)
+                    )
                 )
                 conn.execute(
-                    attributes_t.delete().where(attributes_t.c.sandbox == sandbox, attributes_t.c.profile_id.in_(chunk))
+                    attributes_t.delete().where(
+                        attributes_t.c.sandbox == sandbox, _in(conn, attributes_t.c.profile_id, chunk)
+                    )
                 )
             attribute_rows = [
                 {"sandbox": sandbox, "profile_id": p.profile_id, "name": name, "value": encode_scalar(value)}
@@ -309,14 +320,15 @@ class ProfileStore:
             raise InvalidArgument("invalid communications", violations=violations)
         table = CommunicationRow.__table__  # type: ignore[attr-defined]
         with self.database.engine.begin() as conn:
+            custom_plans(conn)
             known_profiles: set[str] = set()
             wanted = list(dict.fromkeys(c.profile_id for c in communications))
-            for chunk in _chunks(wanted):
+            for chunk in _slices(conn, wanted):
                 known_profiles.update(
                     conn.execute(
                         sa.select(ProfileRow.profile_id).where(  # type: ignore[call-overload]
                             ProfileRow.sandbox == sandbox,
-                            ProfileRow.profile_id.in_(chunk),  # type: ignore[attr-defined]
+                            _in(conn, ProfileRow.profile_id, chunk),
                         )
                     ).scalars()
                 )
@@ -328,10 +340,12 @@ class ProfileStore:
                 )
             seen: set[str] = set()
             ids = [c.message_id for c in communications]
-            for chunk in _chunks(ids):
+            for chunk in _slices(conn, ids):
                 seen.update(
                     conn.execute(
-                        sa.select(table.c.message_id).where(table.c.sandbox == sandbox, table.c.message_id.in_(chunk))
+                        sa.select(table.c.message_id).where(
+                            table.c.sandbox == sandbox, _in(conn, table.c.message_id, chunk)
+                        )
                     ).scalars()
                 )
             rows = []
@@ -352,13 +366,12 @@ class ProfileStore:
                         "send_time": c.send_time or utcnow(),
                     }
                 )
-            if rows:
-                conn.execute(table.insert(), rows)
+            insert_rows(conn, table, rows)
             reservations_t = ReservationRow.__table__  # type: ignore[attr-defined]
-            for chunk in _chunks(ids):  # reservations become communications
+            for chunk in _slices(conn, ids):  # reservations become communications
                 conn.execute(
                     reservations_t.delete().where(
-                        reservations_t.c.sandbox == sandbox, reservations_t.c.message_id.in_(chunk)
+                        reservations_t.c.sandbox == sandbox, _in(conn, reservations_t.c.message_id, chunk)
                     )
                 )
         return len(rows)
@@ -426,22 +439,9 @@ class ProfileStore:
                 if not message_id:
                     raise InvalidArgument("message ids must be set", field=f"message_ids[{i}]")
         now = now or utcnow()
-        identity_t = IdentityRow.__table__  # type: ignore[attr-defined]
-        owners: dict[tuple[str, str], str] = {}
         with self.database.engine.begin() as conn:
-            by_namespace: dict[str, list[str]] = {}
-            for namespace, value in identities:
-                by_namespace.setdefault(namespace, []).append(value)
-            for namespace, values in by_namespace.items():
-                for chunk in _chunks(list(dict.fromkeys(values))):
-                    for ns, value, pid in conn.execute(
-                        sa.select(identity_t.c.namespace, identity_t.c.value, identity_t.c.profile_id).where(
-                            identity_t.c.sandbox == sandbox,
-                            identity_t.c.namespace == namespace,
-                            identity_t.c.value.in_(chunk),
-                        )
-                    ):
-                        owners[(ns, value)] = pid
+            custom_plans(conn)
+            owners = self._identity_owners(conn, sandbox, identities)
             if create_missing:
                 missing = [ident for ident in dict.fromkeys(identities) if ident not in owners]
                 if missing:
@@ -454,7 +454,7 @@ class ProfileStore:
             profiles = self._load_profiles(conn, sandbox, profile_ids)
             addresses = [a for p in profiles.values() for a in p.addresses(channel)]
             quarantined = {a for a, q in quarantine.load(conn, sandbox, channel, addresses).items() if q.quarantined}
-            sends = self._recent_sends(conn, sandbox, profile_ids, now) if rules else {}
+            sends = self._recent_sends(conn, sandbox, profile_ids, now, _counting_since(rules, now)) if rules else {}
             known_ids = self._known_message_ids(conn, sandbox, message_ids, now) if reserve else set()
             results = []
             new_reservations = []
@@ -506,14 +506,14 @@ class ProfileStore:
                 results.append(Eligibility(ident, "allowed", profile, address, addresses=usable))
             if new_reservations:
                 reservations_t = ReservationRow.__table__  # type: ignore[attr-defined]
-                ids = [r["message_id"] for r in new_reservations]
-                for chunk in _chunks(ids):  # expired reservations of the same ids are replaced
+                ids = [str(r["message_id"]) for r in new_reservations]
+                for chunk in _slices(conn, ids):  # expired reservations of the same ids are replaced
                     conn.execute(
                         reservations_t.delete().where(
-                            reservations_t.c.sandbox == sandbox, reservations_t.c.message_id.in_(chunk)
+                            reservations_t.c.sandbox == sandbox, _in(conn, reservations_t.c.message_id, chunk)
                         )
                     )
-                conn.execute(reservations_t.insert(), new_reservations)
+                insert_rows(conn, reservations_t, new_reservations)
         return results
 
     def release_reservations(self, sandbox: str, message_ids: Sequence[str]) -> int:
@@ -521,9 +521,10 @@ class ProfileStore:
         table = ReservationRow.__table__  # type: ignore[attr-defined]
         released = 0
         with self.database.engine.begin() as conn:
-            for chunk in _chunks(list(dict.fromkeys(message_ids))):
+            custom_plans(conn)
+            for chunk in _slices(conn, list(dict.fromkeys(message_ids))):
                 released += conn.execute(
-                    table.delete().where(table.c.sandbox == sandbox, table.c.message_id.in_(chunk))
+                    table.delete().where(table.c.sandbox == sandbox, _in(conn, table.c.message_id, chunk))
                 ).rowcount
         return released
 
@@ -626,12 +627,13 @@ class ProfileStore:
         identity_t = IdentityRow.__table__  # type: ignore[attr-defined]
         now = utcnow()
         with self.database.engine.begin() as conn:
+            custom_plans(conn)
             seen: set[str] = set()
-            for chunk in _chunks([e.event_id for e in events]):
+            for chunk in _slices(conn, [e.event_id for e in events]):
                 seen.update(
                     conn.execute(
                         sa.select(events_t.c.event_id).where(
-                            events_t.c.sandbox == sandbox, events_t.c.event_id.in_(chunk)
+                            events_t.c.sandbox == sandbox, _in(conn, events_t.c.event_id, chunk)
                         )
                     ).scalars()
                 )
@@ -810,7 +812,6 @@ class ProfileStore:
             raise InvalidArgument("invalid profiles", violations=violations, reason="INVALID_PROFILE")
 
     def _check_identity_owners(self, conn: sa.Connection, sandbox: str, profiles: Sequence[Profile]) -> None:
-        identity_t = IdentityRow.__table__  # type: ignore[attr-defined]
         claimed: dict[tuple[str, str], tuple[int, int, str]] = {}
         violations: list[FieldViolation] = []
         for i, p in enumerate(profiles):
@@ -821,18 +822,37 @@ class ProfileStore:
                         FieldViolation(f"profiles[{i}].identities[{j}]", f"also claimed by profiles[{other[0]}]")
                     )
                 claimed.setdefault(ident, (i, j, p.profile_id))
-        for (namespace, value), (i, j, pid) in claimed.items():
-            owner = conn.execute(
-                sa.select(identity_t.c.profile_id).where(
-                    identity_t.c.sandbox == sandbox, identity_t.c.namespace == namespace, identity_t.c.value == value
-                )
-            ).scalar()
+        owners = self._identity_owners(conn, sandbox, list(claimed))
+        for ident, (i, j, pid) in claimed.items():
+            owner = owners.get(ident)
             if owner is not None and owner != pid:
                 violations.append(
                     FieldViolation(f"profiles[{i}].identities[{j}]", f"belongs to profile {owner!r} already")
                 )
         if violations:
             raise InvalidArgument("identity conflict", violations=violations, reason="IDENTITY_CONFLICT")
+
+    @staticmethod
+    def _identity_owners(
+        conn: sa.Connection, sandbox: str, identities: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], str]:
+        """The profile owning each of ``identities`` that has an owner (one query per namespace)."""
+        identity_t = IdentityRow.__table__  # type: ignore[attr-defined]
+        by_namespace: dict[str, dict[str, None]] = {}
+        for namespace, value in identities:
+            by_namespace.setdefault(namespace, {})[value] = None
+        owners: dict[tuple[str, str], str] = {}
+        for namespace, values in by_namespace.items():
+            for chunk in _slices(conn, list(values)):
+                for value, pid in conn.execute(
+                    sa.select(identity_t.c.value, identity_t.c.profile_id).where(
+                        identity_t.c.sandbox == sandbox,
+                        identity_t.c.namespace == namespace,
+                        _in(conn, identity_t.c.value, chunk),
+                    )
+                ):
+                    owners[(namespace, value)] = pid
+        return owners
 
     def _require_profile(self, conn: sa.Connection, sandbox: str, profile_id: str, field_name: str) -> None:
         exists = conn.execute(
@@ -867,29 +887,27 @@ class ProfileStore:
         On SQLite the first write takes the database's single writer lock, held to commit."""
         table = ProfileCounterRow.__table__  # type: ignore[attr-defined]
         rows = [{"sandbox": sandbox, "profile_id": pid, "version": 0} for pid in profile_ids]
-        insert = (postgresql.insert if self.database.is_postgres else sqlite.insert)(table)
-        for start in range(0, len(rows), _CHUNK):
-            conn.execute(insert.on_conflict_do_nothing(), rows[start : start + _CHUNK])
-        for chunk in _chunks(list(profile_ids)):
+        insert_rows(conn, table, rows, skip_conflicts=True)  # in id order, like the locks
+        for chunk in _slices(conn, list(profile_ids)):
             if self.database.is_postgres:
                 conn.execute(
                     sa.select(table.c.profile_id)
-                    .where(table.c.sandbox == sandbox, table.c.profile_id.in_(chunk))
+                    .where(table.c.sandbox == sandbox, _in(conn, table.c.profile_id, chunk))
                     .order_by(table.c.profile_id)
                     .with_for_update()
                 ).all()
             else:
                 conn.execute(
                     table.update()
-                    .where(table.c.sandbox == sandbox, table.c.profile_id.in_(chunk))
+                    .where(table.c.sandbox == sandbox, _in(conn, table.c.profile_id, chunk))
                     .values(version=table.c.version + 1)
                 )
         reservations = ReservationRow.__table__  # type: ignore[attr-defined]
-        for chunk in _chunks(list(profile_ids)):  # expired reservations count no more: drop them
+        for chunk in _slices(conn, list(profile_ids)):  # expired reservations count no more: drop them
             conn.execute(
                 reservations.delete().where(
                     reservations.c.sandbox == sandbox,
-                    reservations.c.profile_id.in_(chunk),
+                    _in(conn, reservations.c.profile_id, chunk),
                     reservations.c.expire_time <= now,
                 )
             )
@@ -948,54 +966,48 @@ class ProfileStore:
 
     @staticmethod
     def _recent_sends(
-        conn: sa.Connection, sandbox: str, profile_ids: Sequence[str], now: datetime
+        conn: sa.Connection, sandbox: str, profile_ids: Sequence[str], now: datetime, since: datetime
     ) -> dict[str, list[tuple[str, datetime]]]:
-        """Per profile, the (channel, time) of marketing sends and live reservations of the last 32 days."""
+        """Per profile, the (channel, time) of marketing sends since ``since`` and of live reservations.
+
+        Both are read by one statement, so from one snapshot: a reservation that a concurrent
+        RecordCommunications turns into a communication is seen once, as one or the other. (Two
+        statements under READ COMMITTED could miss it between them, and let two reservers pass a cap.)"""
         comms = CommunicationRow.__table__  # type: ignore[attr-defined]
         reservations = ReservationRow.__table__  # type: ignore[attr-defined]
-        since = now - timedelta(days=33)
         sends: dict[str, list[tuple[str, datetime]]] = {}
-        for chunk in _chunks(list(profile_ids)):
-            for pid, channel, when in conn.execute(
-                sa.select(comms.c.profile_id, comms.c.channel, comms.c.send_time).where(
-                    comms.c.sandbox == sandbox,
-                    comms.c.profile_id.in_(chunk),
-                    comms.c.category == "marketing",
-                    comms.c.send_time >= since,
-                )
-            ):
-                sends.setdefault(pid, []).append((channel, as_utc(when) or now))
-            for pid, channel, when in conn.execute(
-                sa.select(reservations.c.profile_id, reservations.c.channel, reservations.c.reserve_time).where(
-                    reservations.c.sandbox == sandbox,
-                    reservations.c.profile_id.in_(chunk),
-                    reservations.c.expire_time > now,
-                )
-            ):
+        for chunk in _slices(conn, list(profile_ids)):
+            sent = sa.select(comms.c.profile_id, comms.c.channel, comms.c.send_time).where(
+                comms.c.sandbox == sandbox,
+                _in(conn, comms.c.profile_id, chunk),
+                comms.c.category == "marketing",
+                comms.c.send_time >= since,
+            )
+            reserved = sa.select(reservations.c.profile_id, reservations.c.channel, reservations.c.reserve_time).where(
+                reservations.c.sandbox == sandbox,
+                _in(conn, reservations.c.profile_id, chunk),
+                reservations.c.expire_time > now,
+            )
+            for pid, channel, when in conn.execute(sa.union_all(sent, reserved)):
                 sends.setdefault(pid, []).append((channel, as_utc(when) or now))
         return sends
 
     @staticmethod
     def _known_message_ids(conn: sa.Connection, sandbox: str, message_ids: Sequence[str], now: datetime) -> set[str]:
-        """The message ids already recorded or reserved (and not expired)."""
+        """The message ids already recorded or reserved (and not expired), read from one snapshot."""
         comms = CommunicationRow.__table__  # type: ignore[attr-defined]
         reservations = ReservationRow.__table__  # type: ignore[attr-defined]
         known: set[str] = set()
-        for chunk in _chunks(list(dict.fromkeys(message_ids))):
-            known.update(
-                conn.execute(
-                    sa.select(comms.c.message_id).where(comms.c.sandbox == sandbox, comms.c.message_id.in_(chunk))
-                ).scalars()
+        for chunk in _slices(conn, list(dict.fromkeys(message_ids))):
+            recorded = sa.select(comms.c.message_id).where(
+                comms.c.sandbox == sandbox, _in(conn, comms.c.message_id, chunk)
             )
-            known.update(
-                conn.execute(
-                    sa.select(reservations.c.message_id).where(
-                        reservations.c.sandbox == sandbox,
-                        reservations.c.message_id.in_(chunk),
-                        reservations.c.expire_time > now,
-                    )
-                ).scalars()
+            reserved = sa.select(reservations.c.message_id).where(
+                reservations.c.sandbox == sandbox,
+                _in(conn, reservations.c.message_id, chunk),
+                reservations.c.expire_time > now,
             )
+            known.update(conn.execute(sa.union_all(recorded, reserved)).scalars())
         return known
 
     @staticmethod
@@ -1023,9 +1035,9 @@ class ProfileStore:
         identity_t = IdentityRow.__table__  # type: ignore[attr-defined]
         consents_t = ConsentRow.__table__  # type: ignore[attr-defined]
         found: dict[str, Profile] = {}
-        for chunk in _chunks(list(ids)):
+        for chunk in _slices(conn, list(ids)):
             for r in conn.execute(
-                sa.select(profiles_t).where(profiles_t.c.sandbox == sandbox, profiles_t.c.profile_id.in_(chunk))
+                sa.select(profiles_t).where(profiles_t.c.sandbox == sandbox, _in(conn, profiles_t.c.profile_id, chunk))
             ).mappings():
                 found[r["profile_id"]] = Profile(
                     profile_id=r["profile_id"],
@@ -1038,13 +1050,13 @@ class ProfileStore:
                 )
             for ns, value, pid in conn.execute(
                 sa.select(identity_t.c.namespace, identity_t.c.value, identity_t.c.profile_id)
-                .where(identity_t.c.sandbox == sandbox, identity_t.c.profile_id.in_(chunk))
+                .where(identity_t.c.sandbox == sandbox, _in(conn, identity_t.c.profile_id, chunk))
                 .order_by(identity_t.c.namespace, identity_t.c.value)
             ):
                 found[pid].identities.append((ns, value))
             for r in conn.execute(
                 sa.select(consents_t)
-                .where(consents_t.c.sandbox == sandbox, consents_t.c.profile_id.in_(chunk))
+                .where(consents_t.c.sandbox == sandbox, _in(conn, consents_t.c.profile_id, chunk))
                 .order_by(consents_t.c.channel)
             ).mappings():
                 found[r["profile_id"]].consents.append(
@@ -1053,7 +1065,7 @@ class ProfileStore:
             purposes_t = PurposeConsentRow.__table__  # type: ignore[attr-defined]
             for r in conn.execute(
                 sa.select(purposes_t)
-                .where(purposes_t.c.sandbox == sandbox, purposes_t.c.profile_id.in_(chunk))
+                .where(purposes_t.c.sandbox == sandbox, _in(conn, purposes_t.c.profile_id, chunk))
                 .order_by(purposes_t.c.channel, purposes_t.c.purpose)
             ).mappings():
                 found[r["profile_id"]].consents.append(
@@ -1062,7 +1074,7 @@ class ProfileStore:
             attributes_t = ProfileAttributeRow.__table__  # type: ignore[attr-defined]
             for pid, name, value in conn.execute(
                 sa.select(attributes_t.c.profile_id, attributes_t.c.name, attributes_t.c.value)
-                .where(attributes_t.c.sandbox == sandbox, attributes_t.c.profile_id.in_(chunk))
+                .where(attributes_t.c.sandbox == sandbox, _in(conn, attributes_t.c.profile_id, chunk))
                 .order_by(attributes_t.c.name)
             ):
                 if name == _COUNTRY:
@@ -1070,6 +1082,13 @@ class ProfileStore:
                 else:
                     found[pid].attributes[name] = decode_scalar(value)
         return found
+
+
+def _counting_since(rules: Sequence[CappingRule], now: datetime) -> datetime:
+    """The earliest send any of ``rules`` can count: the start of the longest current period in UTC, a
+    day earlier for profiles whose local period began before UTC's (time zones reach UTC+14). Only the
+    sends since then are read, rather than a month of history when the rules are daily."""
+    return min(period_start(CappingRule("", 1, rule.period), now, "") for rule in rules) - timedelta(days=1)
 
 
 def _is_capped(

@@ -14,6 +14,7 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from carillon_chassis.database import as_utc
+from profile_stub.keysets import key_chunks, one_of
 from profile_stub.tables import QuarantineRow
 
 EVENT_KINDS = ("delivered", "soft_bounce", "hard_bounce", "complaint", "unsubscribe")
@@ -56,12 +57,11 @@ def load(conn: sa.Connection, sandbox: str, channel: str, addresses: Iterable[st
     table = _table()
     wanted = list(dict.fromkeys(addresses))
     found: dict[str, Quarantine] = {}
-    for start in range(0, len(wanted), 500):
+    postgres = conn.dialect.name == "postgresql"
+    for chunk in key_chunks(wanted, postgres):
         for r in conn.execute(
             sa.select(table).where(
-                table.c.sandbox == sandbox,
-                table.c.channel == channel,
-                table.c.address.in_(wanted[start : start + 500]),
+                table.c.sandbox == sandbox, table.c.channel == channel, one_of(table.c.address, chunk, postgres)
             )
         ).mappings():
             found[r["address"]] = Quarantine(

@@ -102,6 +102,8 @@ async def stack(database_factory: DatabaseFactory, smtp_server: tuple[RecordingH
             DeliverySettings(
                 **db("delivery"),
                 profile_target=servers["profile"].address,
+                audience_target=servers["audience"].address,
+                message_log_interval_s=0.1,
                 email_provider="smtp",
                 smtp_host="127.0.0.1",
                 smtp_port=smtp_port,

@@ -277,3 +277,191 @@ async def test_a_direct_mail_worker_writes_the_recipients_into_an_extract_file(
         rows = list(csv.reader(handle))
     assert rows[0] == ["message_id", "name", "address", "offer"]
     assert [r[1:] for r in rows[1:]] == [["Ada", "2 Main St, Oslo", "10%"], ["Zed", "1 Rue X, Paris", "10%"]]
+
+
+async def _push_stack(serving: StartStack, http_server: HttpRecorder, provider: str) -> Stack:
+    """A push worker of ``provider`` style, profiles ada and bo with device tokens, and the template
+    "storm" with custom data rendered from the profile and the working-set row."""
+    stack = await serving(
+        channel="push",
+        push_provider=provider,
+        push_api_url=f"http://127.0.0.1:{http_server.port}",
+        push_project="p1",
+        push_topic="com.example.app",
+    )
+    await stack.profiles.UpsertProfiles(
+        profile_service_pb2.UpsertProfilesRequest(
+            profiles=[
+                profile_pb2.Profile(
+                    name=f"profiles/{pid}",
+                    first_name=pid.title(),
+                    identities=[value_pb2.Identity(namespace="push_token", value=f"tok-{pid}")],
+                )
+                for pid in ("ada", "bo")
+            ]
+        ),
+        metadata=METADATA,
+    )
+    await stack.delivery.CreateTemplate(
+        dpb.CreateTemplateRequest(
+            template_id="storm",
+            template=template_pb2.Template(
+                channel=channel_pb2.CHANNEL_PUSH,
+                push=template_pb2.PushContent(
+                    title="Storm",
+                    body="Stay inside, {{ profile.first_name }}",
+                    deep_link="app://bookings/{{ target.booking }}",
+                    data={"booking": "{{ target.booking }}", "greeting": "Hi {{ profile.first_name }}"},
+                ),
+            ),
+        ),
+        metadata=METADATA,
+    )
+    return stack
+
+
+def _push_batch() -> tuple[dpb.SendHeader, dpb.RecipientBatch]:
+    header = dpb.SendHeader()
+    header.CopyFrom(SMS_HEADER)
+    header.channel = channel_pb2.CHANNEL_PUSH
+    batch = dpb.RecipientBatch(
+        sequence=1,
+        recipients=[
+            dpb.Recipient(
+                identity=value_pb2.Identity(namespace="push_token", value=f"tok-{pid}"),
+                entity_key=booking,
+                target={"booking": value_pb2.Value(string_value=booking)},
+            )
+            for pid, booking in (("ada", "B-1"), ("bo", "B-2"))
+        ],
+    )
+    return header, batch
+
+
+async def test_a_push_templates_data_is_rendered_per_recipient_and_sent_in_the_fcm_data(
+    serving: StartStack, http_server: HttpRecorder
+) -> None:
+    stack = await _push_stack(serving, http_server, "fcm")
+
+    ack = await send(stack, *_push_batch())
+
+    assert ack.sent == 2
+    data = {json.loads(r.body)["message"]["token"]: json.loads(r.body)["message"]["data"] for r in http_server.requests}
+    assert {token: {k: v for k, v in d.items() if k != "carillon_message_id"} for token, d in data.items()} == {
+        "tok-ada": {"booking": "B-1", "greeting": "Hi Ada", "deep_link": "app://bookings/B-1"},
+        "tok-bo": {"booking": "B-2", "greeting": "Hi Bo", "deep_link": "app://bookings/B-2"},
+    }
+
+
+async def test_a_push_templates_data_is_sent_as_apns_payload_keys(
+    serving: StartStack, http_server: HttpRecorder
+) -> None:
+    stack = await _push_stack(serving, http_server, "apns")
+
+    ack = await send(stack, *_push_batch())
+
+    assert ack.sent == 2
+    payloads = {r.path: json.loads(r.body) for r in http_server.requests}
+    assert {path: (p["booking"], p["greeting"]) for path, p in payloads.items()} == {
+        "/3/device/tok-ada": ("B-1", "Hi Ada"),
+        "/3/device/tok-bo": ("B-2", "Hi Bo"),
+    }
+
+
+async def test_a_push_template_reads_back_with_its_data(serving: StartStack, http_server: HttpRecorder) -> None:
+    stack = await _push_stack(serving, http_server, "fcm")
+
+    got = await stack.delivery.GetTemplate(dpb.GetTemplateRequest(name="templates/storm"), metadata=METADATA)
+
+    assert dict(got.template.push.data) == {
+        "booking": "{{ target.booking }}",
+        "greeting": "Hi {{ profile.first_name }}",
+    }
+    assert got.template.push.deep_link == "app://bookings/{{ target.booking }}"
+
+
+async def test_a_push_template_with_a_reserved_data_key_is_invalid_and_creates_nothing(serving: StartStack) -> None:
+    stack = await serving(channel="push")
+    request = dpb.CreateTemplateRequest(
+        template_id="bad",
+        template=template_pb2.Template(
+            channel=channel_pb2.CHANNEL_PUSH,
+            push=template_pb2.PushContent(body="hi", data={"carillon_message_id": "x", "ok": "y"}),
+        ),
+    )
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.delivery.CreateTemplate(request, metadata=METADATA)
+
+    failure = failure_of(caught.value)
+    assert (failure.code, failure.reason, failure.fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_TEMPLATE",
+        ["template.push.data"],
+    )
+    listed = await stack.delivery.ListTemplates(dpb.ListTemplatesRequest(), metadata=METADATA)
+    assert list(listed.templates) == []
+
+
+async def test_a_direct_mail_activity_sent_in_several_batches_fills_files_of_max_rows_each(
+    serving: StartStack, tmp_path: Path
+) -> None:
+    extracts = tmp_path / "extracts"
+    stack = await serving(channel="direct_mail", extract_dir=extracts, extract_max_rows=5)
+    people = [f"p{i:02d}" for i in range(12)]
+    await stack.profiles.UpsertProfiles(
+        profile_service_pb2.UpsertProfilesRequest(
+            profiles=[
+                profile_pb2.Profile(
+                    name=f"profiles/{pid}",
+                    first_name=pid.upper(),
+                    identities=[value_pb2.Identity(namespace="postal_address", value=f"{pid} Main St")],
+                )
+                for pid in people
+            ]
+        ),
+        metadata=METADATA,
+    )
+    await stack.delivery.CreateTemplate(
+        dpb.CreateTemplateRequest(
+            template_id="catalogue",
+            template=template_pb2.Template(
+                channel=channel_pb2.CHANNEL_DIRECT_MAIL,
+                direct_mail=template_pb2.DirectMailContent(
+                    columns=[template_pb2.DirectMailColumn(header="name", value="{{ profile.first_name }}")]
+                ),
+            ),
+        ),
+        metadata=METADATA,
+    )
+    header = dpb.SendHeader()
+    header.CopyFrom(SMS_HEADER)
+    header.channel = channel_pb2.CHANNEL_DIRECT_MAIL
+    header.template = "templates/catalogue"
+    batches = [
+        dpb.RecipientBatch(
+            sequence=n + 1,
+            recipients=[
+                dpb.Recipient(identity=value_pb2.Identity(namespace="postal_address", value=f"{pid} Main St"))
+                for pid in people[start : start + 4]
+            ],
+        )
+        for n, start in enumerate(range(0, len(people), 4))
+    ]
+
+    async def stream() -> AsyncIterator[dpb.SendRequest]:
+        yield dpb.SendRequest(header=header)
+        for batch in batches:
+            yield dpb.SendRequest(batch=batch)
+
+    acks = [a async for a in stack.delivery.Send(stream(), metadata=METADATA)]
+
+    assert [a.sent for a in acks] == [4, 4, 4]
+    files = sorted(extracts.glob("extract_*.csv"), key=lambda f: f.stem.rsplit("_", 1)[1])
+    contents = []
+    for path in files:
+        with path.open(newline="", encoding="utf-8") as handle:
+            contents.append(list(csv.reader(handle)))
+    assert [len(rows) - 1 for rows in contents] == [5, 5, 2]
+    assert all(rows[0] == ["message_id", "name"] for rows in contents)
+    assert [r[1] for rows in contents for r in rows[1:]] == [p.upper() for p in people]

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from carillon_chassis.database import Database, utcnow
 from carillon_chassis.errors import AlreadyExists, InvalidArgument, NotFound
-from delivery_svc.ledger import Ledger, LedgerEntry, StatusChange, message_id
+from delivery_svc.ledger import Ledger, LedgerEntry, LogEvent, StatusChange, message_id
 from delivery_svc.tables import MIGRATIONS, LedgerRow
 from delivery_svc.templates import Template, TemplateStore
 
@@ -159,3 +159,35 @@ def test_a_forged_page_token_is_invalid(database: Database) -> None:
         TemplateStore(database).list("prod", 2, "not-a-token!")
 
     assert [v.field for v in caught.value.violations] == ["page_token"]
+
+
+def test_migration_3_adds_the_identity_columns_and_the_outbox_to_a_version_2_database(
+    make_database: Callable[[str], Database],
+) -> None:
+    database = make_database("delivery")
+    database.migrate(MIGRATIONS)
+    with database.engine.begin() as conn:  # roll the schema back to what version 2 created
+        conn.execute(sa.text("DROP TABLE message_log_outbox"))
+        conn.execute(sa.text("ALTER TABLE send_ledger DROP COLUMN identity_namespace"))
+        conn.execute(sa.text("ALTER TABLE send_ledger DROP COLUMN identity_value"))
+        conn.execute(sa.text("DELETE FROM carillon_schema_migrations WHERE version = 3"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO send_ledger (id, sandbox, campaign, run, activity, profile_key, entity_key, channel,"
+                " status, reason, address, create_time, update_time, bounce_kind)"
+                " VALUES ('old', 'prod', 'campaigns/c1', :run, 'a1', 'ada', '', 'email', 'sent', '', '',"
+                " :now, :now, '')"
+            ),
+            {"run": RUN, "now": utcnow()},
+        )
+
+    applied = database.migrate(MIGRATIONS)
+
+    ledger = Ledger(database, message_logs=True)
+    (old,) = ledger.entries("prod", RUN, "a1")
+    assert applied == [3]
+    assert (old.message_id, old.identity_namespace, old.identity_value) == ("old", "", "")
+    ledger.write([entry("bob")], logs=[LogEvent("prod", "old", "delivered", utcnow())])
+    with database.engine.connect() as conn:
+        queued = conn.execute(sa.text("SELECT message_id, status FROM message_log_outbox")).all()
+    assert [tuple(row) for row in queued] == [("old", "delivered")]

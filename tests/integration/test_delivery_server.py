@@ -6,6 +6,7 @@ server on a free port (or to an outbox directory). Every test runs on SQLite and
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import socket
@@ -118,6 +119,7 @@ async def start_stack(database_factory: DatabaseFactory, tmp_path: Path) -> Asyn
             "sender_address": "news@example.com",
             "send_attempts": 2,
             "send_retry_initial_s": 0.01,
+            "audience_target": "",  # no message logs unless a test gives an audience server
             **overrides,
         }
         delivery = await build_server(DeliverySettings(**settings))
@@ -412,3 +414,80 @@ async def test_an_unknown_template_name_is_not_found(start_stack: StartStack) ->
         await stack.delivery.GetTemplate(dpb.GetTemplateRequest(name="templates/nope"), metadata=METADATA)
 
     assert rich_error(caught.value)[:2] == (grpc.StatusCode.NOT_FOUND, "TEMPLATE_NOT_FOUND")
+
+
+async def test_two_campaigns_sending_at_once_never_push_a_profile_over_its_daily_cap(start_stack: StartStack) -> None:
+    stack = await start_stack()
+    await seed(stack)
+    people = [f"p{i:02d}" for i in range(12)]
+    await stack.profiles.UpsertProfiles(
+        profile_service_pb2.UpsertProfilesRequest(
+            profiles=[profile(p, p.upper(), profile_pb2.CONSENT_STATE_OPTED_IN) for p in people]
+        ),
+        metadata=METADATA,
+    )
+    await stack.profiles.CreateCappingRule(
+        profile_service_pb2.CreateCappingRuleRequest(
+            capping_rule_id="daily",
+            capping_rule=profile_pb2.CappingRule(
+                channel=channel_pb2.CHANNEL_EMAIL,
+                max_messages=1,
+                period=profile_pb2.CAPPING_PERIOD_DAY,
+                time_basis=profile_pb2.CAPPING_TIME_BASIS_UTC,
+            ),
+        ),
+        metadata=METADATA,
+    )
+    headers = []
+    for campaign in ("spring", "summer"):
+        header = dpb.SendHeader()
+        header.CopyFrom(HEADER)
+        header.campaign, header.run = f"campaigns/{campaign}", f"campaigns/{campaign}/runs/r1"
+        headers.append(header)
+    # Each campaign sends every profile in batches of three; the two streams run at the same time.
+    batches = [
+        dpb.RecipientBatch(sequence=n + 1, recipients=[recipient(f"{p}@example.com") for p in people[i : i + 3]])
+        for n, i in enumerate(range(0, len(people), 3))
+    ]
+
+    spring, summer = await asyncio.gather(*(send(stack, batches, header=h) for h in headers))
+
+    acks = [*spring, *summer]
+    assert sorted(rcpt for e in stack.smtp.envelopes for rcpt in e.rcpt_tos) == sorted(
+        f"{p}@example.com" for p in people
+    )
+    assert sum(a.sent for a in acks) == len(people)
+    assert sum(a.skipped["CAPPED"] for a in acks) == len(people)
+    history = await stack.profiles.ListCommunications(
+        profile_service_pb2.ListCommunicationsRequest(profile="profiles/p00"), metadata=METADATA
+    )
+    assert len(history.communications) == 1
+
+
+async def test_a_message_interrupted_under_a_cap_of_one_is_sent_once_when_its_batch_is_replayed(
+    start_stack: StartStack,
+) -> None:
+    smtp_port = free_port()  # nothing listens yet: the first attempt finds the provider unavailable
+    stack = await start_stack(smtp_port=smtp_port)
+    await seed(stack)
+    await stack.profiles.CreateCappingRule(
+        profile_service_pb2.CreateCappingRuleRequest(
+            capping_rule_id="daily",
+            capping_rule=profile_pb2.CappingRule(max_messages=1, period=profile_pb2.CAPPING_PERIOD_DAY),
+        ),
+        metadata=METADATA,
+    )
+    batch = dpb.RecipientBatch(sequence=1, recipients=[recipient("ada@example.com", "r1")])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await send(stack, [batch])
+    handler = CollectingHandler()
+    controller = Controller(handler, hostname="127.0.0.1", port=smtp_port)
+    controller.start()
+    try:
+        (replay,) = await send(stack, [batch])  # the message's own reservation must not cap it
+    finally:
+        controller.stop()
+
+    assert rich_error(caught.value)[:2] == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+    assert (replay.sent, dict(replay.skipped)) == (1, {})
+    assert [e.rcpt_tos for e in handler.envelopes] == [["ada@example.com"]]

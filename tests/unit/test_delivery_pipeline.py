@@ -53,6 +53,12 @@ class FakeGateway:
     recorded: list[Communication] = field(default_factory=list)
     unreachable: bool = False
     history_down: bool = False
+    reservations: list[list[str]] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    # Identities that a concurrent send capped between the check and the reservation.
+    capped: set[Identity] = field(default_factory=set)
+    # Verdicts of the reservation phase that differ from the check's.
+    reserve_verdicts: dict[Identity, Verdict] = field(default_factory=dict)
 
     def allow(self, address: str, profile_id: str, first_name: str = "") -> None:
         self.verdicts[("email", address)] = allowed(address, profile_id, first_name)
@@ -66,6 +72,21 @@ class FakeGateway:
             raise Unavailable("profile service down", reason="PROFILE_UNAVAILABLE")
         self.checks.append(list(identities))
         return [self.verdicts.get(i, Verdict(i, "unknown_profile")) for i in identities]
+
+    async def reserve(
+        self, sandbox: str, channel: str, category: str, identities: Sequence[Identity], message_ids: Sequence[str]
+    ) -> list[Verdict]:
+        if self.unreachable:
+            raise Unavailable("profile service down", reason="PROFILE_UNAVAILABLE")
+        self.reservations.append(list(message_ids))
+        verdicts = [
+            self.reserve_verdicts.get(i) or self.verdicts.get(i, Verdict(i, "unknown_profile")) for i in identities
+        ]
+        return [Verdict(v.identity, "capped", v.profile) if v.identity in self.capped else v for v in verdicts]
+
+    async def release(self, sandbox: str, message_ids: Sequence[str]) -> int:
+        self.released.extend(message_ids)
+        return len(message_ids)
 
     async def record(self, sandbox: str, communications: Sequence[Communication]) -> int:
         if self.history_down:
@@ -450,3 +471,107 @@ async def test_a_template_of_another_channel_is_a_failed_precondition(harness: H
 def _header(**changes: str) -> SendHeader:
     values = {**HEADER.__dict__, **changes}
     return SendHeader(**values)
+
+
+# -- capping reservations: the second eligibility phase ------------------------------------------
+
+
+async def test_a_marketing_batch_reserves_exactly_the_messages_it_is_about_to_send(harness: Harness) -> None:
+    harness.gateway.allow("ada@example.com", "ada")
+    harness.gateway.allow("bob@example.com", "bob")
+    harness.gateway.refuse("out@example.com", "no_consent", "out")
+
+    await harness.deliver([to("ada@example.com"), to("bob@example.com"), to("out@example.com")])
+
+    rows = harness.rows()
+    assert harness.gateway.reservations == [[rows["ada/"].message_id, rows["bob/"].message_id]]
+    assert [c.message_id for c in harness.gateway.recorded] == [rows["ada/"].message_id, rows["bob/"].message_id]
+
+
+async def test_a_recipient_capped_at_reservation_time_is_skipped_and_not_sent(harness: Harness) -> None:
+    harness.gateway.allow("ada@example.com", "ada")
+    harness.gateway.allow("bob@example.com", "bob")
+    harness.gateway.capped.add(("email", "bob@example.com"))
+
+    ack = await harness.deliver([to("ada@example.com"), to("bob@example.com")])
+
+    assert (ack.sent, dict(ack.skipped)) == (1, {"CAPPED": 1})
+    assert harness.provider.recipients() == ["ada@example.com"]
+    assert (harness.rows()["bob/"].status, harness.rows()["bob/"].reason) == ("skipped", "CAPPED")
+
+
+async def test_a_transactional_batch_reserves_nothing(harness: Harness) -> None:
+    harness.gateway.allow("ada@example.com", "ada")
+
+    ack = await harness.deliver([to("ada@example.com")], header=_header(category="transactional"))
+
+    assert ack.sent == 1
+    assert harness.gateway.reservations == []
+
+
+async def test_the_reservation_of_a_message_that_does_not_render_is_released(harness: Harness) -> None:
+    harness.gateway.allow("ada@example.com", "ada")
+
+    ack = await harness.deliver([to("ada@example.com", target={})])
+
+    assert dict(ack.skipped) == {"RENDER_ERROR": 1}
+    assert harness.gateway.released == [harness.rows()["ada/"].message_id]
+
+
+async def test_the_reservation_of_a_message_the_provider_refuses_is_released(harness: Harness) -> None:
+    harness.gateway.allow("ada@example.com", "ada")
+    harness.gateway.allow("bob@example.com", "bob")
+    harness.provider.errors["bob@example.com"] = [PermanentProviderError("550 no such user")]
+
+    await harness.deliver([to("ada@example.com"), to("bob@example.com")])
+
+    assert harness.gateway.released == [harness.rows()["bob/"].message_id]
+
+
+async def test_the_reservation_of_a_message_that_failed_transiently_is_released(harness: Harness) -> None:
+    harness.gateway.allow("ada@example.com", "ada")
+    harness.provider.errors["ada@example.com"] = [TransientProviderError("451 try later")] * 3
+
+    ack = await harness.deliver([to("ada@example.com")])
+
+    assert dict(ack.failed) == {"PROVIDER_TRANSIENT": 1}
+    assert harness.gateway.released == [harness.rows()["ada/"].message_id]
+
+
+async def test_a_replayed_pending_message_reserves_again_under_the_same_message_id(harness: Harness) -> None:
+    harness.gateway.allow("ada@example.com", "ada")
+    harness.provider.errors["ada@example.com"] = [RuntimeError("killed between the ledger write and the send")]
+    with pytest.raises(RuntimeError):
+        await harness.deliver([to("ada@example.com")])
+
+    ack = await harness.deliver([to("ada@example.com")])
+
+    mid = harness.rows()["ada/"].message_id
+    assert ack.sent == 1
+    assert harness.gateway.reservations == [[mid], [mid]]
+    assert harness.gateway.released == []
+
+
+async def test_a_pending_message_capped_only_by_its_own_reservation_is_sent_on_replay(harness: Harness) -> None:
+    harness.gateway.allow("ada@example.com", "ada")
+    harness.provider.errors["ada@example.com"] = [RuntimeError("killed between the ledger write and the send")]
+    with pytest.raises(RuntimeError):
+        await harness.deliver([to("ada@example.com")])
+    # The check now counts the message's own live reservation against a cap of one; the reservation
+    # phase, which names the message id, allows it without counting it twice.
+    harness.gateway.refuse("ada@example.com", "capped", "ada")
+    harness.gateway.reserve_verdicts[("email", "ada@example.com")] = allowed("ada@example.com", "ada")
+
+    ack = await harness.deliver([to("ada@example.com")])
+
+    assert (ack.sent, dict(ack.skipped)) == (1, {})
+    assert harness.provider.recipients() == ["ada@example.com"]
+
+
+async def test_a_new_message_capped_in_the_check_is_skipped_without_a_reservation(harness: Harness) -> None:
+    harness.gateway.refuse("ada@example.com", "capped", "ada")
+
+    ack = await harness.deliver([to("ada@example.com")])
+
+    assert dict(ack.skipped) == {"CAPPED": 1}
+    assert harness.gateway.reservations == []

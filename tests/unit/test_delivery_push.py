@@ -62,3 +62,33 @@ def test_push_replies_are_classified_like_other_http_providers(
         provider.send(PUSH)
     with pytest.raises(PermanentProviderError):
         provider.send(PUSH)
+
+
+DATA_PUSH = OutgoingPush(
+    "m43", "device-token-2", "Storm", "Stay inside", "app://alerts/43", {"booking": "B-7", "city": "Miami"}
+)
+
+
+def test_fcm_sends_the_custom_data_next_to_the_message_id_and_deep_link(http_server: HttpRecorder) -> None:
+    FcmProvider(config(http_server.port)).send(DATA_PUSH)
+
+    (request,) = http_server.requests
+    assert json.loads(request.body)["message"]["data"] == {
+        "booking": "B-7",
+        "city": "Miami",
+        "carillon_message_id": "m43",
+        "deep_link": "app://alerts/43",
+    }
+
+
+def test_apns_sends_the_custom_data_as_top_level_payload_keys(http_server: HttpRecorder) -> None:
+    ApnsProvider(config(http_server.port)).send(DATA_PUSH)
+
+    (request,) = http_server.requests
+    assert json.loads(request.body) == {
+        "aps": {"alert": {"title": "Storm", "body": "Stay inside"}},
+        "booking": "B-7",
+        "city": "Miami",
+        "carillon_message_id": "m43",
+        "deep_link": "app://alerts/43",
+    }

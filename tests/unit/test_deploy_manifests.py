@@ -529,6 +529,7 @@ def test_services_point_each_client_at_the_service_of_its_peer(target: str) -> N
     for name in workers.values():
         delivery = env_of(deployments[name])
         assert delivery["CARILLON_DELIVERY_PROFILE_TARGET"]["value"] == f"profile:{services['profile']}", name
+        assert delivery["CARILLON_DELIVERY_AUDIENCE_TARGET"]["value"] == f"audience:{services['audience']}", name
     routes = json.loads(scheduler["CARILLON_SCHEDULER_DELIVERY_TARGETS"]["value"])
     assert routes == {channel: f"{name}:{services[name]}" for channel, name in workers.items()}
 

@@ -106,7 +106,10 @@ class DeliveryServiceServicer:
     def Send(self, request_iterator, context):
         """Sends messages. The first request carries the header; each later request carries a batch of
         recipients, and the worker answers each batch with one acknowledgement after the batch's ledger
-        entries are durable. Replaying a batch never sends a message twice.
+        entries are durable. Replaying a batch never sends a message twice. A marketing message reserves
+        its capping slot in the profile service atomically before it is sent, so activities sending at
+        the same time never push a profile over a cap (the loser is skipped CAPPED). Every sent or
+        failed message also becomes a message log in the audience service, delivered in the background.
         Errors: INVALID_ARGUMENT (no header first, a channel this worker does not serve, a bad batch),
         NOT_FOUND (unknown template), FAILED_PRECONDITION (the template is of another channel),
         UNAVAILABLE (the profile service cannot be reached).
@@ -119,6 +122,7 @@ class DeliveryServiceServicer:
         """Records feedback about sent messages (delivered, opened, clicked, bounced, complaint,
         unsubscribe) in the send ledger, idempotent on each event id, and forwards what the profile
         service must know (an unsubscribe or a complaint opts the profile out of the channel).
+        Delivered, opened, clicked and bounced events also become message logs in the audience service.
         Errors: INVALID_ARGUMENT (a missing event id or message id, an unset kind, too many events;
         nothing is written), NOT_FOUND (a message id not in the ledger; nothing is written),
         UNAVAILABLE (the profile service cannot be reached; the ledger is updated and a retry of the

@@ -26,23 +26,27 @@ from carillon.type.v1 import channel_pb2 as carillon_dot_type_dot_v1_dot_channel
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#carillon/delivery/v1/template.proto\x12\x14\x63\x61rillon.delivery.v1\x1a\x1e\x63\x61rillon/type/v1/channel.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\x0c\x45mailContent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x11\n\thtml_body\x18\x02 \x01(\t\x12\x11\n\ttext_body\x18\x03 \x01(\t\x12\x13\n\x0bsender_name\x18\x04 \x01(\t\x12\x16\n\x0esender_address\x18\x05 \x01(\t\"*\n\nSmsContent\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\"=\n\x0bPushContent\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\x12\x11\n\tdeep_link\x18\x03 \x01(\t\"1\n\x10\x44irectMailColumn\x12\x0e\n\x06header\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"L\n\x11\x44irectMailContent\x12\x37\n\x07\x63olumns\x18\x01 \x03(\x0b\x32&.carillon.delivery.v1.DirectMailColumn\"\xef\x02\n\x08Template\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x33\n\x05\x65mail\x18\x04 \x01(\x0b\x32\".carillon.delivery.v1.EmailContentH\x00\x12/\n\x03sms\x18\x06 \x01(\x0b\x32 .carillon.delivery.v1.SmsContentH\x00\x12\x31\n\x04push\x18\x07 \x01(\x0b\x32!.carillon.delivery.v1.PushContentH\x00\x12>\n\x0b\x64irect_mail\x18\x08 \x01(\x0b\x32\'.carillon.delivery.v1.DirectMailContentH\x00\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\t\n\x07\x63ontentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#carillon/delivery/v1/template.proto\x12\x14\x63\x61rillon.delivery.v1\x1a\x1e\x63\x61rillon/type/v1/channel.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\x0c\x45mailContent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x11\n\thtml_body\x18\x02 \x01(\t\x12\x11\n\ttext_body\x18\x03 \x01(\t\x12\x13\n\x0bsender_name\x18\x04 \x01(\t\x12\x16\n\x0esender_address\x18\x05 \x01(\t\"*\n\nSmsContent\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\"\xa5\x01\n\x0bPushContent\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\x12\x11\n\tdeep_link\x18\x03 \x01(\t\x12\x39\n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32+.carillon.delivery.v1.PushContent.DataEntry\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x10\x44irectMailColumn\x12\x0e\n\x06header\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"L\n\x11\x44irectMailContent\x12\x37\n\x07\x63olumns\x18\x01 \x03(\x0b\x32&.carillon.delivery.v1.DirectMailColumn\"\xef\x02\n\x08Template\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x33\n\x05\x65mail\x18\x04 \x01(\x0b\x32\".carillon.delivery.v1.EmailContentH\x00\x12/\n\x03sms\x18\x06 \x01(\x0b\x32 .carillon.delivery.v1.SmsContentH\x00\x12\x31\n\x04push\x18\x07 \x01(\x0b\x32!.carillon.delivery.v1.PushContentH\x00\x12>\n\x0b\x64irect_mail\x18\x08 \x01(\x0b\x32\'.carillon.delivery.v1.DirectMailContentH\x00\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\t\n\x07\x63ontentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'carillon.delivery.v1.template_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PUSHCONTENT_DATAENTRY']._loaded_options = None
+  _globals['_PUSHCONTENT_DATAENTRY']._serialized_options = b'8\001'
   _globals['_EMAILCONTENT']._serialized_start=126
   _globals['_EMAILCONTENT']._serialized_end=240
   _globals['_SMSCONTENT']._serialized_start=242
   _globals['_SMSCONTENT']._serialized_end=284
-  _globals['_PUSHCONTENT']._serialized_start=286
-  _globals['_PUSHCONTENT']._serialized_end=347
-  _globals['_DIRECTMAILCOLUMN']._serialized_start=349
-  _globals['_DIRECTMAILCOLUMN']._serialized_end=398
-  _globals['_DIRECTMAILCONTENT']._serialized_start=400
-  _globals['_DIRECTMAILCONTENT']._serialized_end=476
-  _globals['_TEMPLATE']._serialized_start=479
-  _globals['_TEMPLATE']._serialized_end=846
+  _globals['_PUSHCONTENT']._serialized_start=287
+  _globals['_PUSHCONTENT']._serialized_end=452
+  _globals['_PUSHCONTENT_DATAENTRY']._serialized_start=409
+  _globals['_PUSHCONTENT_DATAENTRY']._serialized_end=452
+  _globals['_DIRECTMAILCOLUMN']._serialized_start=454
+  _globals['_DIRECTMAILCOLUMN']._serialized_end=503
+  _globals['_DIRECTMAILCONTENT']._serialized_start=505
+  _globals['_DIRECTMAILCONTENT']._serialized_end=581
+  _globals['_TEMPLATE']._serialized_start=584
+  _globals['_TEMPLATE']._serialized_end=951
 # @@protoc_insertion_point(module_scope)

@@ -94,25 +94,55 @@ class PushContent(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class DataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TITLE_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
     DEEP_LINK_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
     title: _builtins.str
     """The notification's title."""
     body: _builtins.str
     """The notification's body; required."""
     deep_link: _builtins.str
     """The link the app opens, sent in the notification's data as "deep_link"."""
+    @_builtins.property
+    def data(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Custom key-value data for the app, each value a template rendered like the other parts and sent
+        in the FCM message's `data` (as top-level payload keys for APNs). At most 20 keys of 1 to 63
+        letters, digits, `_`, `-` or `.`; not `deep_link`, `carillon_message_id`, `aps`, `from`,
+        `message_type`, nor starting with `google` or `gcm`.
+        """
+
     def __init__(
         self,
         *,
         title: _builtins.str = ...,
         body: _builtins.str = ...,
         deep_link: _builtins.str = ...,
+        data: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "deep_link", b"deep_link", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "data", b"data", "deep_link", b"deep_link", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

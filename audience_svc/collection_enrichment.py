@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from audience_svc.coercion import from_database
 from audience_svc.query import Bindings, EntityResolver, Filter, FilterLimits, compile_filter, join_condition
-from audience_svc.schema import ONE_TO_MANY, Attribute, Entity, Link
+from audience_svc.schema import ONE_TO_MANY, Attribute, Entity, Link, checked_link_target
 from audience_svc.violations import invalid_argument
 from carillon_chassis.errors import FieldViolation
 from carillon_chassis.values import PyValue
@@ -81,7 +81,7 @@ def plan_collection(
     each naming its field under ``path``, except the nested filter's, which come as INVALID_FILTER."""
     violations: list[FieldViolation] = []
     link = entity.schema.link(collection.link)
-    target = None if link is None else resolve(link.target)
+    target = None if link is None else checked_link_target(link, resolve(link.target))
     if link is None or target is None or link.cardinality != ONE_TO_MANY:
         violations.append(
             FieldViolation(f"{path}.link", f"{collection.link!r} is not a one-to-many link of {entity.entity_id!r}")

@@ -14,18 +14,30 @@ changes: a removed, changed or reordered attribute, or a new non-nullable one, i
 (INCOMPATIBLE_SCHEMA_CHANGE). Resolved entities are cached per process for a few seconds, so a
 change made through another replica becomes visible here within ``cache_ttl_s``.
 
+Schema changes (creating an entity, updating one) wait at most ``lock_timeout_s`` for the locks of
+tables in use (``ALTER TABLE`` takes PostgreSQL's ACCESS EXCLUSIVE lock, which would otherwise queue
+every later reader of the table behind a long reader): ``SET LOCAL lock_timeout`` on PostgreSQL, the
+connection's busy timeout (restored afterwards) on SQLite. A wait that times out is UNAVAILABLE
+(reason SCHEMA_LOCK_TIMEOUT), nothing is changed and the call can be retried.
+
 The built-in entity ``message_logs`` (:data:`~audience_svc.schema.MESSAGE_LOGS_SCHEMA`) is created
 in a sandbox the first time it is needed (read, listed, linked to or written), with its index on
 ``(identity_namespace, identity_value)``. It does not count against ``max_entities``; users cannot
-create, change or ingest into it.
+create, change or ingest into it. A sandbox whose ``message_logs`` is a user entity created before
+the built-in one existed (its schema is not :data:`~audience_svc.schema.MESSAGE_LOGS_SCHEMA`) keeps
+it as an ordinary entity (read, queried, changed, ingested into); there the built-in features are
+refused with FAILED_PRECONDITION (reason MESSAGE_LOGS_SHADOWED): recording message logs and
+following the built-in link (:func:`~audience_svc.schema.checked_link_target`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import sqlalchemy as sa
 
@@ -41,8 +53,10 @@ from audience_svc.schema import (
     column_type,
     definition_from_json,
     definition_to_json,
+    is_built_in_message_logs,
     link_index_name,
     link_target_violations,
+    message_logs_shadowed,
     validate_schema,
 )
 from audience_svc.tables import EntityRow
@@ -55,6 +69,7 @@ from carillon_chassis.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from carillon_chassis.pagination import keyset_page
 
@@ -64,10 +79,13 @@ _entities: sa.Table = EntityRow.__table__  # type: ignore[attr-defined]
 class EntityCatalog:
     """The entities of one database, across sandboxes."""
 
-    def __init__(self, database: Database, *, max_entities: int = 200, cache_ttl_s: float = 5.0) -> None:
+    def __init__(
+        self, database: Database, *, max_entities: int = 200, cache_ttl_s: float = 5.0, lock_timeout_s: float = 5.0
+    ) -> None:
         self.database = database
         self.max_entities = max_entities
         self.cache_ttl_s = cache_ttl_s
+        self.lock_timeout_s = lock_timeout_s
         self._cache: dict[tuple[str, str], tuple[float, Entity]] = {}
         self._lock = threading.Lock()
 
@@ -95,7 +113,7 @@ class EntityCatalog:
             update_time=now,
         )
         try:
-            with self.database.engine.begin() as conn:
+            with self._schema_change(entity_id) as conn:
                 count = conn.execute(
                     sa.select(sa.func.count())
                     .select_from(_entities)
@@ -151,13 +169,13 @@ class EntityCatalog:
         The catalog row, the new columns (``ALTER TABLE … ADD COLUMN``) and the new links' indexes
         change in one transaction; a concurrent change of the same entity is FAILED_PRECONDITION.
         """
-        if entity_id == MESSAGE_LOGS:
+        current = self._load(sandbox, entity_id, field)
+        if is_built_in_message_logs(current):
             raise FailedPrecondition(
                 f"{MESSAGE_LOGS!r} is the built-in entity of message logs; its schema cannot be changed",
                 field=f"{field}.name",
                 reason="BUILT_IN_ENTITY",
             )
-        current = self._load(sandbox, entity_id, field)
         with self.database.engine.connect() as conn:
             # The definition exactly as stored (an older release wrote it without links): the
             # update below only applies when it is still this text.
@@ -185,12 +203,12 @@ class EntityCatalog:
                 )
             added_links = links[len(existing) :]
             schema = dataclasses.replace(schema, links=links)
-        validate_schema(entity_id, schema)
+        validate_schema(entity_id, schema, current.schema)
         targets = self._checked_link_targets(sandbox, entity_id, schema)
         if not added_attributes and not added_links:
             return current
         updated = dataclasses.replace(current, schema=schema, update_time=utcnow())
-        with self.database.engine.begin() as conn:
+        with self._schema_change(entity_id) as conn:
             # The catalog row first, so that SQLite's driver has opened the transaction before the
             # ALTER TABLE: both commit or roll back together.
             changed = conn.execute(
@@ -226,15 +244,17 @@ class EntityCatalog:
     def writable_entity(self, sandbox: str, entity_id: str, *, field: str = "entity") -> Entity:
         """The entity ``entity_id``, which records may be ingested into (not the built-in message logs).
 
-        FAILED_PRECONDITION (BUILT_IN_ENTITY) for ``message_logs``, which only RecordMessageLogs writes.
+        FAILED_PRECONDITION (BUILT_IN_ENTITY) for ``message_logs``, which only RecordMessageLogs writes
+        (unless it is a user entity that took the id before the built-in one existed).
         """
-        if entity_id == MESSAGE_LOGS:
+        entity = self.get_entity(sandbox, entity_id, field=field)
+        if is_built_in_message_logs(entity):
             raise FailedPrecondition(
                 f"{MESSAGE_LOGS!r} is the built-in entity of message logs; record them with RecordMessageLogs",
                 field=field,
                 reason="BUILT_IN_ENTITY",
             )
-        return self.get_entity(sandbox, entity_id, field=field)
+        return entity
 
     def _load(self, sandbox: str, entity_id: str, field: str) -> Entity:
         """The entity as stored now (bypassing the cache, which it refreshes)."""
@@ -247,7 +267,7 @@ class EntityCatalog:
                 .first()
             )
         if row is None and entity_id == MESSAGE_LOGS:
-            return self.message_logs(sandbox)
+            return self._message_logs_entity(sandbox)
         if row is None:
             raise NotFound(f"entity {entity_id!r} does not exist", field=field, reason="ENTITY_NOT_FOUND")
         entity = _entity_of(row)
@@ -259,7 +279,18 @@ class EntityCatalog:
         return entity
 
     def message_logs(self, sandbox: str) -> Entity:
-        """The built-in entity ``message_logs`` of ``sandbox``, created (table and index) when missing."""
+        """The built-in entity ``message_logs`` of ``sandbox``, created (table and index) when missing.
+
+        FAILED_PRECONDITION (MESSAGE_LOGS_SHADOWED) when the sandbox's ``message_logs`` is a user entity.
+        """
+        entity = self._message_logs_entity(sandbox)
+        if not is_built_in_message_logs(entity):
+            raise message_logs_shadowed()
+        return entity
+
+    def _message_logs_entity(self, sandbox: str) -> Entity:
+        """The sandbox's entity ``message_logs``: the built-in one, created when missing, or a user entity
+        that took the id before the built-in one existed."""
         with self._lock:
             cached = self._cache.get((sandbox, MESSAGE_LOGS))
         if cached is not None:
@@ -314,12 +345,49 @@ class EntityCatalog:
 
         The built-in ``message_logs`` is listed like the others (it is created first when missing).
         """
-        self.message_logs(sandbox)
+        self._message_logs_entity(sandbox)
         with self.database.engine.connect() as conn:
             rows, next_token = keyset_page(
                 conn, _entities, _entities.c.entity_id, [_entities.c.sandbox == sandbox], size, token
             )
         return [_entity_of(row) for row in rows], next_token
+
+    @contextlib.contextmanager
+    def _schema_change(self, entity_id: str) -> Iterator[sa.Connection]:
+        """A transaction for schema changes whose lock waits last at most ``lock_timeout_s``.
+
+        PostgreSQL: ``SET LOCAL lock_timeout``; SQLite: the connection's busy timeout, restored
+        afterwards. A wait that times out rolls the transaction back and is UNAVAILABLE (reason
+        SCHEMA_LOCK_TIMEOUT): retryable.
+        """
+        timeout_ms = max(1, round(self.lock_timeout_s * 1000))
+        with self.database.engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            previous: int | None = None
+            if conn.dialect.name == "sqlite" and raw is not None:
+                cursor = raw.cursor()
+                previous = int(cursor.execute("PRAGMA busy_timeout").fetchone()[0])
+                cursor.execute(f"PRAGMA busy_timeout = {timeout_ms}")
+                cursor.close()
+            try:
+                with conn.begin():
+                    if conn.dialect.name == "postgresql":
+                        conn.execute(sa.text(f"SET LOCAL lock_timeout = '{timeout_ms}ms'"))
+                    yield conn
+            except sa.exc.OperationalError as exc:
+                if not _lock_timed_out(exc):
+                    raise
+                raise Unavailable(
+                    f"the schema change of entity {entity_id!r} waited more than {self.lock_timeout_s:g} s "
+                    "(schema_lock_timeout_s) for a table in use by other work; nothing was changed, retry later",
+                    reason="SCHEMA_LOCK_TIMEOUT",
+                    metadata={"limit": "schema_lock_timeout_s", "value": f"{self.lock_timeout_s:g}"},
+                ) from exc
+            finally:
+                if previous is not None and raw is not None:
+                    cursor = raw.cursor()
+                    cursor.execute(f"PRAGMA busy_timeout = {previous}")
+                    cursor.close()
 
     def _checked_link_targets(self, sandbox: str, entity_id: str, schema: EntitySchema) -> dict[str, Entity | None]:
         """The link targets (as :meth:`_link_targets`), once the links' target halves are checked."""
@@ -414,6 +482,11 @@ def _add_column(conn: sa.Connection, table_name: str, attribute: Attribute) -> N
     quote = conn.dialect.identifier_preparer.quote
     type_sql = column_type(attribute.type).compile(dialect=conn.dialect)
     conn.execute(sa.text(f"ALTER TABLE {quote(table_name)} ADD COLUMN {quote(attribute.name)} {type_sql}"))
+
+
+def _lock_timed_out(exc: sa.exc.OperationalError) -> bool:
+    """Whether ``exc`` is a lock wait that timed out (PostgreSQL's lock_not_available, SQLite's busy)."""
+    return getattr(exc.orig, "sqlstate", None) == "55P03" or "database is locked" in str(exc.orig)
 
 
 def _entity_of(row: sa.RowMapping) -> Entity:

@@ -28,12 +28,21 @@ keys are never excluded, its watermark is the one it started from).
 
 Both filters are set-based, inside the build's single ``INSERT … SELECT``: a correlated ``NOT
 EXISTS`` on the processed-key table, or a comparison with a bound watermark value.
+
+Processed keys are purged (:meth:`IncrementalBuilder.purge_processed_keys`, run by the service's
+working-set purge sweep): each processed-key table keeps the longest history window any build of
+it used (a zero window, forever, once any build used it), and keys recorded before ``now - window -
+working-set retention`` are deleted. A run whose working set is still retained was built within the
+retention period, so (its reference time being its build time) no key it or a later run can still
+see is deleted; a table with a zero window, or of an older release and not built since, is never
+purged.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -176,6 +185,12 @@ class IncrementalBuilder:
 
         if isinstance(mode, ProcessedKeys):
             processed = processed_keys_table(self._key_table_name(sandbox, campaign, activity, entity), entity)
+            key_table_row = (
+                _key_tables.c.sandbox == sandbox,
+                _key_tables.c.campaign == campaign,
+                _key_tables.c.activity == activity,
+                _key_tables.c.entity_id == entity.entity_id,
+            )
             # Keys another run recorded at or before this run's reference time (a later run's keys do
             # not count: a rebuild of an earlier run sees what its first build saw).
             seen = sa.and_(
@@ -221,6 +236,16 @@ class IncrementalBuilder:
                 )
                 conn.execute(forget)
                 conn.execute(_runs.insert().values(**row, mode=PROCESSED_KEYS, excluded=excluded))
+                # Keep the longest window any build used (0, forever, is the longest): the purge
+                # never deletes a key a build with a longer window would still see.
+                stored = _key_tables.c.history_window_s
+                window_s = math.ceil(mode.history_window.total_seconds())
+                longer = sa.and_(stored != 0, stored < window_s) if window_s else stored != 0
+                conn.execute(
+                    _key_tables.update()
+                    .where(*key_table_row, sa.or_(stored.is_(None), longer))
+                    .values(history_window_s=window_s)
+                )
 
             def select(conn: sa.Connection) -> sa.Select[Any]:
                 _serialize(conn, sandbox, campaign, activity, entity)
@@ -275,6 +300,31 @@ class IncrementalBuilder:
             excluded = int(recorded["excluded"]) if recorded is not None else 0
         log.info("incremental working set built", run=run, activity=activity, excluded=excluded)
         return IncrementalBuild(working_set, excluded)
+
+    def purge_processed_keys(self, now: dt.datetime | None = None) -> int:
+        """Delete the processed keys recorded before ``now - window - retention`` of every processed-key
+        table with a known, non-zero window; return how many were deleted."""
+        moment = as_utc(now) or utcnow()
+        with self.database.engine.connect() as conn:
+            tables = conn.execute(
+                sa.select(_key_tables.c.table_name, _key_tables.c.history_window_s).where(
+                    _key_tables.c.history_window_s > 0
+                )
+            ).all()
+        deleted = 0
+        for table_name, window_s in tables:
+            keep = dt.timedelta(seconds=int(window_s)) + self.store.retention
+            if moment - dt.datetime.min.replace(tzinfo=dt.UTC) <= keep:
+                continue
+            table = sa.Table(table_name, sa.MetaData(), sa.Column("processed_time", sa.DateTime(timezone=True)))
+            with self.database.engine.begin() as conn:
+                result = conn.execution_options(preserve_rowcount=True).execute(
+                    table.delete().where(table.c.processed_time < moment - keep)
+                )
+            if result.rowcount:
+                log.info("processed keys purged", table=table_name, count=result.rowcount)
+                deleted += result.rowcount
+        return deleted
 
     def _check(self, entity: Entity, mode: IncrementalMode, field: str) -> str:
         """Check the mode against the dimension; the watermark attribute's type ("" for processed keys)."""

@@ -43,7 +43,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from audience_svc.coercion import CoercionError, RawValue, coerce_operand
-from audience_svc.schema import ONE_TO_MANY, STRING_TYPES, Attribute, Entity, Link
+from audience_svc.schema import ONE_TO_MANY, STRING_TYPES, Attribute, Entity, Link, checked_link_target
 from audience_svc.violations import invalid_argument
 from carillon_chassis.database import as_utc, utcnow
 from carillon_chassis.errors import FieldViolation, InvalidArgument
@@ -266,7 +266,7 @@ def compile_aggregate(
     compiler = _Compiler(entity, entity.table, context)
     result: tuple[sa.ColumnElement[Any], str] | None = None
     link = entity.schema.link(aggregate.link)
-    target = None if link is None else context.resolve(link.target)
+    target = None if link is None else checked_link_target(link, context.resolve(link.target))
     if link is None or target is None:
         compiler.bad(f"{path}.link", f"unknown link {aggregate.link!r} of entity {entity.entity_id!r}")
     elif aggregate.measure not in ("count", *AGGREGATES):
@@ -531,7 +531,7 @@ class _Compiler:
         if link is None:
             self.bad(f"{path}.link", f"unknown link {last!r} of entity {entity.entity_id!r}")
             return None
-        target = self.context.resolve(link.target)
+        target = checked_link_target(link, self.context.resolve(link.target))
         if target is None:
             self.bad(f"{path}.link", f"the target {link.target!r} of link {last!r} does not exist")
             return None

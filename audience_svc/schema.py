@@ -27,7 +27,8 @@ implicit: it is not stored with the entity's links and not listed in them, but
 :meth:`EntitySchema.link` finds it, so rules, enrichment and change of dimension follow it like any
 user-defined link. Besides its join pair (the identity attribute = ``identity_value``) it fixes
 ``identity_namespace`` to the entity's namespace (:attr:`Link.target_values`). The name
-``message_logs`` is reserved: no user-defined entity, link or attribute may take it.
+``message_logs`` is reserved: no user-defined entity, link or attribute may take it (an existing attribute or
+link that took it before the built-in link existed stays, and then hides the built-in link of its entity).
 
 Attribute types map to portable column types: ``string`` and ``enum`` to TEXT, ``integer`` to
 BIGINT, ``decimal`` to NUMERIC(38, 10) (stored as a floating-point number by SQLite, so about 15
@@ -47,7 +48,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from audience_svc.violations import invalid_argument
-from carillon_chassis.errors import FieldViolation
+from carillon_chassis.errors import FailedPrecondition, FieldViolation
 
 ATTRIBUTE_TYPES = ("string", "integer", "decimal", "boolean", "date", "timestamp", "enum")
 STRING_TYPES = ("string", "enum")
@@ -214,16 +215,48 @@ MESSAGE_LOGS_SCHEMA = EntitySchema(
 MESSAGE_LOGS_INDEX = ("identity_namespace", "identity_value")
 
 
-def validate_schema(entity_id: str, schema: EntitySchema) -> None:
-    """Raise InvalidArgument listing every violation of the id and schema; return when both are valid."""
+def is_built_in_message_logs(entity: Entity) -> bool:
+    """Whether ``entity`` is the built-in ``message_logs``, not a user entity that took the id before it existed."""
+    return entity.entity_id == MESSAGE_LOGS and definition_to_json(entity.schema) == definition_to_json(
+        MESSAGE_LOGS_SCHEMA
+    )
+
+
+def message_logs_shadowed() -> FailedPrecondition:
+    """The error of a sandbox whose ``message_logs`` is a user entity: no built-in message logs there."""
+    return FailedPrecondition(
+        f"the sandbox's entity {MESSAGE_LOGS!r} is a user entity created before the built-in entity of message "
+        "logs existed: message logs cannot be recorded there, nor reached through the built-in link, until that "
+        "entity is moved away (an operator migration)",
+        reason="MESSAGE_LOGS_SHADOWED",
+        metadata={"entity": f"entities/{MESSAGE_LOGS}"},
+    )
+
+
+def checked_link_target(link: Link, target: Entity | None) -> Entity | None:
+    """``target`` as resolved for ``link``; FAILED_PRECONDITION (MESSAGE_LOGS_SHADOWED) when ``link`` is the
+    built-in link and its target is a user entity called ``message_logs``."""
+    if target is not None and link.target_values and not is_built_in_message_logs(target):
+        raise message_logs_shadowed()
+    return target
+
+
+def validate_schema(entity_id: str, schema: EntitySchema, existing: EntitySchema | None = None) -> None:
+    """Raise InvalidArgument listing every violation of the id and schema; return when both are valid.
+
+    ``existing`` is the schema being changed (None for a new entity): its attributes and links keep
+    the name ``message_logs`` when they had it (created before it was reserved); only new ones are
+    refused it.
+    """
     violations = validate_entity_id(entity_id)
-    violations += _schema_violations(schema)
+    violations += _schema_violations(schema, existing)
     if violations:
         raise invalid_argument(f"the entity schema has {len(violations)} problem(s)", violations, "INVALID_ENTITY")
 
 
-def _schema_violations(schema: EntitySchema) -> list[FieldViolation]:
+def _schema_violations(schema: EntitySchema, existing: EntitySchema | None = None) -> list[FieldViolation]:
     found: list[FieldViolation] = []
+    old_attributes = existing.attributes if existing is not None else ()
 
     def bad(path: str, description: str) -> None:
         found.append(FieldViolation(path, description))
@@ -241,7 +274,7 @@ def _schema_violations(schema: EntitySchema) -> list[FieldViolation]:
             bad(f"{path}.name", "attribute names are 1-63 characters of a-z, 0-9 and _, starting with a letter")
         elif attribute.name in seen:
             bad(f"{path}.name", f"duplicate attribute name {attribute.name!r}")
-        elif attribute.name == MESSAGE_LOGS:
+        elif attribute.name == MESSAGE_LOGS and attribute not in old_attributes:
             bad(f"{path}.name", f"{MESSAGE_LOGS!r} is reserved for the built-in link to message logs")
         seen.add(attribute.name)
         if attribute.type not in ATTRIBUTE_TYPES:
@@ -294,11 +327,13 @@ def _schema_violations(schema: EntitySchema) -> list[FieldViolation]:
             bad("entity.identity.namespace", "the identity namespace must be set")
         elif len(schema.identity.namespace) > MAX_NAMESPACE:
             bad("entity.identity.namespace", f"namespaces have at most {MAX_NAMESPACE} characters")
-    found += _link_violations(schema, by_name)
+    found += _link_violations(schema, by_name, existing.links if existing is not None else ())
     return found
 
 
-def _link_violations(schema: EntitySchema, by_name: dict[str, Attribute]) -> list[FieldViolation]:
+def _link_violations(
+    schema: EntitySchema, by_name: dict[str, Attribute], old_links: tuple[Link, ...]
+) -> list[FieldViolation]:
     found: list[FieldViolation] = []
     if len(schema.links) > MAX_LINKS:
         found.append(FieldViolation("entity.links", f"an entity has at most {MAX_LINKS} links"))
@@ -315,7 +350,7 @@ def _link_violations(schema: EntitySchema, by_name: dict[str, Attribute]) -> lis
             found.append(FieldViolation(f"{path}.name", f"duplicate link name {link.name!r}"))
         elif link.name in by_name:
             found.append(FieldViolation(f"{path}.name", f"{link.name!r} is already the name of an attribute"))
-        elif link.name == MESSAGE_LOGS:
+        elif link.name == MESSAGE_LOGS and link not in old_links:
             found.append(FieldViolation(f"{path}.name", f"{MESSAGE_LOGS!r} is the name of the built-in link"))
         seen.add(link.name)
         if link.cardinality not in LINK_CARDINALITIES:

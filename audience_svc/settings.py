@@ -23,5 +23,8 @@ class AudienceSettings(ServiceSettings):
     max_filter_depth: int = Field(default=32, ge=1)
     # A query's filter tree may hold at most this many nodes (conditions and lists alike).
     max_filter_nodes: int = Field(default=1000, ge=1)
-    # How often expired working sets are purged, in seconds.
+    # How often expired working sets (and processed keys past their window) are purged, in seconds.
     working_set_purge_interval_s: float = Field(default=3600, gt=0)
+    # A schema change (CreateEntity, UpdateEntity) waits at most this long for the lock of a table in
+    # use, then fails UNAVAILABLE (SCHEMA_LOCK_TIMEOUT, retryable) instead of queueing all its traffic.
+    schema_lock_timeout_s: float = Field(default=5, gt=0)

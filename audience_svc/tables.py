@@ -104,6 +104,9 @@ class ProcessedKeyTableRow(AudienceBase, table=True):
     entity_id: str = Field(primary_key=True, max_length=63)
     table_name: str = Field(max_length=63, unique=True)
     create_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    # The longest history window any build has used, in whole seconds rounded up; 0 is forever (never
+    # purged) and NULL unknown (a table of an older release, until its next build; never purged).
+    history_window_s: int | None = Field(default=None, sa_type=sa.BigInteger, nullable=True)
 
 
 class ReconciliationRow(AudienceBase, table=True):
@@ -149,9 +152,16 @@ def _reconciliations(conn: sa.Connection) -> None:
     ReconciliationRow.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
 
 
+def _processed_key_windows(conn: sa.Connection) -> None:
+    # Migration 3 creates the table from the current model (with the column) on a new database.
+    if "history_window_s" not in {c["name"] for c in sa.inspect(conn).get_columns("processed_key_tables")}:
+        conn.execute(sa.text("ALTER TABLE processed_key_tables ADD COLUMN history_window_s BIGINT"))
+
+
 MIGRATIONS = [
     Migration(1, "entities and working sets catalog", _initial),
     Migration(2, "saved audiences", _saved_audiences),
     Migration(3, "incremental query state", _incremental),
     Migration(4, "reconciliation counts", _reconciliations),
+    Migration(5, "history window of processed-key tables", _processed_key_windows),
 ]

@@ -7,7 +7,10 @@ name can collide with ``position``), filled by a single ``INSERT INTO ws SELECT 
 at most one working set: building it again returns the existing one unchanged.
 
 Rows are read back with keyset pagination: one ``… JOIN entity ON key WHERE position > :after ORDER
-BY position LIMIT :n`` per batch, so memory is bounded by the batch size. A record deleted from the
+BY position LIMIT :n`` per batch, so memory is bounded by the batch size. A batch's statements (the
+rows, then one per collection) run in one read-only transaction that reads one snapshot
+(REPEATABLE READ on PostgreSQL; an explicit deferred ``BEGIN`` on SQLite, whose driver would
+otherwise run each read on its own): a batch is consistent with itself. A record deleted from the
 entity after the build is skipped (its position is simply absent). Working sets expire after the
 retention period; :meth:`WorkingSetStore.purge_expired` drops their tables and catalog rows.
 
@@ -25,8 +28,9 @@ and reconciliation (:mod:`audience_svc.reconciliation`) materialize through the 
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -61,7 +65,7 @@ from audience_svc.query import (
     compile_filter,
     join_condition,
 )
-from audience_svc.schema import MANY_TO_ONE, Attribute, Entity, Link, column_type
+from audience_svc.schema import MANY_TO_ONE, Attribute, Entity, Link, checked_link_target, column_type
 from audience_svc.tables import WorkingSetRow
 from audience_svc.violations import invalid_argument
 from carillon_chassis.database import Database, as_utc, utcnow
@@ -164,6 +168,21 @@ def working_set_table(table_name: str, entity: Entity) -> sa.Table:
         sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
         *columns,
     )
+
+
+@contextlib.contextmanager
+def _snapshot(database: Database) -> Iterator[sa.Connection]:
+    """A read-only transaction whose statements all read one snapshot of the database."""
+    with database.engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            with conn.begin():
+                yield conn
+            return
+        with conn.begin():
+            # pysqlite begins no transaction for reads: without this each SELECT reads its own snapshot.
+            conn.exec_driver_sql("BEGIN")
+            yield conn
 
 
 class WorkingSetStore:
@@ -276,6 +295,7 @@ class WorkingSetStore:
                 f"unknown link {link_name!r} of entity {source_entity.entity_id!r}", field="link", reason="UNKNOWN_LINK"
             )
         target = self.catalog.get_entity(sandbox, link.target, field="link")
+        checked_link_target(link, target)
         ws = working_set_table(self.table_name(sandbox, source_id), source_entity)
         records = source_entity.table.alias("src")
         linked = target.table.alias("dst")
@@ -800,7 +820,7 @@ class WorkingSetStore:
         )
         collected: dict[str, dict[int, list[dict[str, PyValue]]]] = {}
         try:
-            with self.database.engine.connect() as conn:
+            with _snapshot(self.database) as conn:
                 rows = conn.execute(statement).all()
                 if rows and plan.collections:
                     # One statement per collection for the whole batch: memory stays bounded by it.

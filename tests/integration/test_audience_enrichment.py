@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -334,3 +335,33 @@ async def test_a_bad_collection_is_invalid_over_grpc(stub: audience_service_pb2_
         grpc.StatusCode.INVALID_ARGUMENT,
         ["collections[0].limit"],
     )
+
+
+def test_a_batch_reads_its_rows_and_collections_from_one_snapshot(store: WorkingSetStore) -> None:
+    collection = Collection("all", "bookings", 100, (("hotel", False),), ("hotel",))
+    working_set = store.build("prod", RUN, "all", AudienceQuery("customers"))
+    plan = store.open_stream("prod", working_set.working_set_id, [], collections=(collection,))
+    bookings = store.catalog.get_entity("prod", "bookings")
+    late = {"id": "b6", "version": 1, "customer_id": "c", "hotel": "Negresco", "nights": 3}
+    late["arrival"] = dt.date(2026, 3, 4)
+    written: list[str] = []
+
+    def write_after_the_rows(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        # Between the batch's row statement and its collection statement, another connection commits
+        # a booking of customer c: the collections must not see it.
+        if not written and plan.table.name in statement:
+            written.append(statement)
+            apply_changes(store.database, bookings, [RecordChange("upsert", late)])
+
+    sa.event.listen(store.database.engine, "after_cursor_execute", write_after_the_rows)
+    try:
+        records = store.read_batch(plan, 0, 1000)
+    finally:
+        sa.event.remove(store.database.engine, "after_cursor_execute", write_after_the_rows)
+    assert len(written) == 1
+    assert {r.entity_key: [b["hotel"] for b in r.collections["all"]] for r in records} == {
+        "a": ["Adlon", "Plaza", "Ritz", "Savoy"],
+        "b": ["Hilton"],
+        "c": [],
+    }
+    assert [b["hotel"] for b in store.read_batch(plan, 0, 1000)[2].collections["all"]] == ["Negresco"]

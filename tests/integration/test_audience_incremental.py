@@ -7,6 +7,8 @@ exact membership and excluded counts, idempotent rebuilds, and one call over the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import threading
 import time
@@ -20,14 +22,14 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from audience_svc.app import build_server
+from audience_svc.app import build_server, purge_periodically
 from audience_svc.entities import EntityCatalog
 from audience_svc.incremental import IncrementalBuild, IncrementalBuilder, IncrementalMode, ProcessedKeys, Watermark
 from audience_svc.ingest import RecordChange, apply_changes
 from audience_svc.query import AudienceQuery, Bindings, Condition
 from audience_svc.schema import Attribute, Entity, EntitySchema
 from audience_svc.settings import AudienceSettings
-from audience_svc.tables import MIGRATIONS
+from audience_svc.tables import MIGRATIONS, ProcessedKeyTableRow
 from audience_svc.working_sets import WorkingSet, WorkingSetStore
 from carillon.audience.v1 import audience_service_pb2 as svc
 from carillon.audience.v1 import audience_service_pb2_grpc, entity_pb2, query_pb2, working_set_pb2
@@ -504,3 +506,105 @@ async def test_an_out_of_range_time_or_window_is_invalid_over_grpc_naming_its_fi
     bad = error_details_pb2.BadRequest()
     assert [d.Unpack(bad) for d in status.details if d.Is(bad.DESCRIPTOR)] == [True]
     assert (caught.value.code(), [v.field for v in bad.field_violations]) == (grpc.StatusCode.INVALID_ARGUMENT, [field])
+
+
+# Purging processed keys: older than now - history window - working-set retention (5 days here).
+
+DAY = dt.timedelta(days=1)
+_key_tables: sa.Table = ProcessedKeyTableRow.__table__  # type: ignore[attr-defined]
+
+
+def processed(campaign: Campaign) -> set[tuple[str, str]]:
+    """The (key, run) pairs the processed-key table of campaign ``weekly``'s activity ``new`` holds."""
+    with campaign.database.engine.connect() as conn:
+        table_name = conn.execute(
+            sa.select(_key_tables.c.table_name).where(_key_tables.c.campaign == "campaigns/weekly")
+        ).scalar_one()
+        return {(key, run) for key, run in conn.execute(sa.text(f'SELECT k1, run FROM "{table_name}"'))}
+
+
+def stored_window(campaign: Campaign) -> int | None:
+    with campaign.database.engine.connect() as conn:
+        window = conn.execute(sa.select(_key_tables.c.history_window_s)).scalar_one()
+    return None if window is None else int(window)
+
+
+def test_the_purge_deletes_processed_keys_older_than_the_window_and_the_retention(campaign: Campaign) -> None:
+    one_day = ProcessedKeys(history_window=DAY)
+    for key in ("a", "b"):
+        campaign.add(key)
+    campaign.build("r1", one_day, T0)
+    campaign.add("c")
+    campaign.build("r2", one_day, T0 + DAY / 2)
+    purged = campaign.builder.purge_processed_keys(T0 + 6 * DAY + dt.timedelta(hours=1))
+    assert (purged, processed(campaign)) == (2, {("c", "campaigns/weekly/runs/r2")})
+
+
+def test_the_purge_keeps_the_keys_a_still_retained_run_sees(campaign: Campaign) -> None:
+    one_day = ProcessedKeys(history_window=DAY)
+    for key in ("a", "b"):
+        campaign.add(key)
+    campaign.build("r1", one_day, T0)
+    campaign.add("c")
+    campaign.build("r2", one_day, T0 + DAY / 2)
+    # The last moment r2 (built at T0 + 12 h) is retained: nothing it saw may go.
+    purged = campaign.builder.purge_processed_keys(T0 + DAY / 2 + 5 * DAY)
+    campaign.store.purge_expired(dt.datetime.now(dt.UTC) + dt.timedelta(days=3650))
+    rebuilt = campaign.build("r2", one_day, T0 + DAY / 2)
+    assert (purged, campaign.result(rebuilt)) == (0, (["c"], 2))
+
+
+def test_processed_keys_of_a_zero_history_window_are_never_purged(campaign: Campaign) -> None:
+    campaign.add("a")
+    campaign.build("r1", ProcessedKeys(history_window=dt.timedelta(0)), T0)
+    purged = campaign.builder.purge_processed_keys(T0 + 3650 * DAY)
+    assert (purged, processed(campaign)) == (0, {("a", "campaigns/weekly/runs/r1")})
+
+
+def test_each_processed_key_table_keeps_the_longest_window_its_builds_used(campaign: Campaign) -> None:
+    campaign.add("a")
+    windows = [DAY, 30 * DAY, DAY, dt.timedelta(0), DAY]
+    stored = []
+    for i, window in enumerate(windows):
+        campaign.build(f"r{i}", ProcessedKeys(history_window=window), T0 + i * DAY)
+        stored.append(stored_window(campaign))
+    assert stored == [86400, 30 * 86400, 30 * 86400, 0, 0]
+
+
+def test_a_processed_key_table_of_an_older_release_is_never_purged(campaign: Campaign) -> None:
+    campaign.add("a")
+    campaign.build("r1", ProcessedKeys(history_window=DAY), T0)
+    with campaign.database.engine.begin() as conn:
+        conn.execute(_key_tables.update().values(history_window_s=None))
+    purged = campaign.builder.purge_processed_keys(T0 + 3650 * DAY)
+    assert (purged, processed(campaign)) == (0, {("a", "campaigns/weekly/runs/r1")})
+
+
+def test_migration_5_adds_the_history_window_to_an_existing_database(
+    make_database: Callable[[str], Database],
+) -> None:
+    database = make_database("audience")
+    database.migrate(MIGRATIONS[:4])
+    with database.engine.begin() as conn:
+        # Migration 3 of an older release created the table without the column.
+        conn.execute(sa.text("ALTER TABLE processed_key_tables DROP COLUMN history_window_s"))
+    assert database.migrate(MIGRATIONS) == [5]
+    columns = {c["name"] for c in sa.inspect(database.engine).get_columns("processed_key_tables")}
+    assert "history_window_s" in columns
+
+
+async def test_the_service_purge_sweep_purges_processed_keys(campaign: Campaign) -> None:
+    campaign.add("a")
+    # Processed at T0 with a one-day window: past the window and retention long before now.
+    campaign.build("r1", ProcessedKeys(history_window=DAY), T0)
+    sweep = asyncio.create_task(purge_periodically(campaign.store, 3600, campaign.builder))
+    try:
+        for _ in range(1000):
+            if not processed(campaign):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        sweep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweep
+    assert processed(campaign) == set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 
@@ -33,8 +34,10 @@ from audience_svc.schema import (
     IdentityBinding,
     JoinPair,
     Link,
+    definition_to_json,
+    entity_table,
 )
-from audience_svc.tables import MIGRATIONS
+from audience_svc.tables import MIGRATIONS, EntityRow
 from audience_svc.working_sets import WorkingSetStore
 from carillon.audience.v1 import audience_service_pb2 as svc
 from carillon.audience.v1 import audience_service_pb2_grpc, entity_pb2, message_log_pb2
@@ -624,3 +627,125 @@ async def test_out_of_range_event_times_are_invalid_argument_naming_each_log(stu
         svc.EvaluateAudienceRequest(query={"dimension": "entities/message_logs"}), metadata=PROD
     )
     assert evaluated.count == 0
+
+
+# Sandboxes of an older release: names reserved since the built-in entity exists.
+
+OLD = "old"
+# A user entity called message_logs, created before the built-in one existed.
+USER_LOGS = EntitySchema(
+    attributes=(Attribute("id", "string"), Attribute("version", "integer"), Attribute("text", "string")),
+    primary_key=("id",),
+    version_attribute="version",
+)
+
+
+def legacy_entity(database: Database, sandbox: str, entity_id: str, schema: EntitySchema) -> None:
+    """Store an entity as an older release did, without the checks of names reserved since."""
+    table_name = f"ent_{uuid.uuid4().hex}"
+    now = dt.datetime.now(dt.UTC)
+    with database.engine.begin() as conn:
+        conn.execute(
+            EntityRow.__table__.insert().values(  # type: ignore[attr-defined]
+                sandbox=sandbox,
+                entity_id=entity_id,
+                table_name=table_name,
+                display_name="",
+                definition=definition_to_json(schema),
+                create_time=now,
+                update_time=now,
+            )
+        )
+        entity_table(table_name, schema).create(conn)
+
+
+@pytest.fixture
+def shadowed(model: Model) -> Model:
+    """The model with a sandbox ``old`` whose message_logs is a user entity, and customers there."""
+    legacy_entity(model.catalog.database, OLD, "message_logs", USER_LOGS)
+    customers = model.catalog.create_entity(OLD, "customers", CUSTOMERS)
+    apply_changes(model.catalog.database, customers, [RecordChange("upsert", {"id": "a", "version": 1, "email": "a"})])
+    return model
+
+
+def test_recording_logs_where_a_user_entity_is_called_message_logs_is_shadowed(shadowed: Model) -> None:
+    with pytest.raises(FailedPrecondition) as caught:
+        shadowed.recorder.record(OLD, [log("m1", "sent", "a")])
+    assert (caught.value.reason, caught.value.metadata) == (
+        "MESSAGE_LOGS_SHADOWED",
+        {"entity": "entities/message_logs"},
+    )
+
+
+def test_the_built_in_link_is_shadowed_by_a_user_entity_called_message_logs(shadowed: Model) -> None:
+    with pytest.raises(FailedPrecondition) as caught:
+        shadowed.evaluator.evaluate(OLD, AudienceQuery("customers", LinkCondition("message_logs", "exists")))
+    assert caught.value.reason == "MESSAGE_LOGS_SHADOWED"
+
+
+def test_a_user_entity_called_message_logs_stays_an_ordinary_entity(shadowed: Model) -> None:
+    catalog = shadowed.catalog
+    entity = catalog.writable_entity(OLD, "message_logs")
+    apply_changes(catalog.database, entity, [RecordChange("upsert", {"id": "x", "version": 1, "text": "hi"})])
+    note = Attribute("note", "string", nullable=True)
+    updated = catalog.update_schema(OLD, "message_logs", attributes=(*USER_LOGS.attributes, note))
+    listed, _ = catalog.list_entities(OLD)
+    assert updated.schema.attributes == (*USER_LOGS.attributes, note)
+    assert [e.entity_id for e in listed] == ["customers", "message_logs"]
+    assert set(shadowed.evaluator.evaluate(OLD, AudienceQuery("message_logs", None)).sample_keys) == {"x"}
+
+
+async def test_record_message_logs_in_a_shadowed_sandbox_is_failed_precondition(
+    database_factory: DatabaseFactory,
+) -> None:
+    settings = settings_for(database_factory)
+    database = Database(settings.database_url, schema=settings.database_schema)
+    database.migrate(MIGRATIONS)
+    legacy_entity(database, "prod", "message_logs", USER_LOGS)
+    database.close()
+    server = await build_server(settings)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            request = svc.RecordMessageLogsRequest(logs=[wire_log("m1", message_log_pb2.MESSAGE_STATUS_SENT, "a@x.io")])
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await Stub(channel).RecordMessageLogs(request, metadata=PROD)
+    finally:
+        await server.stop(0)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details(caught.value) == ("MESSAGE_LOGS_SHADOWED", "audience.carillon.dev", [])
+
+
+def test_an_entity_with_an_attribute_named_message_logs_can_still_be_updated(model: Model) -> None:
+    legacy = EntitySchema(
+        attributes=(*CUSTOMERS.attributes, Attribute("message_logs", "integer", nullable=True)),
+        primary_key=("id",),
+        version_attribute="version",
+        identity=IdentityBinding("email", "email"),
+    )
+    legacy_entity(model.catalog.database, "prod", "people", legacy)
+    tier = Attribute("tier", "string", nullable=True)
+    link = Link("logs_by_id", "message_logs", ONE_TO_MANY, (JoinPair("id", "message_id"),))
+    updated = model.catalog.update_schema("prod", "people", attributes=(*legacy.attributes, tier), links=(link,))
+    assert (updated.schema.attributes, updated.schema.links) == ((*legacy.attributes, tier), (link,))
+
+
+def test_an_entity_with_a_link_named_message_logs_can_still_be_updated(model: Model) -> None:
+    old_link = Link("message_logs", "customers", MANY_TO_ONE, (JoinPair("id", "id"),))
+    legacy = EntitySchema(
+        attributes=(Attribute("id", "string"), Attribute("version", "integer")),
+        primary_key=("id",),
+        version_attribute="version",
+        links=(old_link,),
+    )
+    legacy_entity(model.catalog.database, "prod", "people", legacy)
+    tier = Attribute("tier", "string", nullable=True)
+    updated = model.catalog.update_schema("prod", "people", attributes=(*legacy.attributes, tier))
+    assert (updated.schema.attributes, updated.schema.links) == ((*legacy.attributes, tier), (old_link,))
+
+
+def test_a_new_attribute_named_message_logs_is_refused_on_update(model: Model) -> None:
+    attributes = (*CUSTOMERS.attributes, Attribute("message_logs", "integer", nullable=True))
+    with pytest.raises(InvalidArgument) as caught:
+        model.catalog.update_schema("prod", "customers", attributes=attributes)
+    assert [v.field for v in caught.value.violations] == ["entity.attributes[3].name"]

@@ -242,7 +242,7 @@ def test_migration_4_adds_the_reconciliations_table_to_an_existing_database(
 ) -> None:
     database = make_database("audience")
     database.migrate(MIGRATIONS[:3])
-    assert database.migrate(MIGRATIONS) == [4]
+    assert database.migrate(MIGRATIONS[:4]) == [4]
     assert "reconciliations" in set(sa.inspect(database.engine).get_table_names())
 
 

@@ -7,7 +7,8 @@ identity is INCOMPATIBLE_SCHEMA_CHANGE naming the field, and changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
@@ -25,7 +26,7 @@ from carillon.audience.v1 import audience_service_pb2 as svc
 from carillon.audience.v1 import audience_service_pb2_grpc, entity_pb2
 from carillon.type.v1 import value_pb2
 from carillon_chassis.database import Database
-from carillon_chassis.errors import InvalidArgument
+from carillon_chassis.errors import InvalidArgument, Unavailable
 from tests.conftest import DatabaseFactory
 from tests.integration.test_audience_server import PROD, details, settings_for
 
@@ -233,3 +234,43 @@ async def test_update_entity_refuses_an_unsupported_update_mask(stub: Stub, path
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.UpdateEntity(update(entity, *paths), metadata=PROD)
     assert details(caught.value) == ("UNSUPPORTED_UPDATE_MASK", "audience.carillon.dev", ["update_mask"])
+
+
+@contextlib.contextmanager
+def conflicting_lock(database: Database, table_name: str) -> Iterator[None]:
+    """Hold, from another connection, a lock an ALTER TABLE of ``table_name`` must wait for.
+
+    PostgreSQL: a reader's ACCESS SHARE lock (an open transaction that read the table); SQLite: the
+    write lock (readers never block a writer there).
+    """
+    with database.engine.connect() as conn:
+        if database.is_postgres:
+            conn.execute(sa.text(f'SELECT count(*) FROM "{table_name}"'))
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        yield
+        conn.rollback()
+
+
+def test_an_attribute_change_waiting_for_a_table_in_use_is_unavailable_and_changes_nothing(
+    catalog: EntityCatalog,
+) -> None:
+    impatient = EntityCatalog(catalog.database, lock_timeout_s=0.2)
+    table_name = catalog.get_entity("prod", "customers").table_name
+    with conflicting_lock(catalog.database, table_name), pytest.raises(Unavailable) as caught:
+        impatient.update_schema("prod", "customers", attributes=(*CUSTOMERS.attributes, TIER))
+    assert (caught.value.reason, caught.value.metadata) == (
+        "SCHEMA_LOCK_TIMEOUT",
+        {"limit": "schema_lock_timeout_s", "value": "0.2"},
+    )
+    assert columns(catalog, "customers") == ["id", "version", "email"]
+    assert EntityCatalog(catalog.database).get_entity("prod", "customers").schema == CUSTOMERS
+
+
+def test_an_attribute_change_retried_once_the_table_is_free_succeeds(catalog: EntityCatalog) -> None:
+    impatient = EntityCatalog(catalog.database, lock_timeout_s=0.2)
+    table_name = catalog.get_entity("prod", "customers").table_name
+    with conflicting_lock(catalog.database, table_name), pytest.raises(Unavailable):
+        impatient.update_schema("prod", "customers", attributes=(*CUSTOMERS.attributes, TIER))
+    impatient.update_schema("prod", "customers", attributes=(*CUSTOMERS.attributes, TIER))
+    assert columns(catalog, "customers") == ["id", "version", "email", "tier"]

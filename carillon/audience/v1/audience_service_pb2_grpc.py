@@ -151,7 +151,9 @@ class AudienceServiceServicer:
         attribute may take it).
         Errors: INVALID_ARGUMENT (bad schema or link, with the field named; reason RESERVED_ENTITY_ID for
         the id `message_logs`), ALREADY_EXISTS (the id is taken), RESOURCE_EXHAUSTED (the sandbox's
-        entity limit is reached; the built-in `message_logs` does not count).
+        entity limit is reached; the built-in `message_logs` does not count), UNAVAILABLE (reason
+        SCHEMA_LOCK_TIMEOUT: a link's target table, on SQLite the database, stayed locked by other work
+        longer than the service's schema_lock_timeout_s; nothing was created, retry later).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,7 +182,9 @@ class AudienceServiceServicer:
         nullable, or update_mask names `primary_key`, `version_attribute` or `identity`; reason
         UNSUPPORTED_UPDATE_MASK for another path), NOT_FOUND, FAILED_PRECONDITION (reason
         CONCURRENT_SCHEMA_CHANGE when the entity changed concurrently; BUILT_IN_ENTITY for
-        `entities/message_logs`).
+        `entities/message_logs`), UNAVAILABLE (reason SCHEMA_LOCK_TIMEOUT: the entity's table, on
+        SQLite the database, stayed locked by other work longer than the service's
+        schema_lock_timeout_s; nothing changed, retry later).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -356,7 +360,8 @@ class AudienceServiceServicer:
         `entities/message_logs` (an unset event time means the time of the call).
         Errors: INVALID_ARGUMENT (more than 5000 logs, a missing message id, run, activity or identity,
         an unset status or channel, a malformed campaign or run name; each bad log is a field
-        violation and nothing is written).
+        violation and nothing is written), FAILED_PRECONDITION (reason MESSAGE_LOGS_SHADOWED: the
+        sandbox's `message_logs` is a user entity created before the built-in one existed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

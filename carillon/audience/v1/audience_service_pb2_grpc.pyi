@@ -42,7 +42,9 @@ class AudienceServiceStub:
     attribute may take it).
     Errors: INVALID_ARGUMENT (bad schema or link, with the field named; reason RESERVED_ENTITY_ID for
     the id `message_logs`), ALREADY_EXISTS (the id is taken), RESOURCE_EXHAUSTED (the sandbox's
-    entity limit is reached; the built-in `message_logs` does not count).
+    entity limit is reached; the built-in `message_logs` does not count), UNAVAILABLE (reason
+    SCHEMA_LOCK_TIMEOUT: a link's target table, on SQLite the database, stayed locked by other work
+    longer than the service's schema_lock_timeout_s; nothing was created, retry later).
     """
     GetEntity: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.GetEntityRequest, _audience_service_pb2.GetEntityResponse]
     """Returns one entity's schema; `entities/message_logs` is the built-in entity of message logs,
@@ -63,7 +65,9 @@ class AudienceServiceStub:
     nullable, or update_mask names `primary_key`, `version_attribute` or `identity`; reason
     UNSUPPORTED_UPDATE_MASK for another path), NOT_FOUND, FAILED_PRECONDITION (reason
     CONCURRENT_SCHEMA_CHANGE when the entity changed concurrently; BUILT_IN_ENTITY for
-    `entities/message_logs`).
+    `entities/message_logs`), UNAVAILABLE (reason SCHEMA_LOCK_TIMEOUT: the entity's table, on
+    SQLite the database, stayed locked by other work longer than the service's
+    schema_lock_timeout_s; nothing changed, retry later).
     """
     ListEntities: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.ListEntitiesRequest, _audience_service_pb2.ListEntitiesResponse]
     """Lists entities in name order, one page at a time, the built-in `entities/message_logs` included.
@@ -171,7 +175,8 @@ class AudienceServiceStub:
     `entities/message_logs` (an unset event time means the time of the call).
     Errors: INVALID_ARGUMENT (more than 5000 logs, a missing message id, run, activity or identity,
     an unset status or channel, a malformed campaign or run name; each bad log is a field
-    violation and nothing is written).
+    violation and nothing is written), FAILED_PRECONDITION (reason MESSAGE_LOGS_SHADOWED: the
+    sandbox's `message_logs` is a user entity created before the built-in one existed).
     """
 
 @_typing.type_check_only
@@ -188,7 +193,9 @@ class AudienceServiceAsyncStub(AudienceServiceStub):
     attribute may take it).
     Errors: INVALID_ARGUMENT (bad schema or link, with the field named; reason RESERVED_ENTITY_ID for
     the id `message_logs`), ALREADY_EXISTS (the id is taken), RESOURCE_EXHAUSTED (the sandbox's
-    entity limit is reached; the built-in `message_logs` does not count).
+    entity limit is reached; the built-in `message_logs` does not count), UNAVAILABLE (reason
+    SCHEMA_LOCK_TIMEOUT: a link's target table, on SQLite the database, stayed locked by other work
+    longer than the service's schema_lock_timeout_s; nothing was created, retry later).
     """
     GetEntity: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.GetEntityRequest, _audience_service_pb2.GetEntityResponse]  # type: ignore[assignment]
     """Returns one entity's schema; `entities/message_logs` is the built-in entity of message logs,
@@ -209,7 +216,9 @@ class AudienceServiceAsyncStub(AudienceServiceStub):
     nullable, or update_mask names `primary_key`, `version_attribute` or `identity`; reason
     UNSUPPORTED_UPDATE_MASK for another path), NOT_FOUND, FAILED_PRECONDITION (reason
     CONCURRENT_SCHEMA_CHANGE when the entity changed concurrently; BUILT_IN_ENTITY for
-    `entities/message_logs`).
+    `entities/message_logs`), UNAVAILABLE (reason SCHEMA_LOCK_TIMEOUT: the entity's table, on
+    SQLite the database, stayed locked by other work longer than the service's
+    schema_lock_timeout_s; nothing changed, retry later).
     """
     ListEntities: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.ListEntitiesRequest, _audience_service_pb2.ListEntitiesResponse]  # type: ignore[assignment]
     """Lists entities in name order, one page at a time, the built-in `entities/message_logs` included.
@@ -317,7 +326,8 @@ class AudienceServiceAsyncStub(AudienceServiceStub):
     `entities/message_logs` (an unset event time means the time of the call).
     Errors: INVALID_ARGUMENT (more than 5000 logs, a missing message id, run, activity or identity,
     an unset status or channel, a malformed campaign or run name; each bad log is a field
-    violation and nothing is written).
+    violation and nothing is written), FAILED_PRECONDITION (reason MESSAGE_LOGS_SHADOWED: the
+    sandbox's `message_logs` is a user entity created before the built-in one existed).
     """
 
 class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -337,7 +347,9 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         attribute may take it).
         Errors: INVALID_ARGUMENT (bad schema or link, with the field named; reason RESERVED_ENTITY_ID for
         the id `message_logs`), ALREADY_EXISTS (the id is taken), RESOURCE_EXHAUSTED (the sandbox's
-        entity limit is reached; the built-in `message_logs` does not count).
+        entity limit is reached; the built-in `message_logs` does not count), UNAVAILABLE (reason
+        SCHEMA_LOCK_TIMEOUT: a link's target table, on SQLite the database, stayed locked by other work
+        longer than the service's schema_lock_timeout_s; nothing was created, retry later).
         """
 
     @_abc_1.abstractmethod
@@ -370,7 +382,9 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         nullable, or update_mask names `primary_key`, `version_attribute` or `identity`; reason
         UNSUPPORTED_UPDATE_MASK for another path), NOT_FOUND, FAILED_PRECONDITION (reason
         CONCURRENT_SCHEMA_CHANGE when the entity changed concurrently; BUILT_IN_ENTITY for
-        `entities/message_logs`).
+        `entities/message_logs`), UNAVAILABLE (reason SCHEMA_LOCK_TIMEOUT: the entity's table, on
+        SQLite the database, stayed locked by other work longer than the service's
+        schema_lock_timeout_s; nothing changed, retry later).
         """
 
     @_abc_1.abstractmethod
@@ -580,7 +594,8 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         `entities/message_logs` (an unset event time means the time of the call).
         Errors: INVALID_ARGUMENT (more than 5000 logs, a missing message id, run, activity or identity,
         an unset status or channel, a malformed campaign or run name; each bad log is a field
-        violation and nothing is written).
+        violation and nothing is written), FAILED_PRECONDITION (reason MESSAGE_LOGS_SHADOWED: the
+        sandbox's `message_logs` is a user entity created before the built-in one existed).
         """
 
 def add_AudienceServiceServicer_to_server(servicer: AudienceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -70,7 +70,13 @@ class MessageLog(_message.Message):
     attributes, all non-null except `profile_id` and `entity_key`: `message_id`, `status` (enum
     sent, delivered, opened, clicked, bounced, failed), `campaign`, `run`, `activity`, `channel`
     (enum email, sms, push, direct_mail), `identity_namespace`, `identity_value`, `profile_id`,
-    `entity_key`, `event_time` (timestamp) and `version` (integer).
+    `entity_key`, `event_time` (timestamp) and `version` (integer). A sandbox that already had a
+    user entity called `message_logs` (created before the built-in one existed; its schema is not the
+    one above) keeps it as an ordinary entity, and has no built-in message logs: RecordMessageLogs and
+    rules through the built-in link fail there with FAILED_PRECONDITION, reason MESSAGE_LOGS_SHADOWED
+    (ErrorInfo metadata `entity` = `entities/message_logs`), until an operator moves that entity away.
+    Attributes and links named `message_logs` stored before the name was reserved stay (the entity
+    can still be updated), and hide the built-in link of their entity.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -9,15 +9,30 @@ A run is *due* when it is PENDING with ``scheduled_time <= now``, or RUNNING wit
 - on SQLite (the single-replica, embedded default) each candidate is taken with a conditional
   ``UPDATE ... WHERE <still due>``; SQLite serializes writers, so a run is still claimed at most once.
 
-Every progress write checks and renews the lease in the same transaction, so a replica that lost
-its run (another replica claimed it after the lease expired) cannot write to it any more: it gets
-:class:`LeaseLost`. Counts and the checkpoint of a channel task change in one transaction per
-acknowledged batch; an acknowledgement at or before the stored checkpoint is already counted and is
-ignored.
+Every progress write checks the lease (the fence: the run is RUNNING and leased to the writer) in
+the same transaction, so a replica that lost its run (another replica claimed it after the lease
+expired, or it was cancelled) cannot write to it any more: it gets :class:`LeaseLost`. The check
+must not serialize the concurrent branches of one run on the run's row:
+
+- on PostgreSQL it reads the row ``FOR SHARE``: progress writes of one run share the lock, while a
+  takeover's (or a cancellation's) ``UPDATE`` waits for the writes in flight to commit, and a write
+  that starts after the takeover sees the new owner and raises :class:`LeaseLost`;
+- the lease is renewed (an ``UPDATE`` of the row, taken before anything else in the transaction so
+  a shared lock is never upgraded) only when a third of the lease has passed since this store last
+  took or renewed it, or by the runner's heartbeat; writes that change the run's row itself (ending
+  or suspending it) take the exclusive lock first in the same way;
+- on SQLite (one writer at a time) the check is always that ``UPDATE`` (leaving the expiry as it is
+  when no renewal is due): it takes the database's write lock before the transaction reads anything,
+  so no takeover can commit in between.
+
+Counts and the checkpoint of a channel task change in one transaction per acknowledged batch; an
+acknowledgement at or before the stored checkpoint is already counted and is ignored.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -160,6 +175,22 @@ class RunStore:
 
     def __init__(self, database: Database) -> None:
         self.database = database
+        # When this store last took or renewed each lease it holds (monotonic clock), by run and owner.
+        self._renewed: dict[tuple[RunKey, str], float] = {}
+        self._renewed_lock = threading.Lock()
+
+    def _note_renewed(self, key: RunKey, owner: str) -> None:
+        with self._renewed_lock:
+            self._renewed[(key, owner)] = time.monotonic()
+
+    def _forget(self, key: RunKey, owner: str) -> None:
+        with self._renewed_lock:
+            self._renewed.pop((key, owner), None)
+
+    def _renewal_due(self, key: RunKey, lease: Lease) -> bool:
+        with self._renewed_lock:
+            last = self._renewed.get((key, lease.owner))
+        return last is None or time.monotonic() - last > lease.duration_s / 3
 
     # -- claiming -----------------------------------------------------------------------------
     def claim_due_runs(self, lease: Lease, limit: int, now: datetime | None = None) -> list[ClaimedRun]:
@@ -181,7 +212,10 @@ class RunStore:
                 keys = [RunKey(*r) for r in conn.execute(candidates.with_for_update(skip_locked=True))]
                 for key in keys:
                     self._take(conn, key, lease, now, sa.true())
-                return [self._load_claimed(conn, key) for key in keys]
+                taken = [self._load_claimed(conn, key) for key in keys]
+            for key in keys:
+                self._note_renewed(key, lease.owner)
+            return taken
         # SQLite: read the candidates, then take each with its own write transaction whose UPDATE
         # re-checks that the run is still due (a transaction that writes first never reads stale data).
         with self.database.engine.connect() as conn:
@@ -189,8 +223,10 @@ class RunStore:
         claimed: list[ClaimedRun] = []
         for key in keys:
             with self.database.engine.begin() as conn:
-                if self._take(conn, key, lease, now, due):
-                    claimed.append(self._load_claimed(conn, key))
+                if not self._take(conn, key, lease, now, due):
+                    continue
+                claimed.append(self._load_claimed(conn, key))
+            self._note_renewed(key, lease.owner)
         return claimed
 
     @staticmethod
@@ -232,7 +268,12 @@ class RunStore:
         """Extend this replica's lease on a running run; False when it no longer owns the run."""
         now = now or utcnow()
         with self.database.engine.begin() as conn:
-            return self._renew(conn, key, lease, now, raise_lost=False)
+            renewed = self._renew(conn, key, lease, now, raise_lost=False)
+        if renewed:
+            self._note_renewed(key, lease.owner)
+        else:
+            self._forget(key, lease.owner)
+        return renewed
 
     def release_lease(self, key: RunKey, lease: Lease, now: datetime | None = None) -> None:
         """Give a running run back (on shutdown): any replica may claim it at once."""
@@ -243,9 +284,13 @@ class RunStore:
                 .where(*_key_where(RUNS, key), RUNS.c.lease_owner == lease.owner)
                 .values(lease_expires=now - timedelta(microseconds=1))
             )
+        self._forget(key, lease.owner)
 
     @staticmethod
-    def _renew(conn: sa.Connection, key: RunKey, lease: Lease, now: datetime, *, raise_lost: bool = True) -> bool:
+    def _renew(
+        conn: sa.Connection, key: RunKey, lease: Lease, now: datetime, *, raise_lost: bool = True, extend: bool = True
+    ) -> bool:
+        """Extend the lease when it is still held; with ``extend`` False, only check it and lock the run's row."""
         renewed = conn.execute(
             RUNS.update()
             .where(
@@ -253,13 +298,42 @@ class RunStore:
                 RUNS.c.state == RunState.RUNNING.value,
                 RUNS.c.lease_owner == lease.owner,
             )
-            .values(lease_expires=lease.expiry(now))
+            .values(lease_expires=lease.expiry(now) if extend else RUNS.c.lease_expires)
         ).rowcount
         if not renewed and raise_lost:
             raise LeaseLost(f"{key.name} is no longer leased to {lease.owner}")
         return bool(renewed)
 
-    # -- progress (each write checks and renews the lease) ------------------------------------
+    def _fence(self, conn: sa.Connection, key: RunKey, lease: Lease, now: datetime, *, exclusive: bool = False) -> None:
+        """Check, first thing in a progress write's transaction, that ``lease`` still holds the run
+        (:class:`LeaseLost` otherwise), renewing it when due; ``exclusive`` when the transaction goes on
+        to change the run's row (see the module docstring)."""
+        due = self._renewal_due(key, lease)
+        if due or exclusive or not self.database.is_postgres:
+            try:
+                self._renew(conn, key, lease, now, extend=due)
+            except LeaseLost:
+                self._forget(key, lease.owner)
+                raise
+            if due:
+                # Noted before the commit: should the write not commit, the lease is renewed a third of
+                # it later than planned (or by the heartbeat), still well before it expires.
+                self._note_renewed(key, lease.owner)
+            return
+        held = conn.execute(
+            sa.select(RUNS.c.run_id)
+            .where(
+                *_key_where(RUNS, key),
+                RUNS.c.state == RunState.RUNNING.value,
+                RUNS.c.lease_owner == lease.owner,
+            )
+            .with_for_update(read=True)
+        ).first()
+        if held is None:
+            self._forget(key, lease.owner)
+            raise LeaseLost(f"{key.name} is no longer leased to {lease.owner}")
+
+    # -- progress (each write checks the lease, renewing it when due) ------------------------------------
     def start_task(self, key: RunKey, lease: Lease, activity: str, targeted: int | None = None) -> None:
         """Mark a task RUNNING (keeping its first start time); set ``targeted`` when given."""
         now = utcnow()
@@ -271,7 +345,7 @@ class RunStore:
         if targeted is not None:
             values["targeted"] = targeted
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now)
             _update_task(conn, key, activity, **values)
             log_event(conn, key, "activity started", activity=activity, now=now)
 
@@ -279,7 +353,7 @@ class RunStore:
         """A targeting task built its working set: store it and its count; the task SUCCEEDED."""
         now = utcnow()
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now)
             _update_task(
                 conn,
                 key,
@@ -300,7 +374,7 @@ class RunStore:
         now = utcnow()
         main = outputs.get("") or next(iter(outputs.values()), ("", 0))
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now)
             _update_task(
                 conn,
                 key,
@@ -324,7 +398,7 @@ class RunStore:
         now = utcnow()
         where = (*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now)
             row = conn.execute(sa.select(RUN_TASKS).where(*where)).mappings().one()
             if ack.sequence <= row["checkpoint"]:
                 return False
@@ -352,7 +426,7 @@ class RunStore:
         now = utcnow()
         where = (*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now)
             row = conn.execute(sa.select(RUN_TASKS).where(*where)).mappings().one()
             batches = [DeferredBatch.from_json(b) for b in row["deferred_batches"] or []]
             old = next((b for b in batches if b.sequence == ack.sequence), None)
@@ -382,7 +456,7 @@ class RunStore:
         """A channel task WAITS for ConfirmActivity until ``deadline`` (then it gives up)."""
         now = utcnow()
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now)
             _update_task(conn, key, activity, state=TaskState.WAITING.value, wake_time=deadline, confirmation=AWAITING)
             log_event(
                 conn,
@@ -431,7 +505,7 @@ class RunStore:
         now = utcnow()
         where = (*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now)
             row = conn.execute(sa.select(RUN_TASKS.c.skipped).where(*where)).mappings().one()
             conn.execute(RUN_TASKS.update().where(*where).values(skipped=_merge(row["skipped"], {reason: count})))
             log_event(
@@ -454,7 +528,7 @@ class RunStore:
         now = utcnow()
         where = (*_key_where(RUN_TASKS, key), RUN_TASKS.c.activity == activity)
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now)
             row = conn.execute(sa.select(RUN_TASKS).where(*where)).mappings().one()
             excluded = int(row["deferred"] or 0)
             conn.execute(
@@ -489,7 +563,7 @@ class RunStore:
         if outputs is not None:
             values["outputs"] = dict(outputs)
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now)
             conn.execute(RUN_TASKS.update().where(*where).values(**values))
             task = task_from_row(conn.execute(sa.select(RUN_TASKS).where(*where)).mappings().one())
             log_event(conn, key, note or f"activity succeeded: {_counts(task)}", activity=activity, now=now)
@@ -498,7 +572,7 @@ class RunStore:
         """Mark a task SKIPPED (no branch leading to it was taken), with the reason."""
         now = utcnow()
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now)
             _update_task(conn, key, activity, state=TaskState.SKIPPED.value, message=reason, end_time=now, outputs={})
             log_event(conn, key, f"skipped: {reason}", activity=activity, now=now)
 
@@ -506,7 +580,7 @@ class RunStore:
         """A wait activity is WAITING until ``wake``."""
         now = utcnow()
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now)
             _update_task(
                 conn,
                 key,
@@ -522,7 +596,7 @@ class RunStore:
         earlier wake time of a waiting task (a confirmation given while the run was executing)."""
         now = utcnow()
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now, exclusive=True)
             stored = as_utc(
                 conn.execute(
                     sa.select(sa.func.min(RUN_TASKS.c.wake_time)).where(
@@ -537,12 +611,13 @@ class RunStore:
                 .values(state=RunState.WAITING.value, scheduled_time=wake, lease_owner=None, lease_expires=None)
             )
             log_event(conn, key, f"run waits until {wake.isoformat()}; no scheduler holds it meanwhile", now=now)
+        self._forget(key, lease.owner)
 
     def fail_task(self, key: RunKey, lease: Lease, activity: str, message: str) -> None:
         """A task FAILED while the run goes on (error handling ``ignore``)."""
         now = utcnow()
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now)
             _update_task(conn, key, activity, state=TaskState.FAILED.value, message=message, end_time=now)
             log_event(conn, key, f"failed: {message}", activity=activity, level=LogLevel.ERROR, now=now)
 
@@ -552,7 +627,7 @@ class RunStore:
         now = utcnow()
         error = f"activity {activity!r} failed: {message}"
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now, exclusive=True)
             _update_task(conn, key, activity, state=TaskState.FAILED.value, message=message, end_time=now)
             conn.execute(
                 RUNS.update()
@@ -562,6 +637,7 @@ class RunStore:
             log_event(
                 conn, key, f"{error}; run suspended until restarted", activity=activity, level=LogLevel.ERROR, now=now
             )
+        self._forget(key, lease.owner)
 
     def fail_run(self, key: RunKey, lease: Lease, activity: str | None, message: str) -> None:
         """The run FAILED: the activity's task FAILED with ``message``, unfinished tasks SKIPPED.
@@ -574,7 +650,7 @@ class RunStore:
             RUN_TASKS.c.activity == activity if activity is not None else RUN_TASKS.c.state == TaskState.RUNNING.value
         )
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now, exclusive=True)
             conn.execute(
                 RUN_TASKS.update()
                 .where(*_key_where(RUN_TASKS, key), failing)
@@ -587,14 +663,16 @@ class RunStore:
             )
             log_event(conn, key, error, activity=activity or "", level=LogLevel.ERROR, now=now)
             self._end(conn, key, RunState.FAILED, now, error)
+        self._forget(key, lease.owner)
 
     def succeed_run(self, key: RunKey, lease: Lease) -> None:
         """The run SUCCEEDED (every task finished)."""
         now = utcnow()
         with self.database.engine.begin() as conn:
-            self._renew(conn, key, lease, now)
+            self._fence(conn, key, lease, now, exclusive=True)
             log_event(conn, key, "run succeeded", now=now)
             self._end(conn, key, RunState.SUCCEEDED, now, "")
+        self._forget(key, lease.owner)
 
     @staticmethod
     def _end(conn: sa.Connection, key: RunKey, state: RunState, now: datetime, error: str) -> None:

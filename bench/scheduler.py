@@ -54,7 +54,7 @@ from carillon_chassis.logging import configure_logging  # noqa: E402
 from carillon_chassis.values import to_value  # noqa: E402
 from scheduler_svc.campaigns import CampaignStore  # noqa: E402
 from scheduler_svc.engine import Engine, EngineOptions, RunJournal  # noqa: E402
-from scheduler_svc.gateways import Batch, Reconciled, Row, SendHeader, WorkingSetInfo  # noqa: E402
+from scheduler_svc.gateways import Batch, Reconciled, Row, SendHeader, StreamEnrichment, WorkingSetInfo  # noqa: E402
 from scheduler_svc.model import (  # noqa: E402
     Ack,
     Activity,
@@ -276,7 +276,13 @@ class TimedAudience:
         raise AssertionError("no reconciliation in these canvases")
 
     async def stream_working_set(
-        self, sandbox: str, working_set: str, after_position: int, batch_size: int, attributes: Sequence[str]
+        self,
+        sandbox: str,
+        working_set: str,
+        after_position: int,
+        batch_size: int,
+        attributes: Sequence[str],
+        enrichment: StreamEnrichment | None = None,
     ) -> AsyncGenerator[Sequence[Row], None]:
         rows = [r for r in self.rows if r.position > after_position]
         for start in range(0, len(rows), batch_size):

@@ -5,20 +5,25 @@
   audience), combine, change dimension, split, deduplicate, reconcile (each a working set per output;
   a named output's working set belongs to the activity id ``{activity}--{output}``) and save audience
   (passes its population on; saves nothing in test mode). The task stores each output's working set
-  and count.
-- **channel**: the working set of the incoming population is streamed from the task's checkpoint
-  and forwarded, batch by batch, on a ``Send`` stream to the channel's delivery worker, with at most
+  and count. An enrich activity passes its population on unchanged after one cheap check (a
+  one-row stream with its enrichments: audience_svc refuses unknown links and attributes, which fails
+  the activity, naming the fields); its enrichments are requested by the channel activities downstream.
+- **channel**: the working set of the incoming population is streamed from the task's checkpoint and
+  forwarded, batch by batch, on a ``Send`` stream to the channel's delivery worker, with at most
   ``max_unacked_batches`` batches awaiting acknowledgement. Each acknowledgement's counts and the new
   checkpoint (the batch's last position) are recorded in one transaction, so a resumed run never
   streams an acknowledged row again; rows sent but not acknowledged are sent again and the worker's
   ledger reports them as ``already_sent``. The header carries the activity's rate limit and send
-  window. A batch acknowledged with deferred recipients (outside the send window) is kept; the task
-  then WAITS (a durable timer: the run is suspended without a lease) until the window's next opening
-  and sends those batches again (the ledger skips the recipients already sent), until nothing is
-  deferred or the activity's time limit has passed — then the deferred recipients are excluded and
-  counted as skipped ``TIME_LIMIT_EXCEEDED``. An activity that asks for a confirmation first waits
-  (task WAITING, at most its time limit) for ConfirmActivity; without one it sends nothing and counts
-  every recipient as skipped ``NOT_CONFIRMED``.
+  window. The stream requests every enrichment of the enrich activities on the channel's input path
+  since the last change of dimension (``enrichment_chain``: derived from the canvas, nothing of it is
+  journalled), with the run's scheduled time as their reference time. A batch acknowledged with
+  deferred recipients (outside the send window) is kept; the task then WAITS (a durable timer: the run
+  is suspended without a lease) until the window's next opening and sends those batches again (the
+  ledger skips the recipients already sent), until nothing is deferred or the activity's time limit
+  has passed — then the deferred recipients are excluded and counted as skipped
+  ``TIME_LIMIT_EXCEEDED``. An activity that asks for a confirmation first waits (task WAITING, at most
+  its time limit) for ConfirmActivity; without one it sends nothing and counts every recipient as
+  skipped ``NOT_CONFIRMED``.
 
 Every activity starts once all the sources of its incoming transitions have finished, so the
 branches after a fork (or any independent branches) run at the same time, each an asyncio task of
@@ -37,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -48,7 +54,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from carillon.type.v1 import value_pb2
 from carillon_chassis.database import utcnow
-from carillon_chassis.errors import CarillonError, Unavailable
+from carillon_chassis.errors import CarillonError, InvalidArgument, Unavailable
 from carillon_chassis.values import from_value
 from scheduler_svc.gateways import (
     AudienceGateway,
@@ -57,6 +63,7 @@ from scheduler_svc.gateways import (
     Row,
     SendHeader,
     SendStream,
+    StreamEnrichment,
     WorkingSetInfo,
 )
 from scheduler_svc.model import (
@@ -73,6 +80,7 @@ from scheduler_svc.model import (
     Deduplicate,
     DeferredBatch,
     End,
+    Enrich,
     FlowKind,
     Fork,
     Join,
@@ -88,6 +96,7 @@ from scheduler_svc.model import (
     TaskState,
     Transition,
     Wait,
+    enrichment_chain,
     output_activity,
 )
 
@@ -255,6 +264,41 @@ def _failure_message(exc: BaseException) -> str:
     if isinstance(exc, CarillonError):
         return exc.message
     return str(exc) or type(exc).__name__
+
+
+def stream_enrichment(enrichments: list[Enrich], reference_time: datetime | None = None) -> StreamEnrichment:
+    """What a stream requests for ``enrichments`` (in path order), with their relative dates' reference time."""
+    return StreamEnrichment(
+        paths=tuple(pair for e in enrichments for pair in e.attributes),
+        aggregates=tuple(a for e in enrichments for a in e.aggregates),
+        collections=tuple(c for e in enrichments for c in e.collections),
+        reference_time=reference_time,
+    )
+
+
+_REQUEST_FIELD = re.compile(r"^(attributes|enrichments|collections)\[(\d+)\](.*)$")
+
+
+def enrichment_refused(exc: InvalidArgument, activity: str, kind: Enrich | None = None) -> ActivityError:
+    """The failure of an activity whose stream audience_svc refused: its reason and field violations,
+    named as the enrich activity's fields when ``kind`` is the one enrichment requested."""
+    problems: list[str] = []
+    paths = list(dict.fromkeys(p for _, p in kind.attributes)) if kind is not None else []
+    for violation in exc.violations:
+        field = violation.field
+        match = _REQUEST_FIELD.match(field)
+        if kind is not None and match is not None:
+            which, index, rest = match.group(1), int(match.group(2)), match.group(3)
+            if which == "attributes" and index < len(paths):
+                j = next(j for j, (_, p) in enumerate(kind.attributes) if p == paths[index])
+                field = f"enrich.attributes[{j}].path{rest}"
+            elif which == "enrichments":
+                field = f"enrich.aggregates[{index}]{rest}"
+            elif which == "collections":
+                field = f"enrich.collections[{index}]{rest}"
+        problems.append(f"{field}: {violation.description}")
+    detail = "; ".join(problems) or exc.message
+    return ActivityError(f"audience_svc refused the enrichment of {activity!r} ({exc.reason}): {detail}")
 
 
 def _flatten(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -496,6 +540,23 @@ class Engine:
                 note = f"{verb} audiences/{kind.audience_id} with {source.count} records"
             await self.journal.finish_task(key, activity.id, note, {"": source.count})
             self._done(task, produced, source, {"": source.count})
+        elif isinstance(kind, Enrich):
+            if source is None:
+                raise ActivityError("the enrich activity has no population upstream")
+            await self.journal.start_task(key, activity.id, targeted=source.count)
+            rows = self.audience.stream_working_set(
+                key.sandbox, source.name, 0, 1, [], stream_enrichment([kind], run.scheduled_time)
+            )
+            try:
+                async with contextlib.aclosing(rows):
+                    async for _ in rows:
+                        break
+            except InvalidArgument as exc:
+                raise enrichment_refused(exc, activity.id, kind) from None
+            aliases = ", ".join(kind.aliases())
+            note = f"passes on {source.count} records, enriched with {aliases}"
+            await self.journal.finish_task(key, activity.id, note, {"": source.count})
+            self._done(task, produced, source, {"": source.count})
         elif isinstance(kind, Fork | Join | Wait | BranchTest | End):
             await self._run_flow(key, canvas, activity, kind, task, produced, source, run)
         elif isinstance(kind, ChannelSend):
@@ -526,9 +587,16 @@ class Engine:
                 await self.journal.finish_task(key, activity.id, note, {"": source.count})
                 self._done(task, produced, source, {"": source.count})
                 return
-            await self._send(key, activity.id, kind, source, task, gateway)
-            if not await self._settle_deferred(key, activity.id, kind, source, task, gateway):
-                return  # waiting for the send window to open
+            chain = [e for _, e in enrichment_chain(canvas, activity.id)]
+            enrichment = stream_enrichment(chain, run.scheduled_time) if chain else None
+            try:
+                await self._send(key, activity.id, kind, source, task, gateway, enrichment)
+                if not await self._settle_deferred(key, activity.id, kind, source, task, gateway, enrichment):
+                    return  # waiting for the send window to open
+            except InvalidArgument as exc:
+                if enrichment is None:
+                    raise
+                raise enrichment_refused(exc, activity.id) from None
             await self.journal.finish_task(key, activity.id, outputs={"": source.count})
             self._done(task, produced, source, {"": source.count})
             log.info("channel activity finished", checkpoint=task.checkpoint)
@@ -714,6 +782,7 @@ class Engine:
         source: WorkingSetInfo,
         task: Task,
         gateway: DeliveryGateway,
+        enrichment: StreamEnrichment | None = None,
     ) -> bool:
         """Send the deferred batches whose window opened again; True when nothing is deferred any more
         (every recipient sent, or the time limit passed and the rest excluded), False when the task
@@ -724,7 +793,7 @@ class Engine:
         now = self.clock()
         due = [b for b in batches if b.next_window_time is None or b.next_window_time <= now]
         if due and now < deadline:
-            await self._replay(key, activity, kind, source, due, gateway)
+            await self._replay(key, activity, kind, source, due, gateway, enrichment)
             batches = await self.journal.deferred_batches(key, activity)
         if not batches:
             return True
@@ -747,6 +816,7 @@ class Engine:
         source: WorkingSetInfo,
         batches: list[DeferredBatch],
         gateway: DeliveryGateway,
+        enrichment: StreamEnrichment | None = None,
     ) -> None:
         """Send deferred batches again, one at a time, on one Send stream, recording each acknowledgement."""
         stream = await gateway.open(key.sandbox, self._header(key, activity, kind))
@@ -758,6 +828,7 @@ class Engine:
                     deferred.after,
                     deferred.sequence - deferred.after,
                     kind.target_attributes,
+                    enrichment,
                 )
                 batch_rows: list[Row] = []
                 async with contextlib.aclosing(rows):
@@ -784,6 +855,7 @@ class Engine:
         source: WorkingSetInfo,
         task: Task,
         gateway: DeliveryGateway,
+        enrichment: StreamEnrichment | None = None,
     ) -> None:
         """Stream the working set after the task's checkpoint to the worker, recording every ack."""
         stream = await gateway.open(key.sandbox, self._header(key, activity, kind))
@@ -799,6 +871,7 @@ class Engine:
                 task.checkpoint,
                 kind.batch_size or self.options.default_batch_size,
                 kind.target_attributes,
+                enrichment,
             )
             after = task.checkpoint
             async with contextlib.aclosing(rows):

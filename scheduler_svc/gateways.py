@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, cast
 
 import grpc
@@ -28,7 +29,7 @@ from carillon.type.v1 import channel_pb2, value_pb2
 from carillon_chassis.channels import category_value, channel_value
 from carillon_chassis.clients import call_metadata
 from carillon_chassis.errors import Unavailable, error_from_rpc
-from carillon_chassis.values import from_timestamp
+from carillon_chassis.values import from_timestamp, to_timestamp
 from scheduler_svc.model import Ack, Deduplicate, SendWindow, SplitSubset
 
 _COMBINE_OPERATIONS = {
@@ -85,6 +86,31 @@ class Row:
 
 
 @dataclass(frozen=True)
+class StreamEnrichment:
+    """What a stream adds to each row besides the plain attributes (the enrich activities upstream):
+    many-to-one attribute ``paths`` as (alias, path) pairs, aggregates and collections of linked
+    records (the audience contract's messages), with the reference time of their relative dates."""
+
+    paths: tuple[tuple[str, str], ...] = ()
+    aggregates: tuple[aud.Enrichment, ...] = ()
+    collections: tuple[aud.CollectionEnrichment, ...] = ()
+    reference_time: datetime | None = None
+
+    def request_attributes(self, attributes: Sequence[str]) -> list[str]:
+        """The attributes to request: ``attributes``, then every path not among them, once each."""
+        return list(dict.fromkeys([*attributes, *(p for _, p in self.paths)]))
+
+    def rename(self, values: Mapping[str, value_pb2.Value], attributes: Sequence[str]) -> dict[str, value_pb2.Value]:
+        """A streamed row's values with each path's value under its alias (a path is kept under its own
+        name only when it is one of the plain ``attributes``)."""
+        renamed = {k: v for k, v in values.items() if k in attributes or k not in {p for _, p in self.paths}}
+        for alias, path in self.paths:
+            if path in values:
+                renamed[alias] = values[path]
+        return renamed
+
+
+@dataclass(frozen=True)
 class SendHeader:
     """What a send stream delivers: the run's activity, its channel, category and template."""
 
@@ -134,9 +160,16 @@ class AudienceGateway(Protocol):
         ...
 
     def stream_working_set(
-        self, sandbox: str, working_set: str, after_position: int, batch_size: int, attributes: Sequence[str]
+        self,
+        sandbox: str,
+        working_set: str,
+        after_position: int,
+        batch_size: int,
+        attributes: Sequence[str],
+        enrichment: StreamEnrichment | None = None,
     ) -> AsyncGenerator[Sequence[Row], None]:
-        """The rows of a working set after a position, in batches of at most ``batch_size``."""
+        """The rows of a working set after a position, in batches of at most ``batch_size``, with the
+        ``attributes`` and, when given, the ``enrichment`` values (by alias) in their values."""
         ...
 
     async def read_audience(self, sandbox: str, run: str, activity: str, audience: str) -> WorkingSetInfo:
@@ -350,11 +383,24 @@ class GrpcAudienceGateway:
         return bool((await self._unary(self._stub.SaveAudience, request, sandbox)).created)
 
     async def stream_working_set(
-        self, sandbox: str, working_set: str, after_position: int, batch_size: int, attributes: Sequence[str]
+        self,
+        sandbox: str,
+        working_set: str,
+        after_position: int,
+        batch_size: int,
+        attributes: Sequence[str],
+        enrichment: StreamEnrichment | None = None,
     ) -> AsyncGenerator[Sequence[Row], None]:
         request = aud.StreamWorkingSetRequest(
             working_set=working_set, after_position=after_position, batch_size=batch_size, attributes=attributes
         )
+        if enrichment is not None:
+            del request.attributes[:]
+            request.attributes.extend(enrichment.request_attributes(attributes))
+            request.enrichments.extend(enrichment.aggregates)
+            request.collections.extend(enrichment.collections)
+            if enrichment.reference_time is not None:
+                request.reference_time.CopyFrom(to_timestamp(enrichment.reference_time))
         await wait_until_ready(self._channel, self._target, self._connect_timeout_s)
         call = self._stub.StreamWorkingSet(request, metadata=call_metadata(sandbox))
         try:
@@ -364,7 +410,7 @@ class GrpcAudienceGateway:
                         position=r.position,
                         entity_key=r.entity_key,
                         identity=(r.identity.namespace, r.identity.value),
-                        values=r.values,
+                        values=r.values if enrichment is None else enrichment.rename(r.values, attributes),
                     )
                     for r in reply.rows
                 ]

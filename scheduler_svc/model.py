@@ -18,7 +18,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from carillon.audience.v1 import query_pb2, working_set_pb2
+from carillon.audience.v1 import audience_service_pb2, query_pb2, working_set_pb2
 from carillon.type.v1 import value_pb2
 
 CANVAS_FORMAT = 1
@@ -164,6 +164,26 @@ class SaveAudience:
     display_name: str = ""
 
 
+@dataclass
+class Enrich:
+    """A targeting activity: passes its population on; the channel activities downstream (until the
+    dimension changes) stream its enrichments with their rows: ``attributes`` are (alias, path) pairs
+    of many-to-one attribute paths, ``aggregates`` and ``collections`` the audience contract's
+    ``Enrichment`` and ``CollectionEnrichment`` messages, forwarded as they are."""
+
+    attributes: list[tuple[str, str]] = field(default_factory=list)
+    aggregates: list[audience_service_pb2.Enrichment] = field(default_factory=list)
+    collections: list[audience_service_pb2.CollectionEnrichment] = field(default_factory=list)
+
+    def aliases(self) -> list[str]:
+        """Every alias it defines, in order: attributes, aggregates, collections."""
+        return (
+            [alias for alias, _ in self.attributes]
+            + [a.alias for a in self.aggregates]
+            + [c.alias for c in self.collections]
+        )
+
+
 @dataclass(frozen=True)
 class SendWindow:
     """When a channel activity may send, in the recipient's local time (delivery's SendWindow)."""
@@ -264,7 +284,7 @@ class End:
 
 FlowKind = Fork | Join | Wait | BranchTest | End
 # Targeting activities that call audience_svc (besides build_audience).
-TargetingKind = ReadAudience | Combine | ChangeDimension | Split | Deduplicate | Reconcile | SaveAudience
+TargetingKind = ReadAudience | Combine | ChangeDimension | Split | Deduplicate | Reconcile | SaveAudience | Enrich
 ActivityKind = (
     BuildAudience
     | ChannelSend
@@ -280,6 +300,7 @@ ActivityKind = (
     | Deduplicate
     | Reconcile
     | SaveAudience
+    | Enrich
 )
 # The kinds that produce a population of their own (a new working set), rather than passing one on.
 POPULATION_KINDS = (BuildAudience, ReadAudience, Combine, ChangeDimension, Split, Deduplicate, Reconcile)
@@ -304,6 +325,39 @@ def named_outputs(kind: object) -> list[str]:
 def has_main_output(kind: object) -> bool:
     """Whether an activity passes a population on its unnamed output ``""`` (all but tests and splits)."""
     return not isinstance(kind, BranchTest | Split | End)
+
+
+def enrichment_chain(canvas: Canvas, activity_id: str) -> list[tuple[str, Enrich]]:
+    """The enrich activities on the input path of ``activity_id``, upstream first, with their ids.
+
+    The path goes back through each activity's single incoming transition (a join's or combine's
+    primary) and stops at the activity that gave the population its dimension: a build or read
+    audience, a change of dimension, or a reconciliation's main output (its unreconciled output keeps
+    the incoming dimension, so the path goes on through it). The canvas must be acyclic.
+    """
+    chain: list[tuple[str, Enrich]] = []
+    current = activity_id
+    seen = {current}
+    while True:
+        kind = (canvas.find(current) or Activity(current)).kind
+        incoming = [t for t in canvas.transitions if t.target == current]
+        if not incoming:
+            break
+        primary = kind.primary if isinstance(kind, Join | Combine) and kind.primary else ""
+        chosen = next((t for t in incoming if t.source == primary), incoming[0])
+        source = (canvas.find(chosen.source) or Activity(chosen.source)).kind
+        if isinstance(source, Enrich):
+            chain.append((chosen.source, source))
+        if isinstance(source, BuildAudience | ReadAudience | ChangeDimension):
+            break
+        if isinstance(source, Reconcile) and not (chosen.output and chosen.output == source.unreconciled_output):
+            break
+        current = chosen.source
+        if current in seen:  # a cycle (not a valid canvas)
+            break
+        seen.add(current)
+    chain.reverse()
+    return chain
 
 
 def output_activity(activity_id: str, output: str) -> str:
@@ -889,6 +943,12 @@ def _targeting_to_json(item: dict[str, Any], kind: ActivityKind | None) -> None:
         }
     elif isinstance(kind, SaveAudience):
         item["save_audience"] = {"audience_id": kind.audience_id, "display_name": kind.display_name}
+    elif isinstance(kind, Enrich):
+        item["enrich"] = {
+            "attributes": [[alias, path] for alias, path in kind.attributes],
+            "aggregates": [json_format.MessageToDict(a, preserving_proto_field_name=True) for a in kind.aggregates],
+            "collections": [json_format.MessageToDict(c, preserving_proto_field_name=True) for c in kind.collections],
+        }
 
 
 def _targeting_from_json(item: Mapping[str, Any]) -> ActivityKind | None:
@@ -934,4 +994,13 @@ def _targeting_from_json(item: Mapping[str, Any]) -> ActivityKind | None:
     if "save_audience" in item:
         a = item["save_audience"]
         return SaveAudience(a["audience_id"], a["display_name"])
+    if "enrich" in item:
+        e = item["enrich"]
+        return Enrich(
+            attributes=[(alias, path) for alias, path in e["attributes"]],
+            aggregates=[json_format.ParseDict(a, audience_service_pb2.Enrichment()) for a in e["aggregates"]],
+            collections=[
+                json_format.ParseDict(c, audience_service_pb2.CollectionEnrichment()) for c in e["collections"]
+            ],
+        )
     return None

@@ -38,6 +38,7 @@ from scheduler_svc.model import (
     Daily,
     Deduplicate,
     End,
+    Enrich,
     Fork,
     Interval,
     Join,
@@ -253,6 +254,13 @@ def _targeting_from_proto(item: campaign_pb2.Activity) -> ActivityKind | None:
         return Reconcile(r.target, pairs, r.unreconciled_output)
     if which == "save_audience":
         return SaveAudience(item.save_audience.audience_id, item.save_audience.display_name)
+    if which == "enrich":
+        e = item.enrich
+        return Enrich(
+            attributes=[(a.alias, a.path) for a in e.attributes],
+            aggregates=list(e.aggregates),
+            collections=list(e.collections),
+        )
     return None
 
 
@@ -306,6 +314,14 @@ def _targeting_to_proto(item: campaign_pb2.Activity, kind: ActivityKind | None) 
     elif isinstance(kind, SaveAudience):
         item.save_audience.CopyFrom(
             campaign_pb2.SaveAudienceActivity(audience_id=kind.audience_id, display_name=kind.display_name)
+        )
+    elif isinstance(kind, Enrich):
+        item.enrich.CopyFrom(
+            campaign_pb2.EnrichActivity(
+                attributes=[campaign_pb2.EnrichAttribute(alias=a, path=p) for a, p in kind.attributes],
+                aggregates=kind.aggregates,
+                collections=kind.collections,
+            )
         )
 
 

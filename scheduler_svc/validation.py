@@ -14,7 +14,7 @@ import zoneinfo
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from carillon.audience.v1 import working_set_pb2
+from carillon.audience.v1 import query_pb2, working_set_pb2
 from carillon.type.v1 import value_pb2
 from carillon_chassis.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from carillon_chassis.names import ID_PATTERN, ID_RULE, parse_name
@@ -34,6 +34,7 @@ from scheduler_svc.model import (
     Combine,
     Deduplicate,
     End,
+    Enrich,
     Fork,
     Join,
     ReadAudience,
@@ -43,6 +44,7 @@ from scheduler_svc.model import (
     Split,
     Transition,
     Wait,
+    enrichment_chain,
     has_main_output,
     named_outputs,
     output_activity,
@@ -64,6 +66,9 @@ MAX_TIME_LIMIT_S = 30 * 86400
 MAX_SUBSETS = 100
 MAX_DEDUPLICATION_FIELDS = 20
 MAX_KEEP = 1000
+# Collections per stream (audience_svc's limit), and linked records per collection.
+MAX_COLLECTIONS = 10
+MAX_COLLECTION_LIMIT = 100
 LOCAL_TIME_PATTERN = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 
 
@@ -177,6 +182,8 @@ def _activity_violations(canvas: Canvas, prefix: str, max_rate_per_second: int =
                 violations += _incremental_violations(kind.incremental, f"{path}.build_audience.incremental")
         elif isinstance(kind, ChannelSend):
             violations += _channel_violations(kind, f"{path}.channel", max_rate_per_second)
+        elif isinstance(kind, Enrich):
+            violations += _enrich_violations(kind, f"{path}.enrich")
         elif isinstance(
             kind, ReadAudience | Combine | ChangeDimension | Split | Deduplicate | Reconcile | SaveAudience
         ):
@@ -366,6 +373,108 @@ def _targeting_violations(
     return violations
 
 
+def _enrich_violations(kind: Enrich, path: str) -> list[FieldViolation]:
+    """The problems of an enrich activity's own fields (names only: audience_svc checks that the links
+    and attributes exist, and the filters, when the activity runs)."""
+    violations: list[FieldViolation] = []
+    if not (kind.attributes or kind.aggregates or kind.collections):
+        violations.append(FieldViolation(path, "at least one attribute, aggregate or collection"))
+    if len(kind.collections) > MAX_COLLECTIONS:
+        violations.append(FieldViolation(f"{path}.collections", f"at most {MAX_COLLECTIONS} collections"))
+    aliases: set[str] = set()
+    paths = {p for _, p in kind.attributes}
+
+    def alias(value: str, field: str) -> None:
+        if not ATTRIBUTE_NAME_PATTERN.match(value):
+            violations.append(FieldViolation(field, "an alias: " + OUTPUT_RULE))
+        elif value in aliases:
+            violations.append(FieldViolation(field, f"the alias {value!r} is used twice"))
+        elif value in paths:
+            violations.append(FieldViolation(field, f"the alias {value!r} is also an attribute path"))
+        aliases.add(value)
+
+    def name(value: str, field: str, what: str = "an attribute name") -> None:
+        if not ATTRIBUTE_NAME_PATTERN.match(value):
+            violations.append(FieldViolation(field, f"{what}: {ATTRIBUTE_RULE}"))
+
+    for j, (alias_name, attribute_path) in enumerate(kind.attributes):
+        at = f"{path}.attributes[{j}]"
+        alias(alias_name, f"{at}.alias")
+        if not all(ATTRIBUTE_NAME_PATTERN.match(part) for part in attribute_path.split(".")):
+            violations.append(FieldViolation(f"{at}.path", "an attribute or a dot path of links: " + ATTRIBUTE_RULE))
+    for j, aggregate in enumerate(kind.aggregates):
+        at = f"{path}.aggregates[{j}]"
+        alias(aggregate.alias, f"{at}.alias")
+        name(aggregate.link, f"{at}.link", "a link name")
+        if aggregate.measure == query_pb2.LINK_MEASURE_UNSPECIFIED:
+            violations.append(FieldViolation(f"{at}.measure", "a measure must be set"))
+        elif aggregate.measure != query_pb2.LINK_MEASURE_COUNT:
+            name(aggregate.attribute, f"{at}.attribute", "the aggregated attribute")
+    for j, collection in enumerate(kind.collections):
+        at = f"{path}.collections[{j}]"
+        alias(collection.alias, f"{at}.alias")
+        name(collection.link, f"{at}.link", "a one-to-many link name")
+        if not 1 <= collection.limit <= MAX_COLLECTION_LIMIT:
+            violations.append(FieldViolation(f"{at}.limit", f"1 to {MAX_COLLECTION_LIMIT} linked records"))
+        for k, attribute in enumerate(collection.attributes):
+            name(attribute, f"{at}.attributes[{k}]")
+        for k, key in enumerate(collection.order_by):
+            name(key.attribute, f"{at}.order_by[{k}].attribute")
+    return violations
+
+
+def _enrichment_path_violations(canvas: Canvas, prefix: str) -> list[FieldViolation]:
+    """Aliases that are not unique along a path (with every other alias, attribute path and the
+    channel's target attributes), and too many collections for one channel's stream."""
+    violations: list[FieldViolation] = []
+    for i, activity in enumerate(canvas.activities):
+        kind = activity.kind
+        if not isinstance(kind, Enrich | ChannelSend):
+            continue
+        chain = enrichment_chain(canvas, activity.id)
+        owner: dict[str, str] = {}
+        for upstream_id, upstream in chain:
+            for name in upstream.aliases() + [p for _, p in upstream.attributes]:
+                owner.setdefault(name, upstream_id)
+        path = f"{prefix}.activities[{i}]"
+        if isinstance(kind, ChannelSend):
+            for j, attribute in enumerate(kind.target_attributes):
+                if attribute in owner and attribute not in {p for _, e in chain for _, p in e.attributes}:
+                    violations.append(
+                        FieldViolation(
+                            f"{path}.channel.target_attributes[{j}]",
+                            f"{attribute!r} is also an alias of the enrich activity {owner[attribute]!r} upstream",
+                        )
+                    )
+            collections = sum(len(e.collections) for _, e in chain)
+            if collections > MAX_COLLECTIONS:
+                violations.append(
+                    FieldViolation(
+                        path,
+                        f"the enrich activities upstream request {collections} collections; at most"
+                        f" {MAX_COLLECTIONS} per channel activity",
+                    )
+                )
+            continue
+        fields = (
+            [(a, f"attributes[{j}].alias") for j, (a, _) in enumerate(kind.attributes)]
+            + [(p, f"attributes[{j}].path") for j, (_, p) in enumerate(kind.attributes)]
+            + [(a.alias, f"aggregates[{j}].alias") for j, a in enumerate(kind.aggregates)]
+            + [(c.alias, f"collections[{j}].alias") for j, c in enumerate(kind.collections)]
+        )
+        upstream_paths = {p for _, e in chain for _, p in e.attributes}
+        for name, field in fields:
+            if name in owner and not (field.endswith(".path") and name in upstream_paths):
+                violations.append(
+                    FieldViolation(
+                        f"{path}.enrich.{field}",
+                        f"{name!r} is already an alias or attribute path of the enrich activity"
+                        f" {owner[name]!r} upstream (aliases are unique along a path)",
+                    )
+                )
+    return violations
+
+
 def _window_violations(window: SendWindow, path: str) -> list[FieldViolation]:
     violations: list[FieldViolation] = []
     for end in ("start_local_time", "end_local_time"):
@@ -519,7 +628,7 @@ def _transition_violations(canvas: Canvas, prefix: str) -> list[FieldViolation]:
             needs_input = isinstance(
                 activity.kind, ChannelSend | Combine | ChangeDimension | Split | Deduplicate | Reconcile
             )
-            if (needs_input or isinstance(activity.kind, SaveAudience)) and population_source(
+            if (needs_input or isinstance(activity.kind, SaveAudience | Enrich)) and population_source(
                 canvas, activity.id
             ) is None:
                 what = "a channel activity" if isinstance(activity.kind, ChannelSend) else "this activity"
@@ -531,6 +640,7 @@ def _transition_violations(canvas: Canvas, prefix: str) -> list[FieldViolation]:
                 )
         if not violations:
             violations += _dimension_violations(canvas, prefix)
+            violations += _enrichment_path_violations(canvas, prefix)
     return violations
 
 
@@ -634,7 +744,7 @@ def _incoming_violations(
             )
     elif isinstance(kind, Fork | Wait | BranchTest | End) and not edges:
         return [FieldViolation(path, "a flow activity needs one incoming transition")]
-    elif isinstance(kind, ChangeDimension | Split | Deduplicate | Reconcile | SaveAudience) and not edges:
+    elif isinstance(kind, ChangeDimension | Split | Deduplicate | Reconcile | SaveAudience | Enrich) and not edges:
         return [FieldViolation(path, "this activity needs one incoming transition, from the population")]
     for k, _ in edges[1:]:
         violations.append(

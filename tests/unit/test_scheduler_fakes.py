@@ -18,7 +18,7 @@ from carillon.type.v1 import value_pb2
 from carillon_chassis.database import utcnow
 from carillon_chassis.errors import CarillonError
 from carillon_chassis.values import to_value
-from scheduler_svc.gateways import Batch, Reconciled, Row, SendHeader, WorkingSetInfo
+from scheduler_svc.gateways import Batch, Reconciled, Row, SendHeader, StreamEnrichment, WorkingSetInfo
 from scheduler_svc.model import (
     Ack,
     Activity,
@@ -100,6 +100,7 @@ class StreamCall:
     after_position: int
     batch_size: int
     attributes: list[str]
+    enrichment: StreamEnrichment | None = None
 
 
 @dataclass
@@ -131,6 +132,8 @@ class FakeAudience:
     incremental_modes: list[str] = field(default_factory=list)
     # Reconciliation: the target keys each source key matches.
     matches: dict[str, list[str]] = field(default_factory=dict)
+    # Raised by a stream that requests enrichments (audience_svc refusing a link or attribute).
+    enrichment_error: Exception | None = None
 
     def _ws(self, activity: str, keys: list[str], dimension: str) -> WorkingSetInfo:
         name = f"workingSets/{activity}"
@@ -258,9 +261,18 @@ class FakeAudience:
         return created
 
     async def stream_working_set(
-        self, sandbox: str, working_set: str, after_position: int, batch_size: int, attributes: Sequence[str]
+        self,
+        sandbox: str,
+        working_set: str,
+        after_position: int,
+        batch_size: int,
+        attributes: Sequence[str],
+        enrichment: StreamEnrichment | None = None,
     ) -> AsyncGenerator[Sequence[Row], None]:
-        self.streams.append(StreamCall(sandbox, working_set, after_position, batch_size, list(attributes)))
+        """The members' rows; with an enrichment, each alias's value is the text ``{alias}:{key}``."""
+        self.streams.append(StreamCall(sandbox, working_set, after_position, batch_size, list(attributes), enrichment))
+        if enrichment is not None and self.enrichment_error is not None:
+            raise self.enrichment_error
         if working_set in self.members:
             members = [
                 Row(position=n, entity_key=k, identity=("email", f"{k.replace('k', 'p', 1)}@example.com"))
@@ -269,6 +281,13 @@ class FakeAudience:
         else:
             members = rows(self.size)
         remaining = [r for r in members if r.position > after_position]
+        if enrichment is not None:
+            aliases = [a for a, _ in enrichment.paths] + [e.alias for e in enrichment.aggregates]
+            aliases += [c.alias for c in enrichment.collections]
+            remaining = [
+                replace(r, values={**r.values, **{a: to_value(f"{a}:{r.entity_key}") for a in aliases}})
+                for r in remaining
+            ]
         for start in range(0, len(remaining), batch_size):
             yield remaining[start : start + batch_size]
 
@@ -307,6 +326,7 @@ class FakeSendStream:
         if self.worker.window_opens is not None:
             return self.worker.ledger_ack(self.header.activity, batch)
         self.worker.delivered += [r.entity_key for r in batch.rows]
+        self.worker.targets.update({r.entity_key: dict(r.values) for r in batch.rows})
         no_consent = sum(r.identity[1] in self.worker.opted_out for r in batch.rows)
         return Ack(
             sequence=batch.sequence,
@@ -334,6 +354,8 @@ class FakeDelivery:
     failure: Exception = field(default_factory=lambda: CarillonError("worker crashed"))
     streams: list[FakeSendStream] = field(default_factory=list)
     delivered: list[str] = field(default_factory=list)
+    # The target values each delivered record was sent with, by key.
+    targets: dict[str, dict[str, value_pb2.Value]] = field(default_factory=dict)
     acks: int = 0
     max_unacked: int = 0
     # With ``window_opens`` set, the worker keeps a ledger (an already sent recipient is counted

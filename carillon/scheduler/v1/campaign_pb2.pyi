@@ -577,6 +577,80 @@ class SaveAudienceActivity(_message.Message):
 Global___SaveAudienceActivity: _TypeAlias = SaveAudienceActivity  # noqa: Y015
 
 @_typing.final
+class EnrichAttribute(_message.Message):
+    """One many-to-one attribute an enrich activity adds to each record, under an alias."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """The key of the value in the channel's `target`: lower case letters, digits and `_`, unique
+    along the path to the channel (with the channel's target attributes and every other alias).
+    """
+    path: _builtins.str
+    """An attribute of the dimension, or a dot path through many-to-one links to an attribute of a
+    linked entity (for example `hotel.city`: NULL when the record has no linked record).
+    """
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrichAttribute: _TypeAlias = EnrichAttribute  # noqa: Y015
+
+@_typing.final
+class EnrichActivity(_message.Message):
+    """A targeting activity that enriches its population: it passes the population on unchanged and
+    the channel activities downstream (up to the next change of dimension or reconciliation, since
+    enrichments bind to a dimension) add its values to each recipient's `target`, by alias. The link
+    and attribute names are checked by audience_svc when the activity runs (a bad one fails it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    AGGREGATES_FIELD_NUMBER: _builtins.int
+    COLLECTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def attributes(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnrichAttribute]:
+        """Many-to-one attributes under aliases."""
+
+    @_builtins.property
+    def aggregates(self) -> _containers.RepeatedCompositeFieldContainer[_audience_service_pb2.Enrichment]:
+        """Aggregates of each record's linked records (count, sum, average, minimum, maximum), each under
+        its alias.
+        """
+
+    @_builtins.property
+    def collections(self) -> _containers.RepeatedCompositeFieldContainer[_audience_service_pb2.CollectionEnrichment]:
+        """Collections of each record's first linked records by a sort, each a list of records under its
+        alias (at most 10 along a path), so that a template can loop over `target.<alias>`.
+        """
+
+    def __init__(
+        self,
+        *,
+        attributes: _abc.Iterable[Global___EnrichAttribute] | None = ...,
+        aggregates: _abc.Iterable[_audience_service_pb2.Enrichment] | None = ...,
+        collections: _abc.Iterable[_audience_service_pb2.CollectionEnrichment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregates", b"aggregates", "attributes", b"attributes", "collections", b"collections"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrichActivity: _TypeAlias = EnrichActivity  # noqa: Y015
+
+@_typing.final
 class ForkActivity(_message.Message):
     """Passes its incoming population on to every outgoing transition, so that branches run in parallel."""
 
@@ -849,6 +923,7 @@ class Activity(_message.Message):
     DEDUPLICATE_FIELD_NUMBER: _builtins.int
     SAVE_AUDIENCE_FIELD_NUMBER: _builtins.int
     RECONCILE_FIELD_NUMBER: _builtins.int
+    ENRICH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The activity's id, unique in the campaign: lower case letters, digits, `_` and `-`."""
     display_name: _builtins.str
@@ -909,6 +984,10 @@ class Activity(_message.Message):
     def reconcile(self) -> Global___ReconcileActivity:
         """Reconcile the population with another entity."""
 
+    @_builtins.property
+    def enrich(self) -> Global___EnrichActivity:
+        """Enrich the population with linked attributes, aggregates and collections."""
+
     def __init__(
         self,
         *,
@@ -928,12 +1007,13 @@ class Activity(_message.Message):
         deduplicate: Global___DeduplicateActivity | None = ...,
         save_audience: Global___SaveAudienceActivity | None = ...,
         reconcile: Global___ReconcileActivity | None = ...,
+        enrich: Global___EnrichActivity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["build_audience", b"build_audience", "change_dimension", b"change_dimension", "channel", b"channel", "combine", b"combine", "deduplicate", b"deduplicate", "end", b"end", "fork", b"fork", "join", b"join", "kind", b"kind", "read_audience", b"read_audience", "reconcile", b"reconcile", "save_audience", b"save_audience", "split", b"split", "test", b"test", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["build_audience", b"build_audience", "change_dimension", b"change_dimension", "channel", b"channel", "combine", b"combine", "deduplicate", b"deduplicate", "end", b"end", "enrich", b"enrich", "fork", b"fork", "join", b"join", "kind", b"kind", "read_audience", b"read_audience", "reconcile", b"reconcile", "save_audience", b"save_audience", "split", b"split", "test", b"test", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_audience", b"build_audience", "change_dimension", b"change_dimension", "channel", b"channel", "combine", b"combine", "deduplicate", b"deduplicate", "display_name", b"display_name", "end", b"end", "fork", b"fork", "id", b"id", "join", b"join", "kind", b"kind", "read_audience", b"read_audience", "reconcile", b"reconcile", "save_audience", b"save_audience", "split", b"split", "test", b"test", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_audience", b"build_audience", "change_dimension", b"change_dimension", "channel", b"channel", "combine", b"combine", "deduplicate", b"deduplicate", "display_name", b"display_name", "end", b"end", "enrich", b"enrich", "fork", b"fork", "id", b"id", "join", b"join", "kind", b"kind", "read_audience", b"read_audience", "reconcile", b"reconcile", "save_audience", b"save_audience", "split", b"split", "test", b"test", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["build_audience", "channel", "fork", "join", "wait", "test", "end", "read_audience", "combine", "change_dimension", "split", "deduplicate", "save_audience", "reconcile"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["build_audience", "channel", "fork", "join", "wait", "test", "end", "read_audience", "combine", "change_dimension", "split", "deduplicate", "save_audience", "reconcile", "enrich"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

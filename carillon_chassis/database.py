@@ -107,7 +107,8 @@ class Database:
         bootstrap.dispose()
         return sa.create_engine(
             self.url,
-            connect_args={"options": f"-csearch_path={self.schema}"},
+            # Custom plans always: a prepared statement's generic plan ignores the sizes of IN lists and arrays.
+            connect_args={"options": f"-csearch_path={self.schema} -cplan_cache_mode=force_custom_plan"},
             pool_size=self.threads + 2,
             pool_pre_ping=True,
         )

@@ -124,7 +124,8 @@ class EligibilityGateway(Protocol):
     ) -> list[Verdict]:
         """One verdict per identity, in order; each allowed marketing identity also reserves one send
         against the capping rules under its message id, atomically with the check (a message id
-        reserved or recorded already is allowed again without counting twice)."""
+        reserved or recorded already is allowed again without counting twice). The verdicts may leave
+        the profile out: the caller has it from :meth:`check`."""
         ...
 
     async def release(self, sandbox: str, message_ids: Sequence[str]) -> int:
@@ -152,9 +153,9 @@ def _rpc_error(operation: str, err: grpc.RpcError) -> CarillonError:
     return error_from_rpc(err)
 
 
-def _verdict(result: profile_pb2.EligibilityResult) -> Verdict:
+def _verdict(result: profile_pb2.EligibilityResult, *, with_profile: bool = True) -> Verdict:
     profile = None
-    if result.HasField("profile") and result.profile.name.startswith("profiles/"):
+    if with_profile and result.HasField("profile") and result.profile.name.startswith("profiles/"):
         message = result.profile
         profile = ProfileView(
             profile_id=message.name.removeprefix("profiles/"),
@@ -189,7 +190,8 @@ class ProfileServiceGateway:
     async def reserve(
         self, sandbox: str, channel: str, category: str, identities: Sequence[Identity], message_ids: Sequence[str]
     ) -> list[Verdict]:
-        """One CheckEligibility call with ``reserve`` for the whole batch."""
+        """One CheckEligibility call with ``reserve`` for the whole batch; its verdicts carry no profile
+        (building one costs about 13 us, and the check before it built it already)."""
         return await self._check(sandbox, channel, category, identities, message_ids)
 
     async def release(self, sandbox: str, message_ids: Sequence[str]) -> int:
@@ -219,7 +221,8 @@ class ProfileServiceGateway:
             )
         except grpc.RpcError as err:
             raise _rpc_error("CheckEligibility", err) from err
-        return [_verdict(result) for result in response.results]
+        with_profile = not message_ids
+        return [_verdict(result, with_profile=with_profile) for result in response.results]
 
     async def record(self, sandbox: str, communications: Sequence[Communication]) -> int:
         """One RecordCommunications call for the whole batch."""

@@ -6,12 +6,20 @@ the provider idempotency key, so that a message sent twice after a crash is reco
 Messages are built with the ``email.mime`` classes and the compat32 policy, serialised with CRLF line
 ends: about four times faster than ``EmailMessage`` with the SMTP policy, which dominated the cost of a
 send. Non-ASCII headers are RFC 2047 encoded; ASCII bodies are 7-bit, others UTF-8 (base64).
+
+The common case (ASCII bodies, short printable ASCII headers) is assembled directly as a string, byte for
+byte what the ``email.mime`` path produces (same header order, same CRLF line ends, the same random
+multipart boundary drawn the same way) at a tenth of its cost: compat32 header folding and a regular
+expression compiled per boundary were most of the time. Anything else takes the ``email.mime`` path;
+tests/unit/test_delivery_emails_fast.py checks the two against each other.
 """
 
 from __future__ import annotations
 
 import email.policy
+import random
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.header import Header
@@ -66,7 +74,27 @@ def compose_email(
     sender_name = parts.get("sender_name") or default_sender_name
     if not is_valid_address(sender_address):
         raise ValueError(f"not a valid sender address: {sender_address!r}")
+    headers = (
+        ("From", formataddr((sender_name, sender_address), charset="utf-8")),
+        ("To", recipient),
+        ("Subject", parts.get("subject", "")),
+        ("Date", format_datetime(utcnow())),
+        ("Message-ID", f"<{message_id}@{MESSAGE_ID_DOMAIN}>"),
+        (MESSAGE_ID_HEADER, message_id),
+    )
     text, html = parts.get("text_body", ""), parts.get("html_body", "")
+    data = _plain_bytes(headers, text, html)
+    if data is None:
+        data = _mime_bytes(headers, text, html)
+    return OutgoingEmail(message_id, sender_address, recipient, data)
+
+
+Headers = tuple[tuple[str, str], ...]
+"""(name, value) of the headers after the content headers, in order."""
+
+
+def _mime_bytes(headers: Headers, text: str, html: str) -> bytes:
+    """The email built with the ``email.mime`` classes and serialised with the compat32 policy (any input)."""
     message: MIMEBase
     if text and html:
         message = MIMEMultipart("alternative")
@@ -74,13 +102,69 @@ def compose_email(
         message.attach(MIMEText(html, "html", _charset(html)))
     else:
         message = MIMEText(text or html, "plain" if text else "html", _charset(text or html))
-    message["From"] = formataddr((sender_name, sender_address), charset="utf-8")
-    message["To"] = recipient
-    message["Subject"] = _header(parts.get("subject", ""))  # type: ignore[assignment]
-    message["Date"] = format_datetime(utcnow())
-    message["Message-ID"] = f"<{message_id}@{MESSAGE_ID_DOMAIN}>"
-    message[MESSAGE_ID_HEADER] = message_id
-    return OutgoingEmail(message_id, sender_address, recipient, message.as_bytes(policy=_CRLF))
+    for name, value in headers:
+        message[name] = _header(value) if name == "Subject" else value  # type: ignore[assignment]
+    return message.as_bytes(policy=_CRLF)
+
+
+# compat32 folds a header line longer than this, and may rewrite one with leading or trailing whitespace.
+_MAX_HEADER_LINE = 78
+# Header lines of an ASCII text part as compat32 writes them, by subtype.
+_PART_HEADERS = {
+    subtype: (
+        f'Content-Type: text/{subtype}; charset="us-ascii"\r\nMIME-Version: 1.0\r\nContent-Transfer-Encoding: 7bit\r\n'
+    )
+    for subtype in ("plain", "html")
+}
+_BOUNDARY_DIGITS = len(repr(sys.maxsize - 1))  # as email.generator.Generator._make_boundary
+
+
+def _plain_header(name: str, value: str) -> bool:
+    """Whether compat32 writes ``name: value`` as is: printable ASCII, short, no edge whitespace."""
+    return (
+        value.isascii()
+        and value.isprintable()
+        and len(name) + 2 + len(value) <= _MAX_HEADER_LINE
+        and value == value.strip(" \t")
+    )
+
+
+def _crlf(body: str) -> str:
+    """Every line end (CRLF, CR or LF) as CRLF, as the generator writes a body."""
+    return body.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
+
+
+def _boundary(text: str) -> str:
+    """The multipart boundary the generator picks for parts flattened to ``text`` (same random draw)."""
+    boundary = ("=" * 15) + f"{random.randrange(sys.maxsize):0{_BOUNDARY_DIGITS}d}" + "=="
+    if "--" + boundary not in text:
+        return boundary
+    candidate, counter = boundary, 0
+    while re.search("^--" + re.escape(candidate) + "(--)?$", text, flags=re.MULTILINE):
+        candidate = f"{boundary}.{counter}"
+        counter += 1
+    return candidate
+
+
+def _plain_bytes(headers: Headers, text: str, html: str) -> bytes | None:
+    """The email assembled as a string when its bodies are ASCII and its headers plain; else None.
+
+    Byte for byte what :func:`_mime_bytes` returns for the same input and random state.
+    """
+    if not (text.isascii() and html.isascii()) or not all(_plain_header(n, v) for n, v in headers):
+        return None
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    if text and html:
+        first = _PART_HEADERS["plain"] + "\r\n" + _crlf(text)
+        second = _PART_HEADERS["html"] + "\r\n" + _crlf(html)
+        boundary = _boundary(first + "\r\n" + second)
+        data = (
+            f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\nMIME-Version: 1.0\r\n{lines}\r\n'
+            f"--{boundary}\r\n{first}\r\n--{boundary}\r\n{second}\r\n--{boundary}--\r\n"
+        )
+    else:
+        data = _PART_HEADERS["plain" if text else "html"] + lines + "\r\n" + _crlf(text or html)
+    return data.encode("ascii")
 
 
 _CRLF = email.policy.compat32.clone(linesep="\r\n")

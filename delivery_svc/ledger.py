@@ -14,6 +14,11 @@ ledger change they report (a ``sent`` or ``failed`` status, a delivered / opened
 feedback event), so that none is lost and none is queued for a change that was rolled back; the
 outbox is emptied by :mod:`delivery_svc.message_logs`. Plain synchronous SQLAlchemy; callers run it
 on the database worker pool.
+
+Batches are written in bulk: on PostgreSQL one ``INSERT … SELECT unnest(…)`` per batch for new rows and
+queued logs, and one ``UPDATE … WHERE id = ANY(…)`` per status for the changes (an array of strings
+travels as one string joined with U+001F, split by ``string_to_array`` in the server: binding thousands
+of parameters one by one was most of a batch's ledger time); on SQLite, executemany and ``IN`` lists.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -209,6 +215,40 @@ def _chunks(items: Sequence[object], size: int = _CHUNK) -> Iterable[Sequence[ob
         yield items[start : start + size]
 
 
+_SEPARATOR = "\x1f"
+
+
+def _array(values: Sequence[Any], column: sa.Column[Any]) -> sa.ColumnElement[Any]:
+    """A PostgreSQL array of ``values`` for ``column``: strings joined in one parameter and split in the
+    server (psycopg adapts a list element by element), a real array parameter for anything else (or a
+    string holding the separator, or a lone empty string, which the split cannot tell from none)."""
+    if all(type(v) is str and _SEPARATOR not in v for v in values) and list(values) != [""]:
+        joined = sa.bindparam(None, _SEPARATOR.join(values), type_=sa.Text)
+        return sa.func.string_to_array(joined, sa.literal_column("chr(31)"), type_=postgresql.ARRAY(sa.Text))
+    return sa.bindparam(None, list(values), type_=postgresql.ARRAY(column.type))
+
+
+def _insert_new(
+    conn: sa.Connection, table: sa.Table, rows: Sequence[dict[str, Any]], constants: dict[str, Any]
+) -> None:
+    """Insert ``rows`` (dicts with the same keys) plus the ``constants`` columns, leaving out a row whose
+    key exists: one ``INSERT … SELECT unnest(…)`` on PostgreSQL, executemany per 1,000 rows on SQLite."""
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql":
+        statement = sqlite.insert(table).on_conflict_do_nothing()
+        for start in range(0, len(rows), _CHUNK):
+            conn.execute(statement, [{**row, **constants} for row in rows[start : start + _CHUNK]])
+        return
+    columns = list(rows[0])
+    selected: list[sa.ColumnElement[Any]] = [
+        sa.func.unnest(_array([row[name] for row in rows], table.c[name])) for name in columns
+    ]
+    selected += [sa.bindparam(None, value, type_=table.c[name].type) for name, value in constants.items()]
+    insert = postgresql.insert(table).from_select(columns + list(constants), sa.select(*selected))
+    conn.execute(insert.on_conflict_do_nothing())
+
+
 class Ledger:
     """The send ledger of one database."""
 
@@ -282,33 +322,30 @@ class Ledger:
         """
         now = utcnow()
         with self.database.engine.begin() as conn:
-            if new:
-                dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-                statement = dialect.insert(self._table).on_conflict_do_nothing()
-                conn.execute(
-                    statement,
-                    [
-                        {
-                            "id": e.message_id,
-                            "sandbox": e.sandbox,
-                            "campaign": e.campaign,
-                            "run": e.run,
-                            "activity": e.activity,
-                            "profile_key": e.profile_key,
-                            "entity_key": e.entity_key,
-                            "channel": e.channel,
-                            "status": e.status,
-                            "reason": e.reason,
-                            "address": e.address,
-                            "create_time": now,
-                            "update_time": now,
-                            "defer_until": e.defer_until,
-                            "identity_namespace": e.identity_namespace,
-                            "identity_value": e.identity_value,
-                        }
-                        for e in new
-                    ],
-                )
+            _insert_new(
+                conn,
+                self._table,
+                [
+                    {
+                        "id": e.message_id,
+                        "sandbox": e.sandbox,
+                        "campaign": e.campaign,
+                        "run": e.run,
+                        "activity": e.activity,
+                        "profile_key": e.profile_key,
+                        "entity_key": e.entity_key,
+                        "channel": e.channel,
+                        "status": e.status,
+                        "reason": e.reason,
+                        "address": e.address,
+                        "defer_until": e.defer_until,
+                        "identity_namespace": e.identity_namespace,
+                        "identity_value": e.identity_value,
+                    }
+                    for e in new
+                ],
+                {"create_time": now, "update_time": now},
+            )
             self._apply(conn, changes, now)
             self._queue_logs(conn, logs, now)
 
@@ -324,51 +361,53 @@ class Ledger:
         """Queue log events in the outbox; an event already queued (same message and status) stays."""
         if not self.message_logs or not logs:
             return
-        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
         rows = [
-            {
-                "sandbox": e.sandbox,
-                "message_id": e.message_id,
-                "status": e.status,
-                "event_time": e.event_time,
-                "create_time": now,
-                "attempts": 0,
-                "next_attempt_time": now,
-            }
+            {"sandbox": e.sandbox, "message_id": e.message_id, "status": e.status, "event_time": e.event_time}
             for e in logs
         ]
-        statement = dialect.insert(self._outbox).on_conflict_do_nothing()
-        for start in range(0, len(rows), _CHUNK):
-            conn.execute(statement, rows[start : start + _CHUNK])
+        _insert_new(conn, self._outbox, rows, {"create_time": now, "attempts": 0, "next_attempt_time": now})
 
     def _apply(self, conn: sa.Connection, changes: Sequence[StatusChange], now: datetime) -> None:
         t = self._table
         groups: dict[tuple[str, str], list[str]] = {}
-        addresses: list[dict[str, str]] = []
+        addresses: list[tuple[str, object]] = []
+        deferrals: list[tuple[str, object]] = []
         for change in changes:
             groups.setdefault((change.status, change.reason), []).append(change.message_id)
             if change.address is not None:
-                addresses.append({"b_id": change.message_id, "b_address": change.address})
-        deferrals: list[dict[str, object]] = []
-        for change in changes:
+                addresses.append((change.message_id, change.address))
             if change.status == DEFERRED:
-                deferrals.append({"b_id": change.message_id, "b_until": change.defer_until})
+                deferrals.append((change.message_id, change.defer_until))
+        postgres = conn.dialect.name == "postgresql"
         for (status, reason), ids in groups.items():
             values: dict[str, object] = {"status": status, "reason": reason, "update_time": now}
             if status == SENT:
                 values["sent_time"] = now
+            if postgres:
+                conn.execute(t.update().where(t.c.id == sa.any_(_array(ids, t.c.id))).values(**values))
+                continue
             for chunk in _chunks(ids):
                 conn.execute(t.update().where(t.c.id.in_(chunk)).values(**values))
         if deferrals:
-            conn.execute(
-                t.update().where(t.c.id == sa.bindparam("b_id")).values(defer_until=sa.bindparam("b_until")),
-                deferrals,
-            )
+            self._set_each(conn, t.c.defer_until, deferrals)
         if addresses:
+            self._set_each(conn, t.c.address, addresses)
+
+    def _set_each(self, conn: sa.Connection, column: sa.Column[Any], values: Sequence[tuple[str, object]]) -> None:
+        """Set ``column`` of each row id to its own value: one ``UPDATE … FROM unnest(…)`` on PostgreSQL,
+        an executemany on SQLite."""
+        t = self._table
+        if conn.dialect.name != "postgresql":
             conn.execute(
-                t.update().where(t.c.id == sa.bindparam("b_id")).values(address=sa.bindparam("b_address")),
-                addresses,
+                t.update().where(t.c.id == sa.bindparam("b_id")).values({column: sa.bindparam("b_value")}),
+                [{"b_id": row_id, "b_value": value} for row_id, value in values],
             )
+            return
+        pairs = sa.select(
+            sa.func.unnest(_array([row_id for row_id, _ in values], t.c.id)).label("id"),
+            sa.func.unnest(_array([value for _, value in values], column)).label("value"),
+        ).subquery("v")
+        conn.execute(t.update().where(t.c.id == pairs.c.id).values({column: pairs.c.value}))
 
     # -- feedback -------------------------------------------------------------------------------
     def record_feedback(self, sandbox: str, events: Sequence[FeedbackEvent]) -> FeedbackOutcome:

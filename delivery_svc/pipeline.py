@@ -49,7 +49,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -500,7 +500,8 @@ class SendSession:
                 else:
                     reserved.add(job.message_id)
                     if not job.verdict.address:  # capped in the check, allowed by its own reservation
-                        job.verdict = verdict
+                        # The reservation's verdict may leave the profile out: the check's stands.
+                        job.verdict = replace(verdict, profile=job.verdict.profile or verdict.profile)
                     kept.append(job)
             jobs = kept
             timings["reserve"] = time.perf_counter() - started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
@@ -10,7 +11,7 @@ import sqlalchemy as sa
 from carillon_chassis.database import Database, utcnow
 from carillon_chassis.errors import AlreadyExists, InvalidArgument, NotFound
 from delivery_svc.ledger import Ledger, LedgerEntry, LogEvent, StatusChange, message_id
-from delivery_svc.tables import MIGRATIONS, LedgerRow
+from delivery_svc.tables import MIGRATIONS, LedgerRow, MessageLogOutboxRow
 from delivery_svc.templates import Template, TemplateStore
 
 RUN = "campaigns/c1/runs/r1"
@@ -101,6 +102,61 @@ def test_mark_records_status_and_reason_in_one_transaction(database: Database) -
 
     rows = {e.profile_key: (e.status, e.reason) for e in ledger.entries("prod", RUN, "a1")}
     assert rows == {"ada": ("sent", ""), "bob": ("failed", "PROVIDER_X")}
+
+
+def test_a_status_change_sets_each_rows_own_address_and_defer_time(database: Database) -> None:
+    ledger = Ledger(database)
+    ledger.write([entry("ada"), entry("bob"), entry("cy")])
+    until = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+
+    ledger.mark(
+        [
+            StatusChange(entry("ada").message_id, "pending", "", "ada@new.example.com"),
+            StatusChange(entry("bob").message_id, "deferred", "", "", defer_until=until),
+            StatusChange(entry("cy").message_id, "pending", "", "odd\x1fname@example.com"),
+        ]
+    )
+
+    rows = {e.profile_key: (e.status, e.address, e.defer_until) for e in ledger.entries("prod", RUN, "a1")}
+    assert rows == {
+        "ada": ("pending", "ada@new.example.com", None),
+        "bob": ("deferred", "", until),
+        "cy": ("pending", "odd\x1fname@example.com", None),
+    }
+
+
+def test_a_batch_of_new_rows_keeps_every_column_including_empty_and_separator_values(database: Database) -> None:
+    ledger = Ledger(database)
+    until = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+    odd = LedgerEntry(**{**vars(entry("bob", "r\x1f1")), "status": "deferred", "defer_until": until, "address": ""})
+
+    ledger.write([entry("ada", ""), odd])
+
+    rows = {
+        e.profile_key: (e.entity_key, e.status, e.address, e.defer_until, e.campaign)
+        for e in ledger.entries("prod", RUN, "a1")
+    }
+    assert rows == {
+        "ada": ("", "pending", "ada@example.com", None, "campaigns/c1"),
+        "bob": ("r\x1f1", "deferred", "", until, "campaigns/c1"),
+    }
+
+
+def test_queued_message_logs_keep_one_row_per_message_and_status(database: Database) -> None:
+    ledger = Ledger(database, message_logs=True)
+    ledger.write([entry("ada"), entry("bob")])
+    now = utcnow()
+    ada, bob = entry("ada").message_id, entry("bob").message_id
+
+    ledger.mark([StatusChange(ada, "sent")], [LogEvent("prod", ada, "sent", now), LogEvent("prod", ada, "sent", now)])
+    ledger.mark(
+        [StatusChange(bob, "failed", "X")], [LogEvent("prod", ada, "sent", now), LogEvent("prod", bob, "failed", now)]
+    )
+
+    outbox = MessageLogOutboxRow.__table__  # type: ignore[attr-defined]
+    with database.engine.connect() as conn:
+        queued = {(r.message_id, r.status, r.attempts) for r in conn.execute(sa.select(outbox))}
+    assert queued == {(ada, "sent", 0), (bob, "failed", 0)}
 
 
 def email_template() -> Template:

@@ -582,7 +582,9 @@ class Engine:
                     task.state, task.wake_time, task.confirmation = TaskState.WAITING, deadline, "awaiting"
                     log.info("channel activity waits for a confirmation", until=deadline.isoformat())
                     return
-                await self.journal.skip_recipients(key, activity.id, NOT_CONFIRMED, source.count)
+                if NOT_CONFIRMED not in task.skipped:  # counted before a crash: the resumed run must not add it again
+                    await self.journal.skip_recipients(key, activity.id, NOT_CONFIRMED, source.count)
+                    task.skipped = {**task.skipped, NOT_CONFIRMED: source.count}
                 note = f"not confirmed within the time limit: nothing was sent to {source.count} recipients"
                 await self.journal.finish_task(key, activity.id, note, {"": source.count})
                 self._done(task, produced, source, {"": source.count})

@@ -155,12 +155,12 @@ class Lifecycle:
 
     # -- transitions --------------------------------------------------------------------------
     def stop(self, sandbox: str, campaign_id: str) -> Campaign:
-        """Stop a scheduled, live or closed campaign: its unfinished runs are cancelled."""
+        """Stop a scheduled, live or closed campaign: its unfinished runs are cancelled (pending, running,
+        and those waiting or suspended without a lease, which would otherwise wake and send)."""
 
         def apply(conn: sa.Connection, campaign: Campaign, now: datetime) -> None:
-            cancel_runs(
-                conn, sandbox, campaign_id, (RunState.PENDING, RunState.RUNNING), now, "the campaign was stopped"
-            )
+            unfinished = (RunState.PENDING, RunState.RUNNING, RunState.WAITING, RunState.SUSPENDED)
+            cancel_runs(conn, sandbox, campaign_id, unfinished, now, "the campaign was stopped")
             _update(conn, sandbox, campaign_id, state=CampaignState.STOPPED.value, next_run_time=None)
 
         allowed = (CampaignState.SCHEDULED, CampaignState.LIVE, CampaignState.CLOSED)

@@ -208,6 +208,37 @@ def _activity_violations(canvas: Canvas, prefix: str, max_rate_per_second: int =
                     )
         elif not isinstance(kind, Fork | Join | End):
             violations.append(FieldViolation(f"{path}.kind", "exactly one activity kind must be set"))
+    violations += _working_set_id_violations(canvas, prefix, first_index)
+    return violations
+
+
+def _working_set_ids(activity: Activity) -> list[str]:
+    """The activity ids, other than its own, under which an activity's named outputs build their working
+    sets in audience_svc (idempotent per run and activity id)."""
+    kind = activity.kind
+    if not isinstance(kind, Split | Combine | Deduplicate | Reconcile):
+        return []
+    ids = [output_activity(activity.id, output) for output in named_outputs(kind)]
+    if isinstance(kind, Combine) and kind.complement_output and kind.operation == "intersection":
+        ids.append(f"{activity.id}--union-all")
+    return ids
+
+
+def _working_set_id_violations(canvas: Canvas, prefix: str, first_index: Mapping[str, int]) -> list[FieldViolation]:
+    """An activity id equal to the working set id of another activity's named output would share its
+    working set in audience_svc (``{activity}--{output}``): refused, naming the colliding id."""
+    violations: list[FieldViolation] = []
+    for i, activity in enumerate(canvas.activities):
+        for derived in _working_set_ids(activity):
+            j = first_index.get(derived)
+            if j is not None:
+                violations.append(
+                    FieldViolation(
+                        f"{prefix}.activities[{j}].id",
+                        f"{derived!r} is taken by the working set of an output of {prefix}.activities[{i}]"
+                        f" ({activity.id!r}); choose another activity id",
+                    )
+                )
     return violations
 
 

@@ -669,10 +669,12 @@ class LeaseLost(Exception):
 
 @dataclass
 class ClaimedRun:
-    """A run claimed by a replica, with the canvas it executes."""
+    """A run claimed by a replica, with the canvas it executes and the claim's fencing token (the
+    run's claim counter: writes of this execution carry it, and fail once the run is claimed again)."""
 
     run: Run
     canvas: Canvas
+    fencing_token: int = 0
 
 
 def canvas_to_json(canvas: Canvas) -> dict[str, Any]:

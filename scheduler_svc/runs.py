@@ -2,21 +2,26 @@
 
 A run is *due* when it is PENDING with ``scheduled_time <= now``, or RUNNING with an expired lease
 (the replica executing it crashed or lost its database). Claiming sets ``lease_owner`` and
-``lease_expires`` and moves the run to RUNNING and its campaign to LIVE:
+``lease_expires``, increments the run's ``fencing_token`` (returned as
+:attr:`ClaimedRun.fencing_token`) and moves the run to RUNNING and its campaign to LIVE:
 
 - on PostgreSQL, due runs are selected ``FOR UPDATE SKIP LOCKED``, so replicas claiming at the same
   time never block on, nor take, the same run;
 - on SQLite (the single-replica, embedded default) each candidate is taken with a conditional
   ``UPDATE ... WHERE <still due>``; SQLite serializes writers, so a run is still claimed at most once.
 
-Every progress write checks the lease (the fence: the run is RUNNING and leased to the writer) in
-the same transaction, so a replica that lost its run (another replica claimed it after the lease
-expired, or it was cancelled) cannot write to it any more: it gets :class:`LeaseLost`. The check
-must not serialize the concurrent branches of one run on the run's row:
+Every progress write checks the lease (the fence: the run is RUNNING, leased to the writer and still
+at the fencing token of the writer's claim, :meth:`Lease.of_claim`) in the same transaction, so an
+execution that lost its run (it was claimed again after the lease expired, by another replica or by
+the same one while the old execution was still going, or it was cancelled) cannot write to it any
+more: it gets :class:`LeaseLost` and writes nothing. Renewals and releases check the token the same
+way. A lease without a token (the replica's own, which claims runs) stands for every claim of its
+owner; the runner writes with each claim's lease. The run log keeps saying "claimed by replica X".
+The check must not serialize the concurrent branches of one run on the run's row:
 
 - on PostgreSQL it reads the row ``FOR SHARE``: progress writes of one run share the lock, while a
   takeover's (or a cancellation's) ``UPDATE`` waits for the writes in flight to commit, and a write
-  that starts after the takeover sees the new owner and raises :class:`LeaseLost`;
+  that starts after the takeover sees the new owner or token and raises :class:`LeaseLost`;
 - the lease is renewed (an ``UPDATE`` of the row, taken before anything else in the transaction so
   a shared lock is never upgraded) only when a third of the lease has passed since this store last
   took or renewed it, or by the runner's heartbeat; writes that change the run's row itself (ending
@@ -72,14 +77,35 @@ _FINISHED_TASKS = (TaskState.SUCCEEDED.value, TaskState.FAILED.value, TaskState.
 
 @dataclass(frozen=True)
 class Lease:
-    """Who holds a lease and for how long each claim or renewal extends it."""
+    """Who holds a lease, for how long each claim or renewal extends it, and the fencing token of the
+    claim it belongs to.
+
+    ``token`` is the run's ``fencing_token`` returned with the claim (:attr:`ClaimedRun.fencing_token`);
+    writes with it fail once the run is claimed again, even by the same owner. A lease without a token
+    (the replica's own, before any claim) stands for every claim of its owner: it claims runs, and
+    tools and tests write with it.
+    """
 
     owner: str
     duration_s: float
+    token: int | None = None
 
     def expiry(self, now: datetime) -> datetime:
         """When a lease taken or renewed at ``now`` expires."""
         return now + timedelta(seconds=self.duration_s)
+
+    def of_claim(self, claimed: ClaimedRun) -> Lease:
+        """This lease narrowed to one claim: its writes fail once the run is claimed again."""
+        return Lease(self.owner, self.duration_s, claimed.fencing_token)
+
+    def __str__(self) -> str:
+        return self.owner if self.token is None else f"{self.owner} (fencing token {self.token})"
+
+
+def _held(lease: Lease) -> tuple[sa.ColumnElement[bool], ...]:
+    """The run is RUNNING and leased to ``lease`` (to its claim, when it has a token)."""
+    held = (RUNS.c.state == RunState.RUNNING.value, RUNS.c.lease_owner == lease.owner)
+    return held if lease.token is None else (*held, RUNS.c.fencing_token == lease.token)
 
 
 def _merge(stored: Mapping[str, int] | None, added: Mapping[str, int] | None) -> dict[str, int]:
@@ -175,22 +201,33 @@ class RunStore:
 
     def __init__(self, database: Database) -> None:
         self.database = database
-        # When this store last took or renewed each lease it holds (monotonic clock), by run and owner.
-        self._renewed: dict[tuple[RunKey, str], float] = {}
+        # When this store last took or renewed each lease it holds (monotonic clock), by run and owner,
+        # with the fencing token of the claim (a token-less lease shares the entry of its owner's claim).
+        self._renewed: dict[tuple[RunKey, str], tuple[int | None, float]] = {}
         self._renewed_lock = threading.Lock()
 
-    def _note_renewed(self, key: RunKey, owner: str) -> None:
+    def _note_renewed(self, key: RunKey, lease: Lease) -> None:
         with self._renewed_lock:
-            self._renewed[(key, owner)] = time.monotonic()
+            token = lease.token
+            if token is None and (key, lease.owner) in self._renewed:
+                token = self._renewed[(key, lease.owner)][0]
+            self._renewed[(key, lease.owner)] = (token, time.monotonic())
 
-    def _forget(self, key: RunKey, owner: str) -> None:
+    def _forget(self, key: RunKey, lease: Lease) -> None:
         with self._renewed_lock:
-            self._renewed.pop((key, owner), None)
+            noted = self._renewed.get((key, lease.owner))
+            if noted is not None and (lease.token is None or noted[0] == lease.token):
+                del self._renewed[(key, lease.owner)]
 
     def _renewal_due(self, key: RunKey, lease: Lease) -> bool:
         with self._renewed_lock:
-            last = self._renewed.get((key, lease.owner))
-        return last is None or time.monotonic() - last > lease.duration_s / 3
+            noted = self._renewed.get((key, lease.owner))
+        if noted is None:
+            return True
+        token, last = noted
+        if token is not None and lease.token is not None and token != lease.token:
+            return True  # the lease of an earlier claim: the renewing UPDATE checks it (and fails)
+        return time.monotonic() - last > lease.duration_s / 3
 
     # -- claiming -----------------------------------------------------------------------------
     def claim_due_runs(self, lease: Lease, limit: int, now: datetime | None = None) -> list[ClaimedRun]:
@@ -213,8 +250,8 @@ class RunStore:
                 for key in keys:
                     self._take(conn, key, lease, now, sa.true())
                 taken = [self._load_claimed(conn, key) for key in keys]
-            for key in keys:
-                self._note_renewed(key, lease.owner)
+            for item in taken:
+                self._note_renewed(item.run.key, lease.of_claim(item))
             return taken
         # SQLite: read the candidates, then take each with its own write transaction whose UPDATE
         # re-checks that the run is still due (a transaction that writes first never reads stale data).
@@ -226,7 +263,7 @@ class RunStore:
                 if not self._take(conn, key, lease, now, due):
                     continue
                 claimed.append(self._load_claimed(conn, key))
-            self._note_renewed(key, lease.owner)
+            self._note_renewed(key, lease.of_claim(claimed[-1]))
         return claimed
 
     @staticmethod
@@ -239,6 +276,7 @@ class RunStore:
                 start_time=sa.func.coalesce(RUNS.c.start_time, now),
                 lease_owner=lease.owner,
                 lease_expires=lease.expiry(now),
+                fencing_token=RUNS.c.fencing_token + 1,
             )
         ).rowcount
         if taken:
@@ -260,9 +298,10 @@ class RunStore:
                 CAMPAIGNS.c.sandbox == key.sandbox, CAMPAIGNS.c.campaign_id == key.campaign_id
             )
         ).scalar_one()
+        token = conn.execute(sa.select(RUNS.c.fencing_token).where(*_key_where(RUNS, key))).scalar_one()
         run = self._load_run(conn, key)
         assert run is not None
-        return ClaimedRun(run=run, canvas=canvas_from_json(canvas))
+        return ClaimedRun(run=run, canvas=canvas_from_json(canvas), fencing_token=token)
 
     def renew_lease(self, key: RunKey, lease: Lease, now: datetime | None = None) -> bool:
         """Extend this replica's lease on a running run; False when it no longer owns the run."""
@@ -270,9 +309,9 @@ class RunStore:
         with self.database.engine.begin() as conn:
             renewed = self._renew(conn, key, lease, now, raise_lost=False)
         if renewed:
-            self._note_renewed(key, lease.owner)
+            self._note_renewed(key, lease)
         else:
-            self._forget(key, lease.owner)
+            self._forget(key, lease)
         return renewed
 
     def release_lease(self, key: RunKey, lease: Lease, now: datetime | None = None) -> None:
@@ -281,10 +320,10 @@ class RunStore:
         with self.database.engine.begin() as conn:
             conn.execute(
                 RUNS.update()
-                .where(*_key_where(RUNS, key), RUNS.c.lease_owner == lease.owner)
+                .where(*_key_where(RUNS, key), *_held(lease))
                 .values(lease_expires=now - timedelta(microseconds=1))
             )
-        self._forget(key, lease.owner)
+        self._forget(key, lease)
 
     @staticmethod
     def _renew(
@@ -293,15 +332,11 @@ class RunStore:
         """Extend the lease when it is still held; with ``extend`` False, only check it and lock the run's row."""
         renewed = conn.execute(
             RUNS.update()
-            .where(
-                *_key_where(RUNS, key),
-                RUNS.c.state == RunState.RUNNING.value,
-                RUNS.c.lease_owner == lease.owner,
-            )
+            .where(*_key_where(RUNS, key), *_held(lease))
             .values(lease_expires=lease.expiry(now) if extend else RUNS.c.lease_expires)
         ).rowcount
         if not renewed and raise_lost:
-            raise LeaseLost(f"{key.name} is no longer leased to {lease.owner}")
+            raise LeaseLost(f"{key.name} is no longer leased to {lease}")
         return bool(renewed)
 
     def _fence(self, conn: sa.Connection, key: RunKey, lease: Lease, now: datetime, *, exclusive: bool = False) -> None:
@@ -313,25 +348,19 @@ class RunStore:
             try:
                 self._renew(conn, key, lease, now, extend=due)
             except LeaseLost:
-                self._forget(key, lease.owner)
+                self._forget(key, lease)
                 raise
             if due:
                 # Noted before the commit: should the write not commit, the lease is renewed a third of
                 # it later than planned (or by the heartbeat), still well before it expires.
-                self._note_renewed(key, lease.owner)
+                self._note_renewed(key, lease)
             return
         held = conn.execute(
-            sa.select(RUNS.c.run_id)
-            .where(
-                *_key_where(RUNS, key),
-                RUNS.c.state == RunState.RUNNING.value,
-                RUNS.c.lease_owner == lease.owner,
-            )
-            .with_for_update(read=True)
+            sa.select(RUNS.c.run_id).where(*_key_where(RUNS, key), *_held(lease)).with_for_update(read=True)
         ).first()
         if held is None:
-            self._forget(key, lease.owner)
-            raise LeaseLost(f"{key.name} is no longer leased to {lease.owner}")
+            self._forget(key, lease)
+            raise LeaseLost(f"{key.name} is no longer leased to {lease}")
 
     # -- progress (each write checks the lease, renewing it when due) ------------------------------------
     def start_task(self, key: RunKey, lease: Lease, activity: str, targeted: int | None = None) -> None:
@@ -611,7 +640,7 @@ class RunStore:
                 .values(state=RunState.WAITING.value, scheduled_time=wake, lease_owner=None, lease_expires=None)
             )
             log_event(conn, key, f"run waits until {wake.isoformat()}; no scheduler holds it meanwhile", now=now)
-        self._forget(key, lease.owner)
+        self._forget(key, lease)
 
     def fail_task(self, key: RunKey, lease: Lease, activity: str, message: str) -> None:
         """A task FAILED while the run goes on (error handling ``ignore``)."""
@@ -637,7 +666,7 @@ class RunStore:
             log_event(
                 conn, key, f"{error}; run suspended until restarted", activity=activity, level=LogLevel.ERROR, now=now
             )
-        self._forget(key, lease.owner)
+        self._forget(key, lease)
 
     def fail_run(self, key: RunKey, lease: Lease, activity: str | None, message: str) -> None:
         """The run FAILED: the activity's task FAILED with ``message``, unfinished tasks SKIPPED.
@@ -663,7 +692,7 @@ class RunStore:
             )
             log_event(conn, key, error, activity=activity or "", level=LogLevel.ERROR, now=now)
             self._end(conn, key, RunState.FAILED, now, error)
-        self._forget(key, lease.owner)
+        self._forget(key, lease)
 
     def succeed_run(self, key: RunKey, lease: Lease) -> None:
         """The run SUCCEEDED (every task finished)."""
@@ -672,7 +701,7 @@ class RunStore:
             self._fence(conn, key, lease, now, exclusive=True)
             log_event(conn, key, "run succeeded", now=now)
             self._end(conn, key, RunState.SUCCEEDED, now, "")
-        self._forget(key, lease.owner)
+        self._forget(key, lease)
 
     @staticmethod
     def _end(conn: sa.Connection, key: RunKey, state: RunState, now: datetime, error: str) -> None:

@@ -2,7 +2,8 @@
 
 Timestamps are stored in UTC (SQLite keeps no offset; :func:`carillon_chassis.database.as_utc`
 restores it on read). A run's ``lease_owner`` and ``lease_expires`` say which scheduler replica is
-executing it and until when; a run whose lease expired may be claimed by another replica.
+executing it and until when; a run whose lease expired may be claimed by another replica. Its
+``fencing_token`` counts its claims: the writes of an execution carry the token of its claim.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class RunRow(SchedulerBase, table=True):
     error: str = Field(default="", sa_type=sa.Text)
     lease_owner: str | None = Field(default=None, max_length=100)
     lease_expires: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    # The fencing token: incremented by every claim; the writes of an execution carry the token of its claim.
+    fencing_token: int = Field(default=0, sa_type=sa.BigInteger)
     # The schedule's launch time this run executes (unique per campaign); NULL for other runs.
     slot_time: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
     # What created the run (``schedule`` or ``signal``), the signal's parameters and its request id.
@@ -165,6 +168,10 @@ def _targeting_and_windows(conn: sa.Connection) -> None:
     _add_missing(conn, "run_tasks", "confirmation", sa.String(16))
 
 
+def _fencing_tokens(conn: sa.Connection) -> None:
+    _add_missing(conn, "runs", "fencing_token", sa.BigInteger(), "NOT NULL DEFAULT 0")
+
+
 MIGRATIONS = [
     Migration(1, "campaigns, runs, run tasks", _initial),
     Migration(2, "recurring schedules: next run time, one run per launch time", _recurring_schedules),
@@ -176,6 +183,7 @@ MIGRATIONS = [
         "targeting outputs' working sets; deferred recipients and confirmations of channel activities",
         _targeting_and_windows,
     ),
+    Migration(7, "fencing tokens: every claim of a run increments its token", _fencing_tokens),
 ]
 
 # The Core tables, for statements that SQLModel's ORM layer does not type well.

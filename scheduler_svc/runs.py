@@ -463,7 +463,11 @@ class RunStore:
                 return False
             skipped = replay_counts(row["skipped"], old.skipped, ack.skipped)
             failed = replay_counts(row["failed"], old.failed, ack.failed)
+            # Recipients sent by an earlier replay whose acknowledgement was lost (a crash between
+            # the send and this record) come back as already sent: count them once, as already sent.
+            lost = max(0, ack.already_sent - old.sent - old.already_sent)
             old.sent += ack.sent
+            old.already_sent += lost
             old.skipped, old.failed = dict(ack.skipped), dict(ack.failed)
             deferred = (row["deferred"] or 0) - old.deferred + ack.deferred
             old.deferred, old.next_window_time = ack.deferred, ack.next_window_time
@@ -473,6 +477,7 @@ class RunStore:
                 .where(*where)
                 .values(
                     sent=RUN_TASKS.c.sent + ack.sent,
+                    already_sent=RUN_TASKS.c.already_sent + lost,
                     skipped=skipped,
                     failed=failed,
                     deferred=deferred,
@@ -507,13 +512,24 @@ class RunStore:
                 raise NotFound(f"run {key.name!r} does not exist", field="run", reason="RUN_NOT_FOUND")
             confirmed = conn.execute(
                 RUN_TASKS.update()
-                .where(*where, RUN_TASKS.c.confirmation == AWAITING, RUN_TASKS.c.state == TaskState.WAITING.value)
+                .where(
+                    *where,
+                    RUN_TASKS.c.confirmation == AWAITING,
+                    RUN_TASKS.c.state == TaskState.WAITING.value,
+                    RUN_TASKS.c.wake_time > now,
+                )
                 .values(confirmation=CONFIRMED, wake_time=now)
             ).rowcount
             row = conn.execute(sa.select(RUN_TASKS).where(*where)).mappings().first()
             if row is None:
                 raise NotFound(
                     f"{key.name} has no activity {activity!r}", field="activity", reason="ACTIVITY_NOT_FOUND"
+                )
+            if not confirmed and row["confirmation"] == AWAITING and row["state"] == TaskState.WAITING.value:
+                raise FailedPrecondition(
+                    f"the confirmation of activity {activity!r} of {key.name} is past its time limit; it sends nothing",
+                    field="activity",
+                    reason="CONFIRMATION_EXPIRED",
                 )
             if not confirmed:
                 raise FailedPrecondition(

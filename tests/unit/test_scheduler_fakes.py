@@ -489,7 +489,10 @@ class FakeJournal:
     async def record_replay(self, key: RunKey, activity: str, ack: Ack) -> None:
         task = self.task(activity)
         old = next(b for b in task.deferred_batches if b.sequence == ack.sequence)
+        lost = max(0, ack.already_sent - old.sent - old.already_sent)
         task.sent += ack.sent
+        task.already_sent += lost
+        old.already_sent += lost
         task.skipped = replay_counts(task.skipped, old.skipped, ack.skipped)
         task.failed = replay_counts(task.failed, old.failed, ack.failed)
         task.deferred += ack.deferred - old.deferred

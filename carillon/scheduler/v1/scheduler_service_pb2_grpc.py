@@ -298,7 +298,8 @@ class CampaignServiceServicer:
         (`ChannelActivity.confirm_before_sending`): its run resumes at once and the activity sends.
         Errors: INVALID_ARGUMENT (malformed run name or activity id), NOT_FOUND (RUN_NOT_FOUND,
         ACTIVITY_NOT_FOUND), FAILED_PRECONDITION (NOT_AWAITING_CONFIRMATION: the activity is not waiting
-        for a confirmation, or was confirmed already).
+        for a confirmation, or was confirmed already; CONFIRMATION_EXPIRED: its time limit has passed, so
+        it sends nothing).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -126,7 +126,8 @@ class CampaignServiceStub:
     (`ChannelActivity.confirm_before_sending`): its run resumes at once and the activity sends.
     Errors: INVALID_ARGUMENT (malformed run name or activity id), NOT_FOUND (RUN_NOT_FOUND,
     ACTIVITY_NOT_FOUND), FAILED_PRECONDITION (NOT_AWAITING_CONFIRMATION: the activity is not waiting
-    for a confirmation, or was confirmed already).
+    for a confirmation, or was confirmed already; CONFIRMATION_EXPIRED: its time limit has passed, so
+    it sends nothing).
     """
     ListRunLogs: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListRunLogsRequest, _scheduler_service_pb2.ListRunLogsResponse]
     """Lists a run's log, oldest first, one page at a time.
@@ -242,7 +243,8 @@ class CampaignServiceAsyncStub(CampaignServiceStub):
     (`ChannelActivity.confirm_before_sending`): its run resumes at once and the activity sends.
     Errors: INVALID_ARGUMENT (malformed run name or activity id), NOT_FOUND (RUN_NOT_FOUND,
     ACTIVITY_NOT_FOUND), FAILED_PRECONDITION (NOT_AWAITING_CONFIRMATION: the activity is not waiting
-    for a confirmation, or was confirmed already).
+    for a confirmation, or was confirmed already; CONFIRMATION_EXPIRED: its time limit has passed, so
+    it sends nothing).
     """
     ListRunLogs: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListRunLogsRequest, _scheduler_service_pb2.ListRunLogsResponse]  # type: ignore[assignment]
     """Lists a run's log, oldest first, one page at a time.
@@ -457,7 +459,8 @@ class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
         (`ChannelActivity.confirm_before_sending`): its run resumes at once and the activity sends.
         Errors: INVALID_ARGUMENT (malformed run name or activity id), NOT_FOUND (RUN_NOT_FOUND,
         ACTIVITY_NOT_FOUND), FAILED_PRECONDITION (NOT_AWAITING_CONFIRMATION: the activity is not waiting
-        for a confirmation, or was confirmed already).
+        for a confirmation, or was confirmed already; CONFIRMATION_EXPIRED: its time limit has passed, so
+        it sends nothing).
         """
 
     @_abc_1.abstractmethod

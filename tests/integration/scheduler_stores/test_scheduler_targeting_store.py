@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
 
 from carillon.audience.v1 import query_pb2
 from carillon_chassis.database import Database, utcnow
+from carillon_chassis.errors import FailedPrecondition
 from scheduler_svc.campaigns import CampaignStore
 from scheduler_svc.engine import TIME_LIMIT_EXCEEDED, Engine, EngineOptions
 from scheduler_svc.lifecycle import Lifecycle
@@ -249,3 +251,35 @@ def test_a_confirmation_given_while_the_run_executes_makes_it_due_when_it_suspen
     run = runs.get(key)
     assert (confirmed.confirmation, run.state) == ("confirmed", RunState.WAITING)
     assert run.scheduled_time == confirmed.wake_time and run.scheduled_time < far
+
+
+def test_a_confirmation_after_the_time_limit_is_refused_and_changes_nothing(
+    campaigns: CampaignStore, runs: RunStore
+) -> None:
+    key = publish(campaigns, windowed())
+    runs.claim_due_runs(A, limit=5)
+    deadline = utcnow() - timedelta(minutes=1)  # passed, and no replica has picked the run up yet
+    runs.await_confirmation(key, A, "email", deadline)
+
+    with pytest.raises(FailedPrecondition) as refused:
+        runs.confirm(key, "email")
+
+    assert refused.value.reason == "CONFIRMATION_EXPIRED"
+    email = runs.get(key).tasks[1]
+    assert (email.confirmation, email.state, email.wake_time) == ("awaiting", TaskState.WAITING, deadline)
+
+
+def test_recipients_sent_by_a_replay_whose_acknowledgement_was_lost_are_counted_once_as_already_sent(
+    campaigns: CampaignStore, runs: RunStore
+) -> None:
+    key = publish(campaigns, windowed())
+    runs.claim_due_runs(A, limit=5)
+    first = Ack(sequence=4, sent=1, skipped={"NO_CONSENT": 1}, deferred=4, next_window_time=utcnow())
+    runs.record_ack(key, A, "email", first, after=0)
+    # A replay sent 3 of the 4 deferred recipients, then the scheduler crashed before recording it;
+    # the next replay finds them in the ledger and sends the last one.
+    assert runs.record_replay(key, A, "email", Ack(sequence=4, sent=1, already_sent=4, skipped={"NO_CONSENT": 1}))
+
+    email = runs.get(key).tasks[1]
+    assert (email.sent, email.already_sent, email.skipped, email.deferred) == (2, 3, {"NO_CONSENT": 1}, 0)
+    assert email.sent + email.already_sent + sum(email.skipped.values()) + email.deferred == 6

@@ -129,6 +129,9 @@ class DirectMailProvider:
     def _save(self, stream: str, state: _State) -> None:
         _, state_path = self._paths(stream)
         _write_atomically(state_path, json.dumps(state.__dict__).encode())
+        # The rename must be durable before the batch counts as sent: a state lost to a power cut would
+        # cut the partial file back to an older length, dropping rows the ledger already has as sent.
+        _fsync_directory(state_path)
 
     def append(self, rows: Sequence[OutgoingRow]) -> list[Path]:
         """Append ``rows`` to their streams' files, completing every part that fills up; returns the

@@ -155,6 +155,9 @@ class FeedbackService:
                 violations.append(FieldViolation(f"{where}.message_id", f"1 to {MAX_MESSAGE_ID_CHARS} characters"))
             if event.kind not in KINDS:
                 violations.append(FieldViolation(f"{where}.kind", "kind must be set"))
+            for name in ("event_id", "message_id", "detail"):  # no database text column can hold NUL
+                if "\x00" in getattr(event, name):
+                    violations.append(FieldViolation(f"{where}.{name}", "cannot contain NUL characters"))
             if len(violations) >= 100:
                 break
         if violations:

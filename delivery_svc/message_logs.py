@@ -9,7 +9,9 @@ audience_svc accepted them. Nothing is lost while audience_svc is down (the rows
 exponential back-off) and nothing is logged twice: ``RecordMessageLogs`` is idempotent on
 (message id, status), so a row resent after a crash between the call and the delete is a duplicate
 there. A log that audience_svc refuses as invalid is isolated (its chunk is retried log by log) and
-dropped with an error line, so that one bad row never blocks the others.
+dropped with an error line, so that one bad row never blocks the others. A sandbox whose logs
+audience_svc cannot take in that sandbox's state (FAILED_PRECONDITION, e.g. MESSAGE_LOGS_SHADOWED, or
+NOT_FOUND) waits alone, with its own back-off, while the other sandboxes' logs go on.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from carillon.type.v1 import channel_pb2, value_pb2
 from carillon_chassis.channels import channel_value
 from carillon_chassis.clients import CHANNEL_OPTIONS, call_metadata
 from carillon_chassis.database import Database, as_utc, utcnow
-from carillon_chassis.errors import CarillonError, InvalidArgument, Unavailable, error_from_rpc
+from carillon_chassis.errors import (
+    CarillonError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    error_from_rpc,
+)
 from carillon_chassis.values import to_timestamp
 from delivery_svc.tables import LedgerRow, MessageLogOutboxRow
 
@@ -46,6 +55,9 @@ _STATUSES = {
     "bounced": message_log_pb2.MESSAGE_STATUS_BOUNCED,
     "failed": message_log_pb2.MESSAGE_STATUS_FAILED,
 }
+# Refusals about one sandbox's state (its user entity shadows message_logs: FAILED_PRECONDITION with
+# reason MESSAGE_LOGS_SHADOWED; a sandbox audience_svc does not know): only that sandbox waits.
+_SANDBOX_REFUSALS = (FailedPrecondition, NotFound)
 # Codes that mean "audience_svc cannot take the logs now" (retried later), as opposed to a refusal.
 _RETRY_CODES = frozenset(
     {
@@ -249,6 +261,9 @@ class MessageLogFlusher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failures = 0  # failed deliveries in a row, for the back-off
+        # Refusals in a row per sandbox (FAILED_PRECONDITION, e.g. MESSAGE_LOGS_SHADOWED): that sandbox's
+        # logs back off on their own, and other sandboxes' successes do not reset its back-off.
+        self._sandbox_failures: dict[str, int] = {}
 
     def wake(self) -> None:
         """Ask for a flush now (cheap; coalesces)."""
@@ -256,7 +271,8 @@ class MessageLogFlusher:
 
     async def flush(self) -> int:
         """Send every due row once; returns how many audience_svc accepted (or refused for good).
-        Stops at the first sandbox chunk that cannot be delivered (postponed)."""
+        Stops at the first chunk that cannot be delivered because audience_svc is unavailable (postponed);
+        a chunk refused for its sandbox's state is postponed and the other sandboxes go on."""
         done = 0
         while True:
             due = await self.database.run(self.outbox.due, self.batch_size)
@@ -274,15 +290,21 @@ class MessageLogFlusher:
                 return done
 
     async def _deliver(self, sandbox: str, logs: list[MessageLog]) -> int | None:
-        """Deliver one chunk; None when audience_svc is unavailable (the chunk is postponed)."""
+        """Deliver one chunk; None when audience_svc is unavailable (the chunk is postponed). A sandbox
+        whose logs audience_svc cannot take in its current state (FAILED_PRECONDITION, NOT_FOUND) is postponed
+        alone, with its own back-off, and the other sandboxes' logs go on."""
         try:
             await self.sink.record(sandbox, logs)
         except InvalidArgument:
             return await self._one_by_one(sandbox, logs)
+        except _SANDBOX_REFUSALS as exc:
+            await self._postpone_sandbox(sandbox, logs, exc)
+            return 0
         except CarillonError as exc:
             await self._postpone(sandbox, logs, exc)
             return None
         self._failures = 0
+        self._sandbox_failures.pop(sandbox, None)
         await self.database.run(self.outbox.delete, sandbox, logs)
         return len(logs)
 
@@ -292,17 +314,35 @@ class MessageLogFlusher:
         log.warning("message logs not delivered; retrying later", count=len(logs), retry_in_s=delay, error=str(exc))
         await self.database.run(self.outbox.postpone, sandbox, logs, delay)
 
+    async def _postpone_sandbox(self, sandbox: str, logs: list[MessageLog], exc: CarillonError) -> None:
+        failures = self._sandbox_failures.get(sandbox, 0)
+        delay = min(self.retry_max_s, self.retry_initial_s * 2**failures)
+        self._sandbox_failures[sandbox] = failures + 1
+        log.warning(
+            "message logs of a sandbox refused by audience; retrying later",
+            sandbox=sandbox,
+            count=len(logs),
+            retry_in_s=delay,
+            reason=exc.reason,
+            error=str(exc),
+        )
+        await self.database.run(self.outbox.postpone, sandbox, logs, delay)
+
     async def _one_by_one(self, sandbox: str, logs: list[MessageLog]) -> int | None:
         """Isolate refused logs: each is sent alone; a refused one is dropped with an error line."""
-        for entry in logs:
+        for index, entry in enumerate(logs):
             try:
                 await self.sink.record(sandbox, [entry])
             except InvalidArgument as exc:
                 log.error("message log refused by audience; dropped", message_id=entry.message_id, error=str(exc))
+            except _SANDBOX_REFUSALS as exc:
+                await self._postpone_sandbox(sandbox, logs[index:], exc)
+                return index
             except CarillonError as exc:
                 await self._postpone(sandbox, [entry], exc)
                 return None
             await self.database.run(self.outbox.delete, sandbox, [entry])
+        self._sandbox_failures.pop(sandbox, None)
         return len(logs)
 
     async def run(self) -> None:

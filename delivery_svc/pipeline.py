@@ -28,11 +28,14 @@ was taken meanwhile by another campaign is skipped ``CAPPED``. Deriving the id f
 instead (one call) would have changed the ledger key of existing rows (a replay after the upgrade
 would resend) and let two identities of one profile get two messages. A replayed message reserves
 again under the same id, which profile_stub allows without counting twice; the reservation of a
-message that fails to render or fails at the provider is released; a send that the provider did not
+message that fails to render or fails at the provider is released, and so is the one a crashed
+attempt may have left to a pending message that the replay skips or fails (no longer eligible, past
+its retry window); a send that the provider did not
 get to (unavailable) keeps its reservation for the replay (it expires on its own otherwise). Because
 the first call does not name message ids, it counts such a message's own live reservation against
-its cap: a message attempted before and "capped" in the check goes to the reservation call, which
-decides. The cost is a second profile call per marketing batch.
+its cap: a recipient "capped" in the check goes to the reservation call, which decides (with or
+without a ledger row: an attempt may have reserved and crashed before writing it). The cost is a
+second profile call per marketing batch.
 
 Sends go through a token bucket of the channel activity (the header's rate limit) and one of the
 provider (the worker's setting); time comes from an injectable clock.
@@ -365,8 +368,12 @@ class SendSession:
                 violations.append(FieldViolation(f"{where}.identity", "an identity needs a namespace and a value"))
             elif len(r.namespace) > MAX_NAMESPACE_CHARS or len(r.value) > MAX_IDENTITY_CHARS:
                 violations.append(FieldViolation(f"{where}.identity", "the identity is too long"))
+            elif "\x00" in r.namespace or "\x00" in r.value:  # no database text column can hold it
+                violations.append(FieldViolation(f"{where}.identity", "the identity contains a NUL character"))
             if len(r.entity_key) > MAX_ENTITY_KEY_CHARS:
                 violations.append(FieldViolation(f"{where}.entity_key", f"at most {MAX_ENTITY_KEY_CHARS} characters"))
+            elif "\x00" in r.entity_key:
+                violations.append(FieldViolation(f"{where}.entity_key", "the entity key contains a NUL character"))
             if len(violations) >= _MAX_VIOLATIONS:
                 break
         if violations:
@@ -409,8 +416,15 @@ class SendSession:
         logs: list[LogEvent] = []  # message logs queued with the ledger write (failures found here)
         to_release: list[str] = []  # reservations of messages that will not be sent
 
+        def may_hold_reservation(row: LedgerEntry | None) -> bool:
+            """A pending row is a message attempted before, whose capping reservation may still be live
+            (the attempt reserved, wrote the row and never got to send)."""
+            return row is not None and row.status == PENDING and header.category == "marketing"
+
         def skip(mid: str, key: LedgerKey, reason: str, row: LedgerEntry | None, recipient: Recipient) -> None:
             ack.skipped[reason] += 1
+            if may_hold_reservation(row):
+                to_release.append(mid)  # it will not be sent: its reservation must not keep counting
             if row is None:
                 new_rows.append(self._entry(mid, key, SKIPPED, reason, recipient))
             else:
@@ -449,11 +463,15 @@ class SendSession:
                 ack.failed[RETRY_WINDOW_EXPIRED] += 1
                 changes.append(StatusChange(row.message_id, FAILED, RETRY_WINDOW_EXPIRED))
                 logs.append(LogEvent(sandbox, row.message_id, "failed", now))
+                if may_hold_reservation(row):
+                    to_release.append(row.message_id)
                 continue
             mid = row.message_id if row is not None else message_id(sandbox, header.run, header.activity, *key)
-            # A message attempted before (pending, retried, deferred) may hold the very reservation that
-            # caps it in the check: the reservation phase, which knows its message id, decides.
-            recheck = verdict.verdict == "capped" and row is not None and header.category == "marketing"
+            # A message attempted before may hold the very reservation that caps it in the check: a
+            # pending, retried or deferred row, but also a message whose attempt reserved and then
+            # crashed before its ledger write (no row). The reservation phase, which knows its message
+            # id, decides.
+            recheck = verdict.verdict == "capped" and header.category == "marketing"
             if verdict.verdict != "allowed" and not recheck:
                 skip(mid, key, SKIP_REASONS.get(verdict.verdict, INELIGIBLE), row, recipient)
             elif not verdict.address and not recheck:
@@ -547,16 +565,18 @@ class SendSession:
         if pipeline.log_waker is not None and (logs or (report is not None and (report.sent or report.failed))):
             pipeline.log_waker.wake()
         await self._release(to_release)
+        timings["send"] = time.perf_counter() - started
+        started = time.perf_counter()
+        # Recorded even when the batch fails below: the messages sent before the provider went away
+        # confirm their reservations now, not only if and when the stream replays the batch.
+        if to_record:
+            await pipeline.gateway.record(sandbox, self._communications(to_record))
+        timings["history"] = time.perf_counter() - started
         if report is not None and report.unsent:
             log.warning("provider unavailable", sequence=sequence, unsent=len(report.unsent), error=report.error)
             raise Unavailable(
                 f"the {header.channel} provider is unavailable: {report.error}", reason="PROVIDER_UNAVAILABLE"
             )
-        timings["send"] = time.perf_counter() - started
-        started = time.perf_counter()
-        if to_record:
-            await pipeline.gateway.record(sandbox, self._communications(to_record))
-        timings["history"] = time.perf_counter() - started
         log.info(
             "batch delivered",
             sequence=sequence,
@@ -584,6 +604,7 @@ class SendSession:
     async def _release(self, message_ids: Sequence[str]) -> None:
         """Free the capping reservations of messages that were not sent. Best effort: a reservation
         that cannot be released stops counting when it expires (logged)."""
+        message_ids = list(dict.fromkeys(message_ids))
         if not message_ids:
             return
         try:

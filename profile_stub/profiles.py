@@ -312,6 +312,12 @@ class ProfileStore:
             if not c.message_id
         ]
         violations += [
+            FieldViolation(f"communications[{i}].{name}", f"{name} cannot contain NUL characters")
+            for i, c in enumerate(communications)
+            for name in ("message_id", "campaign", "run", "activity")
+            if "\x00" in getattr(c, name)
+        ]
+        violations += [
             FieldViolation(f"communications[{i}].channel", "channel must be set")
             for i, c in enumerate(communications)
             if c.channel not in CHANNELS
@@ -415,7 +421,9 @@ class ProfileStore:
         With ``reserve`` (marketing only), each allowed identity also reserves one send against the caps
         under its ``message_ids`` entry, in the same transaction as the check and under a per-profile
         row lock, so that concurrent reservers never push a profile over a cap. A message id reserved or
-        recorded already is allowed again without counting twice.
+        recorded already for the same profile is allowed again without counting twice; one reserved or
+        recorded for another profile is refused (INVALID_ARGUMENT on ``message_ids[i]``, nothing written),
+        since allowing it would let this profile past its caps uncounted.
 
         With ``create_missing``, an identity no profile has gets a new profile holding just that identity
         (no consent), which is then judged like any other.
@@ -429,6 +437,10 @@ class ProfileStore:
                 raise InvalidArgument(
                     "identities need a namespace and a value", field=f"identities[{i}]", reason="INVALID_IDENTITY"
                 )
+            if "\x00" in namespace or "\x00" in value:  # PostgreSQL text cannot hold it
+                raise InvalidArgument(
+                    "identities cannot contain NUL characters", field=f"identities[{i}]", reason="INVALID_IDENTITY"
+                )
         reserve = reserve and category == "marketing"
         if reserve:
             if len(message_ids) != len(identities):
@@ -436,8 +448,8 @@ class ProfileStore:
                     "reserve needs one message id per identity", field="message_ids", reason="MESSAGE_IDS_MISMATCH"
                 )
             for i, message_id in enumerate(message_ids):
-                if not message_id:
-                    raise InvalidArgument("message ids must be set", field=f"message_ids[{i}]")
+                if not message_id or "\x00" in message_id:
+                    raise InvalidArgument("message ids must be set, without NUL characters", field=f"message_ids[{i}]")
         now = now or utcnow()
         with self.database.engine.begin() as conn:
             custom_plans(conn)
@@ -455,7 +467,7 @@ class ProfileStore:
             addresses = [a for p in profiles.values() for a in p.addresses(channel)]
             quarantined = {a for a, q in quarantine.load(conn, sandbox, channel, addresses).items() if q.quarantined}
             sends = self._recent_sends(conn, sandbox, profile_ids, now, _counting_since(rules, now)) if rules else {}
-            known_ids = self._known_message_ids(conn, sandbox, message_ids, now) if reserve else set()
+            known_ids = self._known_message_ids(conn, sandbox, message_ids, now) if reserve else {}
             results = []
             new_reservations = []
             for index, ident in enumerate(identities):
@@ -482,6 +494,12 @@ class ProfileStore:
                         continue
                     message_id = message_ids[index] if reserve else ""
                     if message_id and message_id in known_ids:
+                        if known_ids[message_id] != profile.profile_id:  # would count another profile's send
+                            raise InvalidArgument(
+                                "the message id is reserved or recorded for another profile",
+                                field=f"message_ids[{index}]",
+                                reason="MESSAGE_ID_OF_ANOTHER_PROFILE",
+                            )
                         results.append(Eligibility(ident, "allowed", profile, address, reserved=True, addresses=usable))
                         continue
                     history = sends.get(profile.profile_id, [])
@@ -489,7 +507,7 @@ class ProfileStore:
                         results.append(Eligibility(ident, "capped", profile))
                         continue
                     if message_id:
-                        known_ids.add(message_id)
+                        known_ids[message_id] = profile.profile_id
                         sends.setdefault(profile.profile_id, []).append((channel, now))
                         new_reservations.append(
                             {
@@ -518,6 +536,9 @@ class ProfileStore:
 
     def release_reservations(self, sandbox: str, message_ids: Sequence[str]) -> int:
         """Release reservations never confirmed (the message was not sent); returns how many existed."""
+        for i, message_id in enumerate(message_ids):
+            if not message_id or "\x00" in message_id:
+                raise InvalidArgument("message ids must be set, without NUL characters", field=f"message_ids[{i}]")
         table = ReservationRow.__table__  # type: ignore[attr-defined]
         released = 0
         with self.database.engine.begin() as conn:
@@ -993,21 +1014,24 @@ class ProfileStore:
         return sends
 
     @staticmethod
-    def _known_message_ids(conn: sa.Connection, sandbox: str, message_ids: Sequence[str], now: datetime) -> set[str]:
-        """The message ids already recorded or reserved (and not expired), read from one snapshot."""
+    def _known_message_ids(
+        conn: sa.Connection, sandbox: str, message_ids: Sequence[str], now: datetime
+    ) -> dict[str, str]:
+        """The message ids already recorded or reserved (and not expired), with their profile ids, read
+        from one snapshot."""
         comms = CommunicationRow.__table__  # type: ignore[attr-defined]
         reservations = ReservationRow.__table__  # type: ignore[attr-defined]
-        known: set[str] = set()
+        known: dict[str, str] = {}
         for chunk in _slices(conn, list(dict.fromkeys(message_ids))):
-            recorded = sa.select(comms.c.message_id).where(
+            recorded = sa.select(comms.c.message_id, comms.c.profile_id).where(
                 comms.c.sandbox == sandbox, _in(conn, comms.c.message_id, chunk)
             )
-            reserved = sa.select(reservations.c.message_id).where(
+            reserved = sa.select(reservations.c.message_id, reservations.c.profile_id).where(
                 reservations.c.sandbox == sandbox,
                 _in(conn, reservations.c.message_id, chunk),
                 reservations.c.expire_time > now,
             )
-            known.update(conn.execute(sa.union_all(recorded, reserved)).scalars())
+            known.update((mid, pid) for mid, pid in conn.execute(sa.union_all(recorded, reserved)))
         return known
 
     @staticmethod

@@ -568,10 +568,11 @@ async def test_a_pending_message_capped_only_by_its_own_reservation_is_sent_on_r
     assert harness.provider.recipients() == ["ada@example.com"]
 
 
-async def test_a_new_message_capped_in_the_check_is_skipped_without_a_reservation(harness: Harness) -> None:
+async def test_a_new_message_capped_in_the_check_and_at_reservation_is_skipped_and_not_sent(harness: Harness) -> None:
     harness.gateway.refuse("ada@example.com", "capped", "ada")
 
     ack = await harness.deliver([to("ada@example.com")])
 
     assert dict(ack.skipped) == {"CAPPED": 1}
-    assert harness.gateway.reservations == []
+    assert harness.gateway.reservations == [[harness.rows()["ada/"].message_id]]
+    assert (harness.provider.recipients(), harness.gateway.released) == ([], [])

@@ -201,7 +201,8 @@ class CheckEligibilityRequest(_message.Message):
     atomically with the check, under its entry in `message_ids`. A reservation becomes a
     communication when RecordCommunications records the same message id, is freed by
     ReleaseReservations, and stops counting when it expires. Asking again with a message id that is
-    reserved or recorded returns ALLOWED without counting it twice.
+    reserved or recorded for the same profile returns ALLOWED without counting it twice; one reserved
+    or recorded for another profile is INVALID_ARGUMENT.
     """
     create_missing_profiles: _builtins.bool
     """When true, an identity that no profile has gets a new profile holding just that identity (with no

@@ -171,7 +171,8 @@ class ProfileServiceServicer:
         """Checks, for a batch of identities, whether a message of a channel and category may be sent;
         with `reserve`, also reserves each allowed marketing send against the capping rules atomically.
         Errors: INVALID_ARGUMENT (unset channel or category, too many identities, `reserve` without one
-        message id per identity).
+        message id per identity, a message id reserved or recorded for another profile, a NUL character
+        in an identity or message id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

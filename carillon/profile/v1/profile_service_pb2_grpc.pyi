@@ -64,7 +64,8 @@ class ProfileServiceStub:
     """Checks, for a batch of identities, whether a message of a channel and category may be sent;
     with `reserve`, also reserves each allowed marketing send against the capping rules atomically.
     Errors: INVALID_ARGUMENT (unset channel or category, too many identities, `reserve` without one
-    message id per identity).
+    message id per identity, a message id reserved or recorded for another profile, a NUL character
+    in an identity or message id).
     """
     RecordCommunications: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.RecordCommunicationsRequest, _profile_service_pb2.RecordCommunicationsResponse]
     """Records sent messages in the communication history; idempotent on each message id.
@@ -137,7 +138,8 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     """Checks, for a batch of identities, whether a message of a channel and category may be sent;
     with `reserve`, also reserves each allowed marketing send against the capping rules atomically.
     Errors: INVALID_ARGUMENT (unset channel or category, too many identities, `reserve` without one
-    message id per identity).
+    message id per identity, a message id reserved or recorded for another profile, a NUL character
+    in an identity or message id).
     """
     RecordCommunications: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.RecordCommunicationsRequest, _profile_service_pb2.RecordCommunicationsResponse]  # type: ignore[assignment]
     """Records sent messages in the communication history; idempotent on each message id.
@@ -249,7 +251,8 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         """Checks, for a batch of identities, whether a message of a channel and category may be sent;
         with `reserve`, also reserves each allowed marketing send against the capping rules atomically.
         Errors: INVALID_ARGUMENT (unset channel or category, too many identities, `reserve` without one
-        message id per identity).
+        message id per identity, a message id reserved or recorded for another profile, a NUL character
+        in an identity or message id).
         """
 
     @_abc_1.abstractmethod

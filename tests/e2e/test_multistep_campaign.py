@@ -50,7 +50,7 @@ from tests.e2e.test_scheduler_flows import watch_to_end
 
 CAMPAIGN = "multistep"
 SMS_TEMPLATE = "templates/offer-reminder"
-WAIT_S = 8  # time for the test to report the opens after the email step (opens after it are not seen)
+WAIT_S = 15  # time for the test to report the opens after the email step (opens after it are not seen)
 Act = campaign_pb2.Activity
 Tr = campaign_pb2.Transition
 
@@ -298,6 +298,31 @@ async def prepare(demo: Demo) -> None:
     )
 
 
+async def opens_reach_audience_before_the_wait_ends(demo: Demo, run: str, opened: int) -> None:
+    """Until audience_svc counts ``opened`` opened message logs of the email activity (delivery flushes
+    them in the background); fails clearly if the wait ended first, since the campaign would then have
+    built its openers without them."""
+    query = openers_query()
+    query.ClearField("filter")
+    query.dimension = "entities/message_logs"
+    query.filter.CopyFrom(openers_query().filter.link.filter)
+    async with asyncio.timeout(120):  # a guard against a hang, not a speed requirement
+        while True:
+            reply = await demo.audience.EvaluateAudience(
+                aud.EvaluateAudienceRequest(query=query), metadata=demo.metadata
+            )
+            if reply.count == opened:
+                break
+            assert reply.count < opened
+            await asyncio.sleep(0.05)
+    got = await demo.campaigns.GetRun(sch.GetRunRequest(name=run), metadata=demo.metadata)
+    openers = next(t for t in got.run.tasks if t.activity == "openers")
+    assert openers.state == run_pb2.TASK_STATE_PENDING, (
+        f"the opens reached audience_svc only after the {WAIT_S} s wait had ended; the machine is too slow "
+        "for this test's wait"
+    )
+
+
 async def email_done(demo: Demo, run: str) -> None:
     """Until the run's email activity has finished."""
     async with asyncio.timeout(120):  # a guard against a hang, not a speed requirement
@@ -345,6 +370,7 @@ async def test_an_email_then_after_a_wait_a_text_to_those_who_did_not_open_it(mu
             ),
             metadata=demo.metadata,
         )
+        await opens_reach_audience_before_the_wait_ends(demo, published.run, len(opened))
         final = (await watch_to_end(demo, published.run))[-1]
     finally:
         await demo.close()

@@ -5,7 +5,9 @@ the batch's keys → classify each recipient (already sent, recorded skip or fai
 to render) → for marketing, one eligibility call with ``reserve`` for the recipients about to be sent
 (the capping reservation, see below) → render in the sandbox → write ``pending`` (and ``skipped``)
 ledger rows in one transaction → send through the provider → mark ``sent`` / ``failed`` (and queue
-their message logs for audience_svc) in one transaction → release the reservations of messages not
+their message logs for audience_svc) in one transaction (with a provider that honours no idempotency
+key, SMTP, each message is marked ``sent`` in its own transaction as soon as the provider accepted
+it, so that a crash repeats at most the one message in flight) → release the reservations of messages not
 sent → record the communications in one call (which confirms the reservations) → return the
 acknowledgement. The acknowledgement exists only once the ledger is durable, so a crash at any point
 is repaired by replaying the batch:
@@ -51,7 +53,7 @@ import asyncio
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
@@ -548,6 +550,7 @@ class SendSession:
         timings["ledger_write"] = time.perf_counter() - started
         started = time.perf_counter()
         report = None
+        marked: set[str] = set()  # marked sent as the provider accepted them (providers with mark_each_send)
         if emails:
             report = await asyncio.to_thread(
                 deliver_batch,
@@ -556,9 +559,10 @@ class SendSession:
                 pipeline.retry,
                 throttles=(self.bucket, pipeline.provider_bucket),
                 clock=pipeline.clock,
+                on_sent=self._mark_one(marked) if getattr(pipeline.provider, "mark_each_send", False) else None,
             )
         if report is not None:
-            await self._mark(report, ack)
+            await self._mark(report, ack, marked)
             await self._quarantine(report, {job.message_id: job for job in jobs})
             to_record += [(mid, profiles[mid]) for mid in report.sent if mid in profiles]
             to_release += [mid for mid in report.failed if mid in reserved]
@@ -590,11 +594,23 @@ class SendSession:
         )
         return ack
 
-    async def _mark(self, report: DeliveryReport, ack: BatchAck) -> None:
-        changes = [StatusChange(mid, SENT) for mid in report.sent]
+    def _mark_one(self, marked: set[str]) -> Callable[[str], None]:
+        """The callback that marks one message sent (and queues its message log) in its own transaction
+        as soon as the provider accepted it, on the sending thread, and adds its id to ``marked``."""
+        ledger, sandbox, clock = self.pipeline.ledger, self.sandbox, self.pipeline.clock
+
+        def mark(mid: str) -> None:
+            ledger.mark([StatusChange(mid, SENT)], [LogEvent(sandbox, mid, "sent", clock.now())])
+            marked.add(mid)
+
+        return mark
+
+    async def _mark(self, report: DeliveryReport, ack: BatchAck, marked: Set[str] = frozenset()) -> None:
+        """Mark the batch's outcomes (but the sends already in ``marked``) in one transaction and count them."""
+        changes = [StatusChange(mid, SENT) for mid in report.sent if mid not in marked]
         changes += [StatusChange(mid, FAILED, reason) for mid, reason in report.failed.items()]
         now = self.pipeline.clock.now()
-        logs = [LogEvent(self.sandbox, mid, "sent", now) for mid in report.sent]
+        logs = [LogEvent(self.sandbox, mid, "sent", now) for mid in report.sent if mid not in marked]
         logs += [LogEvent(self.sandbox, mid, "failed", now) for mid in report.failed]
         if changes:
             await self.pipeline.database.run(self.pipeline.ledger.mark, changes, logs)

@@ -151,11 +151,14 @@ def deliver_batch(
     *,
     throttles: Sequence[TokenBucket | None] = (),
     clock: Clock | None = None,
+    on_sent: Callable[[str], None] | None = None,
 ) -> DeliveryReport:
     """Send ``messages`` in order through one session, retrying transient errors (blocking).
 
     Every attempt first takes a token from each bucket of ``throttles`` (the activity's and the
-    provider's); backoff and throttling sleep on ``clock``.
+    provider's); backoff and throttling sleep on ``clock``. ``on_sent`` is called with each message's id
+    as soon as the provider accepted it, before the next message is sent (an exception it raises ends
+    the batch).
     """
     clock = clock or SystemClock()
     buckets = [b for b in throttles if b is not None]
@@ -198,6 +201,8 @@ def deliver_batch(
                 log.warning("message failed", message_id=message.message_id, error=str(exc))
             else:
                 report.sent.append(message.message_id)
+                if on_sent is not None:
+                    on_sent(message.message_id)
         finish = getattr(session, "finish", None)
         if finish is not None and report.sent:
             try:
@@ -345,7 +350,14 @@ class SmtpConfig:
 
 
 class SmtpProvider:
-    """Sends emails over SMTP, one connection per batch."""
+    """Sends emails over SMTP, one connection per batch.
+
+    An SMTP relay honours no idempotency key: a message it accepted is delivered again if sent again. So
+    ``mark_each_send``: the pipeline marks each message sent in the ledger as soon as the relay accepted it,
+    and a crash repeats at most the one message accepted but not yet marked.
+    """
+
+    mark_each_send = True
 
     def __init__(self, config: SmtpConfig) -> None:
         self.config = config

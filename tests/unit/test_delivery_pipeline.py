@@ -97,11 +97,13 @@ class FakeGateway:
 
 @dataclass
 class FakeProvider:
-    """Collects sent emails; ``errors`` maps a recipient to the errors its next attempts raise."""
+    """Collects sent emails; ``errors`` maps a recipient to the errors its next attempts raise;
+    ``mark_each_send`` as in SmtpProvider."""
 
     sent: list[OutgoingEmail] = field(default_factory=list)
     errors: dict[str, list[Exception]] = field(default_factory=dict)
     attempts: int = 0
+    mark_each_send: bool = False
 
     def open(self) -> FakeProvider:
         return self
@@ -357,6 +359,51 @@ async def test_an_unavailable_provider_fails_the_batch_and_leaves_its_messages_p
     assert statuses == {"ada/": "sent", "bob/": "pending"}
     assert (replay.sent, replay.already_sent) == (1, 1)
     assert harness.provider.recipients() == ["ada@example.com", "bob@example.com"]
+
+
+async def test_a_crash_mid_batch_leaves_every_accepted_message_pending_by_default(harness: Harness) -> None:
+    harness.gateway.allow("ada@example.com", "ada")
+    harness.gateway.allow("bob@example.com", "bob")
+    harness.provider.errors["bob@example.com"] = [Crash("killed")]
+
+    with pytest.raises(Crash):
+        await harness.deliver([to("ada@example.com"), to("bob@example.com")])
+
+    assert {k: r.status for k, r in harness.rows().items()} == {"ada/": "pending", "bob/": "pending"}
+    assert harness.provider.recipients() == ["ada@example.com"]
+
+
+async def test_a_provider_marking_each_send_has_its_accepted_messages_sent_before_a_crash(harness: Harness) -> None:
+    harness.provider.mark_each_send = True
+    harness.gateway.allow("ada@example.com", "ada")
+    harness.gateway.allow("bob@example.com", "bob")
+    harness.provider.errors["bob@example.com"] = [Crash("killed")]
+    batch = [to("ada@example.com"), to("bob@example.com")]
+
+    with pytest.raises(Crash):
+        await harness.deliver(batch)
+    statuses = {k: r.status for k, r in harness.rows().items()}
+    replay = await harness.deliver(batch)
+
+    assert statuses == {"ada/": "sent", "bob/": "pending"}
+    assert (replay.sent, replay.already_sent) == (1, 1)
+    assert harness.provider.recipients() == ["ada@example.com", "bob@example.com"]
+
+
+async def test_a_provider_marking_each_send_acknowledges_and_records_the_batch_as_usual(harness: Harness) -> None:
+    harness.provider.mark_each_send = True
+    harness.gateway.allow("ada@example.com", "ada")
+    harness.gateway.allow("bob@example.com", "bob")
+    harness.provider.errors["bob@example.com"] = [PermanentProviderError("550 no such user")]
+
+    ack = await harness.deliver([to("ada@example.com"), to("bob@example.com")])
+
+    assert (ack.sent, ack.already_sent, dict(ack.failed)) == (1, 0, {"PROVIDER_PERMANENT": 1})
+    assert {k: (r.status, r.reason) for k, r in harness.rows().items()} == {
+        "ada/": ("sent", ""),
+        "bob/": ("failed", "PROVIDER_PERMANENT"),
+    }
+    assert [c.message_id for c in harness.gateway.recorded] == [harness.rows()["ada/"].message_id]
 
 
 async def test_sent_messages_are_recorded_as_communications(harness: Harness) -> None:

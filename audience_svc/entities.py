@@ -103,15 +103,7 @@ class EntityCatalog:
             )
         validate_schema(entity_id, schema)
         targets = self._checked_link_targets(sandbox, entity_id, schema)
-        now = utcnow()
-        entity = Entity(
-            sandbox=sandbox,
-            entity_id=entity_id,
-            schema=schema,
-            table_name=f"ent_{uuid.uuid4().hex}",
-            create_time=now,
-            update_time=now,
-        )
+        entity = _new_entity(sandbox, entity_id, schema)
         try:
             with self._schema_change(entity_id) as conn:
                 count = conn.execute(
@@ -127,18 +119,7 @@ class EntityCatalog:
                     )
                 if self._exists(conn, sandbox, entity_id):
                     raise self._already_exists(entity_id)
-                conn.execute(
-                    _entities.insert().values(
-                        sandbox=sandbox,
-                        entity_id=entity_id,
-                        table_name=entity.table_name,
-                        display_name=schema.display_name,
-                        definition=definition_to_json(schema),
-                        create_time=now,
-                        update_time=now,
-                    )
-                )
-                entity.table.create(conn)
+                _create_in_catalog(conn, entity)
                 _create_link_indexes(conn, entity, schema.links, targets, own_table_created=True)
         except sa.exc.IntegrityError as exc:
             raise self._already_exists(entity_id) from exc
@@ -306,29 +287,10 @@ class EntityCatalog:
         if row is not None:
             entity = _entity_of(row)
         else:
-            now = utcnow()
-            entity = Entity(
-                sandbox=sandbox,
-                entity_id=MESSAGE_LOGS,
-                schema=MESSAGE_LOGS_SCHEMA,
-                table_name=f"ent_{uuid.uuid4().hex}",
-                create_time=now,
-                update_time=now,
-            )
+            entity = _new_entity(sandbox, MESSAGE_LOGS, MESSAGE_LOGS_SCHEMA)
             try:
                 with self.database.engine.begin() as conn:
-                    conn.execute(
-                        _entities.insert().values(
-                            sandbox=sandbox,
-                            entity_id=MESSAGE_LOGS,
-                            table_name=entity.table_name,
-                            display_name=MESSAGE_LOGS_SCHEMA.display_name,
-                            definition=definition_to_json(MESSAGE_LOGS_SCHEMA),
-                            create_time=now,
-                            update_time=now,
-                        )
-                    )
-                    entity.table.create(conn)
+                    _create_in_catalog(conn, entity)
                     names = list(MESSAGE_LOGS_INDEX)
                     sa.Index(link_index_name(entity.table_name, names), *[entity.table.c[n] for n in names]).create(
                         conn
@@ -498,3 +460,32 @@ def _entity_of(row: sa.RowMapping) -> Entity:
         create_time=as_utc(row["create_time"]),
         update_time=as_utc(row["update_time"]),
     )
+
+
+def _new_entity(sandbox: str, entity_id: str, schema: EntitySchema) -> Entity:
+    """A new entity of ``schema``, with a fresh table name, created now (not stored yet)."""
+    now = utcnow()
+    return Entity(
+        sandbox=sandbox,
+        entity_id=entity_id,
+        schema=schema,
+        table_name=f"ent_{uuid.uuid4().hex}",
+        create_time=now,
+        update_time=now,
+    )
+
+
+def _create_in_catalog(conn: sa.Connection, entity: Entity) -> None:
+    """Store ``entity``'s catalog row and create its table, in the caller's transaction."""
+    conn.execute(
+        _entities.insert().values(
+            sandbox=entity.sandbox,
+            entity_id=entity.entity_id,
+            table_name=entity.table_name,
+            display_name=entity.schema.display_name,
+            definition=definition_to_json(entity.schema),
+            create_time=entity.create_time,
+            update_time=entity.update_time,
+        )
+    )
+    entity.table.create(conn)

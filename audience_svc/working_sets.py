@@ -226,7 +226,7 @@ class WorkingSetStore:
             sa.func.row_number().over(order_by=keys).label("position"),
             *[column.label(f"k{i}") for i, column in enumerate(keys, start=1)],
         ).where(where)
-        return self._materialize(sandbox, run, activity, entity, selection)
+        return self.materialize(sandbox, run, activity, entity, selection)
 
     def combine(
         self, sandbox: str, run: str, activity: str, primary: str, others: list[str], operation: str
@@ -274,7 +274,7 @@ class WorkingSetStore:
             sa.func.row_number().over(order_by=[keys.c[n] for n in names]).label("position"),
             *[keys.c[n] for n in names],
         )
-        return self._materialize(sandbox, run, activity, entity, selection)
+        return self.materialize(sandbox, run, activity, entity, selection)
 
     def change_dimension(
         self, sandbox: str, run: str, activity: str, source_id: str, link_name: str
@@ -327,7 +327,7 @@ class WorkingSetStore:
         existing = self._find(sandbox, run, activity)
         if existing is not None:
             return existing, unmatched
-        return self._materialize(sandbox, run, activity, target, selection), unmatched
+        return self.materialize(sandbox, run, activity, target, selection), unmatched
 
     def split(
         self,
@@ -432,7 +432,7 @@ class WorkingSetStore:
                 sa.func.row_number().over(order_by=[picked.c[n] for n in names]).label("position"),
                 *[picked.c[n] for n in names],
             )
-            working_set = self._find(sandbox, run, subset.activity) or self._materialize(
+            working_set = self._find(sandbox, run, subset.activity) or self.materialize(
                 sandbox, run, subset.activity, entity, selection
             )
             built.append(working_set)
@@ -450,7 +450,7 @@ class WorkingSetStore:
                 sa.func.row_number().over(order_by=[source.c[f"k{i}"] for i in range(1, width + 1)]).label("position"),
                 *[source.c[f"k{i}"] for i in range(1, width + 1)],
             ).where(*conditions)
-            complement = self._find(sandbox, run, complement_activity) or self._materialize(
+            complement = self._find(sandbox, run, complement_activity) or self.materialize(
                 sandbox, run, complement_activity, entity, selection
             )
         return built, complement
@@ -544,7 +544,7 @@ class WorkingSetStore:
             sa.func.row_number().over(order_by=[ranked.c[n] for n in names]).label("position"),
             *[ranked.c[n] for n in names],
         ).where(ranked.c.rank <= keep)
-        result = self._find(sandbox, run, activity) or self._materialize(sandbox, run, activity, entity, kept)
+        result = self._find(sandbox, run, activity) or self.materialize(sandbox, run, activity, entity, kept)
         complement = None
         if complement_activity:
             # The source records the result did not keep (computed from the stored result, so that
@@ -555,7 +555,7 @@ class WorkingSetStore:
                 sa.func.row_number().over(order_by=[source.c[n] for n in names]).label("position"),
                 *[source.c[n] for n in names],
             ).where(~sa.select(sa.literal(1)).select_from(taken).where(match).exists())
-            complement = self._find(sandbox, run, complement_activity) or self._materialize(
+            complement = self._find(sandbox, run, complement_activity) or self.materialize(
                 sandbox, run, complement_activity, entity, removed
             )
         return result, complement
@@ -583,19 +583,6 @@ class WorkingSetStore:
         When another call built the activity concurrently, that working set is returned (and
         ``then`` has not run).
         """
-        return self._materialize(sandbox, run, activity, entity, selection, then=then)
-
-    def _materialize(
-        self,
-        sandbox: str,
-        run: str,
-        activity: str,
-        entity: Entity,
-        selection: sa.Select[Any] | Callable[[sa.Connection], sa.Select[Any]],
-        *,
-        then: Callable[[sa.Connection, sa.Table, int], None] | None = None,
-    ) -> WorkingSet:
-        """Create the working set of ``run``'s ``activity`` from ``selection`` (position, k1, k2, …)."""
         try:
             with self.database.engine.begin() as conn:
                 built, table = self._create(conn, sandbox, run, activity, entity, selection)

@@ -15,7 +15,14 @@ from delivery_svc.feedback import FeedbackService, ProfileFeedbackForwarder
 from delivery_svc.ledger import Ledger
 from delivery_svc.message_logs import AudienceMessageLogSink, MessageLogFlusher
 from delivery_svc.pipeline import DeliveryPipeline
-from delivery_svc.providers import MessageProvider, OutboxProvider, RetryPolicy, SmtpConfig, SmtpProvider
+from delivery_svc.providers import (
+    MessageProvider,
+    OutboxMboxProvider,
+    OutboxProvider,
+    RetryPolicy,
+    SmtpConfig,
+    SmtpProvider,
+)
 from delivery_svc.push import ApnsProvider, FcmProvider, PushConfig
 from delivery_svc.servicer import DeliveryServicer
 from delivery_svc.settings import DeliverySettings
@@ -71,6 +78,8 @@ def build_provider(settings: DeliverySettings) -> MessageProvider[Any]:
                 timeout_s=settings.smtp_timeout_s,
             )
         )
+    if settings.outbox_format == "mbox":
+        return OutboxMboxProvider(settings.resolved_outbox_dir())
     return OutboxProvider(settings.resolved_outbox_dir())
 
 

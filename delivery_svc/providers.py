@@ -15,6 +15,11 @@ Providers are synchronous and run on a worker thread, never on the event loop.
   is made durable once, at its end, before it is reported sent: its temporary files are flushed with
   one ``syncfs`` of the outbox's filesystem (one ``fsync`` per file where ``syncfs`` is missing),
   renamed into place, and the directory is synced.
+- :class:`OutboxMboxProvider` writes each batch as one mboxrd file ``<UTC time>-<hash of its ids>.mbox``
+  (a file creation per batch instead of per message): a temporary file, synced, its ids claimed in a
+  SQLite index in the directory (:class:`OutboxIndex`, checked in bulk first: an id already written is
+  not written again, by any process sharing the directory), renamed into place, the directory synced.
+  An interrupted session's claimed file is put in place at the next open.
 - :class:`SmtpProvider` sends over SMTP with smtplib, optionally with STARTTLS and login.
 """
 
@@ -22,22 +27,26 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import os
 import re
 import smtplib
+import sqlite3
 import ssl
 import sys
+import threading
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol, TypeVar, cast
 
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from delivery_svc.emails import OutgoingEmail
+from delivery_svc.emails import MESSAGE_ID_HEADER, OutgoingEmail
 from delivery_svc.throttle import Clock, SystemClock, TokenBucket
 
 log = structlog.get_logger("carillon.delivery.providers")
@@ -300,6 +309,330 @@ class OutboxSession:
 
     def _final(self, message_id: str) -> Path:
         return self.directory / f"{message_id}.eml"
+
+
+class OutboxIndex:
+    """The SQLite index of an mbox outbox: which message ids its files hold, so that none is written twice.
+
+    ``.outbox-index.sqlite`` in the outbox directory (WAL journal, ``synchronous=FULL``, a busy timeout so
+    that the sessions of several threads and processes on one host queue for its write lock) holds
+    ``files`` (every ``.mbox`` file the index knows, by name), ``messages`` (message id, primary key, and
+    the file holding it) and ``claims`` (the files whose ids are claimed but which may not be in place
+    yet, with their temporary name). The ids live on disk, never in a set in memory: memory does not
+    grow with the number of messages ever sent. One connection per session, closed with it.
+    """
+
+    FILE_NAME = ".outbox-index.sqlite"
+    CHUNK = 500  # ids per IN (...) query
+
+    def __init__(self, directory: Path, *, busy_timeout_s: float = 60.0) -> None:
+        self.directory = directory
+        self.connection = sqlite3.connect(
+            directory / self.FILE_NAME, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self.connection.execute("PRAGMA journal_mode=WAL")
+            self.connection.execute("PRAGMA synchronous=FULL")
+            self.connection.executescript(
+                "CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"
+                "CREATE TABLE IF NOT EXISTS messages (message_id TEXT PRIMARY KEY, file_id INTEGER NOT NULL)"
+                " WITHOUT ROWID;"
+                "CREATE TABLE IF NOT EXISTS claims (file_id INTEGER PRIMARY KEY, temporary TEXT NOT NULL);"
+            )
+        except sqlite3.Error:
+            self.connection.close()
+            raise
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.connection.close()
+
+    def written(self, message_ids: Sequence[str]) -> set[str]:
+        """The ids among ``message_ids`` that a file of the outbox holds (or is about to hold)."""
+        found: set[str] = set()
+        for start in range(0, len(message_ids), self.CHUNK):
+            chunk = message_ids[start : start + self.CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = self.connection.execute(f"SELECT message_id FROM messages WHERE message_id IN ({marks})", chunk)
+            found.update(row[0] for row in rows)
+        return found
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A write transaction, begun with the write lock taken (``BEGIN IMMEDIATE``)."""
+        self.connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.connection.execute("ROLLBACK")
+            raise
+        self.connection.execute("COMMIT")
+
+    def claim(self, name: str, temporary: Path, message_ids: Sequence[str]) -> None:
+        """Record (in the caller's transaction) that file ``name``, now at ``temporary``, holds the ids."""
+        cursor = self.connection.execute("INSERT INTO files (name) VALUES (?)", (name,))
+        file_id = cursor.lastrowid
+        self.connection.execute("INSERT INTO claims (file_id, temporary) VALUES (?, ?)", (file_id, temporary.name))
+        self.connection.executemany(
+            "INSERT INTO messages (message_id, file_id) VALUES (?, ?)", ((m, file_id) for m in message_ids)
+        )
+
+    def complete(self, name: str) -> None:
+        """The claimed file ``name`` is in place: drop its claim (committed at once)."""
+        self.connection.execute("DELETE FROM claims WHERE file_id = (SELECT id FROM files WHERE name = ?)", (name,))
+
+    def claims(self) -> list[tuple[str, str]]:
+        """The claimed files not known to be in place: (file name, temporary name)."""
+        rows = self.connection.execute(
+            "SELECT files.name, claims.temporary FROM claims JOIN files ON files.id = claims.file_id ORDER BY 1"
+        )
+        return [(str(name), str(temporary)) for name, temporary in rows]
+
+    def unknown(self, names: Sequence[str]) -> list[str]:
+        """The file names among ``names`` that the index does not know."""
+        known: set[str] = set()
+        for start in range(0, len(names), self.CHUNK):
+            chunk = names[start : start + self.CHUNK]
+            marks = ",".join("?" * len(chunk))
+            known.update(
+                row[0] for row in self.connection.execute(f"SELECT name FROM files WHERE name IN ({marks})", chunk)
+            )
+        return [name for name in names if name not in known]
+
+    def adopt(self, name: str, message_ids: Sequence[str]) -> None:
+        """Index a file the index did not know (in one transaction); an id already indexed keeps its file."""
+        with self.transaction():
+            if self.connection.execute("SELECT 1 FROM files WHERE name = ?", (name,)).fetchone() is not None:
+                return  # adopted meanwhile by another session
+            cursor = self.connection.execute("INSERT INTO files (name) VALUES (?)", (name,))
+            self.connection.executemany(
+                "INSERT OR IGNORE INTO messages (message_id, file_id) VALUES (?, ?)",
+                ((m, cursor.lastrowid) for m in message_ids),
+            )
+
+
+class OutboxMboxProvider:
+    """Writes each batch of emails as one mboxrd file ``<UTC time>-<hash of its ids>.mbox`` into a
+    directory, each message id at most once ever (see :class:`OutboxMboxSession` and :class:`OutboxIndex`).
+
+    The first :meth:`open` of the provider indexes every ``.mbox`` file of the directory that the index
+    does not know (a lost or older index); every open rolls forward the files claimed but not in place
+    (a session that stopped between its claim and its rename).
+    """
+
+    def __init__(self, directory: Path, *, busy_timeout_s: float = 60.0) -> None:
+        self.directory = directory
+        self.busy_timeout_s = busy_timeout_s
+        self._scanned = False
+        self._scan_lock = threading.Lock()
+
+    def open(self) -> OutboxMboxSession:
+        """A session on the directory (created when missing), the outbox recovered first."""
+        index: OutboxIndex | None = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            index = OutboxIndex(self.directory, busy_timeout_s=self.busy_timeout_s)
+            with self._scan_lock:
+                if not self._scanned:
+                    _adopt_unknown_files(self.directory, index)
+                    self._scanned = True
+            _roll_forward(self.directory, index)
+        except (OSError, sqlite3.Error) as exc:
+            if index is not None:
+                index.close()
+            raise ProviderUnavailableError(f"cannot open the outbox {self.directory}: {exc}") from exc
+        return OutboxMboxSession(self.directory, index)
+
+
+class OutboxMboxSession:
+    """One batch written as one mbox file, durable at :meth:`finish`, each message id at most once.
+
+    ``send`` keeps the message (the pipeline holds the batch in memory already; a second message with
+    the same id is dropped, the first content wins). ``finish``:
+
+    1. drops the ids the index already holds (a replay after a crash between the durable file and the
+       ledger's ``sent`` mark: they count as sent, nothing is written again);
+    2. writes the others, mboxrd-quoted with LF line ends, to a temporary file, and syncs it and the
+       directory (the temporary name is durable);
+    3. in one write transaction, checks the ids again under the lock (a concurrent session may have
+       written some; they are dropped, the file rewritten) and claims them: the file name, its
+       temporary name and its ids go into the index, committed;
+    4. renames the file into place, syncs the directory, and drops the claim.
+
+    A crash after 3 leaves a claim: the next :meth:`OutboxMboxProvider.open` (in any process) renames the
+    temporary file into place if it is still there, then drops the claim, so claimed ids are always in
+    a file. Claiming before the rename (rather than indexing after it) is what makes the check and the
+    claim one atomic step across processes. A disk or index error raises ProviderUnavailableError (the
+    batch is reported unsent; a claimed file is kept for the roll-forward, and the replay finds its ids
+    written).
+    """
+
+    def __init__(self, directory: Path, index: OutboxIndex) -> None:
+        self.directory = directory
+        self.index = index
+        self._messages: dict[str, OutgoingEmail] = {}
+        self._temporary: Path | None = None  # a temporary file not claimed yet, removed by close
+
+    def send(self, message: OutgoingEmail) -> None:
+        """Keep the email for :meth:`finish`; a message id seen before in the batch is dropped."""
+        if not _SAFE_FILE_NAME.match(message.message_id):
+            raise PermanentProviderError(f"message id {message.message_id!r} is not a safe message id")
+        self._messages.setdefault(message.message_id, message)
+
+    def finish(self) -> None:
+        """Write the batch's unwritten messages as one durable mbox file (see the class).
+
+        Raises ProviderUnavailableError when the disk or the index fails; the batch is then reported
+        unsent."""
+        if not self._messages:
+            return
+        try:
+            written = self.index.written(list(self._messages))
+            fresh = [m for m in self._messages.values() if m.message_id not in written]
+            if not fresh:
+                return
+            name, temporary = self._write(fresh)
+            with self.index.transaction():
+                taken = self.index.written([m.message_id for m in fresh])
+                if taken:  # written meanwhile by another session
+                    self._discard()
+                    fresh = [m for m in fresh if m.message_id not in taken]
+                    if not fresh:
+                        return
+                    name, temporary = self._write(fresh)
+                self.index.claim(name, temporary, [m.message_id for m in fresh])
+            self._temporary = None  # claimed: the roll-forward owns it now
+            _place(self.directory, temporary, self.directory / name)
+            self.index.complete(name)
+        except (OSError, sqlite3.Error) as exc:
+            raise ProviderUnavailableError(f"cannot make the outbox {self.directory} durable: {exc}") from exc
+        finally:
+            self._messages.clear()
+
+    def close(self) -> None:
+        """Remove an unclaimed temporary file and close the index."""
+        self._discard()
+        self._messages.clear()
+        with contextlib.suppress(sqlite3.Error):
+            self.index.close()
+
+    def _discard(self) -> None:
+        if self._temporary is not None:
+            with contextlib.suppress(OSError):
+                self._temporary.unlink()
+            self._temporary = None
+
+    def _write(self, messages: Sequence[OutgoingEmail]) -> tuple[str, Path]:
+        """Write ``messages`` as mboxrd to a new synced temporary file: (final name, temporary path)."""
+        ids = "\n".join(m.message_id for m in messages).encode("ascii")
+        now = datetime.now(UTC)
+        name = f"{now:%Y%m%dT%H%M%S%fZ}-{hashlib.sha256(ids).hexdigest()[:16]}.mbox"
+        temporary = self.directory / f".{name}.{uuid.uuid4().hex}.tmp"
+        self._temporary = temporary
+        stamp = time.asctime(now.timetuple()).encode("ascii")
+        with temporary.open("xb", buffering=1 << 20) as handle:
+            for message in messages:
+                handle.write(mbox_entry(message, stamp))
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_directory(self.directory)
+        return name, temporary
+
+
+_FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
+_ID_HEADER = MESSAGE_ID_HEADER.lower().encode("ascii") + b":"
+_SAFE_ENVELOPE = re.compile(r"^[\x21-\x7e]{1,320}$")
+
+
+def mbox_entry(message: OutgoingEmail, stamp: bytes) -> bytes:
+    """One message of an mboxrd file: the ``From `` line (envelope sender and ``stamp``, an asctime), the
+    message with LF line ends, its lines matching ``>*From `` quoted with one more ``>``, a
+    ``X-Carillon-Message-Id`` header first when the message does not carry its id as that header, and an
+    empty line."""
+    data = message.data.replace(b"\r\n", b"\n")
+    if b"From " in data:
+        data = _FROM_LINE.sub(rb">\1", data)
+    if _header_id(data) != message.message_id:
+        data = f"{MESSAGE_ID_HEADER}: {message.message_id}\n".encode("ascii") + data
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    sender = message.envelope_from if _SAFE_ENVELOPE.match(message.envelope_from) else "MAILER-DAEMON"
+    return b"From " + sender.encode("ascii") + b" " + stamp + b"\n" + data + b"\n"
+
+
+def _header_id(data: bytes) -> str | None:
+    """The value of the first ``X-Carillon-Message-Id`` header of a message's header block."""
+    end = data.find(b"\n\n")
+    headers = b"\n" + (data if end < 0 else data[: end + 1]).lower()
+    start = headers.find(b"\n" + _ID_HEADER)
+    if start < 0:
+        return None
+    value_start = start + 1 + len(_ID_HEADER)
+    line_end = headers.find(b"\n", value_start)
+    # The value's case as written: offsets in the lowered copy match the original (shifted by the "\n").
+    original = data[value_start - 1 : (line_end if line_end >= 0 else len(headers)) - 1]
+    return original.strip().decode("ascii", "replace")
+
+
+def mbox_message_ids(path: Path) -> list[str]:
+    """The ``X-Carillon-Message-Id`` of each message of an mboxrd file written by the outbox, in order
+    (read line by line; a message without the header is skipped)."""
+    ids: list[str] = []
+    in_headers = False
+    with path.open("rb") as handle:
+        for line in handle:
+            if line.startswith(b"From "):
+                in_headers = True
+            elif in_headers and line in (b"\n", b"\r\n"):
+                in_headers = False
+            elif in_headers and line.lower().startswith(_ID_HEADER):
+                ids.append(line[len(_ID_HEADER) :].strip().decode("ascii", "replace"))
+                in_headers = False
+    return ids
+
+
+def _adopt_unknown_files(directory: Path, index: OutboxIndex) -> None:
+    """Index every ``.mbox`` file of ``directory`` that the index does not know, a chunk of names at a time."""
+    with os.scandir(directory) as entries:
+        names: list[str] = []
+        for entry in entries:
+            if entry.name.endswith(".mbox") and not entry.name.startswith("."):
+                names.append(entry.name)
+            if len(names) >= OutboxIndex.CHUNK:
+                _adopt(directory, index, names)
+                names = []
+        _adopt(directory, index, names)
+
+
+def _adopt(directory: Path, index: OutboxIndex, names: Sequence[str]) -> None:
+    for name in index.unknown(names):
+        log.warning("indexing an outbox file the index did not know", file=name)
+        index.adopt(name, mbox_message_ids(directory / name))
+
+
+def _roll_forward(directory: Path, index: OutboxIndex) -> None:
+    """Put in place the claimed files whose session stopped before its rename, and drop their claims."""
+    for name, temporary in index.claims():
+        if (directory / temporary).exists():
+            log.warning("completing an outbox file claimed by an interrupted session", file=name)
+            _place(directory, directory / temporary, directory / name)
+        index.complete(name)
+
+
+def _place(directory: Path, temporary: Path, final: Path) -> None:
+    """Rename a synced temporary file into place and sync the directory; a temporary file already gone
+    was put in place by another session (a roll-forward)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(temporary, final)
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _fsync_file(path: Path) -> None:

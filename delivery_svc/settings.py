@@ -72,6 +72,9 @@ class DeliverySettings(ServiceSettings):
     sender_name: str = "Carillon"
     # The outbox directory; <data_dir>/outbox when unset.
     outbox_dir: Path | None = None
+    # How the outbox writes emails: "eml", one <message id>.eml file per message, or "mbox", one mboxrd
+    # file per batch, with a SQLite index of the ids written (.outbox-index.sqlite) so none is written twice.
+    outbox_format: Literal["eml", "mbox"] = "eml"
     # The most recipients one batch of a Send stream may carry.
     max_batch: int = Field(default=10000, ge=1)
     # Attempts per message on transient provider errors, with exponential backoff and jitter.
@@ -93,5 +96,5 @@ class DeliverySettings(ServiceSettings):
         return timedelta(hours=hours)
 
     def resolved_outbox_dir(self) -> Path:
-        """The directory the outbox provider writes ``.eml`` files into."""
+        """The directory the outbox provider writes its ``.eml`` or ``.mbox`` files into."""
         return self.outbox_dir if self.outbox_dir is not None else self.data_dir / "outbox"

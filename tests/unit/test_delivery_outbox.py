@@ -1,16 +1,18 @@
-"""The outbox provider's batch durability: files appear only once their batch is durable."""
+"""The outbox provider's batch durability: files appear only once their batch is durable (``.eml`` format;
+the mbox format has tests/unit/test_delivery_outbox_mbox.py), and what both formats guarantee."""
 
 from __future__ import annotations
 
 import email
 import email.policy
+import mailbox
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from delivery_svc.emails import OutgoingEmail, compose_email
-from delivery_svc.providers import OutboxProvider, OutboxSession, RetryPolicy, deliver_batch
+from delivery_svc.providers import OutboxMboxProvider, OutboxProvider, OutboxSession, RetryPolicy, deliver_batch
 
 NO_WAIT = RetryPolicy(attempts=3, initial_s=0, max_s=0)
 
@@ -23,6 +25,16 @@ def compose(message_id: str, subject: str = "Hi") -> OutgoingEmail:
         default_sender_name="Carillon",
         default_sender_address="news@example.com",
     )
+
+
+def subjects_in(directory: Path) -> list[str]:
+    """The subject of every message in the outbox, whatever its format."""
+    subjects = [subject_of(path) for path in directory.glob("*.eml")]
+    for path in directory.glob("*.mbox"):
+        box = mailbox.mbox(path, create=False)
+        subjects.extend(str(message["Subject"]) for message in box)
+        box.close()
+    return sorted(subjects)
 
 
 def subject_of(path: Path) -> str:
@@ -104,3 +116,15 @@ def test_a_batch_that_cannot_be_made_durable_is_reported_unsent(tmp_path: Path) 
 
     assert (report.sent, report.unsent) == ([], ["m1", "m2"])
     assert list(tmp_path.glob("*.eml")) == []
+
+
+@pytest.mark.parametrize("provider", [OutboxProvider, OutboxMboxProvider], ids=["eml", "mbox"])
+def test_each_message_is_in_the_outbox_once_after_its_batch_is_replayed_in_part(
+    tmp_path: Path, provider: type[OutboxProvider] | type[OutboxMboxProvider]
+) -> None:
+    deliver_batch(provider(tmp_path), [compose("m1", "one"), compose("m2", "two")], NO_WAIT)
+
+    replay = deliver_batch(provider(tmp_path), [compose("m2", "two again"), compose("m3", "three")], NO_WAIT)
+
+    assert replay.sent == ["m2", "m3"]
+    assert subjects_in(tmp_path) == ["one", "three", "two"]

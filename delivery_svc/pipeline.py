@@ -53,7 +53,7 @@ import asyncio
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
@@ -186,6 +186,19 @@ def profile_context(profile: ProfileView, address: str) -> dict[str, Any]:
         "address": address,
         "attributes": dict(profile.attributes),
     }
+
+
+@dataclass
+class SentBatch:
+    """A batch between :meth:`SendSession.send` and :meth:`SendSession.finish`."""
+
+    ack: BatchAck
+    recipients: int
+    timings: dict[str, float]
+    to_release: list[str] = field(default_factory=list)  # reservations of messages not sent
+    to_record: list[tuple[str, str]] = field(default_factory=list)  # (message id, profile id) sent
+    unsent: int = 0  # messages the provider did not take: it went away (finish raises UNAVAILABLE)
+    error: str = ""  # why
 
 
 @dataclass
@@ -383,17 +396,43 @@ class SendSession:
 
     # -- the batch ------------------------------------------------------------------------------
     async def deliver(self, sequence: int, recipients: Sequence[Recipient]) -> BatchAck:
-        """Deliver one batch and return its acknowledgement once its ledger rows are durable."""
+        """Deliver one batch and return its acknowledgement once its ledger rows are durable and its
+        communications recorded: :meth:`start_check`, :meth:`send`, then :meth:`finish`."""
+        checked = self.start_check(recipients)
+        return await self.finish(await self.send(sequence, recipients, checked))
+
+    def start_check(self, recipients: Sequence[Recipient]) -> asyncio.Future[list[Verdict]]:
+        """Validate a batch (INVALID_ARGUMENT naming the bad recipients) and start its eligibility check.
+
+        The check only reads, so a Send stream starts it as soon as the batch arrives, while the batch
+        before it is still being sent; whatever changed meanwhile is decided again where it matters: the
+        marketing reservation re-checks every verdict under the profile's lock, and the ledger lookup
+        happens in :meth:`send`, after the batches before."""
         self._check_batch(recipients)
-        ack = BatchAck(sequence)
         if not recipients:
-            return ack
-        pipeline, header, sandbox = self.pipeline, self.header, self.sandbox
+            future: asyncio.Future[list[Verdict]] = asyncio.get_running_loop().create_future()
+            future.set_result([])
+            return future
+        header = self.header
+        return asyncio.ensure_future(
+            self.pipeline.gateway.check(
+                self.sandbox, header.channel, header.category, [(r.namespace, r.value) for r in recipients]
+            )
+        )
+
+    async def send(
+        self, sequence: int, recipients: Sequence[Recipient], checked: Awaitable[list[Verdict]]
+    ) -> SentBatch:
+        """Send one batch whose check :meth:`start_check` started: ledger lookup, reservation,
+        rendering, ledger write, provider, ``sent``/``failed`` marks. What is left for :meth:`finish`
+        (releasing reservations, recording the communications) may overlap the next batch's send."""
+        ack = BatchAck(sequence)
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        verdicts = await pipeline.gateway.check(
-            sandbox, header.channel, header.category, [(r.namespace, r.value) for r in recipients]
-        )
+        verdicts = await checked
+        if not recipients:
+            return SentBatch(ack, len(recipients), timings)
+        pipeline, header, sandbox = self.pipeline, self.header, self.sandbox
         if len(verdicts) != len(recipients):
             raise Unavailable(
                 f"the profile service answered {len(verdicts)} verdicts for {len(recipients)} identities",
@@ -568,30 +607,40 @@ class SendSession:
             to_release += [mid for mid in report.failed if mid in reserved]
         if pipeline.log_waker is not None and (logs or (report is not None and (report.sent or report.failed))):
             pipeline.log_waker.wake()
-        await self._release(to_release)
         timings["send"] = time.perf_counter() - started
+        unsent, error = (len(report.unsent), report.error) if report is not None else (0, "")
+        return SentBatch(ack, len(recipients), timings, to_release, to_record, unsent, error)
+
+    async def finish(self, batch: SentBatch) -> BatchAck:
+        """Complete a sent batch: release the reservations of its messages not sent, record the
+        communications of those sent (which confirms their reservations), and return the
+        acknowledgement; UNAVAILABLE when the provider went away during the send (the stream then
+        replays the batch)."""
+        ack, timings, header = batch.ack, batch.timings, self.header
         started = time.perf_counter()
+        await self._release(batch.to_release)
         # Recorded even when the batch fails below: the messages sent before the provider went away
         # confirm their reservations now, not only if and when the stream replays the batch.
-        if to_record:
-            await pipeline.gateway.record(sandbox, self._communications(to_record))
+        if batch.to_record:
+            await self.pipeline.gateway.record(self.sandbox, self._communications(batch.to_record))
         timings["history"] = time.perf_counter() - started
-        if report is not None and report.unsent:
-            log.warning("provider unavailable", sequence=sequence, unsent=len(report.unsent), error=report.error)
+        if batch.unsent:
+            log.warning("provider unavailable", sequence=ack.sequence, unsent=batch.unsent, error=batch.error)
             raise Unavailable(
-                f"the {header.channel} provider is unavailable: {report.error}", reason="PROVIDER_UNAVAILABLE"
+                f"the {header.channel} provider is unavailable: {batch.error}", reason="PROVIDER_UNAVAILABLE"
             )
-        log.info(
-            "batch delivered",
-            sequence=sequence,
-            recipients=len(recipients),
-            sent=ack.sent,
-            already_sent=ack.already_sent,
-            skipped=dict(ack.skipped),
-            failed=dict(ack.failed),
-            deferred=ack.deferred,
-            seconds={stage: round(t, 3) for stage, t in timings.items()},
-        )
+        if batch.recipients:
+            log.info(
+                "batch delivered",
+                sequence=ack.sequence,
+                recipients=batch.recipients,
+                sent=ack.sent,
+                already_sent=ack.already_sent,
+                skipped=dict(ack.skipped),
+                failed=dict(ack.failed),
+                deferred=ack.deferred,
+                seconds={stage: round(t, 3) for stage, t in timings.items()},
+            )
         return ack
 
     def _mark_one(self, marked: set[str]) -> Callable[[str], None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 import grpc
@@ -17,7 +18,7 @@ from carillon_chassis.names import parse_name, validate_id
 from carillon_chassis.pagination import page_size
 from carillon_chassis.sandbox import current_sandbox
 from carillon_chassis.values import from_timestamp, from_value_map, to_timestamp
-from delivery_svc.eligibility import ProfileView
+from delivery_svc.eligibility import ProfileView, Verdict
 from delivery_svc.feedback import FeedbackService, IncomingEvent
 from delivery_svc.ledger import ActivityReport, Ledger
 from delivery_svc.pipeline import BatchAck, DeliveryPipeline, Recipient, SendHeader, SendSession
@@ -27,6 +28,22 @@ from delivery_svc.windows import SendWindow, parse_local_time
 
 T = TypeVar("T")
 log = structlog.get_logger("carillon.delivery")
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A batch read ahead from a Send stream, its eligibility check started."""
+
+    sequence: int
+    recipients: list[Recipient]
+    checked: asyncio.Future[list[Verdict]]
+
+
+class _End:
+    """The Send stream ended cleanly."""
+
+
+_Ahead = _Batch | _End | Exception
 
 FEEDBACK_KIND_NAMES = {
     delivery_service_pb2.FEEDBACK_KIND_DELIVERED: "delivered",
@@ -237,39 +254,114 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
         request_iterator: AsyncIterator[delivery_service_pb2.SendRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[delivery_service_pb2.SendResponse]:
+        """Deliver a stream's batches in order, acknowledging each once it is final.
+
+        Three batches overlap at most: while batch n is being sent, the communications of batch n-1 are
+        being recorded (its acknowledgement follows, in order) and the eligibility check of batch n+1,
+        read ahead from the stream, is running. A bad batch is refused (its error ends the stream) after
+        the batches before it are acknowledged."""
         sandbox = current_sandbox()
-        session: SendSession | None = None
-        async for request in request_iterator:
-            kind = request.WhichOneof("kind")
-            if session is None:
-                if kind != "header":
-                    raise InvalidArgument(
-                        "the first message of a Send stream must carry the header",
-                        field="header",
-                        reason="HEADER_REQUIRED",
-                    )
-                session = await self.pipeline.open(sandbox, header_from_proto(request.header))
-                continue
-            if kind != "batch":
-                field_name = "header" if kind == "header" else "batch"
-                raise InvalidArgument(
-                    "every message after the header must carry a batch", field=field_name, reason="BATCH_REQUIRED"
-                )
-            ack = await self._deliver_to_the_end(
-                session.deliver(request.batch.sequence, recipients_from_proto(request.batch))
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "header":
+            raise InvalidArgument(
+                "the first message of a Send stream must carry the header", field="header", reason="HEADER_REQUIRED"
             )
-            yield ack_to_proto(ack)
-        if session is not None:
+        session = await self.pipeline.open(sandbox, header_from_proto(first.header))
+        ahead: asyncio.Queue[_Ahead] = asyncio.Queue(maxsize=1)
+        reader = asyncio.ensure_future(self._read_ahead(session, requests, ahead))
+        finishing: asyncio.Future[BatchAck] | None = None
+        try:
+            while True:
+                item = await self._next(ahead, finishing)
+                if item is None:  # the batch before is final: acknowledge it
+                    assert finishing is not None
+                    ack = finishing.result()
+                    finishing = None
+                    yield ack_to_proto(ack)
+                    continue
+                if isinstance(item, BaseException):
+                    if finishing is not None:
+                        yield ack_to_proto(await self._deliver_to_the_end(finishing))
+                    raise item
+                if isinstance(item, _End):
+                    break
+                sent = await self._deliver_to_the_end(session.send(item.sequence, item.recipients, item.checked))
+                if finishing is not None:
+                    yield ack_to_proto(await self._deliver_to_the_end(finishing))
+                    finishing = None
+                if sent.unsent:  # the provider went away: nothing more is sent before this batch's error
+                    await self._deliver_to_the_end(session.finish(sent))
+                finishing = asyncio.ensure_future(session.finish(sent))
+            if finishing is not None:
+                yield ack_to_proto(await self._deliver_to_the_end(finishing))
+                finishing = None
             await session.close()
+        finally:
+            reader.cancel()
+            while not ahead.empty():  # checks read ahead of a batch that will not be sent
+                left = ahead.get_nowait()
+                if isinstance(left, _Batch):
+                    left.checked.cancel()
+            if finishing is not None:  # the stream went away: the batch still records what it sent
+                await asyncio.wait({finishing})
 
     @staticmethod
-    async def _deliver_to_the_end(work: Coroutine[Any, Any, T]) -> T:
-        """Run one batch so that a cancelled stream cannot cut it off half way.
+    async def _read_ahead(
+        session: SendSession,
+        requests: AsyncIterator[delivery_service_pb2.SendRequest],
+        ahead: asyncio.Queue[_Ahead],
+    ) -> None:
+        """Read the stream's batches, start each one's check at once, and queue them (one waits at most)."""
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind != "batch":
+                    field_name = "header" if kind == "header" else "batch"
+                    raise InvalidArgument(
+                        "every message after the header must carry a batch", field=field_name, reason="BATCH_REQUIRED"
+                    )
+                recipients = recipients_from_proto(request.batch)
+                checked = session.start_check(recipients)
+                try:
+                    await ahead.put(_Batch(request.batch.sequence, recipients, checked))
+                except asyncio.CancelledError:
+                    checked.cancel()
+                    raise
+            await ahead.put(_End())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an invalid batch, or the stream broke: raised after the batches before it
+            await ahead.put(exc)
+
+    @staticmethod
+    async def _next(ahead: asyncio.Queue[_Ahead], finishing: asyncio.Future[BatchAck] | None) -> _Ahead | None:
+        """The next batch read ahead, or None once the batch being finished is final (first come)."""
+        if finishing is None:
+            return await ahead.get()
+        if not ahead.empty():
+            return ahead.get_nowait()
+        getting = asyncio.ensure_future(ahead.get())
+        try:
+            waiting: set[asyncio.Future[Any]] = {getting, finishing}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getting.done():
+                getting.cancel()
+        if getting.done() and not getting.cancelled():
+            return getting.result()
+        return None
+
+    @staticmethod
+    async def _deliver_to_the_end(work: Coroutine[Any, Any, T] | asyncio.Future[T]) -> T:
+        """Run one batch's step so that a cancelled stream cannot cut it off half way.
 
         When the caller goes away (a scheduler killed mid-run), gRPC cancels this handler. A batch
         cut off between the provider's acceptance and the ledger's ``sent`` mark would leave its rows
-        ``pending`` and be sent again on replay; so the batch runs in its own task, shielded, and the
-        cancellation takes effect only once the batch's ledger is final.
+        ``pending`` and be sent again on replay; so each step runs in its own task, shielded, and the
+        cancellation takes effect only once the step is final.
         """
         task = asyncio.ensure_future(work)
         try:

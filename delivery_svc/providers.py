@@ -193,11 +193,22 @@ def deliver_batch(
     try:
         for index, message in enumerate(messages):
             try:
-                for attempt in retrying:
-                    with attempt:
-                        for bucket in buckets:
-                            bucket.acquire()
-                        session.send(message)
+                first: TransientProviderError | None = None
+                try:  # the first attempt outside tenacity: its bookkeeping costs more than most sends
+                    for bucket in buckets:
+                        bucket.acquire()
+                    session.send(message)
+                except TransientProviderError as exc:
+                    first = exc
+                if first is not None:
+                    for attempt in retrying:
+                        with attempt:
+                            if first is not None:  # tenacity's attempt 1 is the one that just failed
+                                failed, first = first, None
+                                raise failed
+                            for bucket in buckets:
+                                bucket.acquire()
+                            session.send(message)
             except ProviderUnavailableError as exc:
                 report.unsent = [m.message_id for m in messages[index:]]
                 report.error = str(exc)

@@ -45,7 +45,7 @@ from audience_svc.query import (
     Negate,
 )
 from audience_svc.reconciliation import Reconciliation, reconcile
-from audience_svc.saved_audiences import DEFINITION, SavedAudience, SavedAudienceStore
+from audience_svc.saved_audiences import DEFINITION, Resolved, SavedAudience, SavedAudienceStore
 from audience_svc.schema import (
     MANY_TO_ONE,
     ONE_TO_MANY,
@@ -629,8 +629,14 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                     distribution_attribute=request.distribution_attribute,
                 )
             size = sample_size(request.sample_size)
-            entity, where = self.saved.resolve(sandbox, audience_id, bindings)
-            return self.evaluator.evaluate_where(entity, where, size, request.explain, request.distribution_attribute)
+            return self.saved.read(
+                sandbox,
+                audience_id,
+                lambda resolved: self.evaluator.evaluate_where(
+                    *resolved, size, request.explain, request.distribution_attribute
+                ),
+                bindings,
+            )
 
         evaluation = await self.database.run(evaluate)
         return audience_service_pb2.EvaluateAudienceResponse(
@@ -653,8 +659,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         sandbox = current_sandbox()
         mode = incremental_from_proto(request.incremental) if request.HasField("incremental") else None
 
-        def build() -> IncrementalBuild:
-            resolved = self.saved.resolve(sandbox, audience_id, bindings) if audience_id else None
+        def build(resolved: Resolved | None) -> IncrementalBuild:
             if mode is not None:
                 return self.incremental.build(
                     sandbox, request.run, request.activity, query, mode, bindings, resolved=resolved
@@ -664,7 +669,11 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             )
             return IncrementalBuild(working_set, 0)
 
-        built = await self.database.run(build)
+        def build_from_source() -> IncrementalBuild:
+            # A saved audience is read through the store, which reads it again if a save replaces it meanwhile.
+            return self.saved.read(sandbox, audience_id, build, bindings) if audience_id else build(None)
+
+        built = await self.database.run(build_from_source)
         return audience_service_pb2.BuildWorkingSetResponse(
             working_set=working_set_to_proto(built.working_set), excluded=built.excluded
         )

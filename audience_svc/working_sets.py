@@ -19,6 +19,11 @@ per produced working set and idempotent on (run, activity): combine (union / int
 exclusion), change dimension (through a link, counting the source records that reach nothing),
 split (ordered subsets with filter, limit by count or percent with a sort, overlap on or off,
 complement) and deduplication (per group of field values, keep N by a method; complement).
+A source working set purged while an operation reads it (its table dropped under the
+statement) makes the operation NOT_FOUND naming the source's field, not INTERNAL
+(:meth:`WorkingSetStore.reading`). Two calls for the same (run, activity) at once (a retried call
+racing the first, parallel branches) both return the one working set that commits: the catalog's
+unique (run, activity) key refuses the second, which then returns the first's.
 Streams can enrich rows with many-to-one dot paths (one LEFT JOIN per link), aggregates of
 linked records (one correlated scalar subquery each) and collections of the first N linked records
 by a sort (one windowed statement per collection and batch, see
@@ -274,7 +279,8 @@ class WorkingSetStore:
             sa.func.row_number().over(order_by=[keys.c[n] for n in names]).label("position"),
             *[keys.c[n] for n in names],
         )
-        return self.materialize(sandbox, run, activity, entity, selection)
+        with self.reading(sandbox, {"primary": primary, **{f"others[{i}]": o for i, o in enumerate(others)}}):
+            return self.materialize(sandbox, run, activity, entity, selection)
 
     def change_dimension(
         self, sandbox: str, run: str, activity: str, source_id: str, link_name: str
@@ -322,12 +328,13 @@ class WorkingSetStore:
         any_linked = sa.select(sa.literal(1)).select_from(linked).where(on_link).correlate_except(linked).exists()
         matched = sa.select(sa.literal(1)).select_from(records).where(on_key, any_linked).correlate_except(records)
         unmatched_statement = sa.select(sa.func.count()).select_from(ws).where(~matched.exists())
-        with self.database.engine.connect() as conn:
-            unmatched = int(conn.execute(unmatched_statement).scalar_one())
-        existing = self._find(sandbox, run, activity)
-        if existing is not None:
-            return existing, unmatched
-        return self.materialize(sandbox, run, activity, target, selection), unmatched
+        with self.reading(sandbox, {"working_set": source_id}):
+            with self.database.engine.connect() as conn:
+                unmatched = int(conn.execute(unmatched_statement).scalar_one())
+            existing = self._find(sandbox, run, activity)
+            if existing is not None:
+                return existing, unmatched
+            return self.materialize(sandbox, run, activity, target, selection), unmatched
 
     def split(
         self,
@@ -410,7 +417,7 @@ class WorkingSetStore:
             candidates = sa.and_(where, *untaken())
             limit: int | None = subset.limit or None
             if subset.limit_percent:
-                with self.database.engine.connect() as conn:
+                with self.reading(sandbox, {"working_set": source_id}), self.database.engine.connect() as conn:
                     matching = conn.execute(
                         sa.select(sa.func.count()).select_from(source.join(records, on_key)).where(candidates)
                     ).scalar_one()
@@ -432,9 +439,10 @@ class WorkingSetStore:
                 sa.func.row_number().over(order_by=[picked.c[n] for n in names]).label("position"),
                 *[picked.c[n] for n in names],
             )
-            working_set = self._find(sandbox, run, subset.activity) or self.materialize(
-                sandbox, run, subset.activity, entity, selection
-            )
+            with self.reading(sandbox, {"working_set": source_id}):
+                working_set = self._find(sandbox, run, subset.activity) or self.materialize(
+                    sandbox, run, subset.activity, entity, selection
+                )
             built.append(working_set)
             if not overlap:
                 taken.append(working_set_table(self.table_name(sandbox, working_set.working_set_id), entity))
@@ -450,9 +458,10 @@ class WorkingSetStore:
                 sa.func.row_number().over(order_by=[source.c[f"k{i}"] for i in range(1, width + 1)]).label("position"),
                 *[source.c[f"k{i}"] for i in range(1, width + 1)],
             ).where(*conditions)
-            complement = self._find(sandbox, run, complement_activity) or self.materialize(
-                sandbox, run, complement_activity, entity, selection
-            )
+            with self.reading(sandbox, {"working_set": source_id}):
+                complement = self._find(sandbox, run, complement_activity) or self.materialize(
+                    sandbox, run, complement_activity, entity, selection
+                )
         return built, complement
 
     def deduplicate(
@@ -544,7 +553,8 @@ class WorkingSetStore:
             sa.func.row_number().over(order_by=[ranked.c[n] for n in names]).label("position"),
             *[ranked.c[n] for n in names],
         ).where(ranked.c.rank <= keep)
-        result = self._find(sandbox, run, activity) or self.materialize(sandbox, run, activity, entity, kept)
+        with self.reading(sandbox, {"working_set": source_id}):
+            result = self._find(sandbox, run, activity) or self.materialize(sandbox, run, activity, entity, kept)
         complement = None
         if complement_activity:
             # The source records the result did not keep (computed from the stored result, so that
@@ -555,9 +565,10 @@ class WorkingSetStore:
                 sa.func.row_number().over(order_by=[source.c[n] for n in names]).label("position"),
                 *[source.c[n] for n in names],
             ).where(~sa.select(sa.literal(1)).select_from(taken).where(match).exists())
-            complement = self._find(sandbox, run, complement_activity) or self.materialize(
-                sandbox, run, complement_activity, entity, removed
-            )
+            with self.reading(sandbox, {"working_set": source_id}):
+                complement = self._find(sandbox, run, complement_activity) or self.materialize(
+                    sandbox, run, complement_activity, entity, removed
+                )
         return result, complement
 
     def find(self, sandbox: str, run: str, activity: str) -> WorkingSet | None:
@@ -666,6 +677,20 @@ class WorkingSetStore:
     def get(self, sandbox: str, working_set_id: str, *, field: str = "name") -> WorkingSet:
         """One working set; NotFound naming ``field`` when it does not exist (or was purged)."""
         return self._working_set_of(self._row(sandbox, working_set_id, field))
+
+    @contextlib.contextmanager
+    def reading(self, sandbox: str, sources: dict[str, str]) -> Iterator[None]:
+        """Statements that read the working sets ``sources`` (request field → working set id).
+
+        A database error raised after one of them was purged meanwhile (its table dropped under the
+        statement) becomes NotFound naming that source's field; any other error is raised as it is.
+        """
+        try:
+            yield
+        except sa.exc.DBAPIError:
+            for source_field, working_set_id in sources.items():
+                self._row(sandbox, working_set_id, source_field)
+            raise
 
     def open_stream(
         self,

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
-import grpc
 import sqlalchemy as sa
 import structlog
 
@@ -52,7 +51,7 @@ from audience_svc.schema import Entity, column_type
 from audience_svc.tables import SavedAudienceRow
 from audience_svc.working_sets import WorkingSetStore, working_set_table
 from carillon_chassis.database import Database, as_utc, utcnow
-from carillon_chassis.errors import AlreadyExists, CarillonError, InvalidArgument, NotFound
+from carillon_chassis.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
 from carillon_chassis.names import validate_id
 from carillon_chassis.pagination import keyset_page
 
@@ -70,10 +69,9 @@ T = TypeVar("T")
 Resolved = tuple[Entity, sa.ColumnElement[bool]]
 
 
-class AudienceChanged(CarillonError):
+class AudienceChanged(Aborted):
     """A read of a saved audience kept racing saves that replaced its members; retrying may succeed."""
 
-    code = grpc.StatusCode.ABORTED
     default_reason = "AUDIENCE_CHANGED"
 
 

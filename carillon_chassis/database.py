@@ -25,6 +25,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from carillon_chassis.errors import Aborted, CarillonError, Unavailable
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -47,6 +49,33 @@ _migrations_table = sa.Table(
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
 )
+
+
+# SQLSTATEs of a PostgreSQL transaction that lost to a concurrent one, and of a server that cannot
+# take the call now.
+_CONFLICT_STATES = {"40001": "SERIALIZATION_FAILURE", "40P01": "DEADLOCK", "55P03": "LOCK_NOT_AVAILABLE"}
+_UNAVAILABLE_STATE_PREFIXES = ("08", "57P", "53300")
+
+
+def retryable_error(exc: BaseException) -> CarillonError | None:
+    """The status of a database error that no caller handled and that retrying may cure, or None.
+
+    A transaction aborted by a concurrent one (serialization failure, deadlock, lock timeout) is
+    ABORTED; a database that is busy (SQLite's writer lock held past the busy timeout) or cannot be
+    reached is UNAVAILABLE. Anything else stays a bug (INTERNAL)."""
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return None
+    state = getattr(exc.orig, "sqlstate", None)
+    if isinstance(state, str) and state in _CONFLICT_STATES:
+        return Aborted(
+            "the database aborted the transaction: it conflicted with a concurrent one; retry",
+            reason=_CONFLICT_STATES[state],
+        )
+    if (isinstance(state, str) and state.startswith(_UNAVAILABLE_STATE_PREFIXES)) or exc.connection_invalidated:
+        return Unavailable("the database cannot be reached; retry", reason="DATABASE_UNAVAILABLE")
+    if isinstance(exc, sa.exc.OperationalError) and "database is locked" in str(exc.orig):
+        return Unavailable("the database is busy; retry", reason="DATABASE_BUSY")
+    return None
 
 
 def utcnow() -> datetime:

@@ -84,6 +84,14 @@ class ResourceExhausted(CarillonError):
     default_reason = "LIMIT_EXCEEDED"
 
 
+class Aborted(CarillonError):
+    """A concurrent change got in the way (a transaction conflict, a resource replaced meanwhile);
+    retrying the call may succeed."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "CONCURRENT_CHANGE"
+
+
 class Unavailable(CarillonError):
     """A dependency (another service, the database) cannot be reached; retrying may succeed."""
 

@@ -3,9 +3,10 @@ and the mapping of domain errors to rich gRPC statuses.
 
 Every handler kind (unary and streaming, both directions) is wrapped the same way: the call's
 metadata is read (``x-request-id``, ``x-carillon-sandbox``), the structlog context is bound, the
-handler runs, and a :class:`CarillonError` becomes its status code with ``google.rpc`` details. Any
-other exception is a bug: it is logged with its traceback and reported as ``INTERNAL`` without
-leaking its text.
+handler runs, and a :class:`CarillonError` becomes its status code with ``google.rpc`` details. A
+database error that retrying may cure (a transaction conflict, a busy or unreachable database) is
+ABORTED or UNAVAILABLE (:func:`carillon_chassis.database.retryable_error`). Any other exception is a
+bug: it is logged with its traceback and reported as ``INTERNAL`` without leaking its text.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import grpc
 import structlog
 from grpc_status import rpc_status
 
+from carillon_chassis.database import retryable_error
 from carillon_chassis.errors import CarillonError, internal_status, to_status
 from carillon_chassis.sandbox import (
     DEFAULT_SANDBOX,
@@ -52,6 +54,10 @@ class _CallScope:
 
     async def fail(self, exc: BaseException) -> None:
         """Abort the call with the status that ``exc`` maps to."""
+        retryable = retryable_error(exc)
+        if retryable is not None:
+            log.warning("database error", error=repr(exc), reason=retryable.reason)
+            exc = retryable
         if isinstance(exc, CarillonError):
             status = to_status(exc, self.domain)
             self.summary(exc.code, reason=exc.reason)

@@ -217,7 +217,8 @@ class AudienceServiceServicer:
         distribution of one attribute's values (an attribute of the dimension or a many-to-one dot path).
         Errors: INVALID_ARGUMENT (unknown attribute or link (also in the distribution attribute), a
         one-to-many link in a dot path (also in the distribution attribute), wrong value type, bad
-        operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
+        operator arity, unbound parameter, too deep a tree or path), NOT_FOUND, ABORTED (reason
+        AUDIENCE_CHANGED: a saved audience kept being overwritten while it was read; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -271,7 +272,8 @@ class AudienceServiceServicer:
         With `incremental` it leaves out the records earlier runs of the campaign activity produced
         (processed keys within a history window, or a date watermark) and reports how many.
         Errors: INVALID_ARGUMENT (bad query; bad incremental mode, history window or watermark attribute,
-        reason INVALID_INCREMENTAL), NOT_FOUND (unknown dimension).
+        reason INVALID_INCREMENTAL), NOT_FOUND (unknown dimension), ABORTED (reason AUDIENCE_CHANGED: a
+        saved audience kept being overwritten while it was read; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

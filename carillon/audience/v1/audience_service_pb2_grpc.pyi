@@ -88,7 +88,8 @@ class AudienceServiceStub:
     distribution of one attribute's values (an attribute of the dimension or a many-to-one dot path).
     Errors: INVALID_ARGUMENT (unknown attribute or link (also in the distribution attribute), a
     one-to-many link in a dot path (also in the distribution attribute), wrong value type, bad
-    operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
+    operator arity, unbound parameter, too deep a tree or path), NOT_FOUND, ABORTED (reason
+    AUDIENCE_CHANGED: a saved audience kept being overwritten while it was read; retry).
     """
     CreateAudience: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.CreateAudienceRequest, _audience_service_pb2.CreateAudienceResponse]
     """Saves a query as a definition audience (evaluated when read). Parameters may stay unbound.
@@ -118,7 +119,8 @@ class AudienceServiceStub:
     With `incremental` it leaves out the records earlier runs of the campaign activity produced
     (processed keys within a history window, or a date watermark) and reports how many.
     Errors: INVALID_ARGUMENT (bad query; bad incremental mode, history window or watermark attribute,
-    reason INVALID_INCREMENTAL), NOT_FOUND (unknown dimension).
+    reason INVALID_INCREMENTAL), NOT_FOUND (unknown dimension), ABORTED (reason AUDIENCE_CHANGED: a
+    saved audience kept being overwritten while it was read; retry).
     """
     CombineWorkingSets: _grpc.UnaryUnaryMultiCallable[_audience_service_pb2.CombineWorkingSetsRequest, _audience_service_pb2.CombineWorkingSetsResponse]
     """Builds the working set of one run's activity by combining working sets of one dimension
@@ -239,7 +241,8 @@ class AudienceServiceAsyncStub(AudienceServiceStub):
     distribution of one attribute's values (an attribute of the dimension or a many-to-one dot path).
     Errors: INVALID_ARGUMENT (unknown attribute or link (also in the distribution attribute), a
     one-to-many link in a dot path (also in the distribution attribute), wrong value type, bad
-    operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
+    operator arity, unbound parameter, too deep a tree or path), NOT_FOUND, ABORTED (reason
+    AUDIENCE_CHANGED: a saved audience kept being overwritten while it was read; retry).
     """
     CreateAudience: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.CreateAudienceRequest, _audience_service_pb2.CreateAudienceResponse]  # type: ignore[assignment]
     """Saves a query as a definition audience (evaluated when read). Parameters may stay unbound.
@@ -269,7 +272,8 @@ class AudienceServiceAsyncStub(AudienceServiceStub):
     With `incremental` it leaves out the records earlier runs of the campaign activity produced
     (processed keys within a history window, or a date watermark) and reports how many.
     Errors: INVALID_ARGUMENT (bad query; bad incremental mode, history window or watermark attribute,
-    reason INVALID_INCREMENTAL), NOT_FOUND (unknown dimension).
+    reason INVALID_INCREMENTAL), NOT_FOUND (unknown dimension), ABORTED (reason AUDIENCE_CHANGED: a
+    saved audience kept being overwritten while it was read; retry).
     """
     CombineWorkingSets: _aio.UnaryUnaryMultiCallable[_audience_service_pb2.CombineWorkingSetsRequest, _audience_service_pb2.CombineWorkingSetsResponse]  # type: ignore[assignment]
     """Builds the working set of one run's activity by combining working sets of one dimension
@@ -423,7 +427,8 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         distribution of one attribute's values (an attribute of the dimension or a many-to-one dot path).
         Errors: INVALID_ARGUMENT (unknown attribute or link (also in the distribution attribute), a
         one-to-many link in a dot path (also in the distribution attribute), wrong value type, bad
-        operator arity, unbound parameter, too deep a tree or path), NOT_FOUND.
+        operator arity, unbound parameter, too deep a tree or path), NOT_FOUND, ABORTED (reason
+        AUDIENCE_CHANGED: a saved audience kept being overwritten while it was read; retry).
         """
 
     @_abc_1.abstractmethod
@@ -489,7 +494,8 @@ class AudienceServiceServicer(metaclass=_abc_1.ABCMeta):
         With `incremental` it leaves out the records earlier runs of the campaign activity produced
         (processed keys within a history window, or a date watermark) and reports how many.
         Errors: INVALID_ARGUMENT (bad query; bad incremental mode, history window or watermark attribute,
-        reason INVALID_INCREMENTAL), NOT_FOUND (unknown dimension).
+        reason INVALID_INCREMENTAL), NOT_FOUND (unknown dimension), ABORTED (reason AUDIENCE_CHANGED: a
+        saved audience kept being overwritten while it was read; retry).
         """
 
     @_abc_1.abstractmethod

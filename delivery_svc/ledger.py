@@ -23,7 +23,6 @@ of parameters one by one was most of a batch's ledger time); on SQLite, executem
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -48,17 +47,6 @@ _FIND_CHUNK = 10000
 
 LedgerKey = tuple[str, str]
 """(profile key, entity key): the part of a ledger key that varies within one activity."""
-
-
-def profile_key(profile_id: str | None, namespace: str, value: str) -> str:
-    """The ledger's profile key: the profile id, or ``namespace:value`` when no profile exists."""
-    return profile_id if profile_id else f"{namespace}:{value}"
-
-
-def message_id(sandbox: str, run: str, activity: str, profile: str, entity_key: str) -> str:
-    """The message id of a ledger key: stable across attempts, unique per key."""
-    raw = "\x1f".join((sandbox, run, activity, profile, entity_key)).encode()
-    return "m" + hashlib.sha256(raw).hexdigest()[:32]
 
 
 @dataclass

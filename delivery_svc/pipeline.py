@@ -1,16 +1,18 @@
 """The send pipeline: what a delivery worker does with each batch of a Send stream.
 
-Per batch: validate the recipients → one eligibility call for the whole batch → one ledger lookup of
-the batch's keys → classify each recipient (already sent, recorded skip or failure, newly ineligible,
-to render) → for marketing, one eligibility call with ``reserve`` for the recipients about to be sent
-(the capping reservation, see below) → render in the sandbox → write ``pending`` (and ``skipped``)
-ledger rows in one transaction → send through the provider → mark ``sent`` / ``failed`` (and queue
-their message logs for audience_svc) in one transaction (with a provider that honours no idempotency
-key, SMTP, each message is marked ``sent`` in its own transaction as soon as the provider accepted
-it, so that a crash repeats at most the one message in flight) → release the reservations of messages not
-sent → record the communications in one call (which confirms the reservations) → return the
-acknowledgement. The acknowledgement exists only once the ledger is durable, so a crash at any point
-is repaired by replaying the batch:
+Per batch: validate the recipients → one eligibility call for the whole batch (for marketing, it also
+reserves the capping places, see below) → one ledger lookup of the batch's keys → classify each
+recipient (already sent, recorded skip or failure, newly ineligible, to render) → render in the
+sandbox → write ``pending`` (and ``skipped``) ledger rows in one transaction → send through the
+provider → mark ``sent`` / ``failed`` (and queue their message logs for audience_svc) in one
+transaction (with a provider that honours no idempotency key, SMTP, each message is marked ``sent``
+in its own transaction as soon as the provider accepted it, so that a crash repeats at most the one
+message in flight) → release the reservations of messages not sent → record the communications in
+one call (which confirms the reservations) → return the acknowledgement. A Send stream overlaps its
+batches: the next batch's eligibility call starts as soon as it arrives, and a batch's last two steps
+run while the next batch is sent (``SendSession.start_check`` / ``send`` / ``finish``). The
+acknowledgement exists only once the ledger is durable, so a crash at any point is repaired by
+replaying the batch:
 
 - a ``sent`` row is counted ``already_sent`` and not sent again;
 - a ``skipped`` or ``failed`` row reports its recorded reason again;
@@ -21,23 +23,19 @@ is repaired by replaying the batch:
 - a ``deferred`` row (outside the header's send window in the recipient's local time) is sent once
   the window is open, and deferred again until then.
 
-Capping is reserved in two phases per batch. The ledger's message id is derived from the profile id
-(one message per profile and entity key, whatever identity reached the profile), and the profile id
-is only known from the first eligibility answer; so the first call checks without reserving, the
-message ids are computed, and a second call reserves, atomically in profile_stub (per-profile row
-locks), one send for each recipient about to be sent, under its message id. A recipient whose cap
-was taken meanwhile by another campaign is skipped ``CAPPED``. Deriving the id from the identity
-instead (one call) would have changed the ledger key of existing rows (a replay after the upgrade
-would resend) and let two identities of one profile get two messages. A replayed message reserves
-again under the same id, which profile_stub allows without counting twice; the reservation of a
-message that fails to render or fails at the provider is released, and so is the one a crashed
-attempt may have left to a pending message that the replay skips or fails (no longer eligible, past
-its retry window); a send that the provider did not
-get to (unavailable) keeps its reservation for the replay (it expires on its own otherwise). Because
-the first call does not name message ids, it counts such a message's own live reservation against
-its cap: a recipient "capped" in the check goes to the reservation call, which decides (with or
-without a ledger row: an attempt may have reserved and crashed before writing it). The cost is a
-second profile call per marketing batch.
+Capping is reserved in the eligibility call itself. For a marketing batch, the one call checks every
+recipient and, atomically in profile_stub (per-profile row locks), reserves one send for each allowed
+one under its message id, which profile_stub derives from the profile it resolved exactly as the
+ledger does (:func:`carillon_chassis.messages.message_id`: run, activity, profile, entity key), and
+returns with the verdict; the pipeline checks that the ids agree. A message reserved or recorded
+before (a replay, a crashed attempt) counts once. A recipient whose cap another campaign took is
+skipped ``CAPPED``. The reservation of a message the batch does not send is released: one the ledger
+shows sent is the message's communication already, but a recorded skip or final failure, an expired
+retry window, a deferral (reserved again when the window opens), a render failure, a provider
+failure, and the reservation a crashed attempt may have left to a pending message that is now
+skipped, are freed; a send that the provider did not get to (unavailable) keeps its reservation for
+the replay (it expires on its own otherwise). An allowed marketing verdict without a reservation (a
+profile service that ignored the request) fails the batch rather than send uncounted.
 
 Sends go through a token bucket of the channel activity (the header's rate limit) and one of the
 provider (the worker's setting); time comes from an injectable clock.
@@ -54,7 +52,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -62,6 +60,7 @@ import structlog
 
 from carillon_chassis.database import Database, utcnow
 from carillon_chassis.errors import CarillonError, FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
+from carillon_chassis.messages import message_id, profile_key
 from carillon_chassis.names import parse_name, validate_id
 from delivery_svc.direct_mail import OutgoingRow, stream_name
 from delivery_svc.eligibility import Communication, EligibilityGateway, ProfileView, Verdict
@@ -78,8 +77,6 @@ from delivery_svc.ledger import (
     LedgerKey,
     LogEvent,
     StatusChange,
-    message_id,
-    profile_key,
 )
 from delivery_svc.providers import (
     PROVIDER_PERMANENT,
@@ -402,23 +399,41 @@ class SendSession:
         return await self.finish(await self.send(sequence, recipients, checked))
 
     def start_check(self, recipients: Sequence[Recipient]) -> asyncio.Future[list[Verdict]]:
-        """Validate a batch (INVALID_ARGUMENT naming the bad recipients) and start its eligibility check.
+        """Validate a batch (INVALID_ARGUMENT naming the bad recipients) and start its eligibility call:
+        for marketing, the check that also reserves each allowed recipient's place under the caps.
 
-        The check only reads, so a Send stream starts it as soon as the batch arrives, while the batch
-        before it is still being sent; whatever changed meanwhile is decided again where it matters: the
-        marketing reservation re-checks every verdict under the profile's lock, and the ledger lookup
-        happens in :meth:`send`, after the batches before."""
+        A Send stream starts it as soon as the batch arrives, while the batch before it is still being
+        sent: the ledger lookup, which decides what is sent again, happens in :meth:`send`, after the
+        batches before; a reservation that the ledger then makes useless is released."""
         self._check_batch(recipients)
         if not recipients:
             future: asyncio.Future[list[Verdict]] = asyncio.get_running_loop().create_future()
             future.set_result([])
             return future
-        header = self.header
-        return asyncio.ensure_future(
-            self.pipeline.gateway.check(
-                self.sandbox, header.channel, header.category, [(r.namespace, r.value) for r in recipients]
+        header, gateway = self.header, self.pipeline.gateway
+        identities = [(r.namespace, r.value) for r in recipients]
+        if header.category == "marketing":
+            return asyncio.ensure_future(
+                gateway.check_and_reserve(
+                    self.sandbox,
+                    header.channel,
+                    identities,
+                    header.run,
+                    header.activity,
+                    [r.entity_key for r in recipients],
+                )
             )
-        )
+        return asyncio.ensure_future(gateway.check(self.sandbox, header.channel, header.category, identities))
+
+    async def abandon(self, checked: asyncio.Future[list[Verdict]]) -> None:
+        """A batch whose check started will not be sent (its stream ended first): stop the check, or
+        release what it reserved (best effort; a reservation left behind expires on its own)."""
+        if not checked.done():
+            checked.cancel()
+            return
+        if checked.cancelled() or checked.exception() is not None:
+            return
+        await self._release([v.message_id for v in checked.result() if v.reserved and v.message_id])
 
     async def send(
         self, sequence: int, recipients: Sequence[Recipient], checked: Awaitable[list[Verdict]]
@@ -462,17 +477,23 @@ class SendSession:
             (the attempt reserved, wrote the row and never got to send)."""
             return row is not None and row.status == PENDING and header.category == "marketing"
 
-        def skip(mid: str, key: LedgerKey, reason: str, row: LedgerEntry | None, recipient: Recipient) -> None:
+        def skip(
+            mid: str, key: LedgerKey, reason: str, row: LedgerEntry | None, recipient: Recipient, holds: bool = False
+        ) -> None:
             ack.skipped[reason] += 1
-            if may_hold_reservation(row):
+            if holds or may_hold_reservation(row):
                 to_release.append(mid)  # it will not be sent: its reservation must not keep counting
             if row is None:
                 new_rows.append(self._entry(mid, key, SKIPPED, reason, recipient))
             else:
                 changes.append(StatusChange(mid, SKIPPED, reason))
 
-        def defer(mid: str, key: LedgerKey, until: datetime, row: LedgerEntry | None, recipient: Recipient) -> None:
+        def defer(
+            mid: str, key: LedgerKey, until: datetime, row: LedgerEntry | None, recipient: Recipient, holds: bool
+        ) -> None:
             ack.deferred += 1
+            if holds:
+                to_release.append(mid)  # reserved again when the window opens and it is sent
             if ack.next_window_time is None or until < ack.next_window_time:
                 ack.next_window_time = until
             if row is None:
@@ -483,87 +504,66 @@ class SendSession:
         def expired(row: LedgerEntry) -> bool:
             return row.create_time is not None and now - row.create_time > window_s
 
+        reserved: set[str] = set()
         for recipient, verdict, key in zip(recipients, verdicts, keys, strict=True):
-            if key in seen:
+            if key in seen:  # the same message as an earlier recipient: that one decides
                 ack.skipped[DUPLICATE] += 1
                 continue
             seen.add(key)
             row = existing.get(key)
+            mid = row.message_id if row is not None else message_id(sandbox, header.run, header.activity, *key)
+            # The marketing check reserved each allowed recipient's place under the caps, under the
+            # message id it derived the same way (a message reserved or recorded before counts once).
+            holds = verdict.reserved
+            if header.category == "marketing" and verdict.verdict == "allowed" and not holds:
+                raise Unavailable(  # a profile service that ignored the reservation (an older version)
+                    "the profile service allowed a marketing message without reserving it",
+                    reason="PROFILE_BAD_RESPONSE",
+                )
+            if holds and verdict.message_id != mid:
+                raise Unavailable(
+                    f"the profile service reserved message {verdict.message_id!r} for ledger message {mid!r}",
+                    reason="PROFILE_BAD_RESPONSE",
+                )
             if row is not None and row.status == SENT:
-                ack.already_sent += 1
+                ack.already_sent += 1  # its reservation is (or becomes, recorded again) its communication
                 if verdict.profile is not None:
                     to_record.append((row.message_id, verdict.profile.profile_id))
                 continue
             if row is not None and row.status == SKIPPED:
                 ack.skipped[row.reason] += 1
+                if holds:
+                    to_release.append(mid)
                 continue
             if row is not None and row.status == FAILED and (row.reason not in RETRYABLE_REASONS or expired(row)):
                 ack.failed[row.reason] += 1
+                if holds:
+                    to_release.append(mid)
                 continue
             if row is not None and row.status == PENDING and expired(row):
                 ack.failed[RETRY_WINDOW_EXPIRED] += 1
                 changes.append(StatusChange(row.message_id, FAILED, RETRY_WINDOW_EXPIRED))
                 logs.append(LogEvent(sandbox, row.message_id, "failed", now))
-                if may_hold_reservation(row):
+                if holds or may_hold_reservation(row):
                     to_release.append(row.message_id)
                 continue
-            mid = row.message_id if row is not None else message_id(sandbox, header.run, header.activity, *key)
-            # A message attempted before may hold the very reservation that caps it in the check: a
-            # pending, retried or deferred row, but also a message whose attempt reserved and then
-            # crashed before its ledger write (no row). The reservation phase, which knows its message
-            # id, decides.
-            recheck = verdict.verdict == "capped" and header.category == "marketing"
-            if verdict.verdict != "allowed" and not recheck:
-                skip(mid, key, SKIP_REASONS.get(verdict.verdict, INELIGIBLE), row, recipient)
-            elif not verdict.address and not recheck:
-                skip(mid, key, MISSING_ADDRESS, row, recipient)
+            if verdict.verdict != "allowed":
+                skip(mid, key, SKIP_REASONS.get(verdict.verdict, INELIGIBLE), row, recipient, holds)
+            elif not verdict.address:
+                skip(mid, key, MISSING_ADDRESS, row, recipient, holds)
             else:
                 opening = None
                 if header.window is not None:
                     zone = verdict.profile.time_zone if verdict.profile is not None else ""
                     opening = header.window.next_opening(now, zone)
                 if opening is not None:
-                    defer(mid, key, opening, row, recipient)
+                    defer(mid, key, opening, row, recipient, holds)
                 else:
+                    if holds:
+                        reserved.add(mid)
                     jobs.append(_Job(mid, key, recipient, verdict, row))
 
         timings["ledger_find"] = time.perf_counter() - started
-        reserved: set[str] = set()
-        if jobs and header.category == "marketing":
-            started = time.perf_counter()
-            verdicts = await pipeline.gateway.reserve(
-                sandbox,
-                header.channel,
-                header.category,
-                [(job.recipient.namespace, job.recipient.value) for job in jobs],
-                [job.message_id for job in jobs],
-            )
-            if len(verdicts) != len(jobs):
-                raise Unavailable(
-                    f"the profile service answered {len(verdicts)} reservations for {len(jobs)} identities",
-                    reason="PROFILE_BAD_RESPONSE",
-                )
-            kept: list[_Job] = []
-            for job, verdict in zip(jobs, verdicts, strict=True):
-                if verdict.verdict != "allowed":  # capped by a concurrent send, or changed meanwhile
-                    skip(
-                        job.message_id,
-                        job.key,
-                        SKIP_REASONS.get(verdict.verdict, INELIGIBLE),
-                        job.existing,
-                        job.recipient,
-                    )
-                elif not verdict.address:
-                    skip(job.message_id, job.key, MISSING_ADDRESS, job.existing, job.recipient)
-                    to_release.append(job.message_id)
-                else:
-                    reserved.add(job.message_id)
-                    if not job.verdict.address:  # capped in the check, allowed by its own reservation
-                        # The reservation's verdict may leave the profile out: the check's stands.
-                        job.verdict = replace(verdict, profile=job.verdict.profile or verdict.profile)
-                    kept.append(job)
-            jobs = kept
-            timings["reserve"] = time.perf_counter() - started
         started = time.perf_counter()
         rendered = await asyncio.to_thread(self._render_all, jobs)
         emails: list[OutgoingMessage] = []

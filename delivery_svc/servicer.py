@@ -44,6 +44,15 @@ class _End:
 
 
 _Ahead = _Batch | _End | Exception
+_BACKGROUND: set[asyncio.Future[None]] = set()
+
+
+def _background(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` on its own, keeping a reference until it is done."""
+    task = asyncio.ensure_future(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
 
 FEEDBACK_KIND_NAMES = {
     delivery_service_pb2.FEEDBACK_KIND_DELIVERED: "delivered",
@@ -301,12 +310,15 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
             await session.close()
         finally:
             reader.cancel()
-            while not ahead.empty():  # checks read ahead of a batch that will not be sent
+            abandoned = []
+            while not ahead.empty():  # batches read ahead that will not be sent
                 left = ahead.get_nowait()
                 if isinstance(left, _Batch):
-                    left.checked.cancel()
+                    abandoned.append(asyncio.ensure_future(session.abandon(left.checked)))
             if finishing is not None:  # the stream went away: the batch still records what it sent
                 await asyncio.wait({finishing})
+            if abandoned:
+                await asyncio.wait(abandoned)
 
     @staticmethod
     async def _read_ahead(
@@ -327,8 +339,8 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
                 checked = session.start_check(recipients)
                 try:
                     await ahead.put(_Batch(request.batch.sequence, recipients, checked))
-                except asyncio.CancelledError:
-                    checked.cancel()
+                except asyncio.CancelledError:  # the stream ended first: this batch will not be sent
+                    _background(session.abandon(checked))
                     raise
             await ahead.put(_End())
         except asyncio.CancelledError:

@@ -16,17 +16,24 @@ keys per call. How they do it matters on PostgreSQL:
 On SQLite, whose number of bound parameters is limited, keys go in ``IN`` lists of at most 500.
 
 Rows are inserted the same way: :func:`insert_rows` sends one array per column on PostgreSQL (one
-statement for the batch, where an executemany runs one statement per row), an executemany on SQLite.
+statement for the batch, where an executemany runs one statement per row), an executemany on SQLite. A
+column with the same value in every row (the sandbox, a reservation's times) is one scalar parameter.
 
 An array of strings travels as one string joined with the unit separator (U+001F) and is split by
 ``string_to_array`` in the server: psycopg's list adaptation costs about 0.8 us per element, which made
-array parameters a fifth of profile_stub's time per batch. A value that contains the separator (or a
-lone empty string, which the split cannot tell from no value) falls back to a real array parameter.
+array parameters a fifth of profile_stub's time per batch. Integers and timezone-aware datetimes travel
+the same way, as their text, cast in the server to the column's array type. A value that contains the
+separator (or a lone empty string, which the split cannot tell from no value), or of another type, falls
+back to a real array parameter.
+
+Rows read by thousands come back through :func:`fetch_rows`: on PostgreSQL, psycopg's tuples straight
+from the cursor, without a SQLAlchemy Row around each.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -49,16 +56,33 @@ def key_chunks(keys: Sequence[T], postgres: bool) -> Iterator[Sequence[T]]:
 _SEPARATOR = "\x1f"
 
 
+def _as_text(values: Sequence[Any], element_type: sa.types.TypeEngine[Any]) -> list[str] | None:
+    """``values`` as the texts PostgreSQL parses back to them, or None when they cannot travel joined:
+    strings as they are, integers and timezone-aware datetimes by their ``str``."""
+    if isinstance(element_type, sa.TypeDecorator):  # SQLModel's AutoString, for one
+        element_type = element_type.impl_instance
+    if isinstance(element_type, sa.String) and all(type(v) is str for v in values):
+        return list(values)
+    if isinstance(element_type, sa.Integer) and all(type(v) is int for v in values):
+        return [str(v) for v in values]
+    aware = isinstance(element_type, sa.DateTime) and element_type.timezone
+    if aware and all(type(v) is datetime and v.tzinfo is not None for v in values):
+        return [str(v) for v in values]
+    return None
+
+
 def array_of(values: Sequence[Any], element_type: sa.types.TypeEngine[Any]) -> sa.ColumnElement[Any]:
-    """A PostgreSQL array expression of ``values``: a joined string split in the server for strings, an
-    array parameter otherwise."""
-    if (
-        isinstance(element_type, sa.String)
-        and all(type(v) is str and _SEPARATOR not in v for v in values)
-        and values != [""]
-    ):
-        joined = sa.bindparam(None, _SEPARATOR.join(values), type_=sa.Text)
-        return sa.func.string_to_array(joined, sa.literal_column("chr(31)"), type_=postgresql.ARRAY(element_type))
+    """A PostgreSQL array expression of ``values``: a joined string split in the server for strings,
+    integers and aware datetimes (cast to the element type), an array parameter otherwise."""
+    if isinstance(element_type, sa.TypeDecorator):
+        element_type = element_type.impl_instance
+    texts = _as_text(values, element_type)
+    if texts is not None and all(_SEPARATOR not in v for v in texts) and texts != [""]:
+        joined = sa.bindparam(None, _SEPARATOR.join(texts), type_=sa.Text)
+        split = sa.func.string_to_array(joined, sa.literal_column("chr(31)"), type_=postgresql.ARRAY(sa.Text()))
+        if isinstance(element_type, sa.String):
+            return split
+        return sa.cast(split, postgresql.ARRAY(element_type))
     return sa.bindparam(None, list(values), type_=postgresql.ARRAY(element_type))
 
 
@@ -69,6 +93,19 @@ def one_of(column: sa.ColumnElement[Any], keys: Sequence[str], postgres: bool) -
     return column.in_(list(keys))
 
 
+def fetch_rows(conn: sa.Connection, statement: sa.Executable) -> Sequence[Sequence[Any]]:
+    """Every row of ``statement`` as plain tuples: on PostgreSQL straight from the driver's cursor
+    (psycopg builds them in C; SQLAlchemy's Row objects cost as much again, and these columns need no
+    result processing), on SQLite as SQLAlchemy's rows."""
+    result = conn.execute(statement)
+    if conn.dialect.name != "postgresql":
+        return result.all()
+    try:
+        return result.cursor.fetchall()
+    finally:
+        result.close()
+
+
 def custom_plans(conn: sa.Connection) -> None:
     """Plan every statement of the current transaction with its actual parameters (PostgreSQL; a no-op
     on SQLite)."""
@@ -77,19 +114,46 @@ def custom_plans(conn: sa.Connection) -> None:
 
 
 def insert_rows(
-    conn: sa.Connection, table: sa.Table, rows: Sequence[dict[str, Any]], *, skip_conflicts: bool = False
-) -> None:
-    """Insert ``rows`` (dicts with the same keys) in their order: ``INSERT … SELECT unnest(:column array),
-    …`` on PostgreSQL, an executemany on SQLite; with ``skip_conflicts``, a row whose key exists is left
-    out (``ON CONFLICT DO NOTHING``)."""
+    conn: sa.Connection,
+    table: sa.Table,
+    rows: Sequence[dict[str, Any]],
+    *,
+    skip_conflicts: bool = False,
+    replace_conflicts: bool = False,
+) -> int:
+    """Insert ``rows`` (dicts with the same keys, no key twice) in their order: ``INSERT … SELECT
+    unnest(:column array), …`` on PostgreSQL, an executemany on SQLite; with ``skip_conflicts``, a row
+    whose primary key exists is left out (``ON CONFLICT DO NOTHING``); with ``replace_conflicts``, it
+    replaces the existing row's other columns (``ON CONFLICT DO UPDATE``). Returns how many rows were
+    inserted or replaced (PostgreSQL; on SQLite, how many were given)."""
     if not rows:
-        return
+        return 0
+
+    def on_conflict(insert: Any) -> Any:
+        if replace_conflicts:
+            keys = [column.name for column in table.primary_key.columns]
+            return insert.on_conflict_do_update(
+                index_elements=keys, set_={name: insert.excluded[name] for name in rows[0] if name not in keys}
+            )
+        return insert.on_conflict_do_nothing() if skip_conflicts else insert
+
     if conn.dialect.name != "postgresql":
-        statement = sqlite.insert(table).on_conflict_do_nothing() if skip_conflicts else table.insert()
+        statement = on_conflict(sqlite.insert(table))
         for start in range(0, len(rows), SQLITE_CHUNK):
             conn.execute(statement, list(rows[start : start + SQLITE_CHUNK]))
-        return
+        return len(rows)
     columns = list(rows[0])
-    arrays = [sa.func.unnest(array_of([row[name] for row in rows], table.c[name].type)) for name in columns]
-    insert = postgresql.insert(table).from_select(columns, sa.select(*arrays))
-    conn.execute(insert.on_conflict_do_nothing() if skip_conflicts else insert)
+    values = {name: [row[name] for row in rows] for name in columns}
+    # A column with one value for every row is one scalar parameter (the sandbox, the channel, the
+    # reservation's times), as long as another column still gives the number of rows.
+    constant = {name for name, column in values.items() if all(v == column[0] for v in column)}
+    if constant == set(columns) and len(rows) > 1:
+        constant.discard(columns[0])
+    selected = [
+        sa.cast(sa.bindparam(None, values[name][0], type_=table.c[name].type), table.c[name].type)
+        if name in constant
+        else sa.func.unnest(array_of(values[name], table.c[name].type))
+        for name in columns
+    ]
+    statement = on_conflict(postgresql.insert(table).from_select(columns, sa.select(*selected)))
+    return int(conn.execute(statement.execution_options(preserve_rowcount=True)).rowcount)

@@ -15,11 +15,11 @@ from carillon.profile.v1 import profile_pb2, profile_service_pb2, profile_servic
 from carillon.type.v1 import channel_pb2, value_pb2
 from carillon_chassis.channels import category_name, category_value, channel_name, channel_value
 from carillon_chassis.errors import InvalidArgument
-from carillon_chassis.names import parse_name
+from carillon_chassis.names import ID_PATTERN, parse_name
 from carillon_chassis.sandbox import current_sandbox
 from carillon_chassis.values import from_timestamp, from_value_map, to_timestamp, to_value_map
 from profile_stub.capping import CappingRule
-from profile_stub.profiles import Communication, Consent, Eligibility, Profile, ProfileStore
+from profile_stub.profiles import Communication, Consent, Eligibility, MessageKeys, Profile, ProfileStore
 from profile_stub.quarantine import DeliveryEvent, Quarantine
 
 _STATE_NAMES = {
@@ -106,6 +106,15 @@ def communication_to_proto(c: Communication) -> profile_pb2.Communication:
     return message
 
 
+def _profile_id(name: str, index: int) -> str:
+    """The profile id of ``communications[index].profile``: a ``profiles/{id}`` name checked like
+    ``parse_name`` does (which raises the precise error), without building its message for every valid one."""
+    profile_id = name[9:]
+    if name.startswith("profiles/") and "/" not in profile_id and ID_PATTERN.match(profile_id):
+        return profile_id
+    return parse_name(name, "profiles", field=f"communications[{index}].profile")[0]
+
+
 def encode_cursor(cursor: tuple[datetime, str] | None) -> str:
     """An opaque page token of a history cursor ("" for none)."""
     if cursor is None:
@@ -149,24 +158,39 @@ def profile_from_proto(message: profile_pb2.Profile, index: int) -> Profile:
     )
 
 
-def _set_time(stamp: timestamp_pb2.Timestamp, value: datetime) -> None:
+def _set_time(stamp: timestamp_pb2.Timestamp, value: datetime, cache: dict[datetime, tuple[int, int]]) -> None:
     """Set a Timestamp field in place: what ``to_timestamp`` gives, without a message per value (the
-    eligibility of a batch sets three per profile)."""
-    delta = (value if value.tzinfo is not None else value.replace(tzinfo=UTC)) - _EPOCH
-    stamp.seconds = delta.days * 86_400 + delta.seconds
-    stamp.nanos = delta.microseconds * 1000
+    eligibility of a batch sets three per profile); ``cache`` keeps the (seconds, nanos) of the values
+    seen already (profiles loaded together share their times)."""
+    pair = cache.get(value)
+    if pair is None:
+        delta = (value if value.tzinfo is not None else value.replace(tzinfo=UTC)) - _EPOCH
+        pair = cache[value] = (delta.days * 86_400 + delta.seconds, delta.microseconds * 1000)
+    stamp.seconds, stamp.nanos = pair
 
 
-def _fill_profile(message: profile_pb2.Profile, profile: Profile, attributes: Mapping[str, value_pb2.Value]) -> None:
-    """Fill an empty Profile message (``attributes``: the profile's attributes as Values)."""
+def _fill_profile(
+    message: profile_pb2.Profile,
+    profile: Profile,
+    attributes: Mapping[str, value_pb2.Value],
+    times: dict[datetime, tuple[int, int]],
+) -> None:
+    """Fill an empty Profile message (``attributes``: the profile's attributes as Values; ``times``: the
+    cache of ``_set_time``). Empty strings are left unset, which is the same message."""
     message.name = f"profiles/{profile.profile_id}"
+    add_identity = message.identities.add
     for ns, v in profile.identities:
-        message.identities.add(namespace=ns, value=v)
-    message.first_name = profile.first_name
-    message.last_name = profile.last_name
-    message.locale = profile.locale
-    message.time_zone = profile.time_zone
-    message.country = profile.country
+        add_identity(namespace=ns, value=v)
+    if profile.first_name:
+        message.first_name = profile.first_name
+    if profile.last_name:
+        message.last_name = profile.last_name
+    if profile.locale:
+        message.locale = profile.locale
+    if profile.time_zone:
+        message.time_zone = profile.time_zone
+    if profile.country:
+        message.country = profile.country
     for key, value in attributes.items():
         message.attributes[key].CopyFrom(value)
     for consent in profile.consents:
@@ -177,35 +201,50 @@ def _fill_profile(message: profile_pb2.Profile, profile: Profile, attributes: Ma
             purpose="" if consent.purpose == "marketing" else consent.purpose,
         )
         if consent.update_time:
-            _set_time(item.update_time, consent.update_time)
+            _set_time(item.update_time, consent.update_time, times)
     if profile.create_time:
-        _set_time(message.create_time, profile.create_time)
+        _set_time(message.create_time, profile.create_time, times)
     if profile.update_time:
-        _set_time(message.update_time, profile.update_time)
+        _set_time(message.update_time, profile.update_time, times)
 
 
 def profile_to_proto(profile: Profile) -> profile_pb2.Profile:
     """The Profile message of a domain profile."""
     message = profile_pb2.Profile()
-    _fill_profile(message, profile, to_value_map(profile.attributes) if profile.attributes else {})
+    _fill_profile(message, profile, to_value_map(profile.attributes) if profile.attributes else {}, {})
     return message
 
 
-def eligibility_to_proto(result: Eligibility) -> profile_pb2.EligibilityResult:
-    """The EligibilityResult message of a domain verdict (built in place: one per recipient)."""
-    message = profile_pb2.EligibilityResult(
-        identity=value_pb2.Identity(namespace=result.identity[0], value=result.identity[1]),
-        verdict=_VERDICTS[result.verdict],
-        address=result.address,
-        reserved=result.reserved,
-        addresses=result.addresses,
-    )
-    if result.profile is not None:
+def eligibility_to_proto(result: Eligibility, *, with_profile: bool = True) -> profile_pb2.EligibilityResult:
+    """The EligibilityResult message of a domain verdict (without the profile unless ``with_profile``)."""
+    message = profile_pb2.EligibilityResult()
+    fill_eligibility(message, result, with_profile=with_profile, times={})
+    return message
+
+
+def fill_eligibility(
+    message: profile_pb2.EligibilityResult,
+    result: Eligibility,
+    *,
+    with_profile: bool,
+    times: dict[datetime, tuple[int, int]],
+) -> None:
+    """Fill an empty EligibilityResult in place (one per recipient: built where it is sent, not copied);
+    ``times`` is the batch's cache of timestamps."""
+    message.identity.namespace, message.identity.value = result.identity
+    message.verdict = _VERDICTS[result.verdict]
+    if result.address:
+        message.address = result.address
+    if result.addresses:
+        message.addresses.extend(result.addresses)
+    if result.reserved:
+        message.reserved = True
+        message.message_id = result.message_id
+    if with_profile and result.profile is not None:
         attributes = to_value_map(result.profile.attributes) if result.profile.attributes else {}
-        _fill_profile(message.profile, result.profile, attributes)
+        _fill_profile(message.profile, result.profile, attributes, times)
         for key, value in attributes.items():
             message.attributes[key].CopyFrom(value)
-    return message
 
 
 class ProfileServicer(profile_service_pb2_grpc.ProfileServiceServicer):
@@ -293,25 +332,40 @@ class ProfileServicer(profile_service_pb2_grpc.ProfileServiceServicer):
             message_ids=list(request.message_ids),
             create_missing=request.create_missing_profiles,
             purpose=request.purpose or "marketing",
+            full_profiles=not request.omit_profiles,
+            message_keys=MessageKeys(request.run, request.activity, list(request.entity_keys))
+            if request.run or request.activity or request.entity_keys
+            else None,
         )
-        return profile_service_pb2.CheckEligibilityResponse(results=[eligibility_to_proto(r) for r in results])
+        response = profile_service_pb2.CheckEligibilityResponse()
+        add, with_profile = response.results.add, not request.omit_profiles
+        times: dict[datetime, tuple[int, int]] = {}
+        for result in results:
+            fill_eligibility(add(), result, with_profile=with_profile, times=times)
+        return response
 
     async def RecordCommunications(
         self, request: profile_service_pb2.RecordCommunicationsRequest, context: grpc.aio.ServicerContext
     ) -> profile_service_pb2.RecordCommunicationsResponse:
         communications = []
+        times: dict[tuple[int, int], datetime] = {}  # a batch's messages mostly share a few send times
         for i, c in enumerate(request.communications):
-            (profile_id,) = parse_name(c.profile, "profiles", field=f"communications[{i}].profile")
+            send_time = None
+            if c.HasField("send_time"):
+                key = (c.send_time.seconds, c.send_time.nanos)
+                send_time = times.get(key)
+                if send_time is None:
+                    send_time = times[key] = from_timestamp(c.send_time)
             communications.append(
                 Communication(
                     message_id=c.message_id,
-                    profile_id=profile_id,
+                    profile_id=_profile_id(c.profile, i),
                     channel=channel_name(c.channel),
                     category=category_name(c.category),
                     campaign=c.campaign,
                     run=c.run,
                     activity=c.activity,
-                    send_time=from_timestamp(c.send_time) if c.HasField("send_time") else None,
+                    send_time=send_time,
                 )
             )
         recorded = await self.store.database.run(self.store.record_communications, current_sandbox(), communications)

@@ -10,7 +10,8 @@ import sqlalchemy as sa
 
 from carillon_chassis.database import Database, utcnow
 from carillon_chassis.errors import AlreadyExists, InvalidArgument, NotFound
-from delivery_svc.ledger import Ledger, LedgerEntry, LogEvent, StatusChange, message_id
+from carillon_chassis.messages import message_id
+from delivery_svc.ledger import Ledger, LedgerEntry, LogEvent, StatusChange
 from delivery_svc.tables import MIGRATIONS, LedgerRow, MessageLogOutboxRow
 from delivery_svc.templates import Template, TemplateStore
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from carillon_chassis.database import Database, utcnow
 from carillon_chassis.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from carillon_chassis.messages import message_id
 from delivery_svc.eligibility import Communication, Identity, ProfileView, Verdict
 from delivery_svc.emails import MESSAGE_ID_HEADER, OutgoingEmail
 from delivery_svc.ledger import Ledger, LedgerEntry
@@ -46,19 +47,23 @@ def allowed(address: str, profile_id: str, first_name: str = "") -> Verdict:
 
 @dataclass
 class FakeGateway:
-    """Verdicts by identity (unknown identities get ``unknown_profile``) and the recorded history."""
+    """Verdicts by identity (unknown identities get ``unknown_profile``), capping reservations modelled
+    as profile_stub keeps them (a message id reserved or recorded already is allowed again, even when
+    its profile is capped), and the recorded history."""
 
     verdicts: dict[Identity, Verdict] = field(default_factory=dict)
     checks: list[list[Identity]] = field(default_factory=list)
     recorded: list[Communication] = field(default_factory=list)
     unreachable: bool = False
     history_down: bool = False
+    # The message ids each reserving check held (new or earlier reservations), one list per call.
     reservations: list[list[str]] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
-    # Identities that a concurrent send capped between the check and the reservation.
+    live: set[str] = field(default_factory=set)  # reservations neither released nor recorded
+    # Identities whose cap a concurrent send took: capped, unless their message is reserved already.
     capped: set[Identity] = field(default_factory=set)
-    # Verdicts of the reservation phase that differ from the check's.
-    reserve_verdicts: dict[Identity, Verdict] = field(default_factory=dict)
+    # Answers as a profile service that ignores the reservation request (an older version).
+    ignores_reservations: bool = False
 
     def allow(self, address: str, profile_id: str, first_name: str = "") -> None:
         self.verdicts[("email", address)] = allowed(address, profile_id, first_name)
@@ -73,25 +78,46 @@ class FakeGateway:
         self.checks.append(list(identities))
         return [self.verdicts.get(i, Verdict(i, "unknown_profile")) for i in identities]
 
-    async def reserve(
-        self, sandbox: str, channel: str, category: str, identities: Sequence[Identity], message_ids: Sequence[str]
+    async def check_and_reserve(
+        self,
+        sandbox: str,
+        channel: str,
+        identities: Sequence[Identity],
+        run: str,
+        activity: str,
+        entity_keys: Sequence[str],
     ) -> list[Verdict]:
-        if self.unreachable:
-            raise Unavailable("profile service down", reason="PROFILE_UNAVAILABLE")
-        self.reservations.append(list(message_ids))
-        verdicts = [
-            self.reserve_verdicts.get(i) or self.verdicts.get(i, Verdict(i, "unknown_profile")) for i in identities
-        ]
-        return [Verdict(v.identity, "capped", v.profile) if v.identity in self.capped else v for v in verdicts]
+        verdicts = await self.check(sandbox, channel, "marketing", identities)
+        if self.ignores_reservations:
+            return verdicts
+        recorded = {c.message_id for c in self.recorded}
+        results, held = [], []
+        for verdict, entity_key in zip(verdicts, entity_keys, strict=True):
+            if verdict.verdict not in ("allowed", "capped") or verdict.profile is None:
+                results.append(verdict)
+                continue
+            mid = message_id(sandbox, run, activity, verdict.profile.profile_id, entity_key)
+            if mid not in self.live and mid not in recorded:
+                if verdict.verdict == "capped" or verdict.identity in self.capped:
+                    results.append(Verdict(verdict.identity, "capped", verdict.profile))
+                    continue
+                self.live.add(mid)
+            held.append(mid)
+            address = verdict.address or verdict.identity[1]
+            results.append(replace(verdict, verdict="allowed", address=address, reserved=True, message_id=mid))
+        self.reservations.append(held)
+        return results
 
     async def release(self, sandbox: str, message_ids: Sequence[str]) -> int:
         self.released.extend(message_ids)
+        self.live.difference_update(message_ids)
         return len(message_ids)
 
     async def record(self, sandbox: str, communications: Sequence[Communication]) -> int:
         if self.history_down:
             raise Unavailable("profile service down", reason="PROFILE_UNAVAILABLE")
         self.recorded.extend(communications)
+        self.live.difference_update(c.message_id for c in communications)
         return len(communications)
 
 
@@ -520,7 +546,7 @@ def _header(**changes: str) -> SendHeader:
     return SendHeader(**values)
 
 
-# -- capping reservations: the second eligibility phase ------------------------------------------
+# -- capping reservations: made by the marketing check ---------------------------------------------
 
 
 async def test_a_marketing_batch_reserves_exactly_the_messages_it_is_about_to_send(harness: Harness) -> None:
@@ -604,10 +630,9 @@ async def test_a_pending_message_capped_only_by_its_own_reservation_is_sent_on_r
     harness.provider.errors["ada@example.com"] = [RuntimeError("killed between the ledger write and the send")]
     with pytest.raises(RuntimeError):
         await harness.deliver([to("ada@example.com")])
-    # The check now counts the message's own live reservation against a cap of one; the reservation
-    # phase, which names the message id, allows it without counting it twice.
+    # The profile is now at a cap of one, counting the message's own live reservation: the reserving
+    # check knows the message id and allows it without counting it twice.
     harness.gateway.refuse("ada@example.com", "capped", "ada")
-    harness.gateway.reserve_verdicts[("email", "ada@example.com")] = allowed("ada@example.com", "ada")
 
     ack = await harness.deliver([to("ada@example.com")])
 
@@ -621,5 +646,72 @@ async def test_a_new_message_capped_in_the_check_and_at_reservation_is_skipped_a
     ack = await harness.deliver([to("ada@example.com")])
 
     assert dict(ack.skipped) == {"CAPPED": 1}
-    assert harness.gateway.reservations == [[harness.rows()["ada/"].message_id]]
+    assert harness.gateway.reservations == [[]]
     assert (harness.provider.recipients(), harness.gateway.released) == ([], [])
+
+
+async def test_a_replay_releases_the_reservation_of_a_message_its_ledger_shows_skipped(harness: Harness) -> None:
+    harness.gateway.refuse("ada@example.com", "no_consent", "ada")
+    await harness.deliver([to("ada@example.com")])
+    harness.gateway.allow("ada@example.com", "ada")  # consent given since: the check reserves again
+
+    ack = await harness.deliver([to("ada@example.com")])
+
+    mid = harness.rows()["ada/"].message_id
+    assert (ack.sent, dict(ack.skipped)) == (0, {"NO_CONSENT": 1})  # the recorded outcome stands
+    assert harness.gateway.reservations == [[], [mid]]
+    assert (harness.gateway.released, harness.gateway.live) == ([mid], set())
+
+
+async def test_an_already_sent_message_keeps_its_reservation_as_its_communication(harness: Harness) -> None:
+    harness.gateway.allow("ada@example.com", "ada")
+    await harness.deliver([to("ada@example.com")])
+
+    ack = await harness.deliver([to("ada@example.com")])
+
+    assert (ack.sent, ack.already_sent) == (0, 1)
+    assert harness.gateway.released == []
+    assert [c.message_id for c in harness.gateway.recorded] == [harness.rows()["ada/"].message_id] * 2
+
+
+async def test_a_profile_service_that_allows_marketing_without_reserving_fails_the_batch_unsent(
+    harness: Harness,
+) -> None:
+    harness.gateway.allow("ada@example.com", "ada")
+    harness.gateway.ignores_reservations = True
+
+    with pytest.raises(Unavailable) as failed:
+        await harness.deliver([to("ada@example.com")])
+
+    assert failed.value.reason == "PROFILE_BAD_RESPONSE"
+    assert (harness.provider.recipients(), harness.rows()) == ([], {})
+
+
+class OtherIdGateway(FakeGateway):
+    """Reserves under message ids that are not the ledger's."""
+
+    async def check_and_reserve(
+        self,
+        sandbox: str,
+        channel: str,
+        identities: Sequence[Identity],
+        run: str,
+        activity: str,
+        entity_keys: Sequence[str],
+    ) -> list[Verdict]:
+        verdicts = await super().check_and_reserve(sandbox, channel, identities, run, activity, entity_keys)
+        return [replace(v, message_id=v.message_id + "x") if v.reserved else v for v in verdicts]
+
+
+async def test_a_reservation_under_another_message_id_than_the_ledgers_fails_the_batch_unsent(
+    harness: Harness,
+) -> None:
+    gateway = OtherIdGateway()
+    gateway.allow("ada@example.com", "ada")
+    harness.pipeline.gateway = harness.gateway = gateway
+
+    with pytest.raises(Unavailable) as failed:
+        await harness.deliver([to("ada@example.com")])
+
+    assert failed.value.reason == "PROFILE_BAD_RESPONSE"
+    assert (harness.provider.recipients(), harness.rows()) == ([], {})

@@ -11,7 +11,7 @@ from carillon_chassis.errors import InvalidArgument, Unavailable
 from delivery_svc.feedback import FeedbackService, FeedbackTarget, IncomingEvent
 from delivery_svc.ledger import Ledger, LedgerEntry, LogEvent, StatusChange
 from delivery_svc.providers import ProviderUnavailableError
-from tests.unit.test_delivery_pipeline import Crash, Harness, allowed, harness, to
+from tests.unit.test_delivery_pipeline import Crash, Harness, harness, to
 
 __all__ = ["harness"]  # the fixture, used by name
 
@@ -34,10 +34,9 @@ async def test_a_new_message_capped_only_by_its_own_reservation_from_a_crashed_a
     with pytest.raises(Crash):
         await harness.deliver([to("ada@example.com")])
     harness.pipeline.ledger = real_ledger
-    # The crashed attempt reserved the message but wrote no ledger row. The check now counts that live
-    # reservation against a cap of one; the reservation phase, naming the message id, allows it.
+    # The crashed attempt reserved the message but wrote no ledger row. The profile is now at a cap of
+    # one counting that live reservation; the reserving check knows the message id and allows it.
     harness.gateway.refuse("ada@example.com", "capped", "ada")
-    harness.gateway.reserve_verdicts[("email", "ada@example.com")] = allowed("ada@example.com", "ada")
 
     ack = await harness.deliver([to("ada@example.com")])
 

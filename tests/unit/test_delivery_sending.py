@@ -253,6 +253,24 @@ async def test_a_deferred_recipient_is_in_the_ledger_as_deferred_not_as_sent(rig
     assert rig.gateway.recorded == []
 
 
+async def test_a_deferred_recipient_releases_its_reservation_and_reserves_again_when_sent(rig: Rig) -> None:
+    rig.clock = rig.pipeline.clock = clock = FakeClock(datetime(2026, 6, 1, 1, 0, tzinfo=UTC))
+    rig.provider.clock = clock
+    rig.allow("stockholm@example.com", "Europe/Stockholm")  # 03:00 local: closed
+    header = _with(window=SendWindow(time(9), time(17)))
+
+    await rig.deliver([to("stockholm@example.com")], header=header)
+    (row,) = rig.ledger.entries(SANDBOX, HEADER.run, HEADER.activity)
+    after_deferral = (list(rig.gateway.released), set(rig.gateway.live))
+    clock.advance(timedelta(hours=6))
+    ack = await rig.deliver([to("stockholm@example.com")], header=header)
+
+    assert after_deferral == ([row.message_id], set())
+    assert ack.sent == 1
+    assert rig.gateway.reservations == [[row.message_id], [row.message_id]]
+    assert rig.gateway.live == set()  # recorded: the reservation became the communication
+
+
 # -- retries ------------------------------------------------------------------------------------
 async def test_a_provider_failing_30_percent_of_calls_transiently_still_delivers_everything_once(rig: Rig) -> None:
     addresses = people(200)

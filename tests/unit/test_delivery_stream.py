@@ -191,3 +191,21 @@ async def test_a_history_that_cannot_be_recorded_fails_the_stream_at_its_batch(
     # The second batch may have been sent meanwhile (a replay records its history): never twice.
     assert harness.provider.recipients()[:2] == [a[0], a[1]]
     assert len(set(harness.provider.recipients())) == len(harness.provider.recipients())
+
+
+async def test_a_batch_read_ahead_of_a_failed_stream_leaves_no_reservation_behind(
+    harness: Harness, slow: SlowGateway
+) -> None:
+    a = allow(slow, 6)
+    slow.history_down = True  # the first batch's acknowledgement fails: the stream ends there
+    requests = [dpb.SendRequest(header=PROTO_HEADER)] + [batch(s, a[2 * s], a[2 * s + 1]) for s in range(3)]
+
+    with pytest.raises(Unavailable):
+        async for _ in servicer(harness).Send(stream(requests), None):
+            pass
+    await asyncio.sleep(0)  # a reader cancelled while holding a batch releases it in the background
+
+    sent = set(harness.provider.recipients())
+    assert a[0] in sent and a[4] not in sent and a[5] not in sent  # the third batch was never sent
+    never_sent = {mid for mid in slow.live} - {m.message_id for m in harness.provider.sent}
+    assert never_sent == set()  # released, or never reserved

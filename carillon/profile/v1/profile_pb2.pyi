@@ -395,6 +395,7 @@ class EligibilityResult(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     RESERVED_FIELD_NUMBER: _builtins.int
     ADDRESSES_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
     verdict: Global___Verdict.ValueType
     """The verdict."""
     address: _builtins.str
@@ -402,6 +403,10 @@ class EligibilityResult(_message.Message):
     reserved: _builtins.bool
     """True when the request asked to reserve and this allowed message holds a reservation against the
     capping rules under its message id (newly made, or made before for the same message id).
+    """
+    message_id: _builtins.str
+    """When `reserved`: the message id the reservation is held under (derived by the profile service
+    when the request named a run instead of message ids).
     """
     @_builtins.property
     def identity(self) -> _value_pb2.Identity:
@@ -431,10 +436,11 @@ class EligibilityResult(_message.Message):
         attributes: _abc.Mapping[_builtins.str, _value_pb2.Value] | None = ...,
         reserved: _builtins.bool = ...,
         addresses: _abc.Iterable[_builtins.str] | None = ...,
+        message_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "addresses", b"addresses", "attributes", b"attributes", "identity", b"identity", "profile", b"profile", "reserved", b"reserved", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "addresses", b"addresses", "attributes", b"attributes", "identity", b"identity", "message_id", b"message_id", "profile", b"profile", "reserved", b"reserved", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -192,6 +192,10 @@ class CheckEligibilityRequest(_message.Message):
     MESSAGE_IDS_FIELD_NUMBER: _builtins.int
     CREATE_MISSING_PROFILES_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
+    OMIT_PROFILES_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    ENTITY_KEYS_FIELD_NUMBER: _builtins.int
     channel: _channel_pb2.Channel.ValueType
     """The channel of the message."""
     category: _channel_pb2.MessageCategory.ValueType
@@ -210,6 +214,20 @@ class CheckEligibilityRequest(_message.Message):
     """
     purpose: _builtins.str
     """The consent purpose checked for marketing messages; empty means "marketing"."""
+    omit_profiles: _builtins.bool
+    """When true, the results leave out `profile` and `attributes` (the verdict, addresses and
+    reservation only): cheaper for a caller that has the profiles already, such as the reserving call
+    after a check. Off by default (full profiles).
+    """
+    run: _builtins.str
+    """With `reserve` and no `message_ids`: the run (resource name) whose messages are reserved. The message
+    id of each identity is then derived from the profile it resolves to, as the delivery ledger derives
+    its ids (run, activity, profile id, or `namespace:value` when no profile has the identity, and
+    entity key), so that one call checks and reserves; each reserved result names its `message_id`.
+    Giving both `message_ids` and `run` is INVALID_ARGUMENT.
+    """
+    activity: _builtins.str
+    """With `run`: the channel activity whose messages are reserved."""
     @_builtins.property
     def identities(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Identity]:
         """The identities to check (at most 10000)."""
@@ -217,6 +235,10 @@ class CheckEligibilityRequest(_message.Message):
     @_builtins.property
     def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """With `reserve`: one message id (the send ledger id) per identity, in the same order."""
+
+    @_builtins.property
+    def entity_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With `run`: one entity key per identity, in the same order ("" for a message per profile)."""
 
     def __init__(
         self,
@@ -228,10 +250,14 @@ class CheckEligibilityRequest(_message.Message):
         message_ids: _abc.Iterable[_builtins.str] | None = ...,
         create_missing_profiles: _builtins.bool = ...,
         purpose: _builtins.str = ...,
+        omit_profiles: _builtins.bool = ...,
+        run: _builtins.str = ...,
+        activity: _builtins.str = ...,
+        entity_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "channel", b"channel", "create_missing_profiles", b"create_missing_profiles", "identities", b"identities", "message_ids", b"message_ids", "purpose", b"purpose", "reserve", b"reserve"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "category", b"category", "channel", b"channel", "create_missing_profiles", b"create_missing_profiles", "entity_keys", b"entity_keys", "identities", b"identities", "message_ids", b"message_ids", "omit_profiles", b"omit_profiles", "purpose", b"purpose", "reserve", b"reserve", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

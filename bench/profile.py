@@ -1,0 +1,277 @@
+"""Benchmark of profile_stub's hot path on PostgreSQL: the three calls a delivery worker makes per batch.
+
+Not a test: it prints microseconds per identity for each call and a ratio against a baseline measured in
+the same run.
+
+    .venv/bin/python bench/profile.py [--profiles 50000] [--batch 5000]
+
+profile_stub runs as a subprocess on PostgreSQL (``CARILLON_BENCH_POSTGRES_URL``, default the local
+``test`` database; in its own schema, dropped at the end). The bench loads ``--profiles`` profiles (an
+email identity, opt-in email consent, a first name) and one capping rule of 10 marketing emails per day,
+so that capping is really evaluated. Then, per batch of ``--batch`` identities, it makes the three calls
+as the delivery worker does (delivery_svc/eligibility.py's ProfileServiceGateway): ``CheckEligibility``
+(check, full profiles), ``CheckEligibility`` with ``reserve`` and message ids ``m-<i>`` (verdicts only),
+and ``RecordCommunications`` of the reserved messages; each timed at the client, gRPC included.
+
+Baseline: the same reads and writes as hand-written SQL through psycopg on the same tables, per batch —
+the identity → profile + consent + quarantine read (one statement), the reservation insert and the
+communication insert (``INSERT … SELECT unnest(…)``, message ids ``b-<i>``, deleted at the end). The
+baseline of check is the read, of reserve the read plus the reservation insert, of record the
+communication insert. Reported: us/identity per call (the median over the batches, so that other work
+on a shared machine weighs less), the baseline's, and their ratio (call / baseline). When profile_stub
+derives message ids itself (``run``, ``activity`` and ``entity_keys`` in the request), the bench also
+times the single call that checks and reserves (full profiles, a second run's message ids) against
+the baseline of reserve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.delivery import Service  # noqa: E402
+from carillon.profile.v1 import profile_pb2, profile_service_pb2, profile_service_pb2_grpc  # noqa: E402
+from carillon.type.v1 import channel_pb2, value_pb2  # noqa: E402
+from carillon_chassis.clients import call_metadata  # noqa: E402
+from carillon_chassis.values import to_timestamp  # noqa: E402
+
+DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+SANDBOX = "bench"
+METADATA = call_metadata(SANDBOX)
+CALLS = ("check", "reserve", "record")
+ONE_CALL = "one call"  # check and reserve together, message ids derived by profile_stub (run, activity)
+
+
+def address(i: int) -> str:
+    return f"person{i:07d}@example.com"
+
+
+async def load(stub: profile_service_pb2_grpc.ProfileServiceStub, n: int) -> None:
+    for start in range(0, n, 5000):
+        await stub.UpsertProfiles(
+            profile_service_pb2.UpsertProfilesRequest(
+                profiles=[
+                    profile_pb2.Profile(
+                        name=f"profiles/p{i:07d}",
+                        first_name=f"First{i}",
+                        identities=[value_pb2.Identity(namespace="email", value=address(i))],
+                        consents=[
+                            profile_pb2.Consent(
+                                channel=channel_pb2.CHANNEL_EMAIL,
+                                state=profile_pb2.CONSENT_STATE_OPTED_IN,
+                                source="bench",
+                            )
+                        ],
+                    )
+                    for i in range(start, min(n, start + 5000))
+                ]
+            ),
+            metadata=METADATA,
+            timeout=600,
+        )
+    await stub.CreateCappingRule(
+        profile_service_pb2.CreateCappingRuleRequest(
+            capping_rule_id="daily",
+            capping_rule=profile_pb2.CappingRule(
+                channel=channel_pb2.CHANNEL_EMAIL, max_messages=10, period=profile_pb2.CAPPING_PERIOD_DAY
+            ),
+        ),
+        metadata=METADATA,
+    )
+
+
+def _request(batch: range, reserve: bool) -> profile_service_pb2.CheckEligibilityRequest:
+    request = profile_service_pb2.CheckEligibilityRequest(
+        channel=channel_pb2.CHANNEL_EMAIL,
+        category=channel_pb2.MESSAGE_CATEGORY_MARKETING,
+        identities=[value_pb2.Identity(namespace="email", value=address(i)) for i in batch],
+        reserve=reserve,
+        message_ids=[f"m-{i}" for i in batch] if reserve else [],
+    )
+    if reserve and "omit_profiles" in request.DESCRIPTOR.fields_by_name:  # what the gateway asks for
+        request.omit_profiles = True
+    return request
+
+
+async def service_batch(stub: profile_service_pb2_grpc.ProfileServiceStub, batch: range) -> dict[str, float]:
+    """The three calls for one batch, as the delivery worker makes them; seconds per call."""
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    checked = await stub.CheckEligibility(_request(batch, False), metadata=METADATA, timeout=600)
+    seconds["check"] = time.perf_counter() - started
+    profile_ids = [r.profile.name.removeprefix("profiles/") for r in checked.results]
+    if any(r.verdict != profile_pb2.VERDICT_ALLOWED for r in checked.results):
+        raise SystemExit("a check verdict was not ALLOWED")
+
+    started = time.perf_counter()
+    reserved = await stub.CheckEligibility(_request(batch, True), metadata=METADATA, timeout=600)
+    seconds["reserve"] = time.perf_counter() - started
+    if any(not r.reserved for r in reserved.results):
+        raise SystemExit("a reservation was not made")
+
+    now = to_timestamp(datetime.now(UTC))
+    request = profile_service_pb2.RecordCommunicationsRequest(
+        communications=[
+            profile_pb2.Communication(
+                profile=f"profiles/{pid}",
+                channel=channel_pb2.CHANNEL_EMAIL,
+                category=channel_pb2.MESSAGE_CATEGORY_MARKETING,
+                campaign="campaigns/bench",
+                run="campaigns/bench/runs/r1",
+                activity="email1",
+                message_id=f"m-{i}",
+                send_time=now,
+            )
+            for i, pid in zip(batch, profile_ids, strict=True)
+        ]
+    )
+    started = time.perf_counter()
+    recorded = await stub.RecordCommunications(request, metadata=METADATA, timeout=600)
+    seconds["record"] = time.perf_counter() - started
+    if recorded.recorded != len(batch):
+        raise SystemExit(f"recorded {recorded.recorded} of {len(batch)}")
+
+    if "run" in profile_service_pb2.CheckEligibilityRequest.DESCRIPTOR.fields_by_name:
+        one = _request(batch, False)
+        one.reserve, one.run, one.activity = True, "campaigns/bench/runs/r2", "email1"
+        one.entity_keys.extend([""] * len(batch))
+        started = time.perf_counter()
+        both = await stub.CheckEligibility(one, metadata=METADATA, timeout=600)
+        seconds[ONE_CALL] = time.perf_counter() - started
+        if any(not r.reserved or not r.message_id or not r.profile.name for r in both.results):
+            raise SystemExit("the one call did not reserve every message with its profile")
+    return seconds
+
+
+READ = """
+SELECT v.value, p.profile_id, p.first_name, p.last_name, p.locale, p.time_zone, c.state, q.quarantined
+FROM unnest(%(values)s::text[]) AS v(value)
+JOIN profile_identities i ON i.sandbox = %(sandbox)s AND i.namespace = 'email' AND i.value = v.value
+JOIN profiles p ON p.sandbox = i.sandbox AND p.profile_id = i.profile_id
+LEFT JOIN consents c ON c.sandbox = p.sandbox AND c.profile_id = p.profile_id AND c.channel = 'email'
+LEFT JOIN address_quarantines q ON q.sandbox = i.sandbox AND q.channel = 'email' AND q.address = i.value
+"""
+RESERVE = """
+INSERT INTO send_reservations (sandbox, message_id, profile_id, channel, reserve_time, expire_time)
+SELECT %(sandbox)s, m, p, 'email', now(), now() + interval '1 hour'
+FROM unnest(%(messages)s::text[], %(profiles)s::text[]) AS t(m, p)
+"""
+RECORD = """
+INSERT INTO communications (sandbox, message_id, profile_id, channel, category, campaign, run, activity, send_time)
+SELECT %(sandbox)s, m, p, 'email', 'marketing', 'campaigns/bench', 'campaigns/bench/runs/r1', 'email1', now()
+FROM unnest(%(messages)s::text[], %(profiles)s::text[]) AS t(m, p)
+"""
+
+
+def baseline_batch(conn: psycopg.Connection[tuple[object, ...]], batch: range) -> dict[str, float]:
+    """The same reads and writes in hand-written SQL; seconds per call (check = read, reserve = read +
+    reservation insert, record = communication insert)."""
+    seconds: dict[str, float] = {}
+    values = [address(i) for i in batch]
+    started = time.perf_counter()
+    with conn.transaction():
+        rows = conn.execute(READ, {"values": values, "sandbox": SANDBOX}).fetchall()
+    seconds["check"] = time.perf_counter() - started
+    if len(rows) != len(batch):
+        raise SystemExit(f"the baseline read {len(rows)} rows for {len(batch)} identities")
+    profiles = [str(r[1]) for r in rows]
+    messages = [f"b-{i}" for i in batch]
+
+    started = time.perf_counter()
+    with conn.transaction():
+        conn.execute(READ, {"values": values, "sandbox": SANDBOX}).fetchall()
+        conn.execute(RESERVE, {"sandbox": SANDBOX, "messages": messages, "profiles": profiles})
+    seconds["reserve"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    with conn.transaction():
+        conn.execute(RECORD, {"sandbox": SANDBOX, "messages": messages, "profiles": profiles})
+    seconds["record"] = time.perf_counter() - started
+    seconds[ONE_CALL] = seconds["reserve"]  # the same read and reservation insert
+    return seconds
+
+
+async def measure(
+    target: str, url: str, schema: str, n: int, batch_size: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per call, the microseconds per identity of each batch: profile_stub's and the baseline's."""
+    service: dict[str, list[float]] = {name: [] for name in (*CALLS, ONE_CALL)}
+    baseline: dict[str, list[float]] = {name: [] for name in (*CALLS, ONE_CALL)}
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = profile_service_pb2_grpc.ProfileServiceStub(channel)
+        started = time.perf_counter()
+        await load(stub, n)
+        print(f"profiles loaded in        {time.perf_counter() - started:>10.1f} s (setup, not measured)")
+        with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute(f'SET search_path TO "{schema}"')
+            conn.execute("ANALYZE")  # the same statistics for both sides
+            for start in range(0, n, batch_size):
+                batch = range(start, min(n, start + batch_size))
+                for name, seconds in (await service_batch(stub, batch)).items():
+                    service[name].append(seconds / len(batch) * 1e6)
+                for name, seconds in baseline_batch(conn, batch).items():
+                    baseline[name].append(seconds / len(batch) * 1e6)
+            conn.execute("DELETE FROM send_reservations WHERE message_id LIKE 'b-%%'")
+            conn.execute("DELETE FROM communications WHERE message_id LIKE 'b-%%'")
+    return service, baseline
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profiles", type=int, default=50_000, help="profiles loaded and checked")
+    parser.add_argument("--batch", type=int, default=5000, help="identities per call (the delivery batch)")
+    args = parser.parse_args()
+    url = os.environ.get("CARILLON_BENCH_POSTGRES_URL", DEFAULT_URL)
+    schema = f"bench_profile_{uuid.uuid4().hex[:8]}"
+    workdir = Path(tempfile.mkdtemp(prefix="carillon-bench-profile-"))
+    profile = Service(
+        "profile_stub",
+        [],
+        {
+            "CARILLON_DATA_DIR": str(workdir),
+            "CARILLON_PROFILE_DATABASE_URL": url,
+            "CARILLON_PROFILE_DATABASE_SCHEMA": schema,
+        },
+        workdir,
+    )
+    try:
+        service, baseline = asyncio.run(measure(profile.address(), url, schema, args.profiles, args.batch))
+    finally:
+        profile.stop()
+        with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"identities                {args.profiles:>10,}  (batches of {args.batch:,}, one capping rule of 10/day)")
+    print("us per identity, median over the batches (robust to other work on the machine):")
+    print(f"{'call':<10} {'profile_stub':>12} {'baseline':>12} {'ratio':>8}")
+    for name in CALLS:
+        ours, base = statistics.median(service[name]), statistics.median(baseline[name])
+        print(f"{name:<10} {ours:>12.1f} {base:>12.1f} {ours / base:>7.1f}x")
+    ours = statistics.median(map(sum, zip(*(service[name] for name in CALLS), strict=True)))
+    base = statistics.median(map(sum, zip(*(baseline[name] for name in CALLS), strict=True)))
+    print(f"{'total':<10} {ours:>12.1f} {base:>12.1f} {ours / base:>7.1f}x")
+    if service[ONE_CALL]:  # a profile_stub that derives message ids: check and reserve in one call
+        ours, base = statistics.median(service[ONE_CALL]), statistics.median(baseline[ONE_CALL])
+        print(f"{ONE_CALL:<10} {ours:>12.1f} {base:>12.1f} {ours / base:>7.1f}x  (replaces check + reserve)")
+        ours = statistics.median(service[ONE_CALL][i] + service["record"][i] for i in range(len(service[ONE_CALL])))
+        base = statistics.median(baseline[ONE_CALL][i] + baseline["record"][i] for i in range(len(service[ONE_CALL])))
+        print(f"{'total':<10} {ours:>12.1f} {base:>12.1f} {ours / base:>7.1f}x  (one call + record)")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, Protocol, cast
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from carillon.profile.v1 import profile_pb2, profile_service_pb2, profile_service_pb2_grpc
 from carillon.type.v1 import channel_pb2, value_pb2
@@ -270,6 +271,7 @@ class ProfileServiceGateway:
 
     async def record(self, sandbox: str, communications: Sequence[Communication]) -> int:
         """One RecordCommunications call for the whole batch."""
+        stamps: dict[datetime, timestamp_pb2.Timestamp] = {}  # a batch's sends share one time
         request = profile_service_pb2.RecordCommunicationsRequest(
             communications=[
                 profile_pb2.Communication(
@@ -280,7 +282,9 @@ class ProfileServiceGateway:
                     run=c.run,
                     activity=c.activity,
                     message_id=c.message_id,
-                    send_time=to_timestamp(c.send_time),
+                    send_time=stamps[c.send_time]
+                    if c.send_time in stamps
+                    else stamps.setdefault(c.send_time, to_timestamp(c.send_time)),
                 )
                 for c in communications
             ]

@@ -17,6 +17,7 @@ tests/unit/test_delivery_emails_fast.py checks the two against each other.
 from __future__ import annotations
 
 import email.policy
+import functools
 import random
 import re
 import sys
@@ -75,10 +76,10 @@ def compose_email(
     if not is_valid_address(sender_address):
         raise ValueError(f"not a valid sender address: {sender_address!r}")
     headers = (
-        ("From", formataddr((sender_name, sender_address), charset="utf-8")),
+        ("From", _from_header(sender_name, sender_address)),
         ("To", recipient),
         ("Subject", parts.get("subject", "")),
-        ("Date", format_datetime(utcnow())),
+        ("Date", _date_header()),
         ("Message-ID", f"<{message_id}@{MESSAGE_ID_DOMAIN}>"),
         (MESSAGE_ID_HEADER, message_id),
     )
@@ -87,6 +88,25 @@ def compose_email(
     if data is None:
         data = _mime_bytes(headers, text, html)
     return OutgoingEmail(message_id, sender_address, recipient, data)
+
+
+@functools.lru_cache(maxsize=256)
+def _from_header(name: str, address: str) -> str:
+    """The From header of a sender (the same few senders for every message of a batch)."""
+    return formataddr((name, address), charset="utf-8")
+
+
+_date: tuple[int, str] = (0, "")  # the Date header of the current second
+
+
+def _date_header() -> str:
+    """The Date header of now: whole seconds, so formatted once per second."""
+    global _date
+    now = utcnow()
+    second = int(now.timestamp())
+    if _date[0] != second:
+        _date = (second, format_datetime(now.replace(microsecond=0)))
+    return _date[1]
 
 
 Headers = tuple[tuple[str, str], ...]

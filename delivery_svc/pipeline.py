@@ -51,7 +51,7 @@ import asyncio
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -207,6 +207,15 @@ class _Job:
     recipient: Recipient
     verdict: Verdict
     existing: LedgerEntry | None
+    index: int  # in its batch
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A batch's eligibility call and the rendering of the messages it allows, under way."""
+
+    verdicts: asyncio.Future[list[Verdict]]
+    rendered: asyncio.Future[dict[int, OutgoingMessage | str]]
 
 
 class LogWaker(Protocol):
@@ -398,22 +407,27 @@ class SendSession:
         checked = self.start_check(recipients)
         return await self.finish(await self.send(sequence, recipients, checked))
 
-    def start_check(self, recipients: Sequence[Recipient]) -> asyncio.Future[list[Verdict]]:
-        """Validate a batch (INVALID_ARGUMENT naming the bad recipients) and start its eligibility call:
-        for marketing, the check that also reserves each allowed recipient's place under the caps.
+    def start_check(self, recipients: Sequence[Recipient]) -> Checked:
+        """Validate a batch (INVALID_ARGUMENT naming the bad recipients) and start its eligibility call
+        (for marketing, the check that also reserves each allowed recipient's place under the caps),
+        then the rendering of the messages of the recipients it allows.
 
         A Send stream starts it as soon as the batch arrives, while the batch before it is still being
         sent: the ledger lookup, which decides what is sent again, happens in :meth:`send`, after the
-        batches before; a reservation that the ledger then makes useless is released."""
+        batches before; a reservation that the ledger then makes useless is released, and a message
+        rendered ahead that is not sent is dropped."""
         self._check_batch(recipients)
+        loop = asyncio.get_running_loop()
         if not recipients:
-            future: asyncio.Future[list[Verdict]] = asyncio.get_running_loop().create_future()
-            future.set_result([])
-            return future
+            verdicts: asyncio.Future[list[Verdict]] = loop.create_future()
+            verdicts.set_result([])
+            rendered: asyncio.Future[dict[int, OutgoingMessage | str]] = loop.create_future()
+            rendered.set_result({})
+            return Checked(verdicts, rendered)
         header, gateway = self.header, self.pipeline.gateway
         identities = [(r.namespace, r.value) for r in recipients]
         if header.category == "marketing":
-            return asyncio.ensure_future(
+            verdicts = asyncio.ensure_future(
                 gateway.check_and_reserve(
                     self.sandbox,
                     header.channel,
@@ -423,28 +437,60 @@ class SendSession:
                     [r.entity_key for r in recipients],
                 )
             )
-        return asyncio.ensure_future(gateway.check(self.sandbox, header.channel, header.category, identities))
+        else:
+            verdicts = asyncio.ensure_future(gateway.check(self.sandbox, header.channel, header.category, identities))
+        return Checked(verdicts, asyncio.ensure_future(self._render_ahead(recipients, verdicts)))
 
-    async def abandon(self, checked: asyncio.Future[list[Verdict]]) -> None:
+    async def _render_ahead(
+        self, recipients: Sequence[Recipient], verdicts: asyncio.Future[list[Verdict]]
+    ) -> dict[int, OutgoingMessage | str]:
+        """The messages of the allowed recipients by their index in the batch, rendered as soon as the
+        eligibility answer is in (nothing when it failed: :meth:`send` reports that)."""
+        try:
+            answered = await asyncio.shield(verdicts)
+        except Exception:
+            return {}
+        if len(answered) != len(recipients):
+            return {}
+        return await asyncio.to_thread(self._render_allowed, recipients, answered)
+
+    def _render_allowed(self, recipients: Sequence[Recipient], verdicts: Sequence[Verdict]) -> dict[int, Any]:
+        sandbox, header = self.sandbox, self.header
+        rendered: dict[int, OutgoingMessage | str] = {}
+        for index, (recipient, verdict) in enumerate(zip(recipients, verdicts, strict=True)):
+            if verdict.verdict != "allowed" or not verdict.address:
+                continue
+            key = (
+                profile_key(
+                    verdict.profile.profile_id if verdict.profile else None, recipient.namespace, recipient.value
+                ),
+                recipient.entity_key,
+            )
+            mid = verdict.message_id or message_id(sandbox, header.run, header.activity, *key)
+            rendered[index] = self._render(_Job(mid, key, recipient, verdict, None, index))
+        return rendered
+
+    async def abandon(self, checked: Checked) -> None:
         """A batch whose check started will not be sent (its stream ended first): stop the check, or
         release what it reserved (best effort; a reservation left behind expires on its own)."""
-        if not checked.done():
-            checked.cancel()
+        checked.rendered.cancel()
+        verdicts = checked.verdicts
+        if not verdicts.done():
+            verdicts.cancel()
             return
-        if checked.cancelled() or checked.exception() is not None:
+        if verdicts.cancelled() or verdicts.exception() is not None:
             return
-        await self._release([v.message_id for v in checked.result() if v.reserved and v.message_id])
+        await self._release([v.message_id for v in verdicts.result() if v.reserved and v.message_id])
 
-    async def send(
-        self, sequence: int, recipients: Sequence[Recipient], checked: Awaitable[list[Verdict]]
-    ) -> SentBatch:
-        """Send one batch whose check :meth:`start_check` started: ledger lookup, reservation,
-        rendering, ledger write, provider, ``sent``/``failed`` marks. What is left for :meth:`finish`
-        (releasing reservations, recording the communications) may overlap the next batch's send."""
+    async def send(self, sequence: int, recipients: Sequence[Recipient], checked: Checked) -> SentBatch:
+        """Send one batch whose check :meth:`start_check` started: ledger lookup, rendering (of what
+        was not rendered ahead), ledger write, provider, ``sent``/``failed`` marks. What is left for
+        :meth:`finish` (releasing reservations, recording the communications) may overlap the next
+        batch's send."""
         ack = BatchAck(sequence)
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        verdicts = await checked
+        verdicts = await checked.verdicts
         if not recipients:
             return SentBatch(ack, len(recipients), timings)
         pipeline, header, sandbox = self.pipeline, self.header, self.sandbox
@@ -505,7 +551,7 @@ class SendSession:
             return row.create_time is not None and now - row.create_time > window_s
 
         reserved: set[str] = set()
-        for recipient, verdict, key in zip(recipients, verdicts, keys, strict=True):
+        for index, (recipient, verdict, key) in enumerate(zip(recipients, verdicts, keys, strict=True)):
             if key in seen:  # the same message as an earlier recipient: that one decides
                 ack.skipped[DUPLICATE] += 1
                 continue
@@ -561,11 +607,15 @@ class SendSession:
                 else:
                     if holds:
                         reserved.add(mid)
-                    jobs.append(_Job(mid, key, recipient, verdict, row))
+                    jobs.append(_Job(mid, key, recipient, verdict, row, index))
 
         timings["ledger_find"] = time.perf_counter() - started
         started = time.perf_counter()
-        rendered = await asyncio.to_thread(self._render_all, jobs)
+        try:
+            ahead = await checked.rendered
+        except Exception:  # rendering ahead is an optimisation only: render here instead
+            ahead = {}
+        rendered = await asyncio.to_thread(self._render_all, jobs, ahead)
         emails: list[OutgoingMessage] = []
         profiles: dict[str, str] = {}
         for job, result in zip(jobs, rendered, strict=True):
@@ -748,9 +798,19 @@ class SendSession:
             for mid, profile_id in sent
         ]
 
-    def _render_all(self, jobs: Sequence[_Job]) -> list[OutgoingMessage | str]:
-        """Each job's message, or the reason it is skipped (blocking: runs on a worker thread)."""
-        return [self._render(job) for job in jobs]
+    def _render_all(
+        self, jobs: Sequence[_Job], ahead: Mapping[int, OutgoingMessage | str]
+    ) -> list[OutgoingMessage | str]:
+        """Each job's message, or the reason it is skipped (blocking: runs on a worker thread); a message
+        rendered ahead for the job's recipient under the same message id is taken as it is."""
+        results: list[OutgoingMessage | str] = []
+        for job in jobs:
+            done = ahead.get(job.index)
+            if isinstance(done, str) or (done is not None and done.message_id == job.message_id):
+                results.append(done)
+            else:
+                results.append(self._render(job))
+        return results
 
     def _render(self, job: _Job) -> OutgoingMessage | str:
         verdict = job.verdict

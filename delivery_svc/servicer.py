@@ -18,10 +18,10 @@ from carillon_chassis.names import parse_name, validate_id
 from carillon_chassis.pagination import page_size
 from carillon_chassis.sandbox import current_sandbox
 from carillon_chassis.values import from_timestamp, from_value_map, to_timestamp
-from delivery_svc.eligibility import ProfileView, Verdict
+from delivery_svc.eligibility import ProfileView
 from delivery_svc.feedback import FeedbackService, IncomingEvent
 from delivery_svc.ledger import ActivityReport, Ledger
-from delivery_svc.pipeline import BatchAck, DeliveryPipeline, Recipient, SendHeader, SendSession
+from delivery_svc.pipeline import BatchAck, Checked, DeliveryPipeline, Recipient, SendHeader, SendSession
 from delivery_svc.sms import count_segments
 from delivery_svc.templates import CONTENT_PARTS, PUSH_DATA_PREFIX, Template, TemplateStore
 from delivery_svc.windows import SendWindow, parse_local_time
@@ -36,7 +36,7 @@ class _Batch:
 
     sequence: int
     recipients: list[Recipient]
-    checked: asyncio.Future[list[Verdict]]
+    checked: Checked
 
 
 class _End:

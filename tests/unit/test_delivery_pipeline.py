@@ -715,3 +715,30 @@ async def test_a_reservation_under_another_message_id_than_the_ledgers_fails_the
 
     assert failed.value.reason == "PROFILE_BAD_RESPONSE"
     assert (harness.provider.recipients(), harness.rows()) == ([], {})
+
+
+async def test_a_transactional_pending_row_under_an_older_message_id_is_sent_under_that_id(harness: Harness) -> None:
+    # Messages are rendered ahead under the id derived from their key; a ledger row holding another id
+    # (written by an older version, say) keeps its own: the message is rendered again under it.
+    harness.gateway.allow("ada@example.com", "ada")
+    header = _header(category="transactional")
+    entry = LedgerEntry(
+        message_id="mlegacy0001",
+        sandbox=SANDBOX,
+        campaign=header.campaign,
+        run=header.run,
+        activity=header.activity,
+        profile_key="ada",
+        entity_key="",
+        channel="email",
+        status="pending",
+        address="ada@example.com",
+    )
+    harness.ledger.write([entry])
+
+    ack = await harness.deliver([to("ada@example.com")], header=header)
+
+    assert ack.sent == 1
+    (message,) = harness.provider.sent
+    assert message.message_id == "mlegacy0001"
+    assert b"Message-ID: <mlegacy0001@carillon>" in message.data

@@ -257,8 +257,11 @@ class Ledger:
             for start in range(0, len(wanted), _FIND_CHUNK):
                 chunk = wanted[start : start + _FIND_CHUNK]
                 if postgres:
-                    # A join with unnest() of two arrays: an index lookup per key. A row-value IN list
-                    # of thousands of keys made PostgreSQL scan the activity's rows for every batch.
+                    # One index lookup per key, whatever the statistics say: a LATERAL subquery with
+                    # LIMIT 1 (the key is unique) that the planner cannot flatten into a join. A plain
+                    # join with unnest() was planned as a hash join over the activity's every row while
+                    # the table's statistics lagged behind a fast-growing ledger (a send's own batches),
+                    # so each batch cost more than the one before.
                     keys_table = (
                         sa.select(
                             sa.func.unnest(
@@ -269,14 +272,19 @@ class Ledger:
                             ).label("e"),
                         )
                     ).subquery("k")
-                    query = (
+                    lookup = (
                         sa.select(t)
-                        .join(
-                            keys_table,
-                            sa.and_(t.c.profile_key == keys_table.c.p, t.c.entity_key == keys_table.c.e),
+                        .where(
+                            t.c.sandbox == sandbox,
+                            t.c.run == run,
+                            t.c.activity == activity,
+                            t.c.profile_key == keys_table.c.p,
+                            t.c.entity_key == keys_table.c.e,
                         )
-                        .where(t.c.sandbox == sandbox, t.c.run == run, t.c.activity == activity)
+                        .limit(1)
+                        .lateral("l")
                     )
+                    query = sa.select(lookup).select_from(keys_table).join(lookup, sa.true())
                 else:
                     query = sa.select(t).where(
                         t.c.sandbox == sandbox,

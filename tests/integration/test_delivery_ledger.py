@@ -248,3 +248,33 @@ def test_migration_3_adds_the_identity_columns_and_the_outbox_to_a_version_2_dat
     with database.engine.connect() as conn:
         queued = conn.execute(sa.text("SELECT message_id, status FROM message_log_outbox")).all()
     assert [tuple(row) for row in queued] == [("old", "delivered")]
+
+
+def test_finding_keys_looks_each_one_up_in_the_key_index_however_large_the_activity(database: Database) -> None:
+    # A run's ledger grows faster than its statistics: the lookup of a batch's keys must not be
+    # planned as a scan of the activity's every row (each batch then cost more than the one before).
+    ledger = Ledger(database)
+    ledger.write([entry(f"p{i:05d}") for i in range(3000)])
+    statements: list[tuple[str, object]] = []
+
+    def capture(conn: object, cursor: object, statement: str, parameters: object, *args: object) -> None:
+        if "send_ledger" in statement and statement.lstrip().upper().startswith("SELECT"):
+            statements.append((statement, parameters))
+
+    sa.event.listen(database.engine, "before_cursor_execute", capture)
+    try:
+        found = ledger.find("prod", RUN, "a1", [(f"p{i:05d}", "") for i in range(2990, 3010)])
+    finally:
+        sa.event.remove(database.engine, "before_cursor_execute", capture)
+    ((statement, parameters),) = statements
+    with database.engine.connect() as conn:
+        if database.is_postgres:
+            rows = conn.exec_driver_sql("EXPLAIN " + statement, parameters)  # type: ignore[arg-type]
+            plan = "\n".join(row[0] for row in rows)
+        else:
+            rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)  # type: ignore[arg-type]
+            plan = "\n".join(row[-1] for row in rows)
+
+    assert sorted(key for key, _ in found) == [f"p{i:05d}" for i in range(2990, 3000)]
+    assert "uq_send_ledger_key" in plan or "sqlite_autoindex_send_ledger" in plan
+    assert "Hash Join" not in plan and "Seq Scan on send_ledger" not in plan and "SCAN send_ledger" not in plan

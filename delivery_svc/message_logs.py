@@ -21,7 +21,7 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import grpc
 import sqlalchemy as sa
@@ -107,29 +107,44 @@ class MessageLogOutbox:
         self._ledger: sa.Table = LedgerRow.__table__  # type: ignore[attr-defined]
 
     def due(self, limit: int, now: datetime | None = None) -> list[tuple[str, MessageLog]]:
-        """Up to ``limit`` due rows, oldest first, as (sandbox, log)."""
+        """Up to ``limit`` due rows, oldest first, as (sandbox, log).
+
+        The due rows are chosen first, then each one's ledger row is looked up by its id: on PostgreSQL
+        through a LATERAL subquery with LIMIT 1 that the planner cannot turn into a hash join over the
+        whole ledger (which it did while a fast-growing ledger's statistics lagged, once per batch)."""
         o, t = self._outbox, self._ledger
-        query = (
-            sa.select(
-                o.c.sandbox,
-                o.c.message_id,
-                o.c.status,
-                o.c.event_time,
-                t.c.campaign,
-                t.c.run,
-                t.c.activity,
-                t.c.channel,
-                t.c.profile_key,
-                t.c.entity_key,
-                t.c.identity_namespace,
-                t.c.identity_value,
-            )
-            .join(t, sa.and_(t.c.id == o.c.message_id, t.c.sandbox == o.c.sandbox))
+        due = (
+            sa.select(o.c.sandbox, o.c.message_id, o.c.status, o.c.event_time, o.c.create_time)
             .where(o.c.next_attempt_time <= (now or utcnow()))
             .order_by(o.c.create_time, o.c.message_id, o.c.status)
             .limit(limit)
+            .subquery("d")
         )
+        ledger_columns = (
+            t.c.campaign,
+            t.c.run,
+            t.c.activity,
+            t.c.channel,
+            t.c.profile_key,
+            t.c.entity_key,
+            t.c.identity_namespace,
+            t.c.identity_value,
+        )
+        match = sa.and_(t.c.id == due.c.message_id, t.c.sandbox == due.c.sandbox)
         with self.database.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                ledger: Any = sa.select(*ledger_columns).where(match).limit(1).lateral("l")
+                joined = sa.select(due).join(ledger, sa.true())
+            else:
+                ledger = t
+                joined = sa.select(due).join(t, match)
+            query = joined.with_only_columns(
+                due.c.sandbox,
+                due.c.message_id,
+                due.c.status,
+                due.c.event_time,
+                *(ledger.c[c.name] for c in ledger_columns),
+            ).order_by(due.c.create_time, due.c.message_id, due.c.status)
             return [(r["sandbox"], _log(r)) for r in conn.execute(query).mappings()]
 
     def _where(self) -> sa.ColumnElement[bool]:

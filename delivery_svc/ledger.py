@@ -375,6 +375,12 @@ class Ledger:
             if change.status == DEFERRED:
                 deferrals.append((change.message_id, change.defer_until))
         postgres = conn.dialect.name == "postgresql"
+        if postgres and changes:
+            # Every update below finds its rows by id. PostgreSQL's cost model (random page reads cost
+            # 4x sequential ones) prefers scanning the whole ledger to a few thousand primary-key
+            # lookups, so each batch of a send would cost more than the one before: not here.
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
         for (status, reason), ids in groups.items():
             values: dict[str, object] = {"status": status, "reason": reason, "update_time": now}
             if status == SENT:
@@ -388,6 +394,9 @@ class Ledger:
             self._set_each(conn, t.c.defer_until, deferrals)
         if addresses:
             self._set_each(conn, t.c.address, addresses)
+        if postgres and changes:
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = on")
+            conn.exec_driver_sql("SET LOCAL enable_hashjoin = on")
 
     def _set_each(self, conn: sa.Connection, column: sa.Column[Any], values: Sequence[tuple[str, object]]) -> None:
         """Set ``column`` of each row id to its own value: one ``UPDATE … FROM unnest(…)`` on PostgreSQL,

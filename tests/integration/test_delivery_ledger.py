@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -278,3 +279,34 @@ def test_finding_keys_looks_each_one_up_in_the_key_index_however_large_the_activ
     assert sorted(key for key, _ in found) == [f"p{i:05d}" for i in range(2990, 3000)]
     assert "uq_send_ledger_key" in plan or "sqlite_autoindex_send_ledger" in plan
     assert "Hash Join" not in plan and "Seq Scan on send_ledger" not in plan and "SCAN send_ledger" not in plan
+
+
+def test_marking_a_batch_updates_its_rows_through_the_primary_key_not_a_scan_of_the_ledger(database: Database) -> None:
+    # PostgreSQL's cost model prefers a scan of the whole ledger to a few hundred primary-key lookups
+    # (so each batch of a send would cost more than the one before); the plan is read in the marking
+    # transaction itself, with its settings.
+    ledger = Ledger(database, message_logs=True)
+    for start in range(0, 20_000, 5_000):
+        ledger.write([entry(f"p{i:05d}") for i in range(start, start + 5_000)])
+    if database.is_postgres:
+        with database.engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE send_ledger")
+    ids = [entry(f"p{i:05d}").message_id for i in range(19_700, 20_000)]
+    plans: list[str] = []
+
+    def explain(conn: object, cursor: Any, statement: str, parameters: Any, *args: object) -> None:
+        if not statement.lstrip().upper().startswith("UPDATE SEND_LEDGER"):
+            return
+        other = cursor.connection.cursor()
+        other.execute(("EXPLAIN " if database.is_postgres else "EXPLAIN QUERY PLAN ") + statement, parameters)
+        plans.append("\n".join(str(row[0] if database.is_postgres else row[-1]) for row in other.fetchall()))
+
+    sa.event.listen(database.engine, "after_cursor_execute", explain)
+    try:
+        ledger.mark([StatusChange(mid, "sent") for mid in ids])
+    finally:
+        sa.event.remove(database.engine, "after_cursor_execute", explain)
+
+    assert plans
+    assert all("Seq Scan" not in plan and "SCAN send_ledger" not in plan for plan in plans), plans
+    assert {e.status for e in ledger.entries("prod", RUN, "a1") if e.message_id in set(ids)} == {"sent"}

@@ -276,6 +276,7 @@ class MessageLogFlusher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failures = 0  # failed deliveries in a row, for the back-off
+        self._paused_until = 0.0  # loop time before which audience_svc, found unavailable, is left alone
         # Refusals in a row per sandbox (FAILED_PRECONDITION, e.g. MESSAGE_LOGS_SHADOWED): that sandbox's
         # logs back off on their own, and other sandboxes' successes do not reset its back-off.
         self._sandbox_failures: dict[str, int] = {}
@@ -319,6 +320,7 @@ class MessageLogFlusher:
             await self._postpone(sandbox, logs, exc)
             return None
         self._failures = 0
+        self._paused_until = 0.0
         self._sandbox_failures.pop(sandbox, None)
         await self.database.run(self.outbox.delete, sandbox, logs)
         return len(logs)
@@ -326,6 +328,7 @@ class MessageLogFlusher:
     async def _postpone(self, sandbox: str, logs: list[MessageLog], exc: CarillonError) -> None:
         delay = min(self.retry_max_s, self.retry_initial_s * 2**self._failures)
         self._failures += 1
+        self._paused_until = asyncio.get_running_loop().time() + delay
         log.warning("message logs not delivered; retrying later", count=len(logs), retry_in_s=delay, error=str(exc))
         await self.database.run(self.outbox.postpone, sandbox, logs, delay)
 
@@ -361,11 +364,17 @@ class MessageLogFlusher:
         return len(logs)
 
     async def run(self) -> None:
-        """Flush on every wake-up and every ``interval_s`` until cancelled."""
+        """Flush on every wake-up and every ``interval_s`` until cancelled. While audience_svc is
+        unavailable, its back-off holds whatever wakes the flusher: the logs queued meanwhile wait in the
+        outbox instead of each batch's flush reading the growing outbox and calling in vain."""
+        loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
             self._wake.clear()
+            paused = self._paused_until - loop.time()
+            if paused > 0:
+                await asyncio.sleep(paused)
             try:
                 await self.flush()
             except asyncio.CancelledError:

@@ -296,6 +296,40 @@ async def test_logs_are_kept_and_postponed_while_audience_is_unavailable(
     assert _pending(database) == 0
 
 
+@dataclass
+class CountingSink(FakeSink):
+    """A FakeSink that counts every call, failed ones too."""
+
+    attempts: int = 0
+
+    async def record(self, sandbox: str, logs: Sequence[MessageLog]) -> None:
+        self.attempts += 1
+        await super().record(sandbox, logs)
+
+
+async def test_while_audience_is_unavailable_wake_ups_do_not_call_it_again_before_its_back_off(
+    make_database: Callable[[str], Database],
+) -> None:
+    database = make_database("delivery")
+    ledger = ledger_with_sent_messages(database, 2)
+    sink = CountingSink(down=True)
+    flusher = MessageLogFlusher(database, sink, interval_s=3600, retry_initial_s=600, retry_max_s=600)
+    await flusher.start()
+    try:
+        flusher.wake()
+        await eventually(lambda: sink.attempts == 1)
+        for i in range(3):  # later batches queue new logs and wake the flusher
+            now = utcnow()
+            ledger.mark([StatusChange(f"m{i % 2}", "sent")], [LogEvent("prod", f"m{i % 2}", "opened", now)])
+            flusher.wake()
+            await asyncio.sleep(0.05)
+    finally:
+        await flusher.stop()
+
+    assert sink.attempts == 1  # the back-off (600 s) held
+    assert _pending(database) == 4  # two sent logs and two opened logs, all kept
+
+
 async def test_a_ledger_without_message_logs_queues_nothing(make_database: Callable[[str], Database]) -> None:
     database = make_database("delivery")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import pytest
@@ -386,3 +387,39 @@ async def test_the_delivery_gateway_checks_and_reserves_in_one_call(
     ]
     assert verdicts[0].profile is not None and verdicts[0].profile.first_name == "Ann"
     assert released == 1
+
+
+def test_recording_a_batch_finds_its_profiles_by_key_not_by_walking_the_profile_table(
+    make_database: Callable[[str], Database],
+) -> None:
+    # PostgreSQL planned the "unknown profile" check of each batch as a walk of the profiles' whole
+    # index (merge anti-join): each batch of a million-profile send cost more than the one before.
+    # The plans are read in the recording transaction itself, with its settings.
+    database = make_database("profile")
+    database.migrate(MIGRATIONS)
+    store = ProfileStore(database)
+    store.upsert_profiles("prod", [Profile(profile_id=f"p{i:05d}") for i in range(20_000)])
+    if database.is_postgres:
+        with database.engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE")
+    plans: list[str] = []
+
+    def explain(conn: object, cursor: Any, statement: str, parameters: Any, *args: object) -> None:
+        if not statement.lstrip().upper().startswith(("SELECT", "DELETE", "INSERT")) or isinstance(parameters, list):
+            return  # (an executemany has no one plan)
+        other = cursor.connection.cursor()
+        other.execute(("EXPLAIN " if database.is_postgres else "EXPLAIN QUERY PLAN ") + statement, parameters)
+        plans.append("\n".join(str(row[0] if database.is_postgres else row[-1]) for row in other.fetchall()))
+
+    sa.event.listen(database.engine, "after_cursor_execute", explain)
+    try:
+        recorded = store.record_communications(
+            "prod", [Communication(f"m{i}", f"p{i:05d}", "email", "marketing", send_time=NOW) for i in range(500)]
+        )
+    finally:
+        sa.event.remove(database.engine, "after_cursor_execute", explain)
+
+    assert recorded == 500
+    assert plans
+    walks = ("Seq Scan on profiles", "Merge", "Hash Anti", "SCAN profiles")
+    assert not [plan for plan in plans if any(walk in plan for walk in walks)], plans

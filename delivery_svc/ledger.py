@@ -381,6 +381,7 @@ class Ledger:
             # lookups, so each batch of a send would cost more than the one before: not here.
             conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
             conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
+            conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
         for (status, reason), ids in groups.items():
             values: dict[str, object] = {"status": status, "reason": reason, "update_time": now}
             if status == SENT:
@@ -397,6 +398,7 @@ class Ledger:
         if postgres and changes:
             conn.exec_driver_sql("SET LOCAL enable_seqscan = on")
             conn.exec_driver_sql("SET LOCAL enable_hashjoin = on")
+            conn.exec_driver_sql("SET LOCAL enable_mergejoin = on")
 
     def _set_each(self, conn: sa.Connection, column: sa.Column[Any], values: Sequence[tuple[str, object]]) -> None:
         """Set ``column`` of each row id to its own value: one ``UPDATE … FROM unnest(…)`` on PostgreSQL,

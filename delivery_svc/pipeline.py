@@ -650,6 +650,8 @@ class SendSession:
                 clock=pipeline.clock,
                 on_sent=self._mark_one(marked) if getattr(pipeline.provider, "mark_each_send", False) else None,
             )
+        timings["send"] = time.perf_counter() - started
+        started = time.perf_counter()
         if report is not None:
             await self._mark(report, ack, marked)
             await self._quarantine(report, {job.message_id: job for job in jobs})
@@ -657,7 +659,7 @@ class SendSession:
             to_release += [mid for mid in report.failed if mid in reserved]
         if pipeline.log_waker is not None and (logs or (report is not None and (report.sent or report.failed))):
             pipeline.log_waker.wake()
-        timings["send"] = time.perf_counter() - started
+        timings["mark"] = time.perf_counter() - started
         unsent, error = (len(report.unsent), report.error) if report is not None else (0, "")
         return SentBatch(ack, len(recipients), timings, to_release, to_record, unsent, error)
 

@@ -107,20 +107,10 @@ def fetch_rows(conn: sa.Connection, statement: sa.Executable) -> Sequence[Sequen
 
 
 def custom_plans(conn: sa.Connection) -> None:
-    """Plan every statement of the current transaction with its actual parameters, as key lookups
-    (PostgreSQL; a no-op on SQLite).
-
-    Every statement of a batch operation here finds its rows by key. PostgreSQL's cost model (random
-    page reads at 4x sequential ones), and statistics that lag behind tables a send grows by thousands
-    of rows a second, made it scan or merge whole tables instead (a million-profile send: each batch's
-    "unknown profile" check walked the profiles' whole index), so each batch cost more than the one
-    before. Sequential scans, hash and merge joins are off for the transaction: PostgreSQL still uses
-    them where nothing else can answer."""
+    """Plan every statement of the current transaction with its actual parameters (PostgreSQL; a no-op
+    on SQLite)."""
     if conn.dialect.name == "postgresql":
         conn.execute(sa.text("SET LOCAL plan_cache_mode = force_custom_plan"))
-        conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
-        conn.execute(sa.text("SET LOCAL enable_hashjoin = off"))
-        conn.execute(sa.text("SET LOCAL enable_mergejoin = off"))
 
 
 def insert_rows(

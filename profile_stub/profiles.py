@@ -969,13 +969,24 @@ class ProfileStore:
         wanted = list(dict.fromkeys(profile_ids))
         missing: set[str] = set()
         if conn.dialect.name == "postgresql":
+            # One primary-key probe per id, whatever the statistics say: a LATERAL subquery with LIMIT 1
+            # cannot be flattened into a join. As an anti-join, PostgreSQL walked the profiles' whole
+            # index per batch (1M profiles), or, with statistics lagging behind a fresh load, compared
+            # every id with every profile.
             for chunk in _slices(conn, wanted):
-                asked = sa.func.unnest(array_of(list(chunk), sa.Text())).column_valued("asked")
+                asked = sa.func.unnest(array_of(list(chunk), sa.Text())).table_valued("id").render_derived(name="asked")
+                found = (
+                    sa.select(sa.literal(1).label("found"))
+                    .where(profiles_t.c.sandbox == sandbox, profiles_t.c.profile_id == asked.c.id)
+                    .limit(1)
+                    .lateral("f")
+                )
                 missing.update(
                     conn.execute(
-                        sa.select(asked).where(
-                            ~sa.exists().where(profiles_t.c.sandbox == sandbox, profiles_t.c.profile_id == asked)
-                        )
+                        sa.select(asked.c.id)
+                        .select_from(asked)
+                        .outerjoin(found, sa.true())
+                        .where(found.c.found.is_(None))
                     ).scalars()
                 )
             return missing
@@ -1036,7 +1047,11 @@ class ProfileStore:
                     .with_for_update()
                     .subquery()
                 )
+                # Row locks by key: PostgreSQL, believing a fast-growing counter table small, would
+                # scan it whole for each batch.
+                conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
                 conn.execute(sa.select(sa.func.count()).select_from(locked)).scalar()
+                conn.execute(sa.text("SET LOCAL enable_seqscan = on"))
             else:
                 conn.execute(
                     table.update()

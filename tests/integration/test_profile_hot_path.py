@@ -399,9 +399,8 @@ def test_recording_a_batch_finds_its_profiles_by_key_not_by_walking_the_profile_
     database.migrate(MIGRATIONS)
     store = ProfileStore(database)
     store.upsert_profiles("prod", [Profile(profile_id=f"p{i:05d}") for i in range(20_000)])
-    if database.is_postgres:
-        with database.engine.begin() as conn:
-            conn.exec_driver_sql("ANALYZE")
+    # No ANALYZE: statistics lag behind a fresh load (with them missing, the anti-join compared every
+    # id with every profile).
     plans: list[str] = []
 
     def explain(conn: object, cursor: Any, statement: str, parameters: Any, *args: object) -> None:
@@ -421,5 +420,5 @@ def test_recording_a_batch_finds_its_profiles_by_key_not_by_walking_the_profile_
 
     assert recorded == 500
     assert plans
-    walks = ("Seq Scan on profiles", "Merge", "Hash Anti", "SCAN profiles")
+    walks = ("Seq Scan on profiles", "Merge", "Hash Anti", "SCAN profiles", "Join Filter", "Materialize")
     assert not [plan for plan in plans if any(walk in plan for walk in walks)], plans

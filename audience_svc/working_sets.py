@@ -747,14 +747,18 @@ class WorkingSetStore:
 
         columns: list[tuple[str, sa.ColumnElement[Any], str]] = []
         seen = set(attributes)
-        for i, aggregate in enumerate(aggregates):
-            if not aggregate.alias or aggregate.alias in seen:
+
+        def claim(alias: str, field: str, what: str) -> None:
+            if not alias or alias in seen:
                 raise InvalidArgument(
-                    "each enrichment needs an alias unlike every attribute and other alias",
-                    field=f"enrichments[{i}].alias",
+                    f"each {what} needs an alias unlike every attribute and other alias",
+                    field=field,
                     reason="INVALID_ENRICHMENT",
                 )
-            seen.add(aggregate.alias)
+            seen.add(alias)
+
+        for i, aggregate in enumerate(aggregates):
+            claim(aggregate.alias, f"enrichments[{i}].alias", "enrichment")
             scalar, value_type = compile_aggregate(
                 entity, aggregate, limits=self.limits, path=f"enrichments[{i}]", resolve=resolve, bindings=bindings
             )
@@ -767,13 +771,7 @@ class WorkingSetStore:
             )
         planned: list[CollectionPlan] = []
         for i, collection in enumerate(collections):
-            if not collection.alias or collection.alias in seen:
-                raise InvalidArgument(
-                    "each collection needs an alias unlike every attribute and other alias",
-                    field=f"collections[{i}].alias",
-                    reason="INVALID_ENRICHMENT",
-                )
-            seen.add(collection.alias)
+            claim(collection.alias, f"collections[{i}].alias", "collection")
             planned.append(
                 plan_collection(
                     entity, collection, limits=self.limits, path=f"collections[{i}]", resolve=resolve, bindings=bindings

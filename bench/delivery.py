@@ -118,44 +118,49 @@ class Service:
         self.log.close()
 
 
+async def seed_profiles(stub: profile_service_pb2_grpc.ProfileServiceStub, n: int) -> None:
+    """Profiles p0000000.. with an email identity, opt-in email consent and a first name, and a capping
+    rule of 10 marketing emails per day (which caps nobody, but is evaluated for every message)."""
+    for start in range(0, n, 5000):
+        await stub.UpsertProfiles(
+            profile_service_pb2.UpsertProfilesRequest(
+                profiles=[
+                    profile_pb2.Profile(
+                        name=f"profiles/p{i:07d}",
+                        first_name=f"First{i}",
+                        identities=[value_pb2.Identity(namespace="email", value=address(i))],
+                        consents=[
+                            profile_pb2.Consent(
+                                channel=channel_pb2.CHANNEL_EMAIL,
+                                state=profile_pb2.CONSENT_STATE_OPTED_IN,
+                                source="bench",
+                            )
+                        ],
+                    )
+                    for i in range(start, min(n, start + 5000))
+                ]
+            ),
+            metadata=METADATA,
+            timeout=600,
+        )
+    await stub.CreateCappingRule(
+        profile_service_pb2.CreateCappingRuleRequest(
+            capping_rule_id="bench",
+            capping_rule=profile_pb2.CappingRule(
+                channel=channel_pb2.CHANNEL_EMAIL,
+                max_messages=10,
+                period=profile_pb2.CAPPING_PERIOD_DAY,
+                time_basis=profile_pb2.CAPPING_TIME_BASIS_UTC,
+            ),
+        ),
+        metadata=METADATA,
+    )
+
+
 async def load_profiles(address_: str, n: int) -> float:
     started = time.perf_counter()
     async with grpc.aio.insecure_channel(address_) as channel:
-        stub = profile_service_pb2_grpc.ProfileServiceStub(channel)
-        for start in range(0, n, 5000):
-            await stub.UpsertProfiles(
-                profile_service_pb2.UpsertProfilesRequest(
-                    profiles=[
-                        profile_pb2.Profile(
-                            name=f"profiles/p{i:07d}",
-                            first_name=f"First{i}",
-                            identities=[value_pb2.Identity(namespace="email", value=address(i))],
-                            consents=[
-                                profile_pb2.Consent(
-                                    channel=channel_pb2.CHANNEL_EMAIL,
-                                    state=profile_pb2.CONSENT_STATE_OPTED_IN,
-                                    source="bench",
-                                )
-                            ],
-                        )
-                        for i in range(start, min(n, start + 5000))
-                    ]
-                ),
-                metadata=METADATA,
-                timeout=600,
-            )
-        await stub.CreateCappingRule(
-            profile_service_pb2.CreateCappingRuleRequest(
-                capping_rule_id="bench",
-                capping_rule=profile_pb2.CappingRule(
-                    channel=channel_pb2.CHANNEL_EMAIL,
-                    max_messages=10,
-                    period=profile_pb2.CAPPING_PERIOD_DAY,
-                    time_basis=profile_pb2.CAPPING_TIME_BASIS_UTC,
-                ),
-            ),
-            metadata=METADATA,
-        )
+        await seed_profiles(profile_service_pb2_grpc.ProfileServiceStub(channel), n)
     return time.perf_counter() - started
 
 

@@ -44,7 +44,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.delivery import Service  # noqa: E402
+from bench.delivery import Service, address, seed_profiles  # noqa: E402
 from carillon.profile.v1 import profile_pb2, profile_service_pb2, profile_service_pb2_grpc  # noqa: E402
 from carillon.type.v1 import channel_pb2, value_pb2  # noqa: E402
 from carillon_chassis.clients import call_metadata  # noqa: E402
@@ -55,44 +55,6 @@ SANDBOX = "bench"
 METADATA = call_metadata(SANDBOX)
 CALLS = ("check", "reserve", "record")
 ONE_CALL = "one call"  # check and reserve together, message ids derived by profile_stub (run, activity)
-
-
-def address(i: int) -> str:
-    return f"person{i:07d}@example.com"
-
-
-async def load(stub: profile_service_pb2_grpc.ProfileServiceStub, n: int) -> None:
-    for start in range(0, n, 5000):
-        await stub.UpsertProfiles(
-            profile_service_pb2.UpsertProfilesRequest(
-                profiles=[
-                    profile_pb2.Profile(
-                        name=f"profiles/p{i:07d}",
-                        first_name=f"First{i}",
-                        identities=[value_pb2.Identity(namespace="email", value=address(i))],
-                        consents=[
-                            profile_pb2.Consent(
-                                channel=channel_pb2.CHANNEL_EMAIL,
-                                state=profile_pb2.CONSENT_STATE_OPTED_IN,
-                                source="bench",
-                            )
-                        ],
-                    )
-                    for i in range(start, min(n, start + 5000))
-                ]
-            ),
-            metadata=METADATA,
-            timeout=600,
-        )
-    await stub.CreateCappingRule(
-        profile_service_pb2.CreateCappingRuleRequest(
-            capping_rule_id="daily",
-            capping_rule=profile_pb2.CappingRule(
-                channel=channel_pb2.CHANNEL_EMAIL, max_messages=10, period=profile_pb2.CAPPING_PERIOD_DAY
-            ),
-        ),
-        metadata=METADATA,
-    )
 
 
 def _request(batch: range, reserve: bool) -> profile_service_pb2.CheckEligibilityRequest:
@@ -215,7 +177,7 @@ async def measure(
     async with grpc.aio.insecure_channel(target) as channel:
         stub = profile_service_pb2_grpc.ProfileServiceStub(channel)
         started = time.perf_counter()
-        await load(stub, n)
+        await seed_profiles(stub, n)
         print(f"profiles loaded in        {time.perf_counter() - started:>10.1f} s (setup, not measured)")
         with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
             conn.execute(f'SET search_path TO "{schema}"')

@@ -528,29 +528,17 @@ class ProfileStore:
                         results.append(Eligibility(ident, "no_consent", profile))
                         continue
                     message_id = message_ids[index] if reserve else ""
-                    if message_id and message_id in known_ids:
+                    if message_id and message_id in known_ids:  # reserved or recorded: it counts once
                         if known_ids[message_id] != profile.profile_id:  # would count another profile's send
                             raise InvalidArgument(
                                 "the message id is reserved or recorded for another profile",
                                 field=f"message_ids[{index}]",
                                 reason="MESSAGE_ID_OF_ANOTHER_PROFILE",
                             )
-                        results.append(
-                            Eligibility(
-                                ident,
-                                "allowed",
-                                profile,
-                                address,
-                                reserved=True,
-                                addresses=usable,
-                                message_id=message_id,
-                            )
-                        )
-                        continue
-                    if rules and capped(sends.get(profile.profile_id, ()), profile.time_zone):
+                    elif rules and capped(sends.get(profile.profile_id, ()), profile.time_zone):
                         results.append(Eligibility(ident, "capped", profile))
                         continue
-                    if message_id:
+                    elif message_id:
                         known_ids[message_id] = profile.profile_id
                         sends.setdefault(profile.profile_id, []).append((channel, now))
                         new_reservations.append(
@@ -563,6 +551,7 @@ class ProfileStore:
                                 "expire_time": now + self.reservation_ttl,
                             }
                         )
+                    if message_id:
                         results.append(
                             Eligibility(
                                 ident,

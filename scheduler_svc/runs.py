@@ -380,20 +380,8 @@ class RunStore:
 
     def record_working_set(self, key: RunKey, lease: Lease, activity: str, working_set: str, count: int) -> None:
         """A targeting task built its working set: store it and its count; the task SUCCEEDED."""
-        now = utcnow()
-        with self.database.engine.begin() as conn:
-            self._fence(conn, key, lease, now)
-            _update_task(
-                conn,
-                key,
-                activity,
-                state=TaskState.SUCCEEDED.value,
-                working_set=working_set,
-                targeted=count,
-                end_time=now,
-                outputs={"": count},
-            )
-            log_event(conn, key, f"working set {working_set} built: {count} records", activity=activity, now=now)
+        note = f"working set {working_set} built: {count} records"
+        self.record_outputs(key, lease, activity, {"": (working_set, count)}, note)
 
     def record_outputs(
         self, key: RunKey, lease: Lease, activity: str, outputs: Mapping[str, tuple[str, int]], note: str = ""

@@ -109,6 +109,9 @@ class Service:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.popen.pid)
+
     def stop(self) -> None:
         self.popen.terminate()
         try:
@@ -116,6 +119,31 @@ class Service:
         except subprocess.TimeoutExpired:
             self.popen.kill()
         self.log.close()
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU time of every PostgreSQL process of this machine (backends, WAL writer, autovacuum...)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "postgres":
+                    total += process_cpu_seconds(int(entry.name))
+            except OSError:
+                continue
+    return total
 
 
 async def seed_profiles(stub: profile_service_pb2_grpc.ProfileServiceStub, n: int) -> None:
@@ -342,7 +370,10 @@ def run(url: str, scale: float, batch: int, outbox_parent: Path | None, fmt: str
         worker_address = worker.address()
         rss_at_start = worker.peak_rss_mb()
         load_s = asyncio.run(load_profiles(profile_address, n))
+        cpu_before = (worker.cpu_seconds(), profile.cpu_seconds(), postgres_cpu_seconds(), time.process_time())
         send_s, sent = asyncio.run(send_campaign(worker_address, n, batch))
+        cpu_after = (worker.cpu_seconds(), profile.cpu_seconds(), postgres_cpu_seconds(), time.process_time())
+        cpu = [after - before for before, after in zip(cpu_before, cpu_after, strict=True)]
         peak = worker.peak_rss_mb()
         written, files, mean_size = outbox_messages(outbox, fmt)
         if written != sent:
@@ -366,6 +397,11 @@ def run(url: str, scale: float, batch: int, outbox_parent: Path | None, fmt: str
         print("worker time per message by stage (batches overlap: check, send and history run at once):")
         for stage, seconds in stages.items():
             print(f"  {stage:<23} {seconds / max(1, sent) * 1e6:>12,.0f} us  ({seconds:.1f} s)")
+        print(f"CPU time per message by process (the machine has {os.cpu_count()} cores):")
+        processes = ("delivery worker", "profile_stub", "PostgreSQL (all processes)", "bench client")
+        for name, seconds in zip(processes, cpu, strict=True):
+            print(f"  {name:<26} {seconds / max(1, sent) * 1e6:>9,.0f} us  ({seconds / send_s:.2f} cores)")
+        print(f"  {'total':<26} {sum(cpu) / max(1, sent) * 1e6:>9,.0f} us  ({sum(cpu) / send_s:.2f} cores)")
         print(f"worker peak RSS           {peak:>12.1f} MB  (at start {rss_at_start:.1f} MB, batch {batch:,})")
         return {
             "n": n,

@@ -162,9 +162,19 @@ def _one_ledger_key_index(conn: sa.Connection) -> None:
     conn.execute(sa.text("DROP INDEX IF EXISTS ix_send_ledger_run_status"))
 
 
+def _room_for_status_updates(conn: sa.Connection) -> None:
+    """On PostgreSQL, leave room in each ledger page so that a row's status change (pending, then sent)
+    is a heap-only update: the new row version stays in the page and neither index is touched (the
+    status is in no index). A full page moves the new version elsewhere and adds an entry to both
+    indexes, the (sandbox, run, activity, profile, entity) one being wide. SQLite has no such setting."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("ALTER TABLE send_ledger SET (fillfactor = 50)"))
+
+
 MIGRATIONS = [
     Migration(1, "templates and the send ledger", _initial),
     Migration(2, "send windows, feedback and the feedback events", _feedback),
     Migration(3, "recipient identities in the ledger and the message log outbox", _message_logs),
     Migration(4, "one index on the ledger key", _one_ledger_key_index),
+    Migration(5, "room in the ledger's pages for status updates", _room_for_status_updates),
 ]

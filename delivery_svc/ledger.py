@@ -9,20 +9,22 @@ reason) and ``deferred`` (outside the send window until ``defer_until``). Feedba
 opened, ...) set the first time of each kind on a row, idempotent on the event id; the report of an
 activity is one grouped query.
 
-Message logs for audience_svc are queued in the message log outbox in the same transaction as the
-ledger change they report (a ``sent`` or ``failed`` status, a delivered / opened / clicked / bounced
-feedback event), so that none is lost and none is queued for a change that was rolled back; the
-outbox is emptied by :mod:`delivery_svc.message_logs`. Plain synchronous SQLAlchemy; callers run it
+Message logs for audience_svc are queued as message log batches (one row per status and event time
+of a change, holding the message ids) in the same transaction as the ledger change they report (a
+``sent`` or ``failed`` status, a delivered / opened / clicked / bounced feedback event), so that none
+is lost and none is queued for a change that was rolled back; the batches are emptied by
+:mod:`delivery_svc.message_logs`. Plain synchronous SQLAlchemy; callers run it
 on the database worker pool.
 
 Batches are written in bulk: on PostgreSQL one ``INSERT … SELECT unnest(…)`` per batch for new rows and
-queued logs, and one ``UPDATE … WHERE id = ANY(…)`` per status for the changes (an array of strings
-travels as one string joined with U+001F, split by ``string_to_array`` in the server: binding thousands
-of parameters one by one was most of a batch's ledger time); on SQLite, executemany and ``IN`` lists.
+one ``UPDATE … WHERE id = ANY(…)`` per status for the changes (an array of strings travels as one string
+joined with U+001F, split by ``string_to_array`` in the server: binding thousands of parameters one by
+one was most of a batch's ledger time); on SQLite, executemany and ``IN`` lists.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,7 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from carillon_chassis.database import Database, as_utc, utcnow
-from delivery_svc.tables import FeedbackEventRow, LedgerRow, MessageLogOutboxRow
+from delivery_svc.tables import FeedbackEventRow, LedgerRow, MessageLogBatchRow
 
 PENDING = "pending"
 SENT = "sent"
@@ -245,7 +247,7 @@ class Ledger:
         self.database = database
         self.message_logs = message_logs
         self._table: sa.Table = LedgerRow.__table__  # type: ignore[attr-defined]
-        self._outbox: sa.Table = MessageLogOutboxRow.__table__  # type: ignore[attr-defined]
+        self._log_batches: sa.Table = MessageLogBatchRow.__table__  # type: ignore[attr-defined]
 
     def find(self, sandbox: str, run: str, activity: str, keys: Iterable[LedgerKey]) -> dict[LedgerKey, LedgerEntry]:
         """The existing rows of ``keys`` in one run and activity (one query per 10,000 keys)."""
@@ -354,14 +356,30 @@ class Ledger:
             self._queue_logs(conn, logs, now)
 
     def _queue_logs(self, conn: sa.Connection, logs: Sequence[LogEvent], now: datetime) -> None:
-        """Queue log events in the outbox; an event already queued (same message and status) stays."""
+        """Queue log events for audience_svc: one message log batch row per sandbox, status and event
+        time (a message named twice in it is queued once). The same event queued by two changes (a
+        replayed batch) reaches audience_svc twice, where RecordMessageLogs is idempotent."""
         if not self.message_logs or not logs:
             return
-        rows = [
-            {"sandbox": e.sandbox, "message_id": e.message_id, "status": e.status, "event_time": e.event_time}
-            for e in logs
-        ]
-        _insert_new(conn, self._outbox, rows, {"create_time": now, "attempts": 0, "next_attempt_time": now})
+        groups: dict[tuple[str, str, datetime], dict[str, None]] = {}
+        for e in logs:
+            groups.setdefault((e.sandbox, e.status, e.event_time), {})[e.message_id] = None
+        conn.execute(
+            self._log_batches.insert(),
+            [
+                {
+                    "sandbox": sandbox,
+                    "status": status,
+                    "event_time": event_time,
+                    "message_ids": json.dumps(list(ids)),
+                    "size": len(ids),
+                    "create_time": now,
+                    "attempts": 0,
+                    "next_attempt_time": now,
+                }
+                for (sandbox, status, event_time), ids in groups.items()
+            ],
+        )
 
     def _apply(self, conn: sa.Connection, changes: Sequence[StatusChange], now: datetime) -> None:
         t = self._table

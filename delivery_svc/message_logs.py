@@ -1,15 +1,17 @@
 """Message logs to audience_svc: the outbox of pending log events and the task that empties it.
 
-The ledger queues one outbox row per log event (a message ``sent`` or ``failed``; feedback
-``delivered``, ``opened``, ``clicked``, ``bounced``) in the transaction of the ledger change it
-reports (:mod:`delivery_svc.ledger`). :class:`MessageLogFlusher` runs in the worker's event loop:
-after every batch (and every ``interval_s``) it reads the due rows joined with their ledger rows,
-sends them in ``RecordMessageLogs`` calls of at most 5,000 logs per sandbox, and deletes them once
-audience_svc accepted them. Nothing is lost while audience_svc is down (the rows wait, with an
-exponential back-off) and nothing is logged twice: ``RecordMessageLogs`` is idempotent on
-(message id, status), so a row resent after a crash between the call and the delete is a duplicate
-there. A log that audience_svc refuses as invalid is isolated (its chunk is retried log by log) and
-dropped with an error line, so that one bad row never blocks the others. A sandbox whose logs
+The ledger queues log events (a message ``sent`` or ``failed``; feedback ``delivered``, ``opened``,
+``clicked``, ``bounced``) in the transaction of the ledger change they report
+(:mod:`delivery_svc.ledger`), as message log batches: one row per status and event time of a change,
+holding the message ids. :class:`MessageLogFlusher` runs in the worker's event loop: after every send
+batch (and every ``interval_s``) it reads the due batches in the order they were queued, joins each
+message with its ledger row, sends them in ``RecordMessageLogs`` calls of at most 5,000 logs, and
+deletes a batch once audience_svc accepted all its logs. Nothing is lost while audience_svc is down
+(the batches wait, with an exponential back-off) and nothing is logged twice: ``RecordMessageLogs`` is
+idempotent on (message id, status), so a log resent (after a crash between the call and the delete, a
+batch postponed half-delivered, an event queued again by a replay) is a duplicate there. A log that
+audience_svc refuses as invalid is isolated (its call is retried log by log) and dropped with an error
+line, so that one bad log never blocks the others. A sandbox whose logs
 audience_svc cannot take in that sandbox's state (FAILED_PRECONDITION, e.g. MESSAGE_LOGS_SHADOWED, or
 NOT_FOUND) waits alone, with its own back-off, while the other sandboxes' logs go on.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,6 +29,7 @@ from typing import Any, Protocol, cast
 import grpc
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.dialects import postgresql
 
 from carillon.audience.v1 import audience_service_pb2, audience_service_pb2_grpc, message_log_pb2
 from carillon.type.v1 import channel_pb2, value_pb2
@@ -41,11 +45,12 @@ from carillon_chassis.errors import (
     error_from_rpc,
 )
 from carillon_chassis.values import to_timestamp
-from delivery_svc.tables import LedgerRow, MessageLogOutboxRow
+from delivery_svc.tables import LedgerRow, MessageLogBatchRow
 
 log = structlog.get_logger("carillon.delivery.message_logs")
 
 MAX_LOGS_PER_CALL = 5000
+_LOOKUP_CHUNK = 10000  # message ids per ledger lookup
 _MAX_RECONNECT_BACKOFF_MS = 3000
 _STATUSES = {
     "sent": message_log_pb2.MESSAGE_STATUS_SENT,
@@ -98,29 +103,86 @@ class MessageLogSink(Protocol):
         ...
 
 
+@dataclass
+class OutboxBatch:
+    """One queued message log batch, its logs joined with their ledger rows."""
+
+    batch_id: int
+    sandbox: str
+    logs: list[MessageLog]
+
+
+@dataclass(frozen=True)
+class WaitingLog:
+    """A queued log event, for inspection: its batch's attempts and when it is due."""
+
+    sandbox: str
+    message_id: str
+    status: str
+    attempts: int
+    next_attempt_time: datetime
+
+
 class MessageLogOutbox:
-    """The outbox table: due rows with their ledger rows, deletion and postponement."""
+    """The queued message log batches: the due ones with their ledger rows, deletion and postponement."""
 
     def __init__(self, database: Database) -> None:
         self.database = database
-        self._outbox: sa.Table = MessageLogOutboxRow.__table__  # type: ignore[attr-defined]
+        self._batches: sa.Table = MessageLogBatchRow.__table__  # type: ignore[attr-defined]
         self._ledger: sa.Table = LedgerRow.__table__  # type: ignore[attr-defined]
 
-    def due(self, limit: int, now: datetime | None = None) -> list[tuple[str, MessageLog]]:
-        """Up to ``limit`` due rows, oldest first, as (sandbox, log).
+    def due(self, limit: int, now: datetime | None = None) -> list[OutboxBatch]:
+        """Due batches in the order they were queued, up to ``limit`` logs (at least one batch, whatever
+        its size), each log joined with its ledger row. An event named by two of these batches (queued
+        twice) is kept in the first only.
 
-        The due rows are chosen first, then each one's ledger row is looked up by its id: on PostgreSQL
-        through a LATERAL subquery with LIMIT 1 that the planner cannot turn into a hash join over the
-        whole ledger (which it did while a fast-growing ledger's statistics lagged, once per batch)."""
-        o, t = self._outbox, self._ledger
-        due = (
-            sa.select(o.c.sandbox, o.c.message_id, o.c.status, o.c.event_time, o.c.create_time)
-            .where(o.c.next_attempt_time <= (now or utcnow()))
-            .order_by(o.c.create_time, o.c.message_id, o.c.status)
-            .limit(limit)
-            .subquery("d")
-        )
-        ledger_columns = (
+        The due batches are found through their due-time index and read in id order; each message's
+        ledger row is then looked up by its id (on PostgreSQL through a LATERAL subquery with LIMIT 1,
+        which the planner cannot turn into a hash join over the whole ledger, as it did while a
+        fast-growing ledger's statistics lagged)."""
+        b = self._batches
+        chosen: list[Any] = []
+        with self.database.engine.connect() as conn:
+            query = (
+                sa.select(b.c.id, b.c.sandbox, b.c.status, b.c.event_time, b.c.message_ids, b.c.size)
+                .where(b.c.next_attempt_time <= (now or utcnow()))
+                .order_by(b.c.id)
+            )
+            total = 0
+            for row in conn.execute(query.execution_options(yield_per=16)):
+                if chosen and total + row.size > limit:
+                    break
+                chosen.append(row)
+                total += row.size
+            seen: set[tuple[str, str, str]] = set()
+            wanted: dict[str, list[tuple[str, str, datetime]]] = {}  # sandbox: (message id, status, time)
+            for row in chosen:
+                for mid in json.loads(row.message_ids):
+                    if (row.sandbox, mid, row.status) not in seen:
+                        seen.add((row.sandbox, mid, row.status))
+                        wanted.setdefault(row.sandbox, []).append((mid, row.status, row.event_time))
+            ledger = {
+                sandbox: self._ledger_rows(conn, sandbox, list(dict.fromkeys(mid for mid, _, _ in events)))
+                for sandbox, events in wanted.items()
+            }
+        batches: list[OutboxBatch] = []
+        taken: set[tuple[str, str, str]] = set()
+        for row in chosen:
+            logs: list[MessageLog] = []
+            for mid in json.loads(row.message_ids):
+                key = (row.sandbox, mid, row.status)
+                found = ledger[row.sandbox].get(mid)
+                if key in taken or found is None:  # a duplicate, or a ledger row gone (a purged run)
+                    continue
+                taken.add(key)
+                logs.append(_log(found, mid, row.status, row.event_time))
+            batches.append(OutboxBatch(row.id, row.sandbox, logs))
+        return batches
+
+    def _ledger_rows(self, conn: sa.Connection, sandbox: str, ids: list[str]) -> dict[str, sa.RowMapping]:
+        t = self._ledger
+        columns = (
+            t.c.id,
             t.c.campaign,
             t.c.run,
             t.c.activity,
@@ -130,68 +192,64 @@ class MessageLogOutbox:
             t.c.identity_namespace,
             t.c.identity_value,
         )
-        match = sa.and_(t.c.id == due.c.message_id, t.c.sandbox == due.c.sandbox)
-        with self.database.engine.connect() as conn:
+        found: dict[str, sa.RowMapping] = {}
+        for start in range(0, len(ids), _LOOKUP_CHUNK):
+            chunk = ids[start : start + _LOOKUP_CHUNK]
             if conn.dialect.name == "postgresql":
-                ledger: Any = sa.select(*ledger_columns).where(match).limit(1).lateral("l")
-                joined = sa.select(due).join(ledger, sa.true())
+                asked = sa.select(
+                    sa.func.unnest(sa.bindparam(None, chunk, type_=postgresql.ARRAY(sa.Text))).label("id")
+                ).subquery("k")
+                match = sa.select(*columns).where(t.c.id == asked.c.id, t.c.sandbox == sandbox).limit(1).lateral("l")
+                query: Any = sa.select(match).select_from(asked).join(match, sa.true())
             else:
-                ledger = t
-                joined = sa.select(due).join(t, match)
-            query = joined.with_only_columns(
-                due.c.sandbox,
-                due.c.message_id,
-                due.c.status,
-                due.c.event_time,
-                *(ledger.c[c.name] for c in ledger_columns),
-            ).order_by(due.c.create_time, due.c.message_id, due.c.status)
-            return [(r["sandbox"], _log(r)) for r in conn.execute(query).mappings()]
+                query = sa.select(*columns).where(t.c.sandbox == sandbox, t.c.id.in_(chunk))
+            found.update({r["id"]: r for r in conn.execute(query).mappings()})
+        return found
 
-    def _where(self) -> sa.ColumnElement[bool]:
-        o = self._outbox
-        return sa.and_(
-            o.c.sandbox == sa.bindparam("b_sandbox"),
-            o.c.message_id == sa.bindparam("b_message_id"),
-            o.c.status == sa.bindparam("b_status"),
-        )
-
-    @staticmethod
-    def _keys(sandbox: str, logs: Sequence[MessageLog]) -> list[dict[str, object]]:
-        return [{"b_sandbox": sandbox, "b_message_id": e.message_id, "b_status": e.status} for e in logs]
-
-    def delete(self, sandbox: str, logs: Sequence[MessageLog]) -> None:
-        """Remove rows audience_svc accepted (or refused for good), in one statement."""
-        if logs:
+    def delete(self, batch_ids: Sequence[int]) -> None:
+        """Remove batches whose logs audience_svc accepted (or refused for good)."""
+        if batch_ids:
             with self.database.engine.begin() as conn:
-                conn.execute(self._outbox.delete().where(self._where()), self._keys(sandbox, logs))
+                conn.execute(self._batches.delete().where(self._batches.c.id.in_(list(batch_ids))))
 
-    def postpone(self, sandbox: str, logs: Sequence[MessageLog], delay_s: float) -> None:
-        """Count one more failed attempt for each row and make it due again in ``delay_s``."""
-        if not logs:
+    def postpone(self, batch_ids: Sequence[int], delay_s: float) -> None:
+        """Count one more failed attempt for each batch and make it due again in ``delay_s``."""
+        if not batch_ids:
             return
-        o = self._outbox
+        b = self._batches
         statement = (
-            o.update()
-            .where(self._where())
-            .values(attempts=o.c.attempts + 1, next_attempt_time=utcnow() + timedelta(seconds=delay_s))
+            b.update()
+            .where(b.c.id.in_(list(batch_ids)))
+            .values(attempts=b.c.attempts + 1, next_attempt_time=utcnow() + timedelta(seconds=delay_s))
         )
         with self.database.engine.begin() as conn:
-            conn.execute(statement, self._keys(sandbox, logs))
+            conn.execute(statement)
 
     def pending(self) -> int:
-        """Rows waiting (due or not)."""
+        """Log events waiting (due or not; an event queued twice counts twice)."""
         with self.database.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(self._outbox)).scalar() or 0)
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(self._batches.c.size), 0))).scalar() or 0)
+
+    def waiting(self) -> list[WaitingLog]:
+        """Every queued event, in queue order (for inspection and tests)."""
+        b = self._batches
+        with self.database.engine.connect() as conn:
+            rows = conn.execute(sa.select(b).order_by(b.c.id)).mappings().all()
+        return [
+            WaitingLog(r["sandbox"], mid, r["status"], r["attempts"], as_utc(r["next_attempt_time"]) or utcnow())
+            for r in rows
+            for mid in json.loads(r["message_ids"])
+        ]
 
 
-def _log(row: sa.RowMapping) -> MessageLog:
+def _log(row: sa.RowMapping, message_id: str, status: str, event_time: datetime) -> MessageLog:
     namespace, value = row["identity_namespace"], row["identity_value"]
     profile_key: str = row["profile_key"]
     if not namespace and ":" in profile_key:  # a ledger row written before identities were kept
         namespace, value = profile_key.split(":", 1)
     return MessageLog(
-        message_id=row["message_id"],
-        status=row["status"],
+        message_id=message_id,
+        status=status,
         campaign=row["campaign"],
         run=row["run"],
         activity=row["activity"],
@@ -200,7 +258,7 @@ def _log(row: sa.RowMapping) -> MessageLog:
         identity_value=value,
         profile_id="" if ":" in profile_key else profile_key,
         entity_key=row["entity_key"],
-        event_time=as_utc(row["event_time"]) or utcnow(),
+        event_time=as_utc(event_time) or utcnow(),
     )
 
 
@@ -286,82 +344,79 @@ class MessageLogFlusher:
         self._wake.set()
 
     async def flush(self) -> int:
-        """Send every due row once; returns how many audience_svc accepted (or refused for good).
-        Stops at the first chunk that cannot be delivered because audience_svc is unavailable (postponed);
-        a chunk refused for its sandbox's state is postponed and the other sandboxes go on."""
+        """Send every due batch once; returns how many logs audience_svc accepted (or refused for good).
+        Stops at the first batch that cannot be delivered because audience_svc is unavailable
+        (postponed); a batch refused for its sandbox's state is postponed and the others go on."""
         done = 0
         while True:
             due = await self.database.run(self.outbox.due, self.batch_size)
             if not due:
                 return done
-            by_sandbox: dict[str, list[MessageLog]] = {}
-            for sandbox, entry in due:
-                by_sandbox.setdefault(sandbox, []).append(entry)
-            for sandbox, logs in by_sandbox.items():
-                delivered = await self._deliver(sandbox, logs)
+            for batch in due:
+                delivered = await self._deliver(batch)
                 if delivered is None:
                     return done
                 done += delivered
-            if len(due) < self.batch_size:
-                return done
 
-    async def _deliver(self, sandbox: str, logs: list[MessageLog]) -> int | None:
-        """Deliver one chunk; None when audience_svc is unavailable (the chunk is postponed). A sandbox
-        whose logs audience_svc cannot take in its current state (FAILED_PRECONDITION, NOT_FOUND) is postponed
-        alone, with its own back-off, and the other sandboxes' logs go on."""
+    async def _deliver(self, batch: OutboxBatch) -> int | None:
+        """Deliver one batch, in calls of at most ``batch_size`` logs, then delete it; None when
+        audience_svc is unavailable (the batch is postponed whole: the logs it already accepted are sent
+        again later, which RecordMessageLogs ignores). A batch whose sandbox audience_svc cannot take in
+        its current state (FAILED_PRECONDITION, NOT_FOUND) is postponed with its sandbox's own back-off,
+        and the other sandboxes' batches go on."""
+        sandbox, logs = batch.sandbox, batch.logs
         try:
-            await self.sink.record(sandbox, logs)
-        except InvalidArgument:
-            return await self._one_by_one(sandbox, logs)
+            for start in range(0, len(logs), self.batch_size):
+                await self._record(sandbox, logs[start : start + self.batch_size])
         except _SANDBOX_REFUSALS as exc:
-            await self._postpone_sandbox(sandbox, logs, exc)
+            await self._postpone_sandbox(batch, exc)
             return 0
         except CarillonError as exc:
-            await self._postpone(sandbox, logs, exc)
+            await self._postpone(batch, exc)
             return None
         self._failures = 0
         self._paused_until = 0.0
         self._sandbox_failures.pop(sandbox, None)
-        await self.database.run(self.outbox.delete, sandbox, logs)
+        await self.database.run(self.outbox.delete, [batch.batch_id])
         return len(logs)
 
-    async def _postpone(self, sandbox: str, logs: list[MessageLog], exc: CarillonError) -> None:
+    async def _record(self, sandbox: str, logs: list[MessageLog]) -> None:
+        """One call; when audience_svc refuses a log as invalid, each log is sent alone and a refused
+        one is dropped with an error line, so that one bad log never holds back the others."""
+        try:
+            await self.sink.record(sandbox, logs)
+        except InvalidArgument:
+            if len(logs) == 1:
+                log.error("message log refused by audience; dropped", message_id=logs[0].message_id)
+                return
+            for entry in logs:
+                try:
+                    await self.sink.record(sandbox, [entry])
+                except InvalidArgument as exc:
+                    log.error("message log refused by audience; dropped", message_id=entry.message_id, error=str(exc))
+
+    async def _postpone(self, batch: OutboxBatch, exc: CarillonError) -> None:
         delay = min(self.retry_max_s, self.retry_initial_s * 2**self._failures)
         self._failures += 1
         self._paused_until = asyncio.get_running_loop().time() + delay
-        log.warning("message logs not delivered; retrying later", count=len(logs), retry_in_s=delay, error=str(exc))
-        await self.database.run(self.outbox.postpone, sandbox, logs, delay)
+        log.warning(
+            "message logs not delivered; retrying later", count=len(batch.logs), retry_in_s=delay, error=str(exc)
+        )
+        await self.database.run(self.outbox.postpone, [batch.batch_id], delay)
 
-    async def _postpone_sandbox(self, sandbox: str, logs: list[MessageLog], exc: CarillonError) -> None:
-        failures = self._sandbox_failures.get(sandbox, 0)
+    async def _postpone_sandbox(self, batch: OutboxBatch, exc: CarillonError) -> None:
+        failures = self._sandbox_failures.get(batch.sandbox, 0)
         delay = min(self.retry_max_s, self.retry_initial_s * 2**failures)
-        self._sandbox_failures[sandbox] = failures + 1
+        self._sandbox_failures[batch.sandbox] = failures + 1
         log.warning(
             "message logs of a sandbox refused by audience; retrying later",
-            sandbox=sandbox,
-            count=len(logs),
+            sandbox=batch.sandbox,
+            count=len(batch.logs),
             retry_in_s=delay,
             reason=exc.reason,
             error=str(exc),
         )
-        await self.database.run(self.outbox.postpone, sandbox, logs, delay)
-
-    async def _one_by_one(self, sandbox: str, logs: list[MessageLog]) -> int | None:
-        """Isolate refused logs: each is sent alone; a refused one is dropped with an error line."""
-        for index, entry in enumerate(logs):
-            try:
-                await self.sink.record(sandbox, [entry])
-            except InvalidArgument as exc:
-                log.error("message log refused by audience; dropped", message_id=entry.message_id, error=str(exc))
-            except _SANDBOX_REFUSALS as exc:
-                await self._postpone_sandbox(sandbox, logs[index:], exc)
-                return index
-            except CarillonError as exc:
-                await self._postpone(sandbox, [entry], exc)
-                return None
-            await self.database.run(self.outbox.delete, sandbox, [entry])
-        self._sandbox_failures.pop(sandbox, None)
-        return len(logs)
+        await self.database.run(self.outbox.postpone, [batch.batch_id], delay)
 
     async def run(self) -> None:
         """Flush on every wake-up and every ``interval_s`` until cancelled. While audience_svc is

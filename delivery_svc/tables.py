@@ -3,6 +3,7 @@ outbox. Every row belongs to a sandbox."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -75,11 +76,37 @@ class LedgerRow(DeliveryBase, table=True):
     identity_value: str = Field(default="", max_length=320)
 
 
-class MessageLogOutboxRow(DeliveryBase, table=True):
-    """A message log event (sent, failed, delivered, opened, clicked, bounced) not yet accepted by
-    audience_svc; written in the same transaction as the ledger change it reports, deleted once
-    RecordMessageLogs accepted it. The rest of the log (campaign, identity, ...) is the ledger row's.
+class MessageLogBatchRow(DeliveryBase, table=True):
+    """Message log events (``sent``, ``failed``, ``delivered``, ``opened``, ``clicked``, ``bounced``) not
+    yet accepted by audience_svc: the events of one ledger change of one status and event time, as
+    one row whose ``message_ids`` holds their ids (a JSON array). Written in the same transaction as
+    the ledger change it reports, deleted once RecordMessageLogs accepted every event in it. The rest
+    of a log (campaign, identity, ...) is the ledger row's. One row per batch instead of one per
+    message: queueing and deleting the logs of a 5,000-message batch is one row each.
     """
+
+    __tablename__ = "message_log_batches"
+    __table_args__ = (sa.Index("ix_message_log_batches_due", "next_attempt_time"),)
+    # Creation order, which the flusher follows (SQLite: an INTEGER PRIMARY KEY is the rowid).
+    id: int | None = Field(default=None, primary_key=True, sa_type=sa.BigInteger().with_variant(sa.Integer, "sqlite"))
+    sandbox: str = Field(max_length=30)
+    status: str = Field(max_length=16)
+    event_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    message_ids: str = Field(sa_type=sa.Text)
+    size: int
+    create_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    # Failed deliveries to audience_svc so far, and when the next attempt is due.
+    attempts: int = Field(default=0)
+    next_attempt_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
+
+
+class _LegacyBase(SQLModel, registry=registry()):
+    """Tables of earlier versions that migrations create and drop again (not in DeliveryBase's
+    metadata, so that a fresh database does not get them from migration 1)."""
+
+
+class MessageLogOutboxRow(_LegacyBase, table=True):
+    """Versions 3 to 5: one message log event per row (replaced by :class:`MessageLogBatchRow`)."""
 
     __tablename__ = "message_log_outbox"
     __table_args__ = (sa.Index("ix_message_log_outbox_due", "next_attempt_time"),)
@@ -88,7 +115,6 @@ class MessageLogOutboxRow(DeliveryBase, table=True):
     status: str = Field(primary_key=True, max_length=16)
     event_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
     create_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
-    # Failed deliveries to audience_svc so far, and when the next attempt is due.
     attempts: int = Field(default=0)
     next_attempt_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
 
@@ -171,10 +197,40 @@ def _room_for_status_updates(conn: sa.Connection) -> None:
         conn.execute(sa.text("ALTER TABLE send_ledger SET (fillfactor = 50)"))
 
 
+def _message_log_batches(conn: sa.Connection) -> None:
+    """Move the queued logs of the per-message outbox into message log batches (one per sandbox,
+    status, event time and attempt state) and drop the outbox."""
+    batches: sa.Table = MessageLogBatchRow.__table__  # type: ignore[attr-defined]
+    batches.create(conn, checkfirst=True)
+    outbox: sa.Table = MessageLogOutboxRow.__table__  # type: ignore[attr-defined]
+    if not sa.inspect(conn).has_table(outbox.name):
+        return
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    rows = conn.execute(sa.select(outbox).order_by(outbox.c.create_time, outbox.c.message_id)).mappings()
+    for row in rows:
+        key = (row["sandbox"], row["status"], row["event_time"], row["create_time"], row["attempts"])
+        groups.setdefault((*key, row["next_attempt_time"]), []).append(row["message_id"])
+    for (sandbox, status, event_time, create_time, attempts, next_attempt_time), ids in groups.items():
+        conn.execute(
+            batches.insert().values(
+                sandbox=sandbox,
+                status=status,
+                event_time=event_time,
+                message_ids=json.dumps(ids),
+                size=len(ids),
+                create_time=create_time,
+                attempts=attempts,
+                next_attempt_time=next_attempt_time,
+            )
+        )
+    outbox.drop(conn)
+
+
 MIGRATIONS = [
     Migration(1, "templates and the send ledger", _initial),
     Migration(2, "send windows, feedback and the feedback events", _feedback),
     Migration(3, "recipient identities in the ledger and the message log outbox", _message_logs),
     Migration(4, "one index on the ledger key", _one_ledger_key_index),
     Migration(5, "room in the ledger's pages for status updates", _room_for_status_updates),
+    Migration(6, "message logs queued per batch", _message_log_batches),
 ]

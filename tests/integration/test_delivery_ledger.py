@@ -13,6 +13,7 @@ from carillon_chassis.database import Database, utcnow
 from carillon_chassis.errors import AlreadyExists, InvalidArgument, NotFound
 from carillon_chassis.messages import message_id
 from delivery_svc.ledger import Ledger, LedgerEntry, LogEvent, StatusChange
+from delivery_svc.message_logs import MessageLogOutbox
 from delivery_svc.tables import MIGRATIONS, LedgerRow, MessageLogOutboxRow
 from delivery_svc.templates import Template, TemplateStore
 
@@ -144,7 +145,7 @@ def test_a_batch_of_new_rows_keeps_every_column_including_empty_and_separator_va
     }
 
 
-def test_queued_message_logs_keep_one_row_per_message_and_status(database: Database) -> None:
+def test_queued_message_logs_are_read_back_once_per_message_and_status(database: Database) -> None:
     ledger = Ledger(database, message_logs=True)
     ledger.write([entry("ada"), entry("bob")])
     now = utcnow()
@@ -155,10 +156,12 @@ def test_queued_message_logs_keep_one_row_per_message_and_status(database: Datab
         [StatusChange(bob, "failed", "X")], [LogEvent("prod", ada, "sent", now), LogEvent("prod", bob, "failed", now)]
     )
 
-    outbox = MessageLogOutboxRow.__table__  # type: ignore[attr-defined]
-    with database.engine.connect() as conn:
-        queued = {(r.message_id, r.status, r.attempts) for r in conn.execute(sa.select(outbox))}
-    assert queued == {(ada, "sent", 0), (bob, "failed", 0)}
+    outbox = MessageLogOutbox(database)
+    queued = [(w.message_id, w.status, w.attempts) for w in outbox.waiting()]
+    due = [(b.sandbox, [(log.message_id, log.status, log.profile_id) for log in b.logs]) for b in outbox.due(100)]
+    assert queued == [(ada, "sent", 0), (ada, "sent", 0), (bob, "failed", 0)]
+    # The second batch holds a repeat only: read back empty (the flusher deletes it with the others).
+    assert due == [("prod", [(ada, "sent", "ada")]), ("prod", []), ("prod", [(bob, "failed", "bob")])]
 
 
 def email_template() -> Template:
@@ -225,10 +228,10 @@ def test_migration_3_adds_the_identity_columns_and_the_outbox_to_a_version_2_dat
     database = make_database("delivery")
     database.migrate(MIGRATIONS)
     with database.engine.begin() as conn:  # roll the schema back to what version 2 created
-        conn.execute(sa.text("DROP TABLE message_log_outbox"))
+        conn.execute(sa.text("DROP TABLE message_log_batches"))
         conn.execute(sa.text("ALTER TABLE send_ledger DROP COLUMN identity_namespace"))
         conn.execute(sa.text("ALTER TABLE send_ledger DROP COLUMN identity_value"))
-        conn.execute(sa.text("DELETE FROM carillon_schema_migrations WHERE version = 3"))
+        conn.execute(sa.text("DELETE FROM carillon_schema_migrations WHERE version >= 3"))
         conn.execute(
             sa.text(
                 "INSERT INTO send_ledger (id, sandbox, campaign, run, activity, profile_key, entity_key, channel,"
@@ -243,12 +246,47 @@ def test_migration_3_adds_the_identity_columns_and_the_outbox_to_a_version_2_dat
 
     ledger = Ledger(database, message_logs=True)
     (old,) = ledger.entries("prod", RUN, "a1")
-    assert applied == [3]
+    assert applied == [3, 4, 5, 6]
     assert (old.message_id, old.identity_namespace, old.identity_value) == ("old", "", "")
     ledger.write([entry("bob")], logs=[LogEvent("prod", "old", "delivered", utcnow())])
+    assert [(w.message_id, w.status) for w in MessageLogOutbox(database).waiting()] == [("old", "delivered")]
+
+
+def test_migration_6_moves_the_logs_queued_one_per_row_into_batches_and_drops_the_old_outbox(
+    make_database: Callable[[str], Database],
+) -> None:
+    database = make_database("delivery")
+    database.migrate(MIGRATIONS)
+    ledger = Ledger(database, message_logs=True)
+    ledger.write([entry(p) for p in ("ada", "bob", "cy")])
+    ada, bob, cy = (entry(p).message_id for p in ("ada", "bob", "cy"))
+    first, later = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
+    old_rows = [  # two sent in one batch, one opened later, after a failed attempt
+        {"message_id": ada, "status": "sent", "event_time": first, "create_time": first, "attempts": 0},
+        {"message_id": bob, "status": "sent", "event_time": first, "create_time": first, "attempts": 0},
+        {"message_id": cy, "status": "opened", "event_time": later, "create_time": later, "attempts": 2},
+    ]
+    with database.engine.begin() as conn:  # roll back to version 5, with logs in the per-message outbox
+        conn.execute(sa.text("DROP TABLE message_log_batches"))
+        conn.execute(sa.text("DELETE FROM carillon_schema_migrations WHERE version = 6"))
+        MessageLogOutboxRow.__table__.create(conn)  # type: ignore[attr-defined]
+        conn.execute(
+            MessageLogOutboxRow.__table__.insert(),  # type: ignore[attr-defined]
+            [{"sandbox": "prod", "next_attempt_time": row["create_time"], **row} for row in old_rows],
+        )
+
+    applied = database.migrate(MIGRATIONS)
+
+    assert applied == [6]
+    assert not sa.inspect(database.engine).has_table("message_log_outbox", schema=database.schema)
     with database.engine.connect() as conn:
-        queued = conn.execute(sa.text("SELECT message_id, status FROM message_log_outbox")).all()
-    assert [tuple(row) for row in queued] == [("old", "delivered")]
+        batches = conn.execute(sa.text("SELECT status, size, attempts FROM message_log_batches ORDER BY id")).all()
+    assert [tuple(b) for b in batches] == [("sent", 2, 0), ("opened", 1, 2)]
+    due = MessageLogOutbox(database).due(100)
+    assert [[(log.message_id, log.status, log.event_time) for log in b.logs] for b in due] == [
+        [(ada, "sent", first), (bob, "sent", first)],
+        [(cy, "opened", later)],
+    ]
 
 
 def test_finding_keys_looks_each_one_up_in_the_key_index_however_large_the_activity(database: Database) -> None:

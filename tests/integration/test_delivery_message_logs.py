@@ -22,8 +22,8 @@ from carillon.type.v1 import channel_pb2
 from carillon_chassis.database import Database, utcnow
 from carillon_chassis.errors import InvalidArgument, Unavailable
 from delivery_svc.ledger import Ledger, LedgerEntry, LogEvent, StatusChange
-from delivery_svc.message_logs import MessageLog, MessageLogFlusher
-from delivery_svc.tables import MIGRATIONS, MessageLogOutboxRow
+from delivery_svc.message_logs import MessageLog, MessageLogFlusher, MessageLogOutbox
+from delivery_svc.tables import MIGRATIONS, MessageLogBatchRow
 from tests.conftest import DatabaseFactory
 from tests.integration import test_delivery_server as server_tests
 from tests.integration.test_delivery_server import (
@@ -191,11 +191,9 @@ async def test_logs_queued_while_audience_is_down_arrive_once_when_it_comes_up(
     )
     database = Database(url, schema=schema, threads=1)
     database.migrate(MIGRATIONS)
-    outbox = MessageLogOutboxRow.__table__  # type: ignore[attr-defined]
-
     def attempted() -> bool:
-        with database.engine.connect() as conn:
-            return bool(conn.execute(sa.select(sa.func.min(outbox.c.attempts))).scalar())
+        waiting = MessageLogOutbox(database).waiting()
+        return bool(waiting) and min(w.attempts for w in waiting) > 0
 
     try:
         (ack,) = await send(stack, [batch])
@@ -213,9 +211,7 @@ async def test_logs_queued_while_audience_is_down_arrive_once_when_it_comes_up(
 
 
 def _pending(database: Database) -> int:
-    outbox = MessageLogOutboxRow.__table__  # type: ignore[attr-defined]
-    with database.engine.connect() as conn:
-        return int(conn.execute(sa.select(sa.func.count()).select_from(outbox)).scalar() or 0)
+    return MessageLogOutbox(database).pending()
 
 
 # -- the outbox and the flusher, with a fake sink ------------------------------------------------
@@ -327,7 +323,7 @@ async def test_while_audience_is_unavailable_wake_ups_do_not_call_it_again_befor
         await flusher.stop()
 
     assert sink.attempts == 1  # the back-off (600 s) held
-    assert _pending(database) == 4  # two sent logs and two opened logs, all kept
+    assert _pending(database) == 5  # two sent logs and three opened logs (m0's twice), all kept
 
 
 async def test_a_ledger_without_message_logs_queues_nothing(make_database: Callable[[str], Database]) -> None:
@@ -338,10 +334,71 @@ async def test_a_ledger_without_message_logs_queues_nothing(make_database: Calla
     assert _pending(database) == 0
 
 
-async def test_the_same_status_of_a_message_is_queued_once(make_database: Callable[[str], Database]) -> None:
+async def test_the_same_status_of_a_message_queued_twice_reaches_audience_once_per_flush(
+    make_database: Callable[[str], Database],
+) -> None:
     database = make_database("delivery")
-    ledger = ledger_with_sent_messages(database, 1)
+    ledger = ledger_with_sent_messages(database, 2)
+    ledger.mark([StatusChange("m0", "sent")], [LogEvent("prod", "m0", "sent", utcnow())])  # a replayed batch
+    sink = FakeSink()
 
-    ledger.mark([StatusChange("m0", "sent")], [LogEvent("prod", "m0", "sent", utcnow())])
+    delivered = await MessageLogFlusher(database, sink).flush()
 
-    assert _pending(database) == 1
+    assert delivered == 2
+    assert sink.calls == [["m0:sent", "m1:sent"]]
+    assert _pending(database) == 0
+
+
+async def test_a_batch_larger_than_one_call_is_sent_in_several_calls_and_deleted_once_all_are_accepted(
+    make_database: Callable[[str], Database],
+) -> None:
+    database = make_database("delivery")
+    ledger_with_sent_messages(database, 5)
+    sink = FakeSink()
+
+    delivered = await MessageLogFlusher(database, sink, batch_size=2).flush()
+
+    assert delivered == 5
+    assert sink.calls == [["m0:sent", "m1:sent"], ["m2:sent", "m3:sent"], ["m4:sent"]]
+    assert _pending(database) == 0
+
+
+@dataclass
+class DownOnItsSecondCall(FakeSink):
+    """A FakeSink that is unavailable for its second call only."""
+
+    seen: int = 0
+
+    async def record(self, sandbox: str, logs: Sequence[MessageLog]) -> None:
+        self.seen += 1
+        self.down = self.seen == 2
+        await super().record(sandbox, logs)
+
+
+async def test_a_batch_half_delivered_when_audience_went_away_is_sent_again_whole(
+    make_database: Callable[[str], Database],
+) -> None:
+    database = make_database("delivery")
+    ledger_with_sent_messages(database, 4)
+    sink = DownOnItsSecondCall()
+    flusher = MessageLogFlusher(database, sink, batch_size=2, retry_initial_s=0, retry_max_s=0)
+
+    first = await flusher.flush()
+    waiting = MessageLogOutbox(database).waiting()
+    second = await flusher.flush()
+
+    assert first == 0
+    assert [(w.message_id, w.attempts) for w in waiting] == [(f"m{i}", 1) for i in range(4)]
+    assert second == 4
+    assert sink.calls == [["m0:sent", "m1:sent"], ["m0:sent", "m1:sent"], ["m2:sent", "m3:sent"]]
+    assert _pending(database) == 0
+
+
+async def test_logs_are_queued_as_one_row_per_batch_and_status(make_database: Callable[[str], Database]) -> None:
+    database = make_database("delivery")
+    ledger_with_sent_messages(database, 300)
+
+    with database.engine.connect() as conn:
+        rows = conn.execute(sa.select(MessageLogBatchRow.__table__)).mappings().all()  # type: ignore[attr-defined]
+
+    assert [(r["status"], r["size"]) for r in rows] == [("sent", 300)]

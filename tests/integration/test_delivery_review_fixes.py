@@ -11,16 +11,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from carillon_chassis.database import Database, as_utc, utcnow
+from carillon_chassis.database import Database, utcnow
 from carillon_chassis.errors import FailedPrecondition, InvalidArgument
 from delivery_svc.ledger import Ledger, LedgerEntry, LogEvent, StatusChange
-from delivery_svc.message_logs import MessageLog, MessageLogFlusher
-from delivery_svc.tables import MIGRATIONS, MessageLogOutboxRow
+from delivery_svc.message_logs import MessageLog, MessageLogFlusher, MessageLogOutbox
+from delivery_svc.tables import MIGRATIONS, MessageLogBatchRow
 from profile_stub.capping import CappingRule
 from profile_stub.profiles import Communication, Consent, Eligibility, Profile, ProfileStore
 from profile_stub.tables import MIGRATIONS as PROFILE_MIGRATIONS
 
-OUTBOX: sa.Table = MessageLogOutboxRow.__table__  # type: ignore[attr-defined]
+OUTBOX: sa.Table = MessageLogBatchRow.__table__  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -70,9 +70,7 @@ def sent_messages(database: Database, per_sandbox: dict[str, int]) -> None:
 
 
 def outbox_rows(database: Database) -> dict[str, tuple[int, datetime]]:
-    with database.engine.connect() as conn:
-        rows = conn.execute(sa.select(OUTBOX.c.message_id, OUTBOX.c.attempts, OUTBOX.c.next_attempt_time))
-        return {r.message_id: (r.attempts, as_utc(r.next_attempt_time) or utcnow()) for r in rows}
+    return {w.message_id: (w.attempts, w.next_attempt_time) for w in MessageLogOutbox(database).waiting()}
 
 
 def make_due(database: Database) -> None:

@@ -78,7 +78,7 @@ class LedgerEntry:
         return (self.profile_key, self.entity_key)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is four times slower to create (one per message)
 class StatusChange:
     """A new status (and reason, and optionally address) for one existing row."""
 
@@ -89,7 +89,7 @@ class StatusChange:
     defer_until: datetime | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen, as StatusChange
 class LogEvent:
     """A message log event to queue for audience_svc: a message, what happened and when."""
 
@@ -222,7 +222,13 @@ def _insert_new(
     conn: sa.Connection, table: sa.Table, rows: Sequence[dict[str, Any]], constants: dict[str, Any]
 ) -> None:
     """Insert ``rows`` (dicts with the same keys) plus the ``constants`` columns, leaving out a row whose
-    key exists: one ``INSERT … SELECT unnest(…)`` on PostgreSQL, executemany per 1,000 rows on SQLite."""
+    key exists: executemany per 1,000 rows on SQLite; on PostgreSQL one ``INSERT … SELECT unnest(…)``,
+    where a column whose rows all hold the same value is bound once.
+
+    On PostgreSQL the rows are first inserted plainly, in a savepoint: the callers insert rows they
+    just found missing, and the check of ``ON CONFLICT DO NOTHING`` cost as much again as the insert
+    (a 5,000-row batch: 12 µs a row against 7). When a row's key was taken meanwhile (another writer),
+    the savepoint is rolled back and the rows are inserted again with ``ON CONFLICT DO NOTHING``."""
     if not rows:
         return
     if conn.dialect.name != "postgresql":
@@ -231,12 +237,24 @@ def _insert_new(
             conn.execute(statement, [{**row, **constants} for row in rows[start : start + _CHUNK]])
         return
     columns = list(rows[0])
-    selected: list[sa.ColumnElement[Any]] = [
-        sa.func.unnest(_array([row[name] for row in rows], table.c[name])) for name in columns
-    ]
+    selected: list[sa.ColumnElement[Any]] = []
+    for name in columns:
+        values = [row[name] for row in rows]
+        first = values[0]
+        if all(v == first and type(v) is type(first) for v in values):
+            selected.append(sa.bindparam(None, first, type_=table.c[name].type))
+        else:
+            selected.append(sa.func.unnest(_array(values, table.c[name])))
+    if all(not isinstance(column, sa.sql.functions.Function) for column in selected):
+        # Every column is constant: one row per input row still (unnest of the first column).
+        selected[0] = sa.func.unnest(_array([row[columns[0]] for row in rows], table.c[columns[0]]))
     selected += [sa.bindparam(None, value, type_=table.c[name].type) for name, value in constants.items()]
     insert = postgresql.insert(table).from_select(columns + list(constants), sa.select(*selected))
-    conn.execute(insert.on_conflict_do_nothing())
+    try:
+        with conn.begin_nested():
+            conn.execute(insert)
+    except sa.exc.IntegrityError:
+        conn.execute(insert.on_conflict_do_nothing())
 
 
 class Ledger:
@@ -266,12 +284,8 @@ class Ledger:
                     # so each batch cost more than the one before.
                     keys_table = (
                         sa.select(
-                            sa.func.unnest(
-                                sa.bindparam("b_profiles", [k[0] for k in chunk], type_=postgresql.ARRAY(sa.Text))
-                            ).label("p"),
-                            sa.func.unnest(
-                                sa.bindparam("b_entities", [k[1] for k in chunk], type_=postgresql.ARRAY(sa.Text))
-                            ).label("e"),
+                            sa.func.unnest(_array([k[0] for k in chunk], t.c.profile_key)).label("p"),
+                            sa.func.unnest(_array([k[1] for k in chunk], t.c.entity_key)).label("e"),
                         )
                     ).subquery("k")
                     lookup = (

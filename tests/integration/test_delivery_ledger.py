@@ -368,3 +368,31 @@ def test_marking_rows_sent_keeps_each_row_in_its_page_so_no_index_entry_is_added
 
     assert pages() == before
     assert {e.status for e in ledger.entries("prod", RUN, "a1")} == {"sent"}
+
+
+def test_new_rows_are_inserted_without_a_conflict_check_unless_a_key_was_taken_meanwhile(database: Database) -> None:
+    # The conflict check of ON CONFLICT DO NOTHING cost as much again as the insert: rows the caller
+    # found missing are inserted plainly, and again with the check only when another writer took a key.
+    ledger = Ledger(database)
+    ledger.write([entry("ada")])
+    inserts: list[bool] = []  # whether each insert checks for conflicts
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO SEND_LEDGER"):
+            inserts.append("ON CONFLICT" in statement.upper())
+
+    sa.event.listen(database.engine, "before_cursor_execute", seen)
+    try:
+        ledger.write([entry("bob"), entry("cy")])
+        first = list(inserts)
+        inserts.clear()
+        ledger.write([entry("ada", status="skipped"), entry("dee")])  # ada's key is taken
+    finally:
+        sa.event.remove(database.engine, "before_cursor_execute", seen)
+
+    rows = {e.profile_key: e.status for e in ledger.entries("prod", RUN, "a1")}
+    assert rows == {"ada": "pending", "bob": "pending", "cy": "pending", "dee": "pending"}
+    if database.is_postgres:
+        assert (first, inserts) == ([False], [False, True])
+    else:
+        assert first and all(inserts)

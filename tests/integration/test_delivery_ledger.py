@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -131,7 +132,7 @@ def test_a_status_change_sets_each_rows_own_address_and_defer_time(database: Dat
 def test_a_batch_of_new_rows_keeps_every_column_including_empty_and_separator_values(database: Database) -> None:
     ledger = Ledger(database)
     until = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
-    odd = LedgerEntry(**{**vars(entry("bob", "r\x1f1")), "status": "deferred", "defer_until": until, "address": ""})
+    odd = dataclasses.replace(entry("bob", "r\x1f1"), status="deferred", defer_until=until, address="")
 
     ledger.write([entry("ada", ""), odd])
 

@@ -294,18 +294,28 @@ class RecordCommunicationsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMUNICATIONS_FIELD_NUMBER: _builtins.int
+    DEFAULTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def communications(self) -> _containers.RepeatedCompositeFieldContainer[_profile_pb2.Communication]:
         """The messages sent."""
+
+    @_builtins.property
+    def defaults(self) -> _profile_pb2.Communication:
+        """What the communications have in common (a batch's channel, category, campaign, run, activity and
+        send time), sent once: a field that a communication leaves unset (an empty string, an unspecified
+        enum, no send time) takes its value from here. `profile` and `message_id` are each communication's
+        own: setting them here is INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,
         *,
         communications: _abc.Iterable[_profile_pb2.Communication] | None = ...,
+        defaults: _profile_pb2.Communication | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["communications", b"communications"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["communications", b"communications", "defaults", b"defaults"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,7 +4,7 @@ Not a test: it prints throughput, a ratio against a floor measured in the same r
 peak memory.
 
     .venv/bin/python bench/delivery.py [--scale 0.05 [0.2 ...]] [--batch 5000] [--outbox-format mbox]
-                                       [--outbox-dir /dev/shm]
+                                       [--outbox-dir /dev/shm] [--with-audience]
 
 With scale 1 it sends a 1,000,000-recipient email campaign; several scales run one after the other
 (fresh services and schemas each) and end with a table comparing them, so that the worker's peak
@@ -21,6 +21,12 @@ call for the marketing sends (per-profile locks and reservations in profile_stub
 sandbox, the ledger (pending, then sent), the outbox, and the communication history (one call per
 batch). The worker overlaps batches (the check of the next batch and the history of the one before
 run while a batch is sent), so its per-stage times add up to more than the send time.
+
+By default no audience_svc runs, so the message logs (one per message sent) stay queued in the
+worker's outbox (a batch row each); ``--with-audience`` starts audience_svc too, waits until the outbox
+is empty after the last acknowledgement, and counts that CPU as well. The CPU time of each process
+(the worker, profile_stub, audience_svc, every PostgreSQL process of the machine, the bench itself)
+is reported per message: on a shared machine it is steadier than the wall-clock rate.
 
 Floor: the same rows read and written with raw COPY — the recipients' profile rows read (COPY TO), and
 one ledger row and one history row per recipient written (COPY FROM) — in the same database. Reported:
@@ -327,11 +333,22 @@ def outbox_messages(outbox: Path, fmt: str) -> tuple[int, int, int]:
     return count, len(files), size // max(1, count)
 
 
-def run(url: str, scale: float, batch: int, outbox_parent: Path | None, fmt: str) -> dict[str, float]:
+def queued_logs(url: str, schema: str) -> int:
+    """Message logs waiting in the delivery worker's outbox."""
+    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
+        row = conn.execute(f'SELECT coalesce(sum(size), 0) FROM "{schema}".message_log_batches').fetchone()
+        return int(row[0]) if row else 0
+
+
+def run(
+    url: str, scale: float, batch: int, outbox_parent: Path | None, fmt: str, with_audience: bool
+) -> dict[str, float]:
     """One full run at ``scale``: fresh services and schemas, load, send, floors; prints its report."""
     n = max(1, int(1_000_000 * scale))
     suffix = uuid.uuid4().hex[:8]
     schemas = {"profile": f"bench_profile_{suffix}", "delivery": f"bench_delivery_{suffix}"}
+    if with_audience:
+        schemas["audience"] = f"bench_audience_{suffix}"
     workdir = Path(tempfile.mkdtemp(prefix="carillon-bench-delivery-"))
     outbox_root = Path(tempfile.mkdtemp(prefix="carillon-bench-outbox-", dir=outbox_parent or workdir))
     outbox = outbox_root / "outbox"
@@ -349,6 +366,21 @@ def run(url: str, scale: float, batch: int, outbox_parent: Path | None, fmt: str
         )
         services.append(profile)
         profile_address = profile.address()
+        audience_address = "127.0.0.1:1"  # nothing listens: the message logs stay queued
+        audience: Service | None = None
+        if with_audience:
+            audience = Service(
+                "audience_svc",
+                [],
+                {
+                    "CARILLON_DATA_DIR": str(workdir),
+                    "CARILLON_AUDIENCE_DATABASE_URL": url,
+                    "CARILLON_AUDIENCE_DATABASE_SCHEMA": schemas["audience"],
+                },
+                workdir,
+            )
+            services.append(audience)
+            audience_address = audience.address()
         worker = Service(
             "delivery_svc",
             ["--channel", "email"],
@@ -357,6 +389,7 @@ def run(url: str, scale: float, batch: int, outbox_parent: Path | None, fmt: str
                 "CARILLON_DELIVERY_DATABASE_URL": url,
                 "CARILLON_DELIVERY_DATABASE_SCHEMA": schemas["delivery"],
                 "CARILLON_DELIVERY_PROFILE_TARGET": profile_address,
+                "CARILLON_DELIVERY_AUDIENCE_TARGET": audience_address,
                 "CARILLON_DELIVERY_EMAIL_PROVIDER": "outbox",
                 "CARILLON_DELIVERY_OUTBOX_DIR": str(outbox),
                 "CARILLON_DELIVERY_OUTBOX_FORMAT": fmt,
@@ -370,10 +403,20 @@ def run(url: str, scale: float, batch: int, outbox_parent: Path | None, fmt: str
         worker_address = worker.address()
         rss_at_start = worker.peak_rss_mb()
         load_s = asyncio.run(load_profiles(profile_address, n))
-        cpu_before = (worker.cpu_seconds(), profile.cpu_seconds(), postgres_cpu_seconds(), time.process_time())
+        measured = [worker, profile] + ([audience] if audience is not None else [])
+
+        def cpu_now() -> list[float]:
+            return [s.cpu_seconds() for s in measured] + [postgres_cpu_seconds(), time.process_time()]
+
+        cpu_before = cpu_now()
         send_s, sent = asyncio.run(send_campaign(worker_address, n, batch))
-        cpu_after = (worker.cpu_seconds(), profile.cpu_seconds(), postgres_cpu_seconds(), time.process_time())
-        cpu = [after - before for before, after in zip(cpu_before, cpu_after, strict=True)]
+        drain_s, left = 0.0, 0
+        if audience is not None:  # the CPU of delivering the message logs counts too
+            drained = time.perf_counter()
+            while (left := queued_logs(url, schemas["delivery"])) and time.perf_counter() - drained < 600:
+                time.sleep(0.2)
+            drain_s = time.perf_counter() - drained
+        cpu = [after - before for before, after in zip(cpu_before, cpu_now(), strict=True)]
         peak = worker.peak_rss_mb()
         written, files, mean_size = outbox_messages(outbox, fmt)
         if written != sent:
@@ -397,11 +440,17 @@ def run(url: str, scale: float, batch: int, outbox_parent: Path | None, fmt: str
         print("worker time per message by stage (batches overlap: check, send and history run at once):")
         for stage, seconds in stages.items():
             print(f"  {stage:<23} {seconds / max(1, sent) * 1e6:>12,.0f} us  ({seconds:.1f} s)")
+        if audience is not None:
+            print(f"message logs delivered    {drain_s:>12.1f} s after the last acknowledgement ({left:,} left)")
         print(f"CPU time per message by process (the machine has {os.cpu_count()} cores):")
-        processes = ("delivery worker", "profile_stub", "PostgreSQL (all processes)", "bench client")
+        processes = ["delivery worker", "profile_stub"] + (["audience_svc"] if audience is not None else [])
+        processes += ["PostgreSQL (all processes)", "bench client"]
+        if audience is not None:
+            print("  (CPU from the first batch until the message logs were delivered)")
+        busy_s = send_s + drain_s
         for name, seconds in zip(processes, cpu, strict=True):
-            print(f"  {name:<26} {seconds / max(1, sent) * 1e6:>9,.0f} us  ({seconds / send_s:.2f} cores)")
-        print(f"  {'total':<26} {sum(cpu) / max(1, sent) * 1e6:>9,.0f} us  ({sum(cpu) / send_s:.2f} cores)")
+            print(f"  {name:<26} {seconds / max(1, sent) * 1e6:>9,.0f} us  ({seconds / busy_s:.2f} cores)")
+        print(f"  {'total':<26} {sum(cpu) / max(1, sent) * 1e6:>9,.0f} us  ({sum(cpu) / busy_s:.2f} cores)")
         print(f"worker peak RSS           {peak:>12.1f} MB  (at start {rss_at_start:.1f} MB, batch {batch:,})")
         return {
             "n": n,
@@ -433,11 +482,16 @@ def main() -> None:
     parser.add_argument(
         "--outbox-dir", type=Path, default=None, help="where the outbox goes (default: the run's temporary directory)"
     )
+    parser.add_argument(
+        "--with-audience",
+        action="store_true",
+        help="run audience_svc too, so that the message logs are delivered (default: they stay queued)",
+    )
     args = parser.parse_args()
     url = os.environ.get("CARILLON_BENCH_POSTGRES_URL", DEFAULT_URL)
     results = []
     for scale in args.scale:
-        results.append(run(url, scale, args.batch, args.outbox_dir, args.outbox_format))
+        results.append(run(url, scale, args.batch, args.outbox_dir, args.outbox_format, args.with_audience))
         print()
     if len(results) > 1:
         print(f"{'recipients':>12} {'messages/s':>11} {'ratio':>7} {'peak RSS MB':>12} {'growth MB':>10}")

@@ -4,9 +4,10 @@ Delivery reports what happened to each message (sent, delivered, opened, clicked
 as :class:`MessageLog` events. A call is checked as a whole first: every problem of every log is a
 field violation (``logs[3].status``) and nothing is written when there is one. Then the events are
 inserted in one transaction with ``INSERT … ON CONFLICT (message_id, status) DO NOTHING RETURNING``
-(the same statement on SQLite and PostgreSQL), in (message_id, status) order so that concurrent calls
-with overlapping events never deadlock, so recording is idempotent: an event already stored,
-or repeated within the call, is counted as a duplicate and the stored row is left unchanged. The
+(on PostgreSQL one ``INSERT … SELECT unnest(…)`` per call, each column one parameter), in
+(message_id, status) order so that concurrent calls with overlapping events never deadlock, so
+recording is idempotent: an event already stored, or repeated within the call, is counted as a
+duplicate and the stored row is left unchanged. The
 version of a log is its event time in microseconds since the epoch.
 
 Rules reach the logs through the built-in link ``message_logs`` of every entity with an identity
@@ -25,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from audience_svc.entities import EntityCatalog
 from audience_svc.schema import MESSAGE_CHANNELS, MESSAGE_STATUSES
 from audience_svc.violations import invalid_argument
+from carillon_chassis.bulk import pg_rows
 from carillon_chassis.database import as_utc, utcnow
 from carillon_chassis.errors import FieldViolation
 from carillon_chassis.names import ID_PATTERN
@@ -154,15 +156,26 @@ class MessageLogRecorder:
         for log in logs:
             rows.setdefault((log.message_id, log.status), _row(log, now))
         table = entity.table
-        insert = postgresql.insert if self.database.engine.dialect.name == "postgresql" else sqlite.insert
-        statement = (
-            insert(table)
-            .on_conflict_do_nothing(index_elements=[table.c.message_id, table.c.status])
-            .returning(table.c.message_id)
-        )
         # Sorted by (message_id, status): concurrent calls lock the same keys in the same order, so
         # overlapping calls wait for each other instead of deadlocking (PostgreSQL).
         ordered = [rows[key] for key in sorted(rows)]
         with self.database.engine.begin() as conn:
-            recorded = len(conn.execute(statement, ordered).all())
+            if conn.dialect.name == "postgresql":
+                # One INSERT … SELECT unnest(…) (rows in order), each column one parameter: the
+                # executemany of a multi-row VALUES list bound every value on its own.
+                columns = {name: [row[name] for row in ordered] for name in ordered[0]}
+                statement = (
+                    postgresql.insert(table)
+                    .from_select(list(columns), pg_rows(table, columns))
+                    .on_conflict_do_nothing(index_elements=[table.c.message_id, table.c.status])
+                    .returning(table.c.message_id)
+                )
+                recorded = len(conn.execute(statement).all())
+            else:
+                statement = (
+                    sqlite.insert(table)
+                    .on_conflict_do_nothing(index_elements=[table.c.message_id, table.c.status])
+                    .returning(table.c.message_id)
+                )
+                recorded = len(conn.execute(statement, ordered).all())
         return RecordResult(recorded=recorded, duplicates=len(logs) - recorded)

@@ -33,6 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from carillon_chassis.bulk import pg_array, pg_rows
 from carillon_chassis.database import Database, as_utc, utcnow
 from delivery_svc.tables import FeedbackEventRow, LedgerRow, MessageLogBatchRow
 
@@ -205,23 +206,10 @@ def _chunks(items: Sequence[object], size: int = _CHUNK) -> Iterable[Sequence[ob
         yield items[start : start + size]
 
 
-_SEPARATOR = "\x1f"
-
-
-def _array(values: Sequence[Any], column: sa.Column[Any]) -> sa.ColumnElement[Any]:
-    """A PostgreSQL array of ``values`` for ``column``: strings joined in one parameter and split in the
-    server (psycopg adapts a list element by element), a real array parameter for anything else (or a
-    string holding the separator, or a lone empty string, which the split cannot tell from none)."""
-    if all(type(v) is str and _SEPARATOR not in v for v in values) and list(values) != [""]:
-        joined = sa.bindparam(None, _SEPARATOR.join(values), type_=sa.Text)
-        return sa.func.string_to_array(joined, sa.literal_column("chr(31)"), type_=postgresql.ARRAY(sa.Text))
-    return sa.bindparam(None, list(values), type_=postgresql.ARRAY(column.type))
-
-
 def _insert_new(conn: sa.Connection, table: sa.Table, columns: dict[str, list[Any]], constants: dict[str, Any]) -> None:
     """Insert rows given by ``columns`` (each column's values, one per row) plus the ``constants``
     columns, leaving out a row whose key exists: executemany per 1,000 rows on SQLite; on PostgreSQL one
-    ``INSERT … SELECT unnest(…)``, where a column whose rows all hold the same value is bound once.
+    ``INSERT … SELECT unnest(…)`` (:func:`carillon_chassis.bulk.pg_rows`).
 
     On PostgreSQL the rows are first inserted plainly, in a savepoint: the callers insert rows they
     just found missing, and the check of ``ON CONFLICT DO NOTHING`` cost as much again as the insert
@@ -237,18 +225,10 @@ def _insert_new(conn: sa.Connection, table: sa.Table, columns: dict[str, list[An
         for start in range(0, count, _CHUNK):
             conn.execute(statement, rows[start : start + _CHUNK])
         return
-    selected: list[sa.ColumnElement[Any]] = []
-    for name, values in columns.items():
-        first = values[0]
-        if values.count(first) == len(values):  # strings, times and None: equality is identity of value
-            selected.append(sa.bindparam(None, first, type_=table.c[name].type))
-        else:
-            selected.append(sa.func.unnest(_array(values, table.c[name])))
-    if all(not isinstance(column, sa.sql.functions.Function) for column in selected):
-        # Every column is constant: one row per input row still (unnest of the first column).
-        selected[0] = sa.func.unnest(_array(columns[names[0]], table.c[names[0]]))
-    selected += [sa.bindparam(None, value, type_=table.c[name].type) for name, value in constants.items()]
-    insert = postgresql.insert(table).from_select(names + list(constants), sa.select(*selected))
+    rows_select = pg_rows(table, columns).add_columns(
+        *(sa.bindparam(None, value, type_=table.c[name].type) for name, value in constants.items())
+    )
+    insert = postgresql.insert(table).from_select(names + list(constants), rows_select)
     try:
         with conn.begin_nested():
             conn.execute(insert)
@@ -283,8 +263,8 @@ class Ledger:
                     # so each batch cost more than the one before.
                     keys_table = (
                         sa.select(
-                            sa.func.unnest(_array([k[0] for k in chunk], t.c.profile_key)).label("p"),
-                            sa.func.unnest(_array([k[1] for k in chunk], t.c.entity_key)).label("e"),
+                            sa.func.unnest(pg_array([k[0] for k in chunk], t.c.profile_key)).label("p"),
+                            sa.func.unnest(pg_array([k[1] for k in chunk], t.c.entity_key)).label("e"),
                         )
                     ).subquery("k")
                     lookup = (
@@ -415,7 +395,7 @@ class Ledger:
             if status == SENT:
                 values["sent_time"] = now
             if postgres:
-                conn.execute(t.update().where(t.c.id == sa.any_(_array(ids, t.c.id))).values(**values))
+                conn.execute(t.update().where(t.c.id == sa.any_(pg_array(ids, t.c.id))).values(**values))
                 continue
             for chunk in _chunks(ids):
                 conn.execute(t.update().where(t.c.id.in_(chunk)).values(**values))
@@ -439,8 +419,8 @@ class Ledger:
             )
             return
         pairs = sa.select(
-            sa.func.unnest(_array([row_id for row_id, _ in values], t.c.id)).label("id"),
-            sa.func.unnest(_array([value for _, value in values], column)).label("value"),
+            sa.func.unnest(pg_array([row_id for row_id, _ in values], t.c.id)).label("id"),
+            sa.func.unnest(pg_array([value for _, value in values], column)).label("value"),
         ).subquery("v")
         conn.execute(t.update().where(t.c.id == pairs.c.id).values({column: pairs.c.value}))
 

@@ -13,6 +13,10 @@ as the delivery worker does (delivery_svc/eligibility.py's ProfileServiceGateway
 (check, full profiles), ``CheckEligibility`` with ``reserve`` and message ids ``m-<i>`` (verdicts only),
 and ``RecordCommunications`` of the reserved messages; each timed at the client, gRPC included.
 
+CPU: per call, the CPU time of profile_stub's process and of the PostgreSQL backends of its connections
+(read from /proc, found by their ``application_name``), summed over the batches, per identity: what a
+call costs whatever else the shared machine runs. (The delivery worker makes the "one call" and record.)
+
 Baseline: the same reads and writes as hand-written SQL through psycopg on the same tables, per batch —
 the identity → profile + consent + quarantine read (one statement), the reservation insert and the
 communication insert (``INSERT … SELECT unnest(…)``, message ids ``b-<i>``, deleted at the end). The
@@ -44,7 +48,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.delivery import Service, address, seed_profiles  # noqa: E402
+from bench.delivery import Service, address, process_cpu_seconds, seed_profiles  # noqa: E402
 from carillon.profile.v1 import profile_pb2, profile_service_pb2, profile_service_pb2_grpc  # noqa: E402
 from carillon.type.v1 import channel_pb2, value_pb2  # noqa: E402
 from carillon_chassis.clients import call_metadata  # noqa: E402
@@ -70,19 +74,45 @@ def _request(batch: range, reserve: bool) -> profile_service_pb2.CheckEligibilit
     return request
 
 
-async def service_batch(stub: profile_service_pb2_grpc.ProfileServiceStub, batch: range) -> dict[str, float]:
+class CpuMeter:
+    """CPU seconds of profile_stub and of the PostgreSQL backends serving it (found by the
+    ``application_name`` of its connections), read from /proc: what a call costs in CPU, whatever
+    else runs on the machine."""
+
+    def __init__(self, conn: psycopg.Connection[tuple[object, ...]], pid: int, application: str) -> None:
+        self.conn, self.pid, self.application = conn, pid, application
+        self.seconds: dict[str, list[float]] = {}  # per call and batch: (profile_stub, PostgreSQL)
+
+    def read(self) -> tuple[float, float]:
+        backends = self.conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (self.application,)
+        ).fetchall()
+        return process_cpu_seconds(self.pid), sum(process_cpu_seconds(int(str(b[0]))) for b in backends)
+
+    def add(self, name: str, before: tuple[float, float], after: tuple[float, float]) -> None:
+        self.seconds.setdefault(f"{name} stub", []).append(after[0] - before[0])
+        self.seconds.setdefault(f"{name} pg", []).append(after[1] - before[1])
+
+
+async def service_batch(
+    stub: profile_service_pb2_grpc.ProfileServiceStub, batch: range, meter: CpuMeter
+) -> dict[str, float]:
     """The three calls for one batch, as the delivery worker makes them; seconds per call."""
     seconds: dict[str, float] = {}
+    cpu = meter.read()
     started = time.perf_counter()
     checked = await stub.CheckEligibility(_request(batch, False), metadata=METADATA, timeout=600)
     seconds["check"] = time.perf_counter() - started
+    meter.add("check", cpu, cpu := meter.read())
     profile_ids = [r.profile.name.removeprefix("profiles/") for r in checked.results]
     if any(r.verdict != profile_pb2.VERDICT_ALLOWED for r in checked.results):
         raise SystemExit("a check verdict was not ALLOWED")
 
+    cpu = meter.read()
     started = time.perf_counter()
     reserved = await stub.CheckEligibility(_request(batch, True), metadata=METADATA, timeout=600)
     seconds["reserve"] = time.perf_counter() - started
+    meter.add("reserve", cpu, cpu := meter.read())
     if any(not r.reserved for r in reserved.results):
         raise SystemExit("a reservation was not made")
 
@@ -102,9 +132,11 @@ async def service_batch(stub: profile_service_pb2_grpc.ProfileServiceStub, batch
             for i, pid in zip(batch, profile_ids, strict=True)
         ]
     )
+    cpu = meter.read()
     started = time.perf_counter()
     recorded = await stub.RecordCommunications(request, metadata=METADATA, timeout=600)
     seconds["record"] = time.perf_counter() - started
+    meter.add("record", cpu, meter.read())
     if recorded.recorded != len(batch):
         raise SystemExit(f"recorded {recorded.recorded} of {len(batch)}")
 
@@ -112,9 +144,11 @@ async def service_batch(stub: profile_service_pb2_grpc.ProfileServiceStub, batch
         one = _request(batch, False)
         one.reserve, one.run, one.activity = True, "campaigns/bench/runs/r2", "email1"
         one.entity_keys.extend([""] * len(batch))
+        cpu = meter.read()
         started = time.perf_counter()
         both = await stub.CheckEligibility(one, metadata=METADATA, timeout=600)
         seconds[ONE_CALL] = time.perf_counter() - started
+        meter.add(ONE_CALL, cpu, meter.read())
         if any(not r.reserved or not r.message_id or not r.profile.name for r in both.results):
             raise SystemExit("the one call did not reserve every message with its profile")
     return seconds
@@ -169,9 +203,10 @@ def baseline_batch(conn: psycopg.Connection[tuple[object, ...]], batch: range) -
 
 
 async def measure(
-    target: str, url: str, schema: str, n: int, batch_size: int
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Per call, the microseconds per identity of each batch: profile_stub's and the baseline's."""
+    target: str, url: str, schema: str, n: int, batch_size: int, pid: int, application: str
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
+    """Per call, the microseconds per identity of each batch: profile_stub's and the baseline's; and
+    the CPU seconds of each call per batch (profile_stub's and its PostgreSQL backends')."""
     service: dict[str, list[float]] = {name: [] for name in (*CALLS, ONE_CALL)}
     baseline: dict[str, list[float]] = {name: [] for name in (*CALLS, ONE_CALL)}
     async with grpc.aio.insecure_channel(target) as channel:
@@ -182,15 +217,16 @@ async def measure(
         with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
             conn.execute(f'SET search_path TO "{schema}"')
             conn.execute("ANALYZE")  # the same statistics for both sides
+            meter = CpuMeter(conn, pid, application)
             for start in range(0, n, batch_size):
                 batch = range(start, min(n, start + batch_size))
-                for name, seconds in (await service_batch(stub, batch)).items():
+                for name, seconds in (await service_batch(stub, batch, meter)).items():
                     service[name].append(seconds / len(batch) * 1e6)
                 for name, seconds in baseline_batch(conn, batch).items():
                     baseline[name].append(seconds / len(batch) * 1e6)
             conn.execute("DELETE FROM send_reservations WHERE message_id LIKE 'b-%%'")
             conn.execute("DELETE FROM communications WHERE message_id LIKE 'b-%%'")
-    return service, baseline
+    return service, baseline, meter.seconds
 
 
 def main() -> None:
@@ -200,19 +236,22 @@ def main() -> None:
     args = parser.parse_args()
     url = os.environ.get("CARILLON_BENCH_POSTGRES_URL", DEFAULT_URL)
     schema = f"bench_profile_{uuid.uuid4().hex[:8]}"
+    application = schema  # names profile_stub's connections, to find their backends
     workdir = Path(tempfile.mkdtemp(prefix="carillon-bench-profile-"))
     profile = Service(
         "profile_stub",
         [],
         {
             "CARILLON_DATA_DIR": str(workdir),
-            "CARILLON_PROFILE_DATABASE_URL": url,
+            "CARILLON_PROFILE_DATABASE_URL": f"{url}{'&' if '?' in url else '?'}application_name={application}",
             "CARILLON_PROFILE_DATABASE_SCHEMA": schema,
         },
         workdir,
     )
     try:
-        service, baseline = asyncio.run(measure(profile.address(), url, schema, args.profiles, args.batch))
+        service, baseline, cpu = asyncio.run(
+            measure(profile.address(), url, schema, args.profiles, args.batch, profile.popen.pid, application)
+        )
     finally:
         profile.stop()
         with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
@@ -233,6 +272,12 @@ def main() -> None:
         ours = statistics.median(service[ONE_CALL][i] + service["record"][i] for i in range(len(service[ONE_CALL])))
         base = statistics.median(baseline[ONE_CALL][i] + baseline["record"][i] for i in range(len(service[ONE_CALL])))
         print(f"{'total':<10} {ours:>12.1f} {base:>12.1f} {ours / base:>7.1f}x  (one call + record)")
+    print("CPU us per identity, summed over the batches (profile_stub's process, its PostgreSQL backends):")
+    print(f"{'call':<10} {'profile_stub':>12} {'PostgreSQL':>12} {'both':>8}")
+    for name in (*CALLS, ONE_CALL):
+        if f"{name} stub" in cpu:
+            ours, pg = (sum(cpu[f"{name} {side}"]) / args.profiles * 1e6 for side in ("stub", "pg"))
+            print(f"{name:<10} {ours:>12.1f} {pg:>12.1f} {ours + pg:>8.1f}")
 
 
 if __name__ == "__main__":

@@ -54,32 +54,41 @@ def key_chunks(keys: Sequence[T], postgres: bool) -> Iterator[Sequence[T]]:
 
 
 _SEPARATOR = "\x1f"
+_UNIQUE_VIOLATION = "23505"
 
 
-def _as_text(values: Sequence[Any], element_type: sa.types.TypeEngine[Any]) -> list[str] | None:
-    """``values`` as the texts PostgreSQL parses back to them, or None when they cannot travel joined:
-    strings as they are, integers and timezone-aware datetimes by their ``str``."""
-    if isinstance(element_type, sa.TypeDecorator):  # SQLModel's AutoString, for one
-        element_type = element_type.impl_instance
-    if isinstance(element_type, sa.String) and all(type(v) is str for v in values):
-        return list(values)
-    if isinstance(element_type, sa.Integer) and all(type(v) is int for v in values):
-        return [str(v) for v in values]
+def _joined(values: Sequence[Any], element_type: sa.types.TypeEngine[Any]) -> str | None:
+    """``values`` as one string of the texts PostgreSQL parses back to them, joined with the unit
+    separator, or None when they cannot travel so: strings as they are, integers and timezone-aware
+    datetimes by their ``str``; not a string that contains the separator, nor a lone empty string. (The
+    checks run in C, by ``map``, ``set`` and ``str.count``: a Python loop over each value cost a
+    microsecond per recipient per batch, measured.)"""
+    if not values:
+        return ""
+    types = set(map(type, values))
+    if isinstance(element_type, sa.String) and types == {str}:
+        joined = _SEPARATOR.join(values)
+        if joined.count(_SEPARATOR) != len(values) - 1 or joined == "":  # a separator inside, or [""]
+            return None
+        return joined
+    if isinstance(element_type, sa.Integer) and types == {int}:
+        return _SEPARATOR.join(map(str, values))
     aware = isinstance(element_type, sa.DateTime) and element_type.timezone
-    if aware and all(type(v) is datetime and v.tzinfo is not None for v in values):
-        return [str(v) for v in values]
+    if aware and types == {datetime} and all(v.tzinfo is not None for v in values):
+        return _SEPARATOR.join(map(str, values))
     return None
 
 
 def array_of(values: Sequence[Any], element_type: sa.types.TypeEngine[Any]) -> sa.ColumnElement[Any]:
     """A PostgreSQL array expression of ``values``: a joined string split in the server for strings,
     integers and aware datetimes (cast to the element type), an array parameter otherwise."""
-    if isinstance(element_type, sa.TypeDecorator):
+    if isinstance(element_type, sa.TypeDecorator):  # SQLModel's AutoString, for one
         element_type = element_type.impl_instance
-    texts = _as_text(values, element_type)
-    if texts is not None and all(_SEPARATOR not in v for v in texts) and texts != [""]:
-        joined = sa.bindparam(None, _SEPARATOR.join(texts), type_=sa.Text)
-        split = sa.func.string_to_array(joined, sa.literal_column("chr(31)"), type_=postgresql.ARRAY(sa.Text()))
+    joined = _joined(values, element_type)
+    if joined is not None:
+        split = sa.func.string_to_array(
+            sa.bindparam(None, joined, type_=sa.Text), sa.literal_column("chr(31)"), type_=postgresql.ARRAY(sa.Text())
+        )
         if isinstance(element_type, sa.String):
             return split
         return sa.cast(split, postgresql.ARRAY(element_type))
@@ -108,8 +117,14 @@ def fetch_rows(conn: sa.Connection, statement: sa.Executable) -> Sequence[Sequen
 
 def custom_plans(conn: sa.Connection) -> None:
     """Plan every statement of the current transaction with its actual parameters (PostgreSQL; a no-op
-    on SQLite)."""
-    if conn.dialect.name == "postgresql":
+    on SQLite). A connection opened with that setting already (the chassis opens every PostgreSQL
+    connection so) needs no statement: its setting is read once per connection and remembered with it."""
+    if conn.dialect.name != "postgresql":
+        return
+    info = conn.connection.info  # lives as long as the driver's connection, across checkouts
+    if "custom_plans" not in info:
+        info["custom_plans"] = conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "force_custom_plan"
+    if not info["custom_plans"]:
         conn.execute(sa.text("SET LOCAL plan_cache_mode = force_custom_plan"))
 
 
@@ -120,14 +135,29 @@ def insert_rows(
     *,
     skip_conflicts: bool = False,
     replace_conflicts: bool = False,
+    conflicts_unlikely: bool = False,
 ) -> int:
     """Insert ``rows`` (dicts with the same keys, no key twice) in their order: ``INSERT … SELECT
     unnest(:column array), …`` on PostgreSQL, an executemany on SQLite; with ``skip_conflicts``, a row
     whose primary key exists is left out (``ON CONFLICT DO NOTHING``); with ``replace_conflicts``, it
     replaces the existing row's other columns (``ON CONFLICT DO UPDATE``). Returns how many rows were
-    inserted or replaced (PostgreSQL; on SQLite, how many were given)."""
+    inserted or replaced (PostgreSQL; on SQLite, how many were given).
+
+    With ``conflicts_unlikely`` (and one of the two), PostgreSQL first tries a plain ``INSERT`` in a
+    savepoint, and only if a key exists after all rolls it back and inserts with the ``ON CONFLICT``
+    clause: the same rows in the end, but a speculative insertion costs the server half as much again
+    per row as a plain one (measured: 5.6 against 8.4-9.4 us per row), for the price of two statements
+    per batch."""
     if not rows:
         return 0
+    if conflicts_unlikely and (skip_conflicts or replace_conflicts) and conn.dialect.name == "postgresql":
+        try:
+            with conn.begin_nested():
+                return insert_rows(conn, table, rows)
+        except sa.exc.IntegrityError as exc:
+            if getattr(exc.orig, "sqlstate", None) != _UNIQUE_VIOLATION:
+                raise
+        return insert_rows(conn, table, rows, skip_conflicts=skip_conflicts, replace_conflicts=replace_conflicts)
 
     def on_conflict(insert: Any) -> Any:
         if replace_conflicts:
@@ -146,7 +176,7 @@ def insert_rows(
     values = {name: [row[name] for row in rows] for name in columns}
     # A column with one value for every row is one scalar parameter (the sandbox, the channel, the
     # reservation's times), as long as another column still gives the number of rows.
-    constant = {name for name, column in values.items() if all(v == column[0] for v in column)}
+    constant = {name for name, column in values.items() if column.count(column[0]) == len(column)}  # (in C)
     if constant == set(columns) and len(rows) > 1:
         constant.discard(columns[0])
     selected = [

@@ -173,6 +173,36 @@ def _in(conn: sa.Connection, column: Any, keys: Sequence[str]) -> sa.ColumnEleme
     return one_of(column, keys, conn.dialect.name == "postgresql")
 
 
+def _profile_rows(
+    conn: sa.Connection, sandbox: str, ids: Sequence[str], columns: Sequence[str], *, lock: bool = False
+) -> Sequence[Sequence[Any]]:
+    """``columns`` of the profiles of ``ids`` that exist. With ``lock`` (PostgreSQL), each row is locked
+    as it is read (``FOR NO KEY UPDATE``, held to commit), in the order of ``ids`` (sorted by the caller:
+    no deadlocks between reservers), so that the reservers of a profile serialize while readers never
+    wait. (A counter row per profile, inserted when missing and then locked, cost two statements, an
+    index probe and, at a profile's first send, a row insert more per profile.) The locking read probes
+    the primary key once per id, whatever the statistics say: a LATERAL subquery with LIMIT 1 cannot be
+    flattened into a join (see ``_missing_profiles``); a profile deleted meanwhile has no row, and is
+    judged unknown."""
+    profiles_t = ProfileRow.__table__  # type: ignore[attr-defined]
+    if not lock:
+        return fetch_rows(
+            conn,
+            sa.select(*(profiles_t.c[name] for name in columns)).where(
+                profiles_t.c.sandbox == sandbox, _in(conn, profiles_t.c.profile_id, ids)
+            ),
+        )
+    asked = sa.func.unnest(array_of(list(ids), sa.Text())).table_valued("id").render_derived(name="asked")
+    locked = (
+        sa.select(*(profiles_t.c[name] for name in columns))
+        .where(profiles_t.c.sandbox == sandbox, profiles_t.c.profile_id == asked.c.id)
+        .limit(1)
+        .with_for_update(key_share=True)
+        .lateral("locked")
+    )
+    return fetch_rows(conn, sa.select(*(locked.c[name] for name in columns)).select_from(asked).join(locked, sa.true()))
+
+
 def _communication_from_row(r: sa.RowMapping) -> Communication:
     """A Communication from a row of the communications table."""
     return Communication(
@@ -278,7 +308,9 @@ class ProfileStore:
                 ]
             if new_rows:
                 conn.execute(profiles_t.insert(), new_rows)
-            for row in changed_rows:
+            # In id order, as reservers lock profile rows (a reserver holding one of them and waiting for
+            # another that this update holds would otherwise deadlock with it).
+            for row in sorted(changed_rows, key=lambda row: str(row["profile_id"])):
                 conn.execute(
                     profiles_t.update()
                     .where(profiles_t.c.sandbox == sandbox, profiles_t.c.profile_id == row["profile_id"])
@@ -340,17 +372,32 @@ class ProfileStore:
         table = CommunicationRow.__table__  # type: ignore[attr-defined]
         with self.database.engine.begin() as conn:
             custom_plans(conn)
-            missing_profiles = self._missing_profiles(conn, sandbox, [c.profile_id for c in communications])
+            first: dict[str, Communication] = {}
+            for c in communications:  # the first of the repeats of a message id counts
+                first.setdefault(c.message_id, c)
+            # Reservations become communications. On PostgreSQL the reservations deleted are returned: a
+            # message reserved for its profile shows that the profile exists (it was reserved under the
+            # profile's lock, and forgetting a profile deletes its reservations), so only the profiles
+            # of the other messages are looked up (none, when a batch confirms its reservations).
+            reservations_t = ReservationRow.__table__  # type: ignore[attr-defined]
+            reserved: set[tuple[str, str]] = set()
+            for chunk in _slices(conn, list(first)):
+                released = reservations_t.delete().where(
+                    reservations_t.c.sandbox == sandbox, _in(conn, reservations_t.c.message_id, chunk)
+                )
+                if self.database.is_postgres:
+                    released = released.returning(reservations_t.c.message_id, reservations_t.c.profile_id)
+                    reserved.update((mid, pid) for mid, pid in fetch_rows(conn, released))
+                else:
+                    conn.execute(released)
+            unproven = [c.profile_id for c in communications if (c.message_id, c.profile_id) not in reserved]
+            missing_profiles = self._missing_profiles(conn, sandbox, unproven) if unproven else set()
             missing = [i for i, c in enumerate(communications) if c.profile_id in missing_profiles]
-            if missing:
+            if missing:  # (the reservations deleted above are restored by the rollback)
                 raise NotFound(
                     "unknown profile",
                     violations=[FieldViolation(f"communications[{i}].profile", "no such profile") for i in missing],
                 )
-            ids = [c.message_id for c in communications]
-            first: dict[str, Communication] = {}
-            for c in communications:  # the first of the repeats of a message id counts
-                first.setdefault(c.message_id, c)
             now = utcnow()
             rows = [
                 {
@@ -367,7 +414,7 @@ class ProfileStore:
                 for c in first.values()
             ]
             if self.database.is_postgres:  # one statement: ids recorded already are skipped by the insert
-                recorded = insert_rows(conn, table, rows, skip_conflicts=True)
+                recorded = insert_rows(conn, table, rows, skip_conflicts=True, conflicts_unlikely=True)
             else:
                 seen: set[str] = set()
                 for chunk in _slices(conn, list(first)):
@@ -381,13 +428,6 @@ class ProfileStore:
                 rows = [row for row in rows if row["message_id"] not in seen]
                 insert_rows(conn, table, rows)
                 recorded = len(rows)
-            reservations_t = ReservationRow.__table__  # type: ignore[attr-defined]
-            for chunk in _slices(conn, ids):  # reservations become communications
-                conn.execute(
-                    reservations_t.delete().where(
-                        reservations_t.c.sandbox == sandbox, _in(conn, reservations_t.c.message_id, chunk)
-                    )
-                )
         return recorded
 
     # -- reads --------------------------------------------------------------------------------
@@ -493,18 +533,27 @@ class ProfileStore:
             profile_ids = sorted(set(owners.values()))
             rules = self._load_rules(conn, sandbox) if category == "marketing" else []
             rules = [r for r in rules if r.applies_to(channel)]
-            if reserve and profile_ids:
-                self._lock_profiles(conn, sandbox, profile_ids, now)
+            # Reservers of a profile serialize (without a rule, nothing can be capped: no lock to take). On
+            # PostgreSQL the profiles' rows are locked as they are loaded; SQLite takes its writer lock.
+            lock = reserve and bool(rules) and bool(profile_ids)
+            if lock and not self.database.is_postgres:
+                self._lock_counters(conn, sandbox, profile_ids)
+            lock = lock and self.database.is_postgres
             if full_profiles:
-                profiles = self._load_profiles(conn, sandbox, profile_ids)
+                profiles = self._load_profiles(conn, sandbox, profile_ids, lock=lock)
             else:
-                profiles = self._load_verdict_profiles(conn, sandbox, profile_ids, channel, purpose or "marketing")
+                profiles = self._load_verdict_profiles(
+                    conn, sandbox, profile_ids, channel, purpose or "marketing", lock=lock
+                )
             # Per profile, once: its addresses on the channel and whether its consent allows marketing.
             addresses_of = {pid: p.addresses(channel) for pid, p in profiles.items()}
             consenting = self._consenting(profiles.values(), channel, purpose or "marketing")
             addresses = [a for found in addresses_of.values() for a in found]
             quarantined = {a for a, q in quarantine.load(conn, sandbox, channel, addresses).items() if q.quarantined}
-            sends = self._recent_sends(conn, sandbox, profile_ids, now, _counting_since(rules, now)) if rules else {}
+            sends: dict[str, list[tuple[str, datetime]]] = {}
+            if rules:
+                sends, expired = self._recent_sends(conn, sandbox, profile_ids, now, _counting_since(rules, now))
+                self._drop_expired_reservations(conn, sandbox, expired, now)
             known_ids = self._known_message_ids(conn, sandbox, message_ids, now) if reserve else {}
             capped = _CapCheck(rules, channel, now)
             results = []
@@ -567,7 +616,7 @@ class ProfileStore:
                 results.append(Eligibility(ident, "allowed", profile, address, addresses=usable))
             if new_reservations:  # an expired reservation of the same message id is replaced
                 reservations_t = ReservationRow.__table__  # type: ignore[attr-defined]
-                insert_rows(conn, reservations_t, new_reservations, replace_conflicts=True)
+                insert_rows(conn, reservations_t, new_reservations, replace_conflicts=True, conflicts_unlikely=True)
         return results
 
     def release_reservations(self, sandbox: str, message_ids: Sequence[str]) -> int:
@@ -1017,42 +1066,34 @@ class ProfileStore:
             is not None
         )
 
-    def _lock_profiles(self, conn: sa.Connection, sandbox: str, profile_ids: Sequence[str], now: datetime) -> None:
-        """Take the per-profile counter rows' locks, in id order (no deadlocks between reservers).
-
-        On SQLite the first write takes the database's single writer lock, held to commit."""
+    def _lock_counters(self, conn: sa.Connection, sandbox: str, profile_ids: Sequence[str]) -> None:
+        """Serialize the reservers of ``profile_ids`` on SQLite: the first write (the counter rows'
+        version bump) takes the database's single writer lock, held to commit. (PostgreSQL locks the
+        profiles' own rows as it loads them: :func:`_profile_rows`.)"""
         table = ProfileCounterRow.__table__  # type: ignore[attr-defined]
         rows = [{"sandbox": sandbox, "profile_id": pid, "version": 0} for pid in profile_ids]
-        insert_rows(conn, table, rows, skip_conflicts=True)  # in id order, like the locks
+        insert_rows(conn, table, rows, skip_conflicts=True)
         for chunk in _slices(conn, list(profile_ids)):
-            if self.database.is_postgres:
-                # The locked rows are counted in the server, not fetched. (An upsert bumping the version
-                # would lock them in one statement, but writes a new version of every row: 70% slower
-                # once the rows exist, measured.)
-                locked = (
-                    sa.select(table.c.profile_id)
-                    .where(table.c.sandbox == sandbox, _in(conn, table.c.profile_id, chunk))
-                    .order_by(table.c.profile_id)
-                    .with_for_update()
-                    .subquery()
-                )
-                # Row locks by key: PostgreSQL, believing a fast-growing counter table small, would
-                # scan it whole for each batch.
-                conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
-                conn.execute(sa.select(sa.func.count()).select_from(locked)).scalar()
-                conn.execute(sa.text("SET LOCAL enable_seqscan = on"))
-            else:
-                conn.execute(
-                    table.update()
-                    .where(table.c.sandbox == sandbox, _in(conn, table.c.profile_id, chunk))
-                    .values(version=table.c.version + 1)
-                )
+            conn.execute(
+                table.update()
+                .where(table.c.sandbox == sandbox, _in(conn, table.c.profile_id, chunk))
+                .values(version=table.c.version + 1)
+            )
+
+    def _drop_expired_reservations(
+        self, conn: sa.Connection, sandbox: str, message_ids: Sequence[str], now: datetime
+    ) -> None:
+        """Delete the expired reservations of ``message_ids`` (they count no more; one reserved again
+        meanwhile, with a new expiry, stays). Expired reservations are found by the reads of the
+        capping check (no statement when there are none, as a delete by profile for every batch
+        cost); without capping rules they are ignored by every read and replaced when their message
+        id is reserved again, released, or their profile forgotten."""
         reservations = ReservationRow.__table__  # type: ignore[attr-defined]
-        for chunk in _slices(conn, list(profile_ids)):  # expired reservations count no more: drop them
+        for chunk in _slices(conn, list(dict.fromkeys(message_ids))):
             conn.execute(
                 reservations.delete().where(
                     reservations.c.sandbox == sandbox,
-                    _in(conn, reservations.c.profile_id, chunk),
+                    _in(conn, reservations.c.message_id, chunk),
                     reservations.c.expire_time <= now,
                 )
             )
@@ -1112,8 +1153,10 @@ class ProfileStore:
     @staticmethod
     def _recent_sends(
         conn: sa.Connection, sandbox: str, profile_ids: Sequence[str], now: datetime, since: datetime
-    ) -> dict[str, list[tuple[str, datetime]]]:
-        """Per profile, the (channel, time) of marketing sends since ``since`` and of live reservations.
+    ) -> tuple[dict[str, list[tuple[str, datetime]]], list[str]]:
+        """Per profile, the (channel, time) of marketing sends since ``since`` and of live reservations;
+        and the message ids of the profiles' expired reservations, which count no more (for the caller
+        to drop: read here, they cost no statement of their own when there are none).
 
         Both are read by one statement, so from one snapshot: a reservation that a concurrent
         RecordCommunications turns into a communication is seen once, as one or the other. (Two
@@ -1121,21 +1164,33 @@ class ProfileStore:
         comms = CommunicationRow.__table__  # type: ignore[attr-defined]
         reservations = ReservationRow.__table__  # type: ignore[attr-defined]
         sends: dict[str, list[tuple[str, datetime]]] = {}
+        expired: list[str] = []
         for chunk in _slices(conn, list(profile_ids)):
-            sent = sa.select(comms.c.profile_id, comms.c.channel, comms.c.send_time).where(
+            sent = sa.select(
+                comms.c.profile_id,
+                comms.c.channel,
+                comms.c.send_time,
+                sa.cast(sa.null(), reservations.c.expire_time.type),
+                sa.cast(sa.null(), reservations.c.message_id.type),
+            ).where(
                 comms.c.sandbox == sandbox,
                 _in(conn, comms.c.profile_id, chunk),
                 comms.c.category == "marketing",
                 comms.c.send_time >= since,
             )
-            reserved = sa.select(reservations.c.profile_id, reservations.c.channel, reservations.c.reserve_time).where(
-                reservations.c.sandbox == sandbox,
-                _in(conn, reservations.c.profile_id, chunk),
-                reservations.c.expire_time > now,
-            )
-            for pid, channel, when in fetch_rows(conn, sa.union_all(sent, reserved)):
-                sends.setdefault(pid, []).append((channel, as_utc(when) or now))
-        return sends
+            reserved = sa.select(
+                reservations.c.profile_id,
+                reservations.c.channel,
+                reservations.c.reserve_time,
+                reservations.c.expire_time,
+                reservations.c.message_id,
+            ).where(reservations.c.sandbox == sandbox, _in(conn, reservations.c.profile_id, chunk))
+            for pid, channel, when, expire_time, message_id in fetch_rows(conn, sa.union_all(sent, reserved)):
+                if expire_time is not None and as_utc(expire_time) <= now:  # type: ignore[operator]
+                    expired.append(message_id)
+                else:
+                    sends.setdefault(pid, []).append((channel, as_utc(when) or now))
+        return sends, expired
 
     @staticmethod
     def _known_message_ids(
@@ -1203,26 +1258,20 @@ class ProfileStore:
             conn.execute(table.insert().values(**row))
 
     @staticmethod
-    def _load_profiles(conn: sa.Connection, sandbox: str, ids: Sequence[str]) -> dict[str, Profile]:
-        """The profiles of ``ids`` that exist, in full (rows fetched at once, as tuples)."""
-        profiles_t = ProfileRow.__table__  # type: ignore[attr-defined]
+    def _load_profiles(
+        conn: sa.Connection, sandbox: str, ids: Sequence[str], *, lock: bool = False
+    ) -> dict[str, Profile]:
+        """The profiles of ``ids`` that exist, in full (rows fetched at once, as tuples); with ``lock``
+        (PostgreSQL), their rows are locked as they are read (:func:`_profile_rows`)."""
         identity_t = IdentityRow.__table__  # type: ignore[attr-defined]
         consents_t = ConsentRow.__table__  # type: ignore[attr-defined]
         purposes_t = PurposeConsentRow.__table__  # type: ignore[attr-defined]
         attributes_t = ProfileAttributeRow.__table__  # type: ignore[attr-defined]
         found: dict[str, Profile] = {}
         for chunk in _slices(conn, list(ids)):
-            for pid, first, last, locale, time_zone, created, updated in fetch_rows(
-                conn,
-                sa.select(
-                    profiles_t.c.profile_id,
-                    profiles_t.c.first_name,
-                    profiles_t.c.last_name,
-                    profiles_t.c.locale,
-                    profiles_t.c.time_zone,
-                    profiles_t.c.create_time,
-                    profiles_t.c.update_time,
-                ).where(profiles_t.c.sandbox == sandbox, _in(conn, profiles_t.c.profile_id, chunk)),
+            columns = ("profile_id", "first_name", "last_name", "locale", "time_zone", "create_time", "update_time")
+            for pid, first, last, locale, time_zone, created, updated in _profile_rows(
+                conn, sandbox, chunk, columns, lock=lock
             ):
                 found[pid] = Profile(
                     profile_id=pid,
@@ -1278,11 +1327,10 @@ class ProfileStore:
 
     @staticmethod
     def _load_verdict_profiles(
-        conn: sa.Connection, sandbox: str, ids: Sequence[str], channel: str, purpose: str
+        conn: sa.Connection, sandbox: str, ids: Sequence[str], channel: str, purpose: str, *, lock: bool = False
     ) -> dict[str, Profile]:
         """The profiles of ``ids`` that exist, holding only what a verdict reads: the time zone, the
         identities of the channel's address namespace and the consent on the channel for ``purpose``."""
-        profiles_t = ProfileRow.__table__  # type: ignore[attr-defined]
         identity_t = IdentityRow.__table__  # type: ignore[attr-defined]
         if purpose == "marketing":
             consents_t = ConsentRow.__table__  # type: ignore[attr-defined]
@@ -1295,12 +1343,7 @@ class ProfileStore:
         # Three single-table statements: a join of the three may be planned as nested loops over whole
         # tables before their first statistics (45 s for 5,000 of 50,000 profiles, measured).
         for chunk in _slices(conn, list(ids)):
-            for pid, time_zone in fetch_rows(
-                conn,
-                sa.select(profiles_t.c.profile_id, profiles_t.c.time_zone).where(
-                    profiles_t.c.sandbox == sandbox, _in(conn, profiles_t.c.profile_id, chunk)
-                ),
-            ):
+            for pid, time_zone in _profile_rows(conn, sandbox, chunk, ("profile_id", "time_zone"), lock=lock):
                 found[pid] = Profile(profile_id=pid, time_zone=time_zone)
             for value, pid in fetch_rows(
                 conn,

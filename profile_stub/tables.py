@@ -132,7 +132,8 @@ class ReservationRow(ProfileBase, table=True):
 
 
 class ProfileCounterRow(ProfileBase, table=True):
-    """One row per profile, locked by every check-and-reserve so that reservations serialize."""
+    """One row per profile, written by every check-and-reserve on SQLite so that reservations serialize
+    (the write takes SQLite's writer lock). On PostgreSQL reservers lock the profile's own row instead."""
 
     __tablename__ = "profile_counters"
     sandbox: str = Field(primary_key=True, max_length=30)

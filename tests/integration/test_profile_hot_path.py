@@ -422,3 +422,50 @@ def test_recording_a_batch_finds_its_profiles_by_key_not_by_walking_the_profile_
     assert plans
     walks = ("Seq Scan on profiles", "Merge", "Hash Anti", "SCAN profiles", "Join Filter", "Materialize")
     assert not [plan for plan in plans if any(walk in plan for walk in walks)], plans
+
+
+def test_reserving_a_batch_locks_its_profiles_by_key_not_by_walking_the_profile_table(
+    make_database: Callable[[str], Database],
+) -> None:
+    # The reservers of a profile serialize on its row (PostgreSQL), locked as the batch's profiles are
+    # read: one primary-key probe per id, in id order, however stale the statistics (a fresh load, not
+    # analyzed). On SQLite the counter rows' version bump takes the writer lock, as before.
+    database = make_database("profile")
+    database.migrate(MIGRATIONS)
+    store = ProfileStore(database)
+    store.upsert_profiles(
+        "prod",
+        [
+            Profile(f"p{i:05d}", [("email", f"p{i:05d}@example.com")], consents=[Consent("email", "opted_in", "f")])
+            for i in range(20_000)
+        ],
+    )
+    store.create_capping_rule("prod", CappingRule("daily", 2, "day", channel="email"))
+    plans: list[str] = []
+
+    def explain(conn: object, cursor: Any, statement: str, parameters: Any, *args: object) -> None:
+        if "FOR NO KEY UPDATE" not in statement.upper() or isinstance(parameters, list):
+            return
+        other = cursor.connection.cursor()
+        other.execute("EXPLAIN " + statement, parameters)
+        plans.append("\n".join(str(row[0]) for row in other.fetchall()))
+
+    sa.event.listen(database.engine, "after_cursor_execute", explain)
+    try:
+        results = store.check_eligibility(
+            "prod",
+            "email",
+            "marketing",
+            [("email", f"p{i:05d}@example.com") for i in range(0, 1000, 2)],
+            reserve=True,
+            message_ids=[f"m{i}" for i in range(500)],
+            now=NOW,
+        )
+    finally:
+        sa.event.remove(database.engine, "after_cursor_execute", explain)
+
+    assert [r.verdict for r in results] == ["allowed"] * 500
+    assert len(plans) == (1 if database.is_postgres else 0)
+    walks = ("Seq Scan on profiles", "Merge", "Hash", "Materialize")
+    assert not [plan for plan in plans if any(walk in plan for walk in walks)], plans
+    assert all("Index Scan using profiles_pkey" in plan and "LockRows" in plan for plan in plans), plans

@@ -64,3 +64,74 @@ def test_insert_rows_skipping_conflicts_keeps_the_existing_rows(table: tuple[Dat
 
     with database.engine.connect() as conn:
         assert sorted(conn.execute(sa.select(keys.c.key, keys.c.n))) == [("new", 3), ("plain", 1)]
+
+
+@pytest.mark.parametrize("mode", ["skip", "replace"])
+def test_insert_rows_expecting_no_conflict_gives_the_rows_of_the_on_conflict_insert_when_a_key_exists(
+    table: tuple[Database, sa.Table], mode: str
+) -> None:
+    database, keys = table
+    with database.engine.begin() as conn:
+        insert_rows(conn, keys, [{"key": "plain", "n": 1}])
+    rows = [{"key": "new", "n": 2}, {"key": "plain", "n": 3}, {"key": "other", "n": 4}]
+    flags = {"skip_conflicts": mode == "skip", "replace_conflicts": mode == "replace"}
+    with database.engine.begin() as conn:
+        counted = insert_rows(conn, keys, rows, conflicts_unlikely=True, **flags)
+        insert_rows(conn, keys, [{"key": "after", "n": 5}])  # the transaction goes on after the fallback
+
+    with database.engine.connect() as conn:
+        found = sorted(conn.execute(sa.select(keys.c.key, keys.c.n)))
+    plain = 3 if mode == "replace" else 1
+    assert found == [("after", 5), ("new", 2), ("other", 4), ("plain", plain)]
+    if database.is_postgres:  # (SQLite counts the rows given)
+        assert counted == (3 if mode == "replace" else 2)
+
+
+def test_insert_rows_expecting_no_conflict_inserts_new_rows_with_a_plain_insert(
+    table: tuple[Database, sa.Table],
+) -> None:
+    database, keys = table
+    seen: list[str] = []
+    sa.event.listen(database.engine, "before_cursor_execute", lambda *args: seen.append(str(args[2]).upper()))
+    with database.engine.begin() as conn:
+        counted = insert_rows(
+            conn, keys, [{"key": "a", "n": 1}, {"key": "b", "n": 2}], skip_conflicts=True, conflicts_unlikely=True
+        )
+
+    inserts = [s for s in seen if s.startswith("INSERT")]
+    assert len(inserts) == 1
+    assert ("ON CONFLICT" in inserts[0]) == (not database.is_postgres)
+    assert counted == 2
+
+
+def test_custom_plans_costs_no_statement_on_a_connection_opened_with_them(
+    make_database: Callable[[str], Database],
+) -> None:
+    database = make_database("profile")  # the chassis opens PostgreSQL connections with custom plans
+    seen: list[str] = []
+    sa.event.listen(database.engine, "before_cursor_execute", lambda *args: seen.append(str(args[2]).upper()))
+    for _ in range(3):
+        with database.engine.begin() as conn:
+            custom_plans(conn)
+            if database.is_postgres:
+                assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "force_custom_plan"
+
+    assert not [s for s in seen if s.startswith("SET")]
+    # (the test asks three times; custom_plans once, for the one pooled connection)
+    assert len([s for s in seen if "SHOW PLAN_CACHE_MODE" in s]) == (4 if database.is_postgres else 0)
+
+
+@pytest.mark.postgres
+def test_custom_plans_sets_them_for_the_transaction_on_a_connection_opened_without() -> None:
+    from tests.conftest import POSTGRES_URL
+
+    engine = sa.create_engine(POSTGRES_URL, poolclass=sa.pool.StaticPool)
+    try:
+        for _ in range(2):
+            with engine.begin() as conn:
+                custom_plans(conn)
+                assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "force_custom_plan"
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "auto"
+    finally:
+        engine.dispose()

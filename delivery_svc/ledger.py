@@ -90,14 +90,60 @@ class StatusChange:
     defer_until: datetime | None = None
 
 
+@dataclass(slots=True)
+class LoggedMessage:
+    """What a message log says about its message (its ledger row's campaign, run, activity, channel,
+    profile and entity keys, and the recipient's identity as the scheduler sent it)."""
+
+    campaign: str
+    run: str
+    activity: str
+    channel: str
+    profile_key: str
+    entity_key: str
+    identity_namespace: str
+    identity_value: str
+
+    @classmethod
+    def of(cls, row: LedgerEntry | sa.RowMapping) -> LoggedMessage:
+        """The logged message of a ledger row (an entry, or a row with the ledger's column names)."""
+        if isinstance(row, LedgerEntry):
+            return cls(
+                row.campaign,
+                row.run,
+                row.activity,
+                row.channel,
+                row.profile_key,
+                row.entity_key,
+                row.identity_namespace,
+                row.identity_value,
+            )
+        return cls(*(row[name] for name in LOGGED_COLUMNS))
+
+
+LOGGED_COLUMNS = (
+    "campaign",
+    "run",
+    "activity",
+    "channel",
+    "profile_key",
+    "entity_key",
+    "identity_namespace",
+    "identity_value",
+)
+"""The fields of :class:`LoggedMessage`, the ledger columns of the same names."""
+
+
 @dataclass(slots=True)  # not frozen, as StatusChange
 class LogEvent:
-    """A message log event to queue for audience_svc: a message, what happened and when."""
+    """A message log event to queue for audience_svc: a message, what happened and when, and what the
+    log says about the message (None: read from its ledger row when the log is sent)."""
 
     sandbox: str
     message_id: str
     status: str
     event_time: datetime
+    about: LoggedMessage | None = None
 
 
 # Message log status of each feedback kind that has one (complaints and unsubscribes have none).
@@ -236,6 +282,27 @@ def _insert_new(conn: sa.Connection, table: sa.Table, columns: dict[str, list[An
         conn.execute(insert.on_conflict_do_nothing())
 
 
+def _details(about: Sequence[LoggedMessage | None]) -> str | None:
+    """The ``details`` of a message log batch row (JSON): per field of :class:`LoggedMessage`, its value
+    when all messages share it, else the list of values in message order; None when a message's
+    details are not known."""
+    known = [a for a in about if a is not None]
+    if len(known) != len(about) or not known:
+        return None
+    details: dict[str, str | list[str]] = {}
+    for name in LOGGED_COLUMNS:
+        values = [getattr(a, name) for a in known]
+        details[name] = values[0] if values.count(values[0]) == len(values) else values
+    return json.dumps(details)
+
+
+def logged_messages(details: str, count: int) -> list[LoggedMessage]:
+    """The logged messages of a batch row's ``details`` (see :func:`_details`) for its ``count`` ids."""
+    fields = json.loads(details)
+    columns = [fields[name] if isinstance(fields[name], list) else [fields[name]] * count for name in LOGGED_COLUMNS]
+    return [LoggedMessage(*values) for values in zip(*columns, strict=True)]
+
+
 class Ledger:
     """The send ledger of one database."""
 
@@ -347,13 +414,16 @@ class Ledger:
 
     def _queue_logs(self, conn: sa.Connection, logs: Sequence[LogEvent], now: datetime) -> None:
         """Queue log events for audience_svc: one message log batch row per sandbox, status and event
-        time (a message named twice in it is queued once). The same event queued by two changes (a
-        replayed batch) reaches audience_svc twice, where RecordMessageLogs is idempotent."""
+        time (a message named twice in it is queued once), holding the ids and, when every event of the
+        row carries it, what the logs say about their messages (``details``: each field once when the
+        same for all, else one value per message), so that sending them reads no ledger row. The same
+        event queued by two changes (a replayed batch) reaches audience_svc twice, where
+        RecordMessageLogs is idempotent."""
         if not self.message_logs or not logs:
             return
-        groups: dict[tuple[str, str, datetime], dict[str, None]] = {}
+        groups: dict[tuple[str, str, datetime], dict[str, LoggedMessage | None]] = {}
         for e in logs:
-            groups.setdefault((e.sandbox, e.status, e.event_time), {})[e.message_id] = None
+            groups.setdefault((e.sandbox, e.status, e.event_time), {}).setdefault(e.message_id, e.about)
         conn.execute(
             self._log_batches.insert(),
             [
@@ -361,13 +431,14 @@ class Ledger:
                     "sandbox": sandbox,
                     "status": status,
                     "event_time": event_time,
-                    "message_ids": json.dumps(list(ids)),
-                    "size": len(ids),
+                    "message_ids": json.dumps(list(events)),
+                    "details": _details(list(events.values())),
+                    "size": len(events),
                     "create_time": now,
                     "attempts": 0,
                     "next_attempt_time": now,
                 }
-                for (sandbox, status, event_time), ids in groups.items()
+                for (sandbox, status, event_time), events in groups.items()
             ],
         )
 
@@ -439,7 +510,7 @@ class Ledger:
             ids = list({e.message_id for e in events})
             rows: dict[str, sa.RowMapping] = {}
             for chunk in _chunks(ids):
-                query = sa.select(t.c.id, t.c.profile_key, t.c.channel, t.c.address).where(
+                query = sa.select(t.c.id, t.c.address, *(t.c[name] for name in LOGGED_COLUMNS)).where(
                     t.c.sandbox == sandbox, t.c.id.in_(chunk)
                 )
                 rows.update({r["id"]: r for r in conn.execute(query).mappings()})
@@ -489,7 +560,13 @@ class Ledger:
             self._queue_logs(
                 conn,
                 [
-                    LogEvent(sandbox, e.message_id, FEEDBACK_LOG_STATUS[e.kind], e.event_time)
+                    LogEvent(
+                        sandbox,
+                        e.message_id,
+                        FEEDBACK_LOG_STATUS[e.kind],
+                        e.event_time,
+                        LoggedMessage.of(rows[e.message_id]),
+                    )
                     for e in fresh.values()
                     if e.kind in FEEDBACK_LOG_STATUS
                 ],

@@ -29,10 +29,10 @@ from typing import Any, Protocol, cast
 import grpc
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.dialects import postgresql
 
 from carillon.audience.v1 import audience_service_pb2, audience_service_pb2_grpc, message_log_pb2
 from carillon.type.v1 import channel_pb2, value_pb2
+from carillon_chassis.bulk import pg_array
 from carillon_chassis.channels import channel_value
 from carillon_chassis.clients import CHANNEL_OPTIONS, call_metadata
 from carillon_chassis.database import Database, as_utc, utcnow
@@ -45,6 +45,7 @@ from carillon_chassis.errors import (
     error_from_rpc,
 )
 from carillon_chassis.values import to_timestamp
+from delivery_svc.ledger import LOGGED_COLUMNS, LoggedMessage, logged_messages
 from delivery_svc.tables import LedgerRow, MessageLogBatchRow
 
 log = structlog.get_logger("carillon.delivery.message_logs")
@@ -144,7 +145,7 @@ class MessageLogOutbox:
         chosen: list[Any] = []
         with self.database.engine.connect() as conn:
             query = (
-                sa.select(b.c.id, b.c.sandbox, b.c.status, b.c.event_time, b.c.message_ids, b.c.size)
+                sa.select(b.c.id, b.c.sandbox, b.c.status, b.c.event_time, b.c.message_ids, b.c.details, b.c.size)
                 .where(b.c.next_attempt_time <= (now or utcnow()))
                 .order_by(b.c.id)
             )
@@ -154,51 +155,41 @@ class MessageLogOutbox:
                     break
                 chosen.append(row)
                 total += row.size
-            seen: set[tuple[str, str, str]] = set()
-            wanted: dict[str, list[tuple[str, str, datetime]]] = {}  # sandbox: (message id, status, time)
+            # Rows without details (moved from the per-message outbox): their ledger rows, looked up.
+            wanted: dict[str, list[str]] = {}
             for row in chosen:
-                for mid in json.loads(row.message_ids):
-                    if (row.sandbox, mid, row.status) not in seen:
-                        seen.add((row.sandbox, mid, row.status))
-                        wanted.setdefault(row.sandbox, []).append((mid, row.status, row.event_time))
+                if row.details is None:
+                    wanted.setdefault(row.sandbox, []).extend(json.loads(row.message_ids))
             ledger = {
-                sandbox: self._ledger_rows(conn, sandbox, list(dict.fromkeys(mid for mid, _, _ in events)))
-                for sandbox, events in wanted.items()
+                sandbox: self._ledger_rows(conn, sandbox, list(dict.fromkeys(ids))) for sandbox, ids in wanted.items()
             }
         batches: list[OutboxBatch] = []
         taken: set[tuple[str, str, str]] = set()
         for row in chosen:
+            ids = json.loads(row.message_ids)
+            if row.details is not None:
+                about: list[LoggedMessage | None] = list(logged_messages(row.details, len(ids)))
+            else:
+                found = ledger[row.sandbox]  # a ledger row gone (a purged run) has no log
+                about = [LoggedMessage.of(found[mid]) if mid in found else None for mid in ids]
             logs: list[MessageLog] = []
-            for mid in json.loads(row.message_ids):
+            for mid, message in zip(ids, about, strict=True):
                 key = (row.sandbox, mid, row.status)
-                found = ledger[row.sandbox].get(mid)
-                if key in taken or found is None:  # a duplicate, or a ledger row gone (a purged run)
+                if key in taken or message is None:  # a duplicate, or nothing known about the message
                     continue
                 taken.add(key)
-                logs.append(_log(found, mid, row.status, row.event_time))
+                logs.append(_log(message, mid, row.status, row.event_time))
             batches.append(OutboxBatch(row.id, row.sandbox, logs))
         return batches
 
     def _ledger_rows(self, conn: sa.Connection, sandbox: str, ids: list[str]) -> dict[str, sa.RowMapping]:
         t = self._ledger
-        columns = (
-            t.c.id,
-            t.c.campaign,
-            t.c.run,
-            t.c.activity,
-            t.c.channel,
-            t.c.profile_key,
-            t.c.entity_key,
-            t.c.identity_namespace,
-            t.c.identity_value,
-        )
+        columns = (t.c.id, *(t.c[name] for name in LOGGED_COLUMNS))
         found: dict[str, sa.RowMapping] = {}
         for start in range(0, len(ids), _LOOKUP_CHUNK):
             chunk = ids[start : start + _LOOKUP_CHUNK]
             if conn.dialect.name == "postgresql":
-                asked = sa.select(
-                    sa.func.unnest(sa.bindparam(None, chunk, type_=postgresql.ARRAY(sa.Text))).label("id")
-                ).subquery("k")
+                asked = sa.select(sa.func.unnest(pg_array(chunk, t.c.id)).label("id")).subquery("k")
                 match = sa.select(*columns).where(t.c.id == asked.c.id, t.c.sandbox == sandbox).limit(1).lateral("l")
                 query: Any = sa.select(match).select_from(asked).join(match, sa.true())
             else:
@@ -242,22 +233,22 @@ class MessageLogOutbox:
         ]
 
 
-def _log(row: sa.RowMapping, message_id: str, status: str, event_time: datetime) -> MessageLog:
-    namespace, value = row["identity_namespace"], row["identity_value"]
-    profile_key: str = row["profile_key"]
+def _log(message: LoggedMessage, message_id: str, status: str, event_time: datetime) -> MessageLog:
+    namespace, value = message.identity_namespace, message.identity_value
+    profile_key = message.profile_key
     if not namespace and ":" in profile_key:  # a ledger row written before identities were kept
         namespace, value = profile_key.split(":", 1)
     return MessageLog(
         message_id=message_id,
         status=status,
-        campaign=row["campaign"],
-        run=row["run"],
-        activity=row["activity"],
-        channel=row["channel"],
+        campaign=message.campaign,
+        run=message.run,
+        activity=message.activity,
+        channel=message.channel,
         identity_namespace=namespace,
         identity_value=value,
         profile_id="" if ":" in profile_key else profile_key,
-        entity_key=row["entity_key"],
+        entity_key=message.entity_key,
         event_time=as_utc(event_time) or utcnow(),
     )
 

@@ -76,6 +76,7 @@ from delivery_svc.ledger import (
     LedgerEntry,
     LedgerKey,
     LogEvent,
+    LoggedMessage,
     StatusChange,
 )
 from delivery_svc.providers import (
@@ -146,7 +147,7 @@ class SendHeader:
     window: SendWindow | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one per recipient, and a frozen dataclass is four times slower to build
 class Recipient:
     """One recipient: an identity, the working-set record's key and row."""
 
@@ -171,6 +172,12 @@ class BatchAck:
 
 def profile_context(profile: ProfileView, address: str) -> dict[str, Any]:
     """The ``profile`` variable of a template."""
+    email = phone = ""
+    for namespace, value in reversed(profile.identities):  # the first identity of a namespace wins
+        if namespace == "email":
+            email = value
+        elif namespace == "phone":
+            phone = value
     return {
         "id": profile.profile_id,
         "name": f"profiles/{profile.profile_id}",
@@ -178,8 +185,8 @@ def profile_context(profile: ProfileView, address: str) -> dict[str, Any]:
         "last_name": profile.last_name,
         "locale": profile.locale,
         "time_zone": profile.time_zone,
-        "email": profile.identity("email") or (address if "@" in address else ""),
-        "phone": profile.identity("phone"),
+        "email": email or (address if "@" in address else ""),
+        "phone": phone,
         "address": address,
         "attributes": dict(profile.attributes),
     }
@@ -196,6 +203,24 @@ class SentBatch:
     to_record: list[tuple[str, str]] = field(default_factory=list)  # (message id, profile id) sent
     unsent: int = 0  # messages the provider did not take: it went away (finish raises UNAVAILABLE)
     error: str = ""  # why
+
+
+@dataclass
+class Prepared:
+    """A batch between :meth:`SendSession.prepare` and :meth:`SendSession.transmit`: its ledger rows
+    written, its messages rendered."""
+
+    ack: BatchAck
+    recipients: int
+    timings: dict[str, float]
+    keys: frozenset[LedgerKey] = frozenset()
+    jobs: list[_Job] = field(default_factory=list)
+    emails: list[OutgoingMessage] = field(default_factory=list)
+    profiles: dict[str, str] = field(default_factory=dict)  # profile id by message id
+    reserved: set[str] = field(default_factory=set)  # messages whose reservation this batch holds
+    logs_queued: bool = False  # message logs queued with the ledger write
+    to_release: list[str] = field(default_factory=list)
+    to_record: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -361,6 +386,8 @@ class SendSession:
         )
         # Direct mail: the extract files of this run and activity continue across batches.
         self.extract_stream = stream_name(sandbox, header.run, header.activity)
+        # The ledger keys of the batch being transmitted, and its transmission.
+        self._in_flight: tuple[frozenset[LedgerKey], asyncio.Future[SentBatch]] | None = None
 
     async def close(self) -> None:
         """The stream ended cleanly: complete what the provider keeps open for it (the last extract
@@ -455,19 +482,17 @@ class SendSession:
         return await asyncio.to_thread(self._render_allowed, recipients, answered)
 
     def _render_allowed(self, recipients: Sequence[Recipient], verdicts: Sequence[Verdict]) -> dict[int, Any]:
-        sandbox, header = self.sandbox, self.header
+        sandbox, header, render = self.sandbox, self.header, self._render
         rendered: dict[int, OutgoingMessage | str] = {}
         for index, (recipient, verdict) in enumerate(zip(recipients, verdicts, strict=True)):
             if verdict.verdict != "allowed" or not verdict.address:
                 continue
-            key = (
-                profile_key(
-                    verdict.profile.profile_id if verdict.profile else None, recipient.namespace, recipient.value
-                ),
-                recipient.entity_key,
-            )
-            mid = verdict.message_id or message_id(sandbox, header.run, header.activity, *key)
-            rendered[index] = self._render(_Job(mid, key, recipient, verdict, None, index))
+            mid = verdict.message_id
+            if not mid:  # not reserved: the ledger's message id of the recipient's key
+                profile = verdict.profile
+                key = profile_key(profile.profile_id if profile else None, recipient.namespace, recipient.value)
+                mid = message_id(sandbox, header.run, header.activity, key, recipient.entity_key)
+            rendered[index] = render(mid, recipient, verdict)
         return rendered
 
     async def abandon(self, checked: Checked) -> None:
@@ -482,17 +507,31 @@ class SendSession:
             return
         await self._release([v.message_id for v in verdicts.result() if v.reserved and v.message_id])
 
+    async def release_prepared(self, prepared: Prepared) -> None:
+        """A prepared batch will not be transmitted (its stream ended first): release every reservation
+        it holds. Its ``pending`` rows are sent by the replay, whose check reserves them again."""
+        await self._release([*prepared.to_release, *prepared.reserved])
+
     async def send(self, sequence: int, recipients: Sequence[Recipient], checked: Checked) -> SentBatch:
-        """Send one batch whose check :meth:`start_check` started: ledger lookup, rendering (of what
-        was not rendered ahead), ledger write, provider, ``sent``/``failed`` marks. What is left for
-        :meth:`finish` (releasing reservations, recording the communications) may overlap the next
-        batch's send."""
+        """Send one batch whose check :meth:`start_check` started: :meth:`prepare` then :meth:`transmit`.
+        What is left for :meth:`finish` (releasing reservations, recording the communications) may
+        overlap the next batch's send."""
+        return await self.start_transmit(await self.prepare(sequence, recipients, checked))
+
+    async def prepare(self, sequence: int, recipients: Sequence[Recipient], checked: Checked) -> Prepared:
+        """The first half of a batch's send: ledger lookup, rendering (of what was not rendered ahead)
+        and the ledger write of its ``pending`` and ``skipped`` rows.
+
+        A Send stream prepares a batch while the batch before it is transmitted: a batch that shares a
+        ledger key with the one in flight waits for its transmission first, so that the lookup sees
+        that message's final status (a message is never sent twice because its first row was still
+        ``pending``)."""
         ack = BatchAck(sequence)
         timings: dict[str, float] = {}
         started = time.perf_counter()
         verdicts = await checked.verdicts
         if not recipients:
-            return SentBatch(ack, len(recipients), timings)
+            return Prepared(ack, 0, timings)
         pipeline, header, sandbox = self.pipeline, self.header, self.sandbox
         if len(verdicts) != len(recipients):
             raise Unavailable(
@@ -505,6 +544,10 @@ class SendSession:
         ]
         timings["eligibility"] = time.perf_counter() - started
         started = time.perf_counter()
+        batch_keys = frozenset(keys)
+        in_flight = self._in_flight
+        if in_flight is not None and not in_flight[1].done() and not batch_keys.isdisjoint(in_flight[0]):
+            await asyncio.wait({in_flight[1]})
         existing = await pipeline.database.run(pipeline.ledger.find, sandbox, header.run, header.activity, keys)
 
         new_rows: list[LedgerEntry] = []
@@ -589,7 +632,7 @@ class SendSession:
             if row is not None and row.status == PENDING and expired(row):
                 ack.failed[RETRY_WINDOW_EXPIRED] += 1
                 changes.append(StatusChange(row.message_id, FAILED, RETRY_WINDOW_EXPIRED))
-                logs.append(LogEvent(sandbox, row.message_id, "failed", now))
+                logs.append(LogEvent(sandbox, row.message_id, "failed", now, LoggedMessage.of(row)))
                 if holds or may_hold_reservation(row):
                     to_release.append(row.message_id)
                 continue
@@ -637,31 +680,61 @@ class SendSession:
         if new_rows or changes:
             await pipeline.database.run(pipeline.ledger.write, new_rows, changes, logs)
         timings["ledger_write"] = time.perf_counter() - started
+        return Prepared(
+            ack,
+            len(recipients),
+            timings,
+            keys=batch_keys,
+            jobs=jobs,
+            emails=emails,
+            profiles=profiles,
+            reserved=reserved,
+            logs_queued=bool(logs),
+            to_release=to_release,
+            to_record=to_record,
+        )
+
+    def start_transmit(self, prepared: Prepared) -> asyncio.Future[SentBatch]:
+        """Start :meth:`transmit` of a prepared batch; the next batch's :meth:`prepare` knows it is in
+        flight."""
+        task = asyncio.ensure_future(self.transmit(prepared))
+        self._in_flight = (prepared.keys, task)
+        return task
+
+    async def transmit(self, prepared: Prepared) -> SentBatch:
+        """The second half of a batch's send: the provider, then the ``sent``/``failed`` marks (and the
+        quarantine of permanent refusals)."""
+        pipeline, ack, timings, jobs = self.pipeline, prepared.ack, prepared.timings, prepared.jobs
+        to_record, to_release, profiles = prepared.to_record, prepared.to_release, prepared.profiles
+        if not prepared.recipients:
+            return SentBatch(ack, 0, timings)
         started = time.perf_counter()
         report = None
         marked: set[str] = set()  # marked sent as the provider accepted them (providers with mark_each_send)
-        if emails:
+        by_id = {job.message_id: job for job in jobs}
+        if prepared.emails:
             report = await asyncio.to_thread(
                 deliver_batch,
                 pipeline.provider,
-                emails,
+                prepared.emails,
                 pipeline.retry,
                 throttles=(self.bucket, pipeline.provider_bucket),
                 clock=pipeline.clock,
-                on_sent=self._mark_one(marked) if getattr(pipeline.provider, "mark_each_send", False) else None,
+                on_sent=self._mark_one(marked, by_id) if getattr(pipeline.provider, "mark_each_send", False) else None,
             )
         timings["send"] = time.perf_counter() - started
         started = time.perf_counter()
         if report is not None:
-            await self._mark(report, ack, marked)
-            await self._quarantine(report, {job.message_id: job for job in jobs})
+            await self._mark(report, ack, by_id, marked)
+            await self._quarantine(report, by_id)
             to_record += [(mid, profiles[mid]) for mid in report.sent if mid in profiles]
-            to_release += [mid for mid in report.failed if mid in reserved]
-        if pipeline.log_waker is not None and (logs or (report is not None and (report.sent or report.failed))):
+            to_release += [mid for mid in report.failed if mid in prepared.reserved]
+        queued = prepared.logs_queued or (report is not None and (report.sent or report.failed))
+        if pipeline.log_waker is not None and queued:
             pipeline.log_waker.wake()
         timings["mark"] = time.perf_counter() - started
         unsent, error = (len(report.unsent), report.error) if report is not None else (0, "")
-        return SentBatch(ack, len(recipients), timings, to_release, to_record, unsent, error)
+        return SentBatch(ack, prepared.recipients, timings, to_release, to_record, unsent, error)
 
     async def finish(self, batch: SentBatch) -> BatchAck:
         """Complete a sent batch: release the reservations of its messages not sent, record the
@@ -695,24 +768,44 @@ class SendSession:
             )
         return ack
 
-    def _mark_one(self, marked: set[str]) -> Callable[[str], None]:
+    def _mark_one(self, marked: set[str], jobs: Mapping[str, _Job]) -> Callable[[str], None]:
         """The callback that marks one message sent (and queues its message log) in its own transaction
         as soon as the provider accepted it, on the sending thread, and adds its id to ``marked``."""
         ledger, sandbox, clock = self.pipeline.ledger, self.sandbox, self.pipeline.clock
 
         def mark(mid: str) -> None:
-            ledger.mark([StatusChange(mid, SENT)], [LogEvent(sandbox, mid, "sent", clock.now())])
+            log_event = LogEvent(sandbox, mid, "sent", clock.now(), self._logged(jobs.get(mid)))
+            ledger.mark([StatusChange(mid, SENT)], [log_event])
             marked.add(mid)
 
         return mark
 
-    async def _mark(self, report: DeliveryReport, ack: BatchAck, marked: Set[str] = frozenset()) -> None:
+    def _logged(self, job: _Job | None) -> LoggedMessage | None:
+        """What the message log of a job's message says about it (None: read from the ledger later)."""
+        if job is None:
+            return None
+        header = self.header
+        recipient = job.recipient
+        return LoggedMessage(
+            header.campaign,
+            header.run,
+            header.activity,
+            header.channel,
+            job.key[0],
+            job.key[1],
+            recipient.namespace,
+            recipient.value,
+        )
+
+    async def _mark(
+        self, report: DeliveryReport, ack: BatchAck, jobs: Mapping[str, _Job], marked: Set[str] = frozenset()
+    ) -> None:
         """Mark the batch's outcomes (but the sends already in ``marked``) in one transaction and count them."""
         changes = [StatusChange(mid, SENT) for mid in report.sent if mid not in marked]
         changes += [StatusChange(mid, FAILED, reason) for mid, reason in report.failed.items()]
-        now = self.pipeline.clock.now()
-        logs = [LogEvent(self.sandbox, mid, "sent", now) for mid in report.sent if mid not in marked]
-        logs += [LogEvent(self.sandbox, mid, "failed", now) for mid in report.failed]
+        now, sandbox, logged = self.pipeline.clock.now(), self.sandbox, self._logged
+        logs = [LogEvent(sandbox, mid, "sent", now, logged(jobs.get(mid))) for mid in report.sent if mid not in marked]
+        logs += [LogEvent(sandbox, mid, "failed", now, logged(jobs.get(mid))) for mid in report.failed]
         if changes:
             await self.pipeline.database.run(self.pipeline.ledger.mark, changes, logs)
         ack.sent += len(report.sent)
@@ -811,20 +904,20 @@ class SendSession:
             if isinstance(done, str) or (done is not None and done.message_id == job.message_id):
                 results.append(done)
             else:
-                results.append(self._render(job))
+                results.append(self._render(job.message_id, job.recipient, job.verdict))
         return results
 
-    def _render(self, job: _Job) -> OutgoingMessage | str:
-        verdict = job.verdict
+    def _render(self, mid: str, recipient: Recipient, verdict: Verdict) -> OutgoingMessage | str:
+        """The message ``mid`` to an allowed recipient, or the reason it is skipped."""
         address = verdict.address
         profile = verdict.profile or ProfileView(profile_id="")
-        context = {"profile": profile_context(profile, address), "target": dict(job.recipient.target)}
+        context = {"profile": profile_context(profile, address), "target": dict(recipient.target)}
         try:
             parts = self.template.render(context)
             return compose(
                 self.pipeline,
                 self.template.template.content_kind,
-                job.message_id,
+                mid,
                 parts,
                 address,
                 stream=self.extract_stream,
@@ -834,7 +927,7 @@ class SendSession:
         except MessageTooLong:
             return MESSAGE_TOO_LONG
         except (RenderError, ValueError) as exc:
-            log.info("render failed", message_id=job.message_id, error=str(exc))
+            log.info("render failed", message_id=mid, error=str(exc))
             return RENDER_ERROR
 
 

@@ -379,14 +379,21 @@ class OutboxIndex:
             raise
         self.connection.execute("COMMIT")
 
-    def claim(self, name: str, temporary: Path, message_ids: Sequence[str]) -> None:
-        """Record (in the caller's transaction) that file ``name``, now at ``temporary``, holds the ids."""
-        cursor = self.connection.execute("INSERT INTO files (name) VALUES (?)", (name,))
-        file_id = cursor.lastrowid
-        self.connection.execute("INSERT INTO claims (file_id, temporary) VALUES (?, ?)", (file_id, temporary.name))
-        self.connection.executemany(
-            "INSERT INTO messages (message_id, file_id) VALUES (?, ?)", ((m, file_id) for m in message_ids)
-        )
+    def claim(self, name: str, temporary: Path, message_ids: Sequence[str]) -> bool:
+        """Record (in the caller's transaction) that file ``name``, now at ``temporary``, holds the ids
+        (distinct), unless the index holds one of them already: then nothing is recorded and the answer
+        is False. One insert that detects an id taken, instead of a lookup of every id before the insert."""
+        connection = self.connection
+        connection.execute("SAVEPOINT claim")
+        file_id = connection.execute("INSERT INTO files (name) VALUES (?)", (name,)).lastrowid
+        connection.execute("INSERT INTO claims (file_id, temporary) VALUES (?, ?)", (file_id, temporary.name))
+        inserted = connection.executemany(
+            "INSERT OR IGNORE INTO messages (message_id, file_id) VALUES (?, ?)", ((m, file_id) for m in message_ids)
+        ).rowcount
+        if inserted != len(message_ids):
+            connection.execute("ROLLBACK TO claim")
+        connection.execute("RELEASE claim")
+        return inserted == len(message_ids)
 
     def complete(self, name: str) -> None:
         """The claimed file ``name`` is in place: drop its claim (committed at once)."""
@@ -465,9 +472,9 @@ class OutboxMboxSession:
        ledger's ``sent`` mark: they count as sent, nothing is written again);
     2. writes the others, mboxrd-quoted with LF line ends, to a temporary file, and syncs it and the
        directory (the temporary name is durable);
-    3. in one write transaction, checks the ids again under the lock (a concurrent session may have
-       written some; they are dropped, the file rewritten) and claims them: the file name, its
-       temporary name and its ids go into the index, committed;
+    3. in one write transaction, claims the ids: the file name, its temporary name and its ids go into
+       the index, committed, unless a concurrent session wrote some meanwhile (the claim detects it under
+       the lock): those are dropped, the file rewritten, and the rest claimed;
     4. renames the file into place, syncs the directory, and drops the claim.
 
     A crash after 3 leaves a claim: the next :meth:`OutboxMboxProvider.open` (in any process) renames the
@@ -504,14 +511,16 @@ class OutboxMboxSession:
                 return
             name, temporary = self._write(fresh)
             with self.index.transaction():
-                taken = self.index.written([m.message_id for m in fresh])
-                if taken:  # written meanwhile by another session
+                if not self.index.claim(name, temporary, [m.message_id for m in fresh]):
+                    # Some were written meanwhile by another session (the index is locked now).
+                    taken = self.index.written([m.message_id for m in fresh])
                     self._discard()
                     fresh = [m for m in fresh if m.message_id not in taken]
                     if not fresh:
                         return
                     name, temporary = self._write(fresh)
-                self.index.claim(name, temporary, [m.message_id for m in fresh])
+                    if not self.index.claim(name, temporary, [m.message_id for m in fresh]):
+                        raise sqlite3.IntegrityError("the outbox index changed under its write lock")
             self._temporary = None  # claimed: the roll-forward owns it now
             _place(self.directory, temporary, self.directory / name)
             self.index.complete(name)
@@ -541,9 +550,16 @@ class OutboxMboxSession:
         temporary = self.directory / f".{name}.{uuid.uuid4().hex}.tmp"
         self._temporary = temporary
         stamp = time.asctime(now.timetuple()).encode("ascii")
+        envelopes: dict[str, bytes] = {}  # the "From " line of each sender (the same few for the batch)
         with temporary.open("xb", buffering=1 << 20) as handle:
+            write = handle.write
             for message in messages:
-                handle.write(mbox_entry(message, stamp))
+                envelope = envelopes.get(message.envelope_from)
+                if envelope is None:
+                    envelope = envelopes[message.envelope_from] = _envelope_line(message.envelope_from, stamp)
+                write(envelope)
+                write(_mbox_message(message))
+                write(b"\n")
             handle.flush()
             os.fsync(handle.fileno())
         _fsync_directory(self.directory)
@@ -560,6 +576,17 @@ def mbox_entry(message: OutgoingEmail, stamp: bytes) -> bytes:
     message with LF line ends, its lines matching ``>*From `` quoted with one more ``>``, a
     ``X-Carillon-Message-Id`` header first when the message does not carry its id as that header, and an
     empty line."""
+    return _envelope_line(message.envelope_from, stamp) + _mbox_message(message) + b"\n"
+
+
+def _envelope_line(envelope_from: str, stamp: bytes) -> bytes:
+    """The ``From `` line of a message (a sender that cannot be written there is ``MAILER-DAEMON``)."""
+    sender = envelope_from if _SAFE_ENVELOPE.match(envelope_from) else "MAILER-DAEMON"
+    return b"From " + sender.encode("ascii") + b" " + stamp + b"\n"
+
+
+def _mbox_message(message: OutgoingEmail) -> bytes:
+    """The message of an mbox entry: LF line ends, ``>*From `` lines quoted, its id header, a final LF."""
     data = message.data.replace(b"\r\n", b"\n")
     if b"From " in data:
         data = _FROM_LINE.sub(rb">\1", data)
@@ -567,8 +594,7 @@ def mbox_entry(message: OutgoingEmail, stamp: bytes) -> bytes:
         data = f"{MESSAGE_ID_HEADER}: {message.message_id}\n".encode("ascii") + data
     if not data.endswith(b"\n"):
         data += b"\n"
-    sender = message.envelope_from if _SAFE_ENVELOPE.match(message.envelope_from) else "MAILER-DAEMON"
-    return b"From " + sender.encode("ascii") + b" " + stamp + b"\n" + data + b"\n"
+    return data
 
 
 def _header_id(data: bytes) -> str | None:

@@ -93,6 +93,9 @@ class MessageLogBatchRow(DeliveryBase, table=True):
     status: str = Field(max_length=16)
     event_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
     message_ids: str = Field(sa_type=sa.Text)
+    # What the logs say about their messages (campaign, identity...: see delivery_svc.ledger), so that
+    # sending them reads no ledger row; null when not known (rows moved by migration 6).
+    details: str | None = Field(default=None, sa_type=sa.Text)
     size: int
     create_time: datetime = Field(sa_type=sa.DateTime(timezone=True))
     # Failed deliveries to audience_svc so far, and when the next attempt is due.

@@ -4,7 +4,10 @@ Every part of a template is a Jinja2 template compiled in an immutable sandboxed
 ``StrictUndefined``: an undefined variable is an error (``| default(...)`` still works), an unsafe
 attribute (``''.__class__``) is an error, and huge string or power operations are refused. HTML parts
 are autoescaped, the other parts are not. A template is compiled when it is created, so a syntax error
-is reported then, naming the part (``template.email.subject``).
+is reported then, naming the part (``template.email.subject``). A part made only of text and variable
+lookups (``Hi {{ profile.first_name }}``) is also planned: while its lookups end on plain values of plain
+dicts, it is filled from them without running its code, with the very text the sandbox would write
+(tests/unit/test_delivery_fast_templates.py); anything else runs in the sandbox.
 
 Rendering context: ``profile`` (id, name, first_name, last_name, locale, time_zone, email, phone,
 attributes) and ``target`` (the recipient's working-set row as Python values).
@@ -12,21 +15,24 @@ attributes) and ``target`` (the recipient's working-set row as Python values).
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import operator
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
 import sqlalchemy as sa
-from jinja2 import StrictUndefined, TemplateError
+from jinja2 import StrictUndefined, TemplateError, nodes
 from jinja2 import Template as JinjaTemplate
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context, new_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from markupsafe import escape
 
 from carillon_chassis.database import Database, as_utc, utcnow
 from carillon_chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
@@ -85,6 +91,20 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 raise SecurityError("sequence repetition too large")
         return operator.mul(left, right)
 
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        """``obj.attribute``: for a plain dict and a name that is not one of its attributes, the item (or
+        undefined), which is what the sandbox's lookup ends up with after a failed ``getattr`` (an
+        exception per variable of every recipient); anything else goes through the sandbox."""
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except (TypeError, LookupError):
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
+
+
+# The names that ``getattr`` finds on a dict (methods, dunders): ``d.items`` is the method, not an item.
+_DICT_ATTRIBUTES = frozenset(name for name in dir(dict) if hasattr({}, name))
 
 _TEXT_ENV = _Sandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
 _HTML_ENV = _Sandbox(undefined=StrictUndefined, autoescape=True, keep_trailing_newline=True)
@@ -107,15 +127,107 @@ class Template:
         return f"templates/{self.template_id}"
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A part made only of text and variable lookups (``Hi {{ profile.first_name }}``): the text as a
+    format string with a ``{}`` per lookup, and each lookup's path (a context variable, then the keys)."""
+
+    format: str
+    lookups: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+# Values a lookup may end on to be written by the plan, as ``str(value)`` (escaped in HTML parts), which
+# is what the sandbox's output does with them; anything else (Markup, lists, objects) renders in Jinja.
+_PLAIN_VALUES = frozenset({str, int, float, bool, type(None), Decimal, dt.date, dt.datetime})
+# Names the generated code does not resolve from the context.
+_SPECIAL_NAMES = frozenset({"self", "loop", "caller", "varargs", "kwargs", "super"})
+_MISSING = object()
+
+
+def plan_part(env: ImmutableSandboxedEnvironment, source: str) -> Plan | None:
+    """The plan of a part that is only text and ``{{ name.key["key"] }}`` lookups, None for any other part
+    (tags, filters, tests, calls, operators, literals, or a ``.name`` that a dict has as an attribute)."""
+    pieces: list[str] = []
+    lookups: list[tuple[str, tuple[str, ...]]] = []
+    for node in env.parse(source).body:
+        if type(node) is not nodes.Output:
+            return None
+        for child in node.nodes:
+            if type(child) is nodes.TemplateData:
+                # The text as the compiled template writes it (line ends normalised), braces doubled.
+                pieces.append(child.data.replace("{", "{{").replace("}", "}}"))
+                continue
+            path = _lookup_path(child)
+            if path is None:
+                return None
+            pieces.append("{}")
+            lookups.append((path[0], path[1:]))
+    return Plan("".join(pieces), tuple(lookups))
+
+
+def _lookup_path(node: nodes.Node) -> tuple[str, ...] | None:
+    keys: list[str] = []
+    while True:
+        if type(node) is nodes.Getattr and node.ctx == "load" and node.attr not in _DICT_ATTRIBUTES:
+            keys.append(node.attr)
+            node = node.node
+        elif (
+            type(node) is nodes.Getitem
+            and node.ctx == "load"
+            and type(node.arg) is nodes.Const
+            and type(node.arg.value) is str
+        ):
+            keys.append(node.arg.value)
+            node = node.node
+        elif type(node) is nodes.Name and node.ctx == "load" and node.name not in _SPECIAL_NAMES:
+            keys.append(node.name)
+            keys.reverse()
+            return tuple(keys)
+        else:
+            return None
+
+
+def _lookup_text(context: Mapping[str, Any], name: str, keys: tuple[str, ...]) -> str | None:
+    """What the sandbox writes for ``{{ name.key... }}`` in a text part: ``str`` of a plain value reached
+    through plain dicts; None when the lookup goes anywhere else (a name missing from ``context``, a key
+    missing, a value of another type), for Jinja to render, or to report the error."""
+    value = context.get(name, _MISSING)
+    for key in keys:
+        if type(value) is not dict:
+            return None
+        value = value.get(key, _MISSING)
+    kind = type(value)
+    if kind is str:
+        return value  # type: ignore[no-any-return]
+    return str(value) if kind in _PLAIN_VALUES else None
+
+
+def _html_text(text: str | None) -> str | None:
+    """What the sandbox writes for the same lookup in an HTML part: the text escaped by markupsafe."""
+    if text is None or _HTML_SPECIAL.search(text) is None:
+        return text
+    return str(escape(text))
+
+
+# The characters markupsafe's escape replaces (a text without any is written as it is).
+_HTML_SPECIAL = re.compile("[&<>'\"]")
+
+
 class CompiledTemplate:
     """A template whose parts are compiled, ready to render once per recipient.
 
-    Rendering builds the variables of a recipient (the environment's globals and ``context``) once for
-    all the parts, where ``jinja2.Template.render`` copies the context and flattens the globals again
-    for every part: half the cost of rendering a three-part email (measured: 20 -> 11 us).
+    A part made only of text and variable lookups (most personalisation) renders from its :class:`Plan`:
+    the distinct lookups of all such parts are resolved once per recipient, and each part is its format
+    string filled with their text (escaped in HTML parts) — what the sandbox writes, at a tenth of the
+    cost of running the compiled code. Any other part, or a planned one with a lookup that does not end
+    on a plain value, runs in the sandbox. There, rendering builds the variables of a recipient (the
+    environment's globals and ``context``) once for all the parts, where ``jinja2.Template.render`` copies
+    the context and flattens the globals again for every part.
     """
 
-    def __init__(self, template: Template, parts: Mapping[str, JinjaTemplate]) -> None:
+    def __init__(
+        self, template: Template, parts: Mapping[str, JinjaTemplate], plans: Mapping[str, Plan | None] | None = None
+    ) -> None:
         self.template = template
         self._parts = dict(parts)
         # The globals of each part's environment, flattened once; parts of one environment share them.
@@ -124,29 +236,54 @@ class CompiledTemplate:
             part: flattened.setdefault(id(compiled.environment), dict(compiled.globals))
             for part, compiled in self._parts.items()
         }
+        # The distinct lookups of the planned parts, and per part: (name, compiled, format string or None,
+        # the indexes of its lookups, HTML-escaped, single-line).
+        lookups: dict[tuple[str, tuple[str, ...]], int] = {}
+        self._steps: list[tuple[str, JinjaTemplate, str | None, tuple[int, ...], bool, bool]] = []
+        for part, compiled in self._parts.items():
+            plan = (plans or {}).get(part)
+            indexes = tuple(lookups.setdefault(path, len(lookups)) for path in plan.lookups) if plan else ()
+            fmt = plan.format if plan else None
+            self._steps.append((part, compiled, fmt, indexes, part in HTML_PARTS, part in SINGLE_LINE_PARTS))
+        self._lookups = tuple(lookups)
 
     def render(self, context: Mapping[str, Any]) -> dict[str, str]:
         """Every part rendered with ``context``; raises RenderError naming the first part that fails."""
         rendered: dict[str, str] = {}
-        variables: dict[int, dict[str, Any]] = {}  # per environment: its globals, then ``context``
-        for part, compiled in self._parts.items():
-            globals_ = self._globals[part]
-            parent = variables.get(id(globals_))
-            if parent is None:
-                parent = variables[id(globals_)] = {**globals_, **context}
-            try:
-                # What jinja2.Template.render does, with the variables shared by the parts (a template
-                # assigns to its own context, never to them).
-                text = compiled.environment.concat(
-                    compiled.root_render_func(
-                        new_context(compiled.environment, compiled.name, compiled.blocks, parent, shared=True)
+        try:
+            texts = [_lookup_text(context, name, keys) for name, keys in self._lookups]
+        except Exception:  # an odd mapping in the context: the sandbox renders every part (and reports)
+            texts = [None] * len(self._lookups)
+        html_texts: list[str | None] | None = None
+        variables: dict[int, dict[str, Any]] | None = None  # per environment: its globals, then ``context``
+        for part, compiled, fmt, indexes, html, single_line in self._steps:
+            text = None
+            if fmt is not None:
+                if html and html_texts is None:
+                    html_texts = [_html_text(t) for t in texts]
+                values = [(html_texts if html_texts is not None and html else texts)[i] for i in indexes]
+                if None not in values:
+                    text = fmt.format(*values)
+            if text is None:
+                if variables is None:
+                    variables = {}
+                globals_ = self._globals[part]
+                parent = variables.get(id(globals_))
+                if parent is None:
+                    parent = variables[id(globals_)] = {**globals_, **context}
+                try:
+                    # What jinja2.Template.render does, with the variables shared by the parts (a template
+                    # assigns to its own context, never to them).
+                    text = compiled.environment.concat(
+                        compiled.root_render_func(
+                            new_context(compiled.environment, compiled.name, compiled.blocks, parent, shared=True)
+                        )
                     )
-                )
-            except Exception as exc:  # template code is user code: any failure is a render error
-                raise RenderError(part, f"{type(exc).__name__}: {exc}") from exc
+                except Exception as exc:  # template code is user code: any failure is a render error
+                    raise RenderError(part, f"{type(exc).__name__}: {exc}") from exc
             if len(text) > MAX_RENDERED_CHARS:
                 raise RenderError(part, f"rendered text exceeds {MAX_RENDERED_CHARS} characters")
-            if part in SINGLE_LINE_PARTS:
+            if single_line:
                 text = " ".join(text.split())
             rendered[part] = text
         return rendered
@@ -236,13 +373,18 @@ def compile_template(template: Template) -> CompiledTemplate:
     Compiled parts are cached by content (a template version), so that every Send stream and preview
     of the same template after the first skips the compilation (about a millisecond per template)."""
     sources = tuple((part, template.content.get(part, "")) for part in content_parts(template))
-    return CompiledTemplate(template, _compile_parts(template.content_kind, sources))
+    compiled, plans = _compile_parts(template.content_kind, sources)
+    return CompiledTemplate(template, compiled, plans)
 
 
 @functools.lru_cache(maxsize=256)
-def _compile_parts(kind: str, sources: tuple[tuple[str, str], ...]) -> Mapping[str, JinjaTemplate]:
-    """The compiled non-empty parts of a content (cached; a content that does not compile is not)."""
+def _compile_parts(
+    kind: str, sources: tuple[tuple[str, str], ...]
+) -> tuple[Mapping[str, JinjaTemplate], Mapping[str, Plan | None]]:
+    """The compiled non-empty parts of a content and their plans (cached; a content that does not compile
+    is not)."""
     compiled: dict[str, JinjaTemplate] = {}
+    plans: dict[str, Plan | None] = {}
     violations: list[FieldViolation] = []
     for part, source in sources:
         if not source:
@@ -250,6 +392,7 @@ def _compile_parts(kind: str, sources: tuple[tuple[str, str], ...]) -> Mapping[s
         env = _HTML_ENV if part in HTML_PARTS else _TEXT_ENV
         try:
             compiled[part] = env.from_string(source)
+            plans[part] = plan_part(env, source)
         except TemplateError as exc:
             line = getattr(exc, "lineno", None)
             where = f" (line {line})" if line else ""
@@ -258,7 +401,7 @@ def _compile_parts(kind: str, sources: tuple[tuple[str, str], ...]) -> Mapping[s
             violations.append(FieldViolation(_field(kind, part), "is nested too deeply"))
     if violations:
         raise InvalidArgument("the template does not compile", violations=violations, reason="TEMPLATE_SYNTAX_ERROR")
-    return MappingProxyType(compiled)
+    return MappingProxyType(compiled), MappingProxyType(plans)
 
 
 def check_new_template(template_id: str, template: Template) -> CompiledTemplate:

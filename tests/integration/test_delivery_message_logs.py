@@ -21,7 +21,7 @@ from carillon.delivery.v1 import delivery_service_pb2 as dpb
 from carillon.type.v1 import channel_pb2
 from carillon_chassis.database import Database, utcnow
 from carillon_chassis.errors import InvalidArgument, Unavailable
-from delivery_svc.ledger import Ledger, LedgerEntry, LogEvent, StatusChange
+from delivery_svc.ledger import Ledger, LedgerEntry, LogEvent, LoggedMessage, StatusChange
 from delivery_svc.message_logs import MessageLog, MessageLogFlusher, MessageLogOutbox
 from delivery_svc.tables import MIGRATIONS, MessageLogBatchRow
 from tests.conftest import DatabaseFactory
@@ -191,6 +191,7 @@ async def test_logs_queued_while_audience_is_down_arrive_once_when_it_comes_up(
     )
     database = Database(url, schema=schema, threads=1)
     database.migrate(MIGRATIONS)
+
     def attempted() -> bool:
         waiting = MessageLogOutbox(database).waiting()
         return bool(waiting) and min(w.attempts for w in waiting) > 0
@@ -222,6 +223,7 @@ class FakeSink:
     calls: list[list[str]] = field(default_factory=list)
     refused: set[str] = field(default_factory=set)
     down: bool = False
+    logs: list[MessageLog] = field(default_factory=list)  # every log accepted
 
     async def record(self, sandbox: str, logs: Sequence[MessageLog]) -> None:
         if self.down:
@@ -229,6 +231,7 @@ class FakeSink:
         if any(entry.message_id in self.refused for entry in logs):
             raise InvalidArgument("a bad log", field="logs[0].identity")
         self.calls.append([f"{entry.message_id}:{entry.status}" for entry in logs])
+        self.logs += logs
 
 
 def ledger_with_sent_messages(database: Database, count: int, *, message_logs: bool = True) -> Ledger:
@@ -402,3 +405,38 @@ async def test_logs_are_queued_as_one_row_per_batch_and_status(make_database: Ca
         rows = conn.execute(sa.select(MessageLogBatchRow.__table__)).mappings().all()  # type: ignore[attr-defined]
 
     assert [(r["status"], r["size"]) for r in rows] == [("sent", 300)]
+
+
+async def test_logs_queued_with_their_details_are_sent_without_reading_the_ledger(
+    make_database: Callable[[str], Database],
+) -> None:
+    database = make_database("delivery")
+    database.migrate(MIGRATIONS)
+    ledger = Ledger(database, message_logs=True)
+    now = utcnow()
+
+    def about(i: int, activity: str) -> LoggedMessage:
+        run = "campaigns/c/runs/r"
+        return LoggedMessage("campaigns/c", run, activity, "email", f"p{i}", f"k{i}", "email", f"{i}@x")
+
+    # One batch of one activity (shared fields stored once), then feedback of two activities at once.
+    ledger.mark([], [LogEvent("prod", f"m{i}", "sent", now, about(i, "a1")) for i in range(3)])
+    opened = [LogEvent("prod", "m0", "opened", now, about(0, "a1"))]
+    ledger.mark([], [*opened, LogEvent("prod", "n1", "opened", now, about(1, "a2"))])
+    statements: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    sa.event.listen(database.engine, "before_cursor_execute", seen)
+    try:
+        sink = FakeSink()
+        delivered = await MessageLogFlusher(database, sink).flush()
+    finally:
+        sa.event.remove(database.engine, "before_cursor_execute", seen)
+
+    assert delivered == 5
+    assert sink.calls == [["m0:sent", "m1:sent", "m2:sent"], ["m0:opened", "n1:opened"]]
+    assert not [s for s in statements if "send_ledger" in s]
+    assert (sink.logs[-1].activity, sink.logs[-1].profile_id, sink.logs[-1].entity_key) == ("a2", "p1", "k1")
+    assert (sink.logs[-1].identity_namespace, sink.logs[-1].identity_value) == ("email", "1@x")

@@ -65,8 +65,11 @@ class CollectingHandler:
     """An aiosmtpd handler that keeps every envelope it receives."""
 
     envelopes: list[Envelope] = field(default_factory=list)
+    delay_s: float = 0.0  # how long it takes to accept each message
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
         self.envelopes.append(Envelope(envelope.mail_from, list(envelope.rcpt_tos), message))
@@ -96,12 +99,12 @@ async def start_stack(database_factory: DatabaseFactory, tmp_path: Path) -> Asyn
     channels: list[grpc.aio.Channel] = []
     controllers: list[Controller] = []
 
-    async def start(**overrides: Any) -> Stack:
+    async def start(smtp_delay_s: float = 0.0, **overrides: Any) -> Stack:
         url, schema = database_factory.url_and_schema("profile")
         profile = await build_profile(ProfileSettings(port=0, database_url=url, database_schema=schema))
         servers.append(profile)
         await profile.start()
-        handler = CollectingHandler()
+        handler = CollectingHandler(delay_s=smtp_delay_s)
         smtp_port = free_port()
         controller = Controller(handler, hostname="127.0.0.1", port=smtp_port)
         controller.start()
@@ -285,6 +288,51 @@ async def test_every_batch_of_a_stream_is_acknowledged_in_order(start_stack: Sta
 
     assert [(a.sequence, a.sent) for a in acks] == [(1, 1), (2, 1)]
     assert len(stack.smtp.envelopes) == 2
+
+
+async def test_a_batch_repeating_a_message_of_the_batch_in_flight_does_not_send_it_again(
+    start_stack: StartStack,
+) -> None:
+    # The next batch is prepared while the one before is transmitted; one that shares a ledger key
+    # with it waits for that transmission, or it would find the message still pending and send it
+    # again. The relay is slow, so that the second batch arrives while the first is being sent.
+    stack = await start_stack(smtp_delay_s=0.3)
+    await seed(stack)
+
+    acks = await send(
+        stack,
+        [
+            dpb.RecipientBatch(sequence=1, recipients=[recipient("ada@example.com", "r1")]),
+            dpb.RecipientBatch(sequence=2, recipients=[recipient("ada@example.com", "r1")]),
+            dpb.RecipientBatch(sequence=3, recipients=[recipient("ada@example.com", "r2")]),
+        ],
+    )
+
+    assert [(a.sequence, a.sent, a.already_sent) for a in acks] == [(1, 1, 0), (2, 0, 1), (3, 1, 0)]
+    assert len(stack.smtp.envelopes) == 2
+
+
+async def test_a_client_that_waits_for_each_acknowledgement_gets_it_before_it_sends_more(
+    start_stack: StartStack,
+) -> None:
+    # The scheduler may hold the next batch until the last one is acknowledged (its window); the
+    # worker must not hold an acknowledgement until more arrives.
+    stack = await start_stack()
+    await seed(stack)
+    acknowledged = asyncio.Event()
+
+    async def stream() -> AsyncIterator[dpb.SendRequest]:
+        yield dpb.SendRequest(header=HEADER)
+        yield dpb.SendRequest(batch=dpb.RecipientBatch(sequence=1, recipients=[recipient("ada@example.com", "r1")]))
+        await asyncio.wait_for(acknowledged.wait(), timeout=10)
+        yield dpb.SendRequest(batch=dpb.RecipientBatch(sequence=2, recipients=[recipient("ada@example.com", "r2")]))
+
+    acks = []
+    async for ack in stack.delivery.Send(stream(), metadata=METADATA, timeout=20):
+        acks.append(ack)
+        acknowledged.set()
+
+    assert [(a.sequence, a.sent) for a in acks] == [(1, 1), (2, 1)]
 
 
 async def test_the_outbox_provider_writes_one_eml_file_per_message(start_stack: StartStack, tmp_path: Path) -> None:

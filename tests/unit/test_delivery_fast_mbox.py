@@ -1,0 +1,84 @@
+"""The mbox outbox's claim detects ids written meanwhile by another session in the same insert, and the
+batch's mbox entries are written as :func:`mbox_entry` writes them."""
+
+from __future__ import annotations
+
+import mailbox
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from delivery_svc.emails import MESSAGE_ID_HEADER, OutgoingEmail, compose_email
+from delivery_svc.providers import OutboxIndex, OutboxMboxProvider, RetryPolicy, deliver_batch, mbox_entry
+
+NO_WAIT = RetryPolicy(attempts=1, initial_s=0, max_s=0)
+
+
+def compose(mid: str, body: str = "Hello", sender: str = "news@example.com") -> OutgoingEmail:
+    return compose_email(
+        mid, {"text_body": body}, "ada@example.com", default_sender_name="C", default_sender_address=sender
+    )
+
+
+def ids_in_outbox(directory: Path) -> list[str]:
+    ids = []
+    for path in sorted(directory.glob("*.mbox")):
+        ids += [str(message[MESSAGE_ID_HEADER]) for message in mailbox.mbox(path)]
+    return sorted(ids)
+
+
+def test_a_claim_with_an_id_taken_records_nothing_and_says_so(tmp_path: Path) -> None:
+    index = OutboxIndex(tmp_path)
+    try:
+        with index.transaction():
+            assert index.claim("a.mbox", tmp_path / ".a.tmp", ["m1", "m2"])
+        with index.transaction():
+            assert not index.claim("b.mbox", tmp_path / ".b.tmp", ["m3", "m2"])
+        assert index.written(["m1", "m2", "m3"]) == {"m1", "m2"}
+        files = index.connection.execute("SELECT name FROM files ORDER BY 1").fetchall()
+        claims = index.connection.execute("SELECT count(*) FROM claims").fetchone()[0]
+    finally:
+        index.close()
+    assert files == [("a.mbox",)] and claims == 1
+
+
+def test_ids_written_by_another_session_after_the_first_check_are_dropped_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deliver_batch(OutboxMboxProvider(tmp_path), [compose("m1"), compose("m2")], NO_WAIT)
+    checks: list[list[str]] = []
+    written = OutboxIndex.written
+
+    def first_check_sees_nothing(self: OutboxIndex, message_ids: list[str]) -> set[str]:
+        checks.append(list(message_ids))
+        return set() if len(checks) == 1 else written(self, message_ids)
+
+    monkeypatch.setattr(OutboxIndex, "written", first_check_sees_nothing)
+    report = deliver_batch(OutboxMboxProvider(tmp_path), [compose("m1"), compose("m3"), compose("m2")], NO_WAIT)
+
+    assert report.sent == ["m1", "m3", "m2"]
+    assert len(checks) == 2  # the check before writing, then the one under the lock after the claim failed
+    assert ids_in_outbox(tmp_path) == ["m1", "m2", "m3"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    with sqlite3.connect(tmp_path / OutboxIndex.FILE_NAME) as index:
+        assert index.execute("SELECT count(*) FROM messages").fetchone()[0] == 3
+        assert index.execute("SELECT count(*) FROM claims").fetchone()[0] == 0
+
+
+def test_a_batch_file_is_the_mbox_entries_of_its_messages(tmp_path: Path) -> None:
+    messages = [
+        compose("m1", "From the start\n>From quoted\nbody"),
+        OutgoingEmail("m2", "bad sender", "ada@example.com", compose("m2", "no final line end").data),
+        OutgoingEmail("m3", "news@example.com", "ada@example.com", b"Subject: no id\r\n\r\nFrom here\r\n"),
+        compose("m4", "Hello", sender="other@example.com"),
+    ]
+
+    deliver_batch(OutboxMboxProvider(tmp_path), messages, NO_WAIT)
+
+    (path,) = tmp_path.glob("*.mbox")
+    data = path.read_bytes()
+    stamp = data[len(b"From news@example.com ") : data.index(b"\n")]
+    assert data == b"".join(mbox_entry(m, stamp) for m in messages)
+    assert b"From MAILER-DAEMON " in data and b"\nFrom other@example.com " in data
+    assert ids_in_outbox(tmp_path) == ["m1", "m2", "m3", "m4"]

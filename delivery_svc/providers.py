@@ -387,8 +387,9 @@ class OutboxIndex:
         connection.execute("SAVEPOINT claim")
         file_id = connection.execute("INSERT INTO files (name) VALUES (?)", (name,)).lastrowid
         connection.execute("INSERT INTO claims (file_id, temporary) VALUES (?, ?)", (file_id, temporary.name))
-        inserted = connection.executemany(
-            "INSERT OR IGNORE INTO messages (message_id, file_id) VALUES (?, ?)", ((m, file_id) for m in message_ids)
+        inserted = connection.executemany(  # in key order: neighbouring ids share index pages
+            "INSERT OR IGNORE INTO messages (message_id, file_id) VALUES (?, ?)",
+            ((m, file_id) for m in sorted(message_ids)),
         ).rowcount
         if inserted != len(message_ids):
             connection.execute("ROLLBACK TO claim")
@@ -468,16 +469,16 @@ class OutboxMboxSession:
     ``send`` keeps the message (the pipeline holds the batch in memory already; a second message with
     the same id is dropped, the first content wins). ``finish``:
 
-    1. drops the ids the index already holds (a replay after a crash between the durable file and the
-       ledger's ``sent`` mark: they count as sent, nothing is written again);
-    2. writes the others, mboxrd-quoted with LF line ends, to a temporary file, and syncs it and the
+    1. writes the messages, mboxrd-quoted with LF line ends, to a temporary file, and syncs it and the
        directory (the temporary name is durable);
-    3. in one write transaction, claims the ids: the file name, its temporary name and its ids go into
-       the index, committed, unless a concurrent session wrote some meanwhile (the claim detects it under
-       the lock): those are dropped, the file rewritten, and the rest claimed;
-    4. renames the file into place, syncs the directory, and drops the claim.
+    2. in one write transaction, claims the ids: the file name, its temporary name and its ids go into
+       the index, committed, unless the index holds some already (a replay after a crash between the
+       durable file and the ledger's ``sent`` mark, or a concurrent session; the claim detects it under
+       the lock): those count as sent and are dropped, the file is rewritten, and the rest claimed (no
+       lookup of the ids before: a fresh batch, the usual case, is claimed at once);
+    3. renames the file into place, syncs the directory, and drops the claim.
 
-    A crash after 3 leaves a claim: the next :meth:`OutboxMboxProvider.open` (in any process) renames the
+    A crash after 2 leaves a claim: the next :meth:`OutboxMboxProvider.open` (in any process) renames the
     temporary file into place if it is still there, then drops the claim, so claimed ids are always in
     a file. Claiming before the rename (rather than indexing after it) is what makes the check and the
     claim one atomic step across processes. A disk or index error raises ProviderUnavailableError (the
@@ -505,10 +506,9 @@ class OutboxMboxSession:
         if not self._messages:
             return
         try:
-            written = self.index.written(list(self._messages))
-            fresh = [m for m in self._messages.values() if m.message_id not in written]
-            if not fresh:
-                return
+            # No lookup of the ids first: the claim detects one already written (a replayed batch), and
+            # only then are the written ones looked up, under the index's lock, and the file rewritten.
+            fresh = list(self._messages.values())
             name, temporary = self._write(fresh)
             with self.index.transaction():
                 if not self.index.claim(name, temporary, [m.message_id for m in fresh]):

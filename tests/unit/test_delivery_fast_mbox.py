@@ -43,27 +43,44 @@ def test_a_claim_with_an_id_taken_records_nothing_and_says_so(tmp_path: Path) ->
     assert files == [("a.mbox",)] and claims == 1
 
 
-def test_ids_written_by_another_session_after_the_first_check_are_dropped_from_the_file(
+def test_a_batch_repeating_written_ids_writes_only_the_new_ones_after_its_claim_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # No lookup before writing: the claim of the whole batch fails on the ids written already, and
+    # only then are they looked up (under the index's lock) and the file rewritten without them.
     deliver_batch(OutboxMboxProvider(tmp_path), [compose("m1"), compose("m2")], NO_WAIT)
     checks: list[list[str]] = []
     written = OutboxIndex.written
 
-    def first_check_sees_nothing(self: OutboxIndex, message_ids: list[str]) -> set[str]:
+    def counted(self: OutboxIndex, message_ids: list[str]) -> set[str]:
         checks.append(list(message_ids))
-        return set() if len(checks) == 1 else written(self, message_ids)
+        return written(self, message_ids)
 
-    monkeypatch.setattr(OutboxIndex, "written", first_check_sees_nothing)
+    monkeypatch.setattr(OutboxIndex, "written", counted)
     report = deliver_batch(OutboxMboxProvider(tmp_path), [compose("m1"), compose("m3"), compose("m2")], NO_WAIT)
 
     assert report.sent == ["m1", "m3", "m2"]
-    assert len(checks) == 2  # the check before writing, then the one under the lock after the claim failed
+    assert checks == [["m1", "m3", "m2"]]  # once, after the claim failed
     assert ids_in_outbox(tmp_path) == ["m1", "m2", "m3"]
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     with sqlite3.connect(tmp_path / OutboxIndex.FILE_NAME) as index:
         assert index.execute("SELECT count(*) FROM messages").fetchone()[0] == 3
         assert index.execute("SELECT count(*) FROM claims").fetchone()[0] == 0
+
+
+def test_a_fresh_batch_is_claimed_without_looking_its_ids_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    written = OutboxIndex.written
+
+    def counted(self: OutboxIndex, message_ids: list[str]) -> set[str]:
+        calls.append(len(message_ids))
+        return written(self, message_ids)
+
+    monkeypatch.setattr(OutboxIndex, "written", counted)
+    report = deliver_batch(OutboxMboxProvider(tmp_path), [compose("m1"), compose("m2")], NO_WAIT)
+
+    assert report.sent == ["m1", "m2"] and calls == []
+    assert ids_in_outbox(tmp_path) == ["m1", "m2"]
 
 
 def test_a_batch_file_is_the_mbox_entries_of_its_messages(tmp_path: Path) -> None:

@@ -197,7 +197,7 @@ class EngineOptions:
     """How the engine paces and retries."""
 
     max_unacked_batches: int = 4
-    default_batch_size: int = 500
+    default_batch_size: int = 5000
     activity_attempts: int = 3
     retry_initial_s: float = 0.5
     retry_max_s: float = 10.0

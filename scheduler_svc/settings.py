@@ -39,7 +39,7 @@ class SchedulerSettings(ServiceSettings):
     # Send batches streamed to a delivery worker ahead of its acknowledgements (back-pressure).
     max_unacked_batches: int = Field(default=4, ge=1, le=1000)
     # Recipients per send batch when a channel activity does not set its own batch size.
-    default_batch_size: int = Field(default=500, ge=1, le=10000)
+    default_batch_size: int = Field(default=5000, ge=1, le=10000)
     # How long a claimed run belongs to this replica without renewal, in seconds.
     lease_s: float = Field(default=60, gt=0)
     # Runs this replica executes at the same time.

@@ -245,7 +245,7 @@ class ChannelActivity(_message.Message):
     template: _builtins.str
     """The template, `templates/{template}` (delivery_svc)."""
     batch_size: _builtins.int
-    """Recipients per send batch (default 500, at most 10000)."""
+    """Recipients per send batch (default 5000, the scheduler's CARILLON_SCHEDULER_DEFAULT_BATCH_SIZE; at most 10000)."""
     rate_limit_per_second: _builtins.int
     """The most messages per second this activity sends, 1 to the delivery worker's maximum (2000 by
     default); 0 means no limit of the activity's own.

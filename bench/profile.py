@@ -3,7 +3,7 @@
 Not a test: it prints microseconds per identity for each call and a ratio against a baseline measured in
 the same run.
 
-    .venv/bin/python bench/profile.py [--profiles 50000] [--batch 5000]
+    .venv/bin/python bench/profile.py [--profiles 50000] [--batch 5000] [--history 0]
 
 profile_stub runs as a subprocess on PostgreSQL (``CARILLON_BENCH_POSTGRES_URL``, default the local
 ``test`` database; in its own schema, dropped at the end). The bench loads ``--profiles`` profiles (an
@@ -16,6 +16,15 @@ and ``RecordCommunications`` of the reserved messages; each timed at the client,
 CPU: per call, the CPU time of profile_stub's process and of the PostgreSQL backends of its connections
 (read from /proc, found by their ``application_name``), summed over the batches, per identity: what a
 call costs whatever else the shared machine runs. (The delivery worker makes the "one call" and record.)
+
+Defaults: ``--defaults`` sends RecordCommunications what a batch's communications share (channel,
+category, campaign, run, activity, send time) once, in ``defaults``, and each communication only its
+profile and message id.
+
+History: ``--history N`` preloads N communications (message ids ``h-<i>``, spread over the profiles, sent
+2 to 60 days ago: older than the capping rule counts) after the statistics are taken, as a fast-growing
+table's statistics lag behind it; comparing the CPU per identity of a small and a large history shows
+whether a batch's reads cost more as the communications grow.
 
 Baseline: the same reads and writes as hand-written SQL through psycopg on the same tables, per batch —
 the identity → profile + consent + quarantine read (one statement), the reservation insert and the
@@ -95,7 +104,7 @@ class CpuMeter:
 
 
 async def service_batch(
-    stub: profile_service_pb2_grpc.ProfileServiceStub, batch: range, meter: CpuMeter
+    stub: profile_service_pb2_grpc.ProfileServiceStub, batch: range, meter: CpuMeter, defaults: bool = False
 ) -> dict[str, float]:
     """The three calls for one batch, as the delivery worker makes them; seconds per call."""
     seconds: dict[str, float] = {}
@@ -117,21 +126,28 @@ async def service_batch(
         raise SystemExit("a reservation was not made")
 
     now = to_timestamp(datetime.now(UTC))
-    request = profile_service_pb2.RecordCommunicationsRequest(
-        communications=[
-            profile_pb2.Communication(
-                profile=f"profiles/{pid}",
-                channel=channel_pb2.CHANNEL_EMAIL,
-                category=channel_pb2.MESSAGE_CATEGORY_MARKETING,
-                campaign="campaigns/bench",
-                run="campaigns/bench/runs/r1",
-                activity="email1",
-                message_id=f"m-{i}",
-                send_time=now,
-            )
-            for i, pid in zip(batch, profile_ids, strict=True)
-        ]
+    shared = profile_pb2.Communication(
+        channel=channel_pb2.CHANNEL_EMAIL,
+        category=channel_pb2.MESSAGE_CATEGORY_MARKETING,
+        campaign="campaigns/bench",
+        run="campaigns/bench/runs/r1",
+        activity="email1",
+        send_time=now,
     )
+    if defaults:  # what the communications share, sent once
+        request = profile_service_pb2.RecordCommunicationsRequest(
+            defaults=shared,
+            communications=[
+                profile_pb2.Communication(profile=f"profiles/{pid}", message_id=f"m-{i}")
+                for i, pid in zip(batch, profile_ids, strict=True)
+            ],
+        )
+    else:
+        request = profile_service_pb2.RecordCommunicationsRequest(communications=[])
+        for i, pid in zip(batch, profile_ids, strict=True):
+            item = request.communications.add()
+            item.CopyFrom(shared)
+            item.profile, item.message_id = f"profiles/{pid}", f"m-{i}"
     cpu = meter.read()
     started = time.perf_counter()
     recorded = await stub.RecordCommunications(request, metadata=METADATA, timeout=600)
@@ -174,6 +190,21 @@ FROM unnest(%(messages)s::text[], %(profiles)s::text[]) AS t(m, p)
 """
 
 
+HISTORY = """
+INSERT INTO communications (sandbox, message_id, profile_id, channel, category, campaign, run, activity, send_time)
+SELECT %(sandbox)s, 'h-' || g, 'p' || lpad((g %% %(profiles)s)::text, 7, '0'), 'email', 'marketing', 'campaigns/old',
+       'campaigns/old/runs/r', 'email1', now() - (2 + g %% 59) * interval '1 day'
+FROM generate_series(%(start)s, %(stop)s - 1) AS g
+"""
+
+
+def preload_history(conn: psycopg.Connection[tuple[object, ...]], n: int, profiles: int) -> None:
+    """``n`` old communications spread over the profiles, inserted in the server (setup, not measured)."""
+    for start in range(0, n, 100_000):
+        stop = min(n, start + 100_000)
+        conn.execute(HISTORY, {"sandbox": SANDBOX, "profiles": profiles, "start": start, "stop": stop})
+
+
 def baseline_batch(conn: psycopg.Connection[tuple[object, ...]], batch: range) -> dict[str, float]:
     """The same reads and writes in hand-written SQL; seconds per call (check = read, reserve = read +
     reservation insert, record = communication insert)."""
@@ -203,7 +234,15 @@ def baseline_batch(conn: psycopg.Connection[tuple[object, ...]], batch: range) -
 
 
 async def measure(
-    target: str, url: str, schema: str, n: int, batch_size: int, pid: int, application: str
+    target: str,
+    url: str,
+    schema: str,
+    n: int,
+    batch_size: int,
+    pid: int,
+    application: str,
+    history: int = 0,
+    defaults: bool = False,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
     """Per call, the microseconds per identity of each batch: profile_stub's and the baseline's; and
     the CPU seconds of each call per batch (profile_stub's and its PostgreSQL backends')."""
@@ -217,10 +256,14 @@ async def measure(
         with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
             conn.execute(f'SET search_path TO "{schema}"')
             conn.execute("ANALYZE")  # the same statistics for both sides
+            if history:  # after the statistics: they lag behind a fast-growing table
+                started = time.perf_counter()
+                preload_history(conn, history, n)
+                print(f"history preloaded in      {time.perf_counter() - started:>10.1f} s (setup, not measured)")
             meter = CpuMeter(conn, pid, application)
             for start in range(0, n, batch_size):
                 batch = range(start, min(n, start + batch_size))
-                for name, seconds in (await service_batch(stub, batch, meter)).items():
+                for name, seconds in (await service_batch(stub, batch, meter, defaults)).items():
                     service[name].append(seconds / len(batch) * 1e6)
                 for name, seconds in baseline_batch(conn, batch).items():
                     baseline[name].append(seconds / len(batch) * 1e6)
@@ -233,6 +276,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", type=int, default=50_000, help="profiles loaded and checked")
     parser.add_argument("--batch", type=int, default=5000, help="identities per call (the delivery batch)")
+    parser.add_argument("--history", type=int, default=0, help="old communications preloaded before measuring")
+    parser.add_argument(
+        "--defaults", action="store_true", help="RecordCommunications sends what a batch shares once, as defaults"
+    )
     args = parser.parse_args()
     url = os.environ.get("CARILLON_BENCH_POSTGRES_URL", DEFAULT_URL)
     schema = f"bench_profile_{uuid.uuid4().hex[:8]}"
@@ -250,7 +297,17 @@ def main() -> None:
     )
     try:
         service, baseline, cpu = asyncio.run(
-            measure(profile.address(), url, schema, args.profiles, args.batch, profile.popen.pid, application)
+            measure(
+                profile.address(),
+                url,
+                schema,
+                args.profiles,
+                args.batch,
+                profile.popen.pid,
+                application,
+                args.history,
+                args.defaults,
+            )
         )
     finally:
         profile.stop()
@@ -258,6 +315,9 @@ def main() -> None:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"identities                {args.profiles:>10,}  (batches of {args.batch:,}, one capping rule of 10/day)")
+    print(f"history                   {args.history:>10,}  (old communications, preloaded without ANALYZE)")
+    if args.defaults:
+        print("record                    with defaults (what the batch's communications share, sent once)")
     print("us per identity, median over the batches (robust to other work on the machine):")
     print(f"{'call':<10} {'profile_stub':>12} {'baseline':>12} {'ratio':>8}")
     for name in CALLS:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -25,7 +25,17 @@ from carillon_chassis.messages import profile_key
 from carillon_chassis.names import new_id, validate_id
 from profile_stub import quarantine
 from profile_stub.capping import MAX_MESSAGES_LIMIT, PERIODS, TIME_BASES, CappingRule, period_start
-from profile_stub.keysets import SQLITE_CHUNK, array_of, custom_plans, fetch_rows, insert_rows, key_chunks, one_of
+from profile_stub.keysets import (
+    SQLITE_CHUNK,
+    KeyMatch,
+    array_of,
+    custom_plans,
+    delete_per_key,
+    fetch_rows,
+    insert_rows,
+    key_chunks,
+    per_key,
+)
 from profile_stub.quarantine import EVENT_KINDS, OPT_OUT_KINDS, DeliveryEvent, Quarantine
 from profile_stub.tables import (
     CappingRuleRow,
@@ -168,39 +178,24 @@ def _slices(conn: sa.Connection, keys: Sequence[str]) -> Iterator[Sequence[str]]
     return key_chunks(keys, conn.dialect.name == "postgresql")
 
 
-def _in(conn: sa.Connection, column: Any, keys: Sequence[str]) -> sa.ColumnElement[bool]:
-    """``column`` is one of ``keys`` (one array parameter on PostgreSQL)."""
-    return one_of(column, keys, conn.dialect.name == "postgresql")
-
-
 def _profile_rows(
     conn: sa.Connection, sandbox: str, ids: Sequence[str], columns: Sequence[str], *, lock: bool = False
 ) -> Sequence[Sequence[Any]]:
-    """``columns`` of the profiles of ``ids`` that exist. With ``lock`` (PostgreSQL), each row is locked
-    as it is read (``FOR NO KEY UPDATE``, held to commit), in the order of ``ids`` (sorted by the caller:
-    no deadlocks between reservers), so that the reservers of a profile serialize while readers never
-    wait. (A counter row per profile, inserted when missing and then locked, cost two statements, an
-    index probe and, at a profile's first send, a row insert more per profile.) The locking read probes
-    the primary key once per id, whatever the statistics say: a LATERAL subquery with LIMIT 1 cannot be
-    flattened into a join (see ``_missing_profiles``); a profile deleted meanwhile has no row, and is
-    judged unknown."""
+    """``columns`` of the profiles of ``ids`` that exist, one primary-key probe per id (:func:`per_key`).
+    With ``lock`` (PostgreSQL), each row is locked as it is read (``FOR NO KEY UPDATE``, held to commit),
+    in the order of ``ids`` (sorted by the caller: no deadlocks between reservers), so that the reservers
+    of a profile serialize while readers never wait. (A counter row per profile, inserted when missing and
+    then locked, cost two statements, an index probe and, at a profile's first send, a row insert more per
+    profile.) A profile deleted meanwhile has no row, and is judged unknown."""
     profiles_t = ProfileRow.__table__  # type: ignore[attr-defined]
-    if not lock:
-        return fetch_rows(
-            conn,
-            sa.select(*(profiles_t.c[name] for name in columns)).where(
-                profiles_t.c.sandbox == sandbox, _in(conn, profiles_t.c.profile_id, ids)
-            ),
+
+    def query(match: KeyMatch) -> sa.Select[Any]:
+        select = sa.select(*(profiles_t.c[name] for name in columns)).where(
+            profiles_t.c.sandbox == sandbox, match(profiles_t.c.profile_id)
         )
-    asked = sa.func.unnest(array_of(list(ids), sa.Text())).table_valued("id").render_derived(name="asked")
-    locked = (
-        sa.select(*(profiles_t.c[name] for name in columns))
-        .where(profiles_t.c.sandbox == sandbox, profiles_t.c.profile_id == asked.c.id)
-        .limit(1)
-        .with_for_update(key_share=True)
-        .lateral("locked")
-    )
-    return fetch_rows(conn, sa.select(*(locked.c[name] for name in columns)).select_from(asked).join(locked, sa.true()))
+        return select.with_for_update(key_share=True) if lock else select
+
+    return fetch_rows(conn, per_key(conn, ids, query, unique=True))
 
 
 def _communication_from_row(r: sa.RowMapping) -> Communication:
@@ -245,28 +240,28 @@ class ProfileStore:
             custom_plans(conn)
             existing: set[str] = set()
             for chunk in _slices(conn, ids):
-                existing.update(
-                    conn.execute(
-                        sa.select(ProfileRow.profile_id).where(  # type: ignore[call-overload]
-                            ProfileRow.sandbox == sandbox,
-                            _in(conn, ProfileRow.profile_id, chunk),
-                        )
-                    ).scalars()
-                )
+                existing.update(pid for (pid,) in _profile_rows(conn, sandbox, chunk, ("profile_id",)))
             self._check_identity_owners(conn, sandbox, profiles)
             profiles_t = ProfileRow.__table__  # type: ignore[attr-defined]
             identities_t = IdentityRow.__table__  # type: ignore[attr-defined]
             attributes_t = ProfileAttributeRow.__table__  # type: ignore[attr-defined]
             for chunk in _slices(conn, ids):
-                conn.execute(
-                    identities_t.delete().where(
-                        identities_t.c.sandbox == sandbox, _in(conn, identities_t.c.profile_id, chunk)
-                    )
+                # (Identities by their index on the profile id, sandbox checked outside the probe; attributes
+                # by their primary key.)
+                delete_per_key(
+                    conn,
+                    identities_t,
+                    chunk,
+                    lambda match: [match(identities_t.c.profile_id)],
+                    ("profile_id",),
+                    sandbox=(identities_t.c.sandbox, sandbox),
                 )
-                conn.execute(
-                    attributes_t.delete().where(
-                        attributes_t.c.sandbox == sandbox, _in(conn, attributes_t.c.profile_id, chunk)
-                    )
+                delete_per_key(
+                    conn,
+                    attributes_t,
+                    chunk,
+                    lambda match: [attributes_t.c.sandbox == sandbox, match(attributes_t.c.profile_id)],
+                    ("profile_id",),
                 )
             attribute_rows = [
                 {"sandbox": sandbox, "profile_id": p.profile_id, "name": name, "value": encode_scalar(value)}
@@ -375,21 +370,24 @@ class ProfileStore:
             first: dict[str, Communication] = {}
             for c in communications:  # the first of the repeats of a message id counts
                 first.setdefault(c.message_id, c)
-            # Reservations become communications. On PostgreSQL the reservations deleted are returned: a
-            # message reserved for its profile shows that the profile exists (it was reserved under the
-            # profile's lock, and forgetting a profile deletes its reservations), so only the profiles
-            # of the other messages are looked up (none, when a batch confirms its reservations).
+            # Reservations become communications. The reservations deleted are returned: a message
+            # reserved for its profile shows that the profile exists (it was reserved under the profile's
+            # lock, and forgetting a profile deletes its reservations), so only the profiles of the other
+            # messages are looked up (none, when a batch confirms its reservations).
             reservations_t = ReservationRow.__table__  # type: ignore[attr-defined]
             reserved: set[tuple[str, str]] = set()
             for chunk in _slices(conn, list(first)):
-                released = reservations_t.delete().where(
-                    reservations_t.c.sandbox == sandbox, _in(conn, reservations_t.c.message_id, chunk)
+                reserved.update(
+                    (mid, pid)
+                    for mid, pid in delete_per_key(
+                        conn,
+                        reservations_t,
+                        chunk,
+                        lambda match: [reservations_t.c.sandbox == sandbox, match(reservations_t.c.message_id)],
+                        ("message_id", "profile_id"),
+                        unique=True,
+                    )
                 )
-                if self.database.is_postgres:
-                    released = released.returning(reservations_t.c.message_id, reservations_t.c.profile_id)
-                    reserved.update((mid, pid) for mid, pid in fetch_rows(conn, released))
-                else:
-                    conn.execute(released)
             unproven = [c.profile_id for c in communications if (c.message_id, c.profile_id) not in reserved]
             missing_profiles = self._missing_profiles(conn, sandbox, unproven) if unproven else set()
             missing = [i for i, c in enumerate(communications) if c.profile_id in missing_profiles]
@@ -421,7 +419,7 @@ class ProfileStore:
                     seen.update(
                         conn.execute(
                             sa.select(table.c.message_id).where(
-                                table.c.sandbox == sandbox, _in(conn, table.c.message_id, chunk)
+                                table.c.sandbox == sandbox, table.c.message_id.in_(chunk)
                             )
                         ).scalars()
                     )
@@ -629,9 +627,16 @@ class ProfileStore:
         with self.database.engine.begin() as conn:
             custom_plans(conn)
             for chunk in _slices(conn, list(dict.fromkeys(message_ids))):
-                released += conn.execute(
-                    table.delete().where(table.c.sandbox == sandbox, _in(conn, table.c.message_id, chunk))
-                ).rowcount
+                released += len(
+                    delete_per_key(
+                        conn,
+                        table,
+                        chunk,
+                        lambda match: [table.c.sandbox == sandbox, match(table.c.message_id)],
+                        ("message_id",),
+                        unique=True,
+                    )
+                )
         return released
 
     # -- lookup, forgetting and history -------------------------------------------------------------
@@ -735,14 +740,16 @@ class ProfileStore:
         with self.database.engine.begin() as conn:
             custom_plans(conn)
             seen: set[str] = set()
-            for chunk in _slices(conn, [e.event_id for e in events]):
-                seen.update(
-                    conn.execute(
-                        sa.select(events_t.c.event_id).where(
-                            events_t.c.sandbox == sandbox, _in(conn, events_t.c.event_id, chunk)
-                        )
-                    ).scalars()
+            for chunk in _slices(conn, list(dict.fromkeys(e.event_id for e in events))):
+                statement = per_key(
+                    conn,
+                    chunk,
+                    lambda match: sa.select(events_t.c.event_id).where(
+                        events_t.c.sandbox == sandbox, match(events_t.c.event_id)
+                    ),
+                    unique=True,
                 )
+                seen.update(event_id for (event_id,) in fetch_rows(conn, statement))
             fresh: list[DeliveryEvent] = []
             for e in events:
                 if e.event_id not in seen:
@@ -948,16 +955,15 @@ class ProfileStore:
         for namespace, value in identities:
             by_namespace.setdefault(namespace, {})[value] = None
         owners: dict[tuple[str, str], str] = {}
+
+        def owner_of(namespace: str) -> Callable[[KeyMatch], sa.Select[Any]]:
+            return lambda match: sa.select(identity_t.c.value, identity_t.c.profile_id).where(
+                identity_t.c.sandbox == sandbox, identity_t.c.namespace == namespace, match(identity_t.c.value)
+            )
+
         for namespace, values in by_namespace.items():
             for chunk in _slices(conn, list(values)):
-                for value, pid in fetch_rows(
-                    conn,
-                    sa.select(identity_t.c.value, identity_t.c.profile_id).where(
-                        identity_t.c.sandbox == sandbox,
-                        identity_t.c.namespace == namespace,
-                        _in(conn, identity_t.c.value, chunk),
-                    ),
-                ):
+                for value, pid in fetch_rows(conn, per_key(conn, chunk, owner_of(namespace), unique=True)):
                     owners[(namespace, value)] = pid
         return owners
 
@@ -1033,7 +1039,7 @@ class ProfileStore:
             known.update(
                 conn.execute(
                     sa.select(profiles_t.c.profile_id).where(
-                        profiles_t.c.sandbox == sandbox, _in(conn, profiles_t.c.profile_id, chunk)
+                        profiles_t.c.sandbox == sandbox, profiles_t.c.profile_id.in_(chunk)
                     )
                 ).scalars()
             )
@@ -1076,7 +1082,7 @@ class ProfileStore:
         for chunk in _slices(conn, list(profile_ids)):
             conn.execute(
                 table.update()
-                .where(table.c.sandbox == sandbox, _in(conn, table.c.profile_id, chunk))
+                .where(table.c.sandbox == sandbox, table.c.profile_id.in_(chunk))
                 .values(version=table.c.version + 1)
             )
 
@@ -1090,12 +1096,17 @@ class ProfileStore:
         id is reserved again, released, or their profile forgotten."""
         reservations = ReservationRow.__table__  # type: ignore[attr-defined]
         for chunk in _slices(conn, list(dict.fromkeys(message_ids))):
-            conn.execute(
-                reservations.delete().where(
+            delete_per_key(
+                conn,
+                reservations,
+                chunk,
+                lambda match: [
                     reservations.c.sandbox == sandbox,
-                    _in(conn, reservations.c.message_id, chunk),
+                    match(reservations.c.message_id),
                     reservations.c.expire_time <= now,
-                )
+                ],
+                ("message_id",),
+                unique=True,
             )
 
     def _create_for_identities(
@@ -1166,25 +1177,32 @@ class ProfileStore:
         sends: dict[str, list[tuple[str, datetime]]] = {}
         expired: list[str] = []
         for chunk in _slices(conn, list(profile_ids)):
-            sent = sa.select(
-                comms.c.profile_id,
-                comms.c.channel,
-                comms.c.send_time,
-                sa.cast(sa.null(), reservations.c.expire_time.type),
-                sa.cast(sa.null(), reservations.c.message_id.type),
-            ).where(
-                comms.c.sandbox == sandbox,
-                _in(conn, comms.c.profile_id, chunk),
-                comms.c.category == "marketing",
-                comms.c.send_time >= since,
+            # Per profile, the range of its sends since ``since`` and its reservations, by their indexes
+            # on the profile id: what a batch reads does not grow with the sandbox's history.
+            sent = per_key(
+                conn,
+                chunk,
+                lambda match: sa.select(
+                    comms.c.profile_id,
+                    comms.c.channel,
+                    comms.c.send_time,
+                    sa.cast(sa.null(), reservations.c.expire_time.type).label("expire_time"),
+                    sa.cast(sa.null(), reservations.c.message_id.type).label("message_id"),
+                ).where(match(comms.c.profile_id), comms.c.send_time >= since, comms.c.category == "marketing"),
+                sandbox=(comms.c.sandbox, sandbox),
             )
-            reserved = sa.select(
-                reservations.c.profile_id,
-                reservations.c.channel,
-                reservations.c.reserve_time,
-                reservations.c.expire_time,
-                reservations.c.message_id,
-            ).where(reservations.c.sandbox == sandbox, _in(conn, reservations.c.profile_id, chunk))
+            reserved = per_key(
+                conn,
+                chunk,
+                lambda match: sa.select(
+                    reservations.c.profile_id,
+                    reservations.c.channel,
+                    reservations.c.reserve_time,
+                    reservations.c.expire_time,
+                    reservations.c.message_id,
+                ).where(match(reservations.c.profile_id)),
+                sandbox=(reservations.c.sandbox, sandbox),
+            )
             for pid, channel, when, expire_time, message_id in fetch_rows(conn, sa.union_all(sent, reserved)):
                 if expire_time is not None and as_utc(expire_time) <= now:  # type: ignore[operator]
                     expired.append(message_id)
@@ -1197,18 +1215,28 @@ class ProfileStore:
         conn: sa.Connection, sandbox: str, message_ids: Sequence[str], now: datetime
     ) -> dict[str, str]:
         """The message ids already recorded or reserved (and not expired), with their profile ids, read
-        from one snapshot."""
+        from one snapshot, one primary-key probe per id in each table."""
         comms = CommunicationRow.__table__  # type: ignore[attr-defined]
         reservations = ReservationRow.__table__  # type: ignore[attr-defined]
         known: dict[str, str] = {}
         for chunk in _slices(conn, list(dict.fromkeys(message_ids))):
-            recorded = sa.select(comms.c.message_id, comms.c.profile_id).where(
-                comms.c.sandbox == sandbox, _in(conn, comms.c.message_id, chunk)
+            recorded = per_key(
+                conn,
+                chunk,
+                lambda match: sa.select(comms.c.message_id, comms.c.profile_id).where(
+                    comms.c.sandbox == sandbox, match(comms.c.message_id)
+                ),
+                unique=True,
             )
-            reserved = sa.select(reservations.c.message_id, reservations.c.profile_id).where(
-                reservations.c.sandbox == sandbox,
-                _in(conn, reservations.c.message_id, chunk),
-                reservations.c.expire_time > now,
+            reserved = per_key(
+                conn,
+                chunk,
+                lambda match: sa.select(reservations.c.message_id, reservations.c.profile_id).where(
+                    reservations.c.sandbox == sandbox,
+                    match(reservations.c.message_id),
+                    reservations.c.expire_time > now,
+                ),
+                unique=True,
             )
             known.update((mid, pid) for mid, pid in fetch_rows(conn, sa.union_all(recorded, reserved)))
         return known
@@ -1282,43 +1310,59 @@ class ProfileStore:
                     create_time=as_utc(created),
                     update_time=as_utc(updated),
                 )
-            for ns, value, pid in fetch_rows(
+            # Each of the profiles' identities, consents and attributes: one index range per profile.
+            identities = per_key(
                 conn,
-                sa.select(identity_t.c.namespace, identity_t.c.value, identity_t.c.profile_id)
-                .where(identity_t.c.sandbox == sandbox, _in(conn, identity_t.c.profile_id, chunk))
-                .order_by(identity_t.c.namespace, identity_t.c.value),
+                chunk,
+                lambda match: sa.select(identity_t.c.namespace, identity_t.c.value, identity_t.c.profile_id).where(
+                    match(identity_t.c.profile_id)
+                ),
+                sandbox=(identity_t.c.sandbox, sandbox),
+            )
+            for ns, value, pid in fetch_rows(
+                conn, identities.order_by(identities.selected_columns.namespace, identities.selected_columns.value)
             ):
                 found[pid].identities.append((ns, value))
             # Marketing consents, then those of other purposes, each by channel (and purpose): one statement.
-            marketing = sa.select(
-                sa.literal(0).label("kind"),
-                consents_t.c.profile_id,
-                consents_t.c.channel,
-                consents_t.c.state,
-                consents_t.c.source,
-                consents_t.c.update_time,
-                sa.literal("marketing").label("purpose"),
-            ).where(consents_t.c.sandbox == sandbox, _in(conn, consents_t.c.profile_id, chunk))
-            others = sa.select(
-                sa.literal(1),
-                purposes_t.c.profile_id,
-                purposes_t.c.channel,
-                purposes_t.c.state,
-                purposes_t.c.source,
-                purposes_t.c.update_time,
-                purposes_t.c.purpose,
-            ).where(purposes_t.c.sandbox == sandbox, _in(conn, purposes_t.c.profile_id, chunk))
+            marketing = per_key(
+                conn,
+                chunk,
+                lambda match: sa.select(
+                    sa.literal(0).label("kind"),
+                    consents_t.c.profile_id,
+                    consents_t.c.channel,
+                    consents_t.c.state,
+                    consents_t.c.source,
+                    consents_t.c.update_time,
+                    sa.literal("marketing").label("purpose"),
+                ).where(consents_t.c.sandbox == sandbox, match(consents_t.c.profile_id)),
+            )
+            others = per_key(
+                conn,
+                chunk,
+                lambda match: sa.select(
+                    sa.literal(1).label("kind"),
+                    purposes_t.c.profile_id,
+                    purposes_t.c.channel,
+                    purposes_t.c.state,
+                    purposes_t.c.source,
+                    purposes_t.c.update_time,
+                    purposes_t.c.purpose,
+                ).where(purposes_t.c.sandbox == sandbox, match(purposes_t.c.profile_id)),
+            )
             ordered = sa.union_all(marketing, others).order_by(
                 sa.literal_column("kind"), sa.literal_column("channel"), sa.literal_column("purpose")
             )
             for _, pid, channel, state, source, updated, purpose in fetch_rows(conn, ordered):
                 found[pid].consents.append(Consent(channel, state, source, as_utc(updated), purpose))
-            for pid, name, value in fetch_rows(
+            attributes = per_key(
                 conn,
-                sa.select(attributes_t.c.profile_id, attributes_t.c.name, attributes_t.c.value)
-                .where(attributes_t.c.sandbox == sandbox, _in(conn, attributes_t.c.profile_id, chunk))
-                .order_by(attributes_t.c.name),
-            ):
+                chunk,
+                lambda match: sa.select(attributes_t.c.profile_id, attributes_t.c.name, attributes_t.c.value).where(
+                    attributes_t.c.sandbox == sandbox, match(attributes_t.c.profile_id)
+                ),
+            )
+            for pid, name, value in fetch_rows(conn, attributes.order_by(attributes.selected_columns.name)):
                 if name == _COUNTRY:
                     found[pid].country = str(decode_scalar(value))
                 else:
@@ -1345,26 +1389,28 @@ class ProfileStore:
         for chunk in _slices(conn, list(ids)):
             for pid, time_zone in _profile_rows(conn, sandbox, chunk, ("profile_id", "time_zone"), lock=lock):
                 found[pid] = Profile(profile_id=pid, time_zone=time_zone)
-            for value, pid in fetch_rows(
+            addresses = per_key(
                 conn,
-                sa.select(identity_t.c.value, identity_t.c.profile_id)
-                .where(
-                    identity_t.c.sandbox == sandbox,
-                    identity_t.c.namespace == namespace,
-                    _in(conn, identity_t.c.profile_id, chunk),
-                )
-                .order_by(identity_t.c.value),
-            ):
+                chunk,
+                lambda match: sa.select(identity_t.c.value, identity_t.c.profile_id).where(
+                    match(identity_t.c.profile_id), identity_t.c.namespace == namespace
+                ),
+                sandbox=(identity_t.c.sandbox, sandbox),
+            )
+            for value, pid in fetch_rows(conn, addresses.order_by(addresses.selected_columns.value)):
                 found[pid].identities.append((namespace, value))
-            for pid, state in fetch_rows(
+            consents = per_key(
                 conn,
-                sa.select(consents_t.c.profile_id, consents_t.c.state).where(
+                chunk,
+                lambda match: sa.select(consents_t.c.profile_id, consents_t.c.state).where(
                     consents_t.c.sandbox == sandbox,
+                    match(consents_t.c.profile_id),
                     consents_t.c.channel == channel,
                     of_purpose,
-                    _in(conn, consents_t.c.profile_id, chunk),
                 ),
-            ):
+                unique=True,  # one consent per channel (and purpose)
+            )
+            for pid, state in fetch_rows(conn, consents):
                 found[pid].consents.append(Consent(channel, state, purpose=purpose))
         return found
 

@@ -14,7 +14,7 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from carillon_chassis.database import as_utc
-from profile_stub.keysets import key_chunks, one_of
+from profile_stub.keysets import key_chunks, per_key
 from profile_stub.tables import QuarantineRow
 
 EVENT_KINDS = ("delivered", "soft_bounce", "hard_bounce", "complaint", "unsubscribe")
@@ -59,11 +59,15 @@ def load(conn: sa.Connection, sandbox: str, channel: str, addresses: Iterable[st
     found: dict[str, Quarantine] = {}
     postgres = conn.dialect.name == "postgresql"
     for chunk in key_chunks(wanted, postgres):
-        for r in conn.execute(
-            sa.select(table).where(
-                table.c.sandbox == sandbox, table.c.channel == channel, one_of(table.c.address, chunk, postgres)
-            )
-        ).mappings():
+        statement = per_key(  # one primary-key probe per address
+            conn,
+            chunk,
+            lambda match: sa.select(table).where(
+                table.c.sandbox == sandbox, table.c.channel == channel, match(table.c.address)
+            ),
+            unique=True,
+        )
+        for r in conn.execute(statement).mappings():
             found[r["address"]] = Quarantine(
                 channel=r["channel"],
                 address=r["address"],

@@ -14,7 +14,7 @@ from google.protobuf import timestamp_pb2
 from carillon.profile.v1 import profile_pb2, profile_service_pb2, profile_service_pb2_grpc
 from carillon.type.v1 import channel_pb2, value_pb2
 from carillon_chassis.channels import category_name, category_value, channel_name, channel_value
-from carillon_chassis.errors import InvalidArgument
+from carillon_chassis.errors import FieldViolation, InvalidArgument
 from carillon_chassis.names import ID_PATTERN, parse_name
 from carillon_chassis.sandbox import current_sandbox
 from carillon_chassis.values import from_timestamp, from_value_map, to_timestamp, to_value_map
@@ -347,10 +347,24 @@ class ProfileServicer(profile_service_pb2_grpc.ProfileServiceServicer):
     async def RecordCommunications(
         self, request: profile_service_pb2.RecordCommunicationsRequest, context: grpc.aio.ServicerContext
     ) -> profile_service_pb2.RecordCommunicationsResponse:
+        # What the communications have in common, read once: a field a communication leaves unset (an empty
+        # string, an unspecified enum, no send time) takes its value from here. (Merged value by value: no
+        # communication is copied; a merged value found invalid is named as the communication's field.)
+        defaults = request.defaults
+        own = [
+            FieldViolation(f"defaults.{name}", f"{name} is each communication's own: it has no default")
+            for name in ("profile", "message_id")
+            if getattr(defaults, name)
+        ]
+        if own:
+            raise InvalidArgument("invalid defaults", violations=own, reason="INVALID_DEFAULTS")
+        channel, category = channel_name(defaults.channel), category_name(defaults.category)
+        campaign, run, activity = defaults.campaign, defaults.run, defaults.activity
+        default_time = from_timestamp(defaults.send_time) if defaults.HasField("send_time") else None
         communications = []
         times: dict[tuple[int, int], datetime] = {}  # a batch's messages mostly share a few send times
         for i, c in enumerate(request.communications):
-            send_time = None
+            send_time = default_time
             if c.HasField("send_time"):
                 key = (c.send_time.seconds, c.send_time.nanos)
                 send_time = times.get(key)
@@ -360,11 +374,11 @@ class ProfileServicer(profile_service_pb2_grpc.ProfileServiceServicer):
                 Communication(
                     message_id=c.message_id,
                     profile_id=_profile_id(c.profile, i),
-                    channel=channel_name(c.channel),
-                    category=category_name(c.category),
-                    campaign=c.campaign,
-                    run=c.run,
-                    activity=c.activity,
+                    channel=channel_name(c.channel) if c.channel else channel,
+                    category=category_name(c.category) if c.category else category,
+                    campaign=c.campaign or campaign,
+                    run=c.run or run,
+                    activity=c.activity or activity,
                     send_time=send_time,
                 )
             )

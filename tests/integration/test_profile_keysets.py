@@ -104,21 +104,27 @@ def test_insert_rows_expecting_no_conflict_inserts_new_rows_with_a_plain_insert(
     assert counted == 2
 
 
-def test_custom_plans_costs_no_statement_on_a_connection_opened_with_them(
+def test_custom_plans_reads_the_settings_once_per_connection_and_sets_only_those_it_lacks(
     make_database: Callable[[str], Database],
 ) -> None:
     database = make_database("profile")  # the chassis opens PostgreSQL connections with custom plans
     seen: list[str] = []
     sa.event.listen(database.engine, "before_cursor_execute", lambda *args: seen.append(str(args[2]).upper()))
+    jit = ""
     for _ in range(3):
         with database.engine.begin() as conn:
             custom_plans(conn)
             if database.is_postgres:
                 assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "force_custom_plan"
+                assert conn.exec_driver_sql("SHOW jit").scalar() == "off"
+        if database.is_postgres:
+            with database.engine.connect() as conn:
+                jit = str(conn.exec_driver_sql("SHOW jit").scalar())  # the connection's own, outside
 
-    assert not [s for s in seen if s.startswith("SET")]
-    # (the test asks three times; custom_plans once, for the one pooled connection)
-    assert len([s for s in seen if "SHOW PLAN_CACHE_MODE" in s]) == (4 if database.is_postgres else 0)
+    # (once, for the one pooled connection)
+    assert len([s for s in seen if "CURRENT_SETTING('PLAN_CACHE_MODE')" in s]) == (1 if database.is_postgres else 0)
+    # One statement per transaction when the server compiles with JIT (the plan cache mode is the connection's)
+    assert len([s for s in seen if "SET_CONFIG" in s or s.startswith("SET")]) == (3 if jit == "on" else 0)
 
 
 @pytest.mark.postgres
@@ -131,6 +137,7 @@ def test_custom_plans_sets_them_for_the_transaction_on_a_connection_opened_witho
             with engine.begin() as conn:
                 custom_plans(conn)
                 assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "force_custom_plan"
+                assert conn.exec_driver_sql("SHOW jit").scalar() == "off"
             with engine.connect() as conn:
                 assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "auto"
     finally:

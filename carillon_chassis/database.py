@@ -93,10 +93,12 @@ def as_utc(value: datetime | None) -> datetime | None:
 class Database:
     """One service's engine, its worker-thread pool and its migrations."""
 
-    def __init__(self, url: str, *, schema: str | None = None, threads: int = 8) -> None:
+    def __init__(self, url: str, *, schema: str | None = None, threads: int = 8, jit: bool = True) -> None:
+        """``jit``: whether PostgreSQL may JIT-compile this service's statements (see ``open_database``)."""
         self.url = sa.make_url(url)
         self.schema = schema
         self.threads = threads
+        self.jit = jit
         self.engine: Engine = self._create_engine()
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="db")
 
@@ -137,7 +139,10 @@ class Database:
         return sa.create_engine(
             self.url,
             # Custom plans always: a prepared statement's generic plan ignores the sizes of IN lists and arrays.
-            connect_args={"options": f"-csearch_path={self.schema} -cplan_cache_mode=force_custom_plan"},
+            connect_args={
+                "options": f"-csearch_path={self.schema} -cplan_cache_mode=force_custom_plan"
+                + ("" if self.jit else " -cjit=off")
+            },
             pool_size=self.threads + 2,
             pool_pre_ping=True,
         )

@@ -93,7 +93,7 @@ async def build_server(settings: DeliverySettings) -> GrpcServer:
             f"delivery channel {settings.channel!r} is not implemented yet "
             f"(implemented: {', '.join(IMPLEMENTED_CHANNELS)})"
         )
-    database = open_database(settings, MIGRATIONS)
+    database = open_database(settings, MIGRATIONS, jit=False)
     templates = TemplateStore(database)
     gateway = ProfileServiceGateway(settings.profile_target, timeout_s=settings.profile_timeout_s)
     ledger = Ledger(database, message_logs=bool(settings.audience_target))

@@ -18,7 +18,7 @@ FULL_NAME = profile_service_pb2.DESCRIPTOR.services_by_name["ProfileService"].fu
 
 async def build_server(settings: ProfileSettings) -> GrpcServer:
     """Create the database (applying migrations) and a server that is ready to start."""
-    database = open_database(settings, MIGRATIONS)
+    database = open_database(settings, MIGRATIONS, jit=False)
     store = ProfileStore(
         database,
         unknown_consent_allowed=settings.unknown_consent_allowed,

@@ -298,23 +298,33 @@ class ProfileServiceGateway:
         """One RecordCommunications call for the whole batch."""
         request = profile_service_pb2.RecordCommunicationsRequest()
         add = request.communications.add
-        # The fields the communications of a batch share (one send time, one activity), built once as a
-        # message that each communication merges (a C copy instead of six fields set from Python).
-        shared_key: tuple[str, str, str, str, str, datetime] | None = None
-        shared = profile_pb2.Communication()
-        for c in communications:
-            key = (c.channel, c.category, c.campaign, c.run, c.activity, c.send_time)
-            if key != shared_key:
-                shared_key = key
-                shared = profile_pb2.Communication(
-                    channel=_channel(c.channel),
-                    category=_category(c.category),
-                    campaign=c.campaign,
-                    run=c.run,
-                    activity=c.activity,
-                    send_time=to_timestamp(c.send_time),
-                )
-            add(profile=f"profiles/{c.profile_id}", message_id=c.message_id).MergeFrom(shared)
+        keys = {(c.channel, c.category, c.campaign, c.run, c.activity, c.send_time) for c in communications}
+        if len(keys) == 1:  # a batch's: what they share goes once, in `defaults`
+            ((channel, category, campaign, run, activity, send_time),) = keys
+            defaults = request.defaults
+            defaults.channel = _channel(channel)
+            defaults.category = _category(category)
+            defaults.campaign, defaults.run, defaults.activity = campaign, run, activity
+            defaults.send_time.CopyFrom(to_timestamp(send_time))
+            for c in communications:
+                add(profile=f"profiles/{c.profile_id}", message_id=c.message_id)
+        else:
+            # Communications of several sends: each carries its fields (merged from one message per send).
+            shared_key: tuple[str, str, str, str, str, datetime] | None = None
+            shared = profile_pb2.Communication()
+            for c in communications:
+                key = (c.channel, c.category, c.campaign, c.run, c.activity, c.send_time)
+                if key != shared_key:
+                    shared_key = key
+                    shared = profile_pb2.Communication(
+                        channel=_channel(c.channel),
+                        category=_category(c.category),
+                        campaign=c.campaign,
+                        run=c.run,
+                        activity=c.activity,
+                        send_time=to_timestamp(c.send_time),
+                    )
+                add(profile=f"profiles/{c.profile_id}", message_id=c.message_id).MergeFrom(shared)
         try:
             response = await self._stub.RecordCommunications(
                 request, metadata=call_metadata(sandbox), timeout=self.timeout_s

@@ -156,6 +156,35 @@ async def test_the_communications_of_a_batch_become_one_request_with_every_field
     ]
     assert recorded == 4
     assert list(stub.requests[0].communications) == expected
+    assert not stub.requests[0].HasField("defaults")  # several sends: each communication is complete
+
+
+async def test_the_communications_of_one_send_share_their_fields_through_the_defaults() -> None:
+    sent = dt.datetime(2026, 11, 29, 10, tzinfo=dt.UTC)
+    communications = [
+        Communication(f"m{i}", f"p{i}", "email", "marketing", "campaigns/c", "campaigns/c/runs/r", "a1", sent)
+        for i in range(3)
+    ]
+    gateway = ProfileServiceGateway("127.0.0.1:1", timeout_s=1)
+    stub = CapturingStub()
+    gateway._stub = stub  # type: ignore[assignment]
+    try:
+        await gateway.record("prod", communications)
+    finally:
+        await gateway.close()
+
+    (request,) = stub.requests
+    assert request.defaults == profile_pb2.Communication(
+        channel=channel_pb2.CHANNEL_EMAIL,
+        category=channel_pb2.MESSAGE_CATEGORY_MARKETING,
+        campaign="campaigns/c",
+        run="campaigns/c/runs/r",
+        activity="a1",
+        send_time=to_timestamp(sent),
+    )
+    assert list(request.communications) == [
+        profile_pb2.Communication(profile=f"profiles/p{i}", message_id=f"m{i}") for i in range(3)
+    ]
 
 
 async def test_eligibility_requests_carry_every_identity_in_order() -> None:

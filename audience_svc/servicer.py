@@ -382,21 +382,30 @@ def bindings_from_proto(
     )
 
 
-def message_log_from_proto(message: message_log_pb2.MessageLog, field: str = "log") -> MessageLog:
-    """The domain message log of a MessageLog message (unset enums become "" for validation);
-    INVALID_ARGUMENT naming ``{field}.event_time`` when the event time is out of range."""
+_NO_DEFAULTS = message_log_pb2.MessageLog()
+
+
+def message_log_from_proto(
+    message: message_log_pb2.MessageLog,
+    field: str = "log",
+    defaults: message_log_pb2.MessageLog = _NO_DEFAULTS,
+) -> MessageLog:
+    """The domain message log of a MessageLog message (unset enums become "" for validation), its unset
+    status, campaign, run, activity, channel and event time taken from ``defaults``; INVALID_ARGUMENT
+    naming ``{field}.event_time`` when the event time is out of range."""
+    timed = message if message.HasField("event_time") else defaults
     event_time = (
-        timestamp_from_proto(message.event_time, f"{field}.event_time", "INVALID_MESSAGE_LOGS")
-        if message.HasField("event_time")
+        timestamp_from_proto(timed.event_time, f"{field}.event_time", "INVALID_MESSAGE_LOGS")
+        if timed.HasField("event_time")
         else None
     )
     return MessageLog(
         message_id=message.message_id,
-        status=MESSAGE_STATUS_NAMES.get(message.status, ""),
-        campaign=message.campaign,
-        run=message.run,
-        activity=message.activity,
-        channel=channel_name(message.channel),
+        status=MESSAGE_STATUS_NAMES.get(message.status or defaults.status, ""),
+        campaign=message.campaign or defaults.campaign,
+        run=message.run or defaults.run,
+        activity=message.activity or defaults.activity,
+        channel=channel_name(message.channel or defaults.channel),
         identity_namespace=message.identity.namespace,
         identity_value=message.identity.value,
         profile_id=message.profile_id,
@@ -900,10 +909,21 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         self, request: audience_service_pb2.RecordMessageLogsRequest, context: grpc.aio.ServicerContext
     ) -> audience_service_pb2.RecordMessageLogsResponse:
         logs: list[MessageLog] = []
-        violations: list[FieldViolation] = []
+        defaults = request.defaults
+        own = {
+            "message_id": bool(defaults.message_id),
+            "identity": defaults.HasField("identity"),
+            "profile_id": bool(defaults.profile_id),
+            "entity_key": bool(defaults.entity_key),
+        }
+        violations = [
+            FieldViolation(f"defaults.{name}", f"{name} is each log's own; it cannot be a default")
+            for name, set_ in own.items()
+            if set_
+        ]
         for i, log in enumerate(request.logs):
             try:
-                logs.append(message_log_from_proto(log, f"logs[{i}]"))
+                logs.append(message_log_from_proto(log, f"logs[{i}]", defaults))
             except InvalidArgument as exc:
                 violations += exc.violations
         if violations:

@@ -268,7 +268,7 @@ class AudienceMessageLogSink:
 
     async def record(self, sandbox: str, logs: Sequence[MessageLog]) -> None:
         """One RecordMessageLogs call."""
-        request = audience_service_pb2.RecordMessageLogsRequest(logs=[to_proto(entry) for entry in logs])
+        request = to_request(logs)
         try:
             await self._stub.RecordMessageLogs(request, metadata=call_metadata(sandbox), timeout=self.timeout_s)
         except grpc.RpcError as err:
@@ -282,6 +282,31 @@ class AudienceMessageLogSink:
     async def close(self) -> None:
         """Close the channel."""
         await self._channel.close()
+
+
+def to_request(logs: Sequence[MessageLog]) -> audience_service_pb2.RecordMessageLogsRequest:
+    """The RecordMessageLogs request of ``logs``: when they share their status, campaign, run, activity,
+    channel and event time (a batch's logs), those travel once, in ``defaults``."""
+    shared = {(e.status, e.campaign, e.run, e.activity, e.channel, e.event_time) for e in logs}
+    if len(shared) != 1:
+        return audience_service_pb2.RecordMessageLogsRequest(logs=[to_proto(entry) for entry in logs])
+    first = logs[0]
+    request = audience_service_pb2.RecordMessageLogsRequest(
+        defaults=message_log_pb2.MessageLog(
+            status=_STATUSES[first.status],
+            campaign=first.campaign,
+            run=first.run,
+            activity=first.activity,
+            channel=cast(channel_pb2.Channel.ValueType, channel_value(first.channel)),
+            event_time=to_timestamp(first.event_time),
+        )
+    )
+    add = request.logs.add
+    for entry in logs:
+        log = add(message_id=entry.message_id, profile_id=entry.profile_id, entity_key=entry.entity_key)
+        log.identity.namespace = entry.identity_namespace
+        log.identity.value = entry.identity_value
+    return request
 
 
 def to_proto(entry: MessageLog) -> message_log_pb2.MessageLog:

@@ -569,6 +569,42 @@ async def test_an_unset_status_is_invalid_argument_naming_the_log(stub: Stub) ->
     assert evaluated.count == 0
 
 
+async def test_fields_a_log_leaves_unset_come_from_the_defaults(stub: Stub) -> None:
+    full = wire_log("m1", message_log_pb2.MESSAGE_STATUS_SENT, "a@x.io")
+    own = message_log_pb2.MessageLog(message_id="m2", identity=value_pb2.Identity(namespace="email", value="b@x.io"))
+    other = message_log_pb2.MessageLog(
+        message_id="m3", status=message_log_pb2.MESSAGE_STATUS_OPENED, identity=own.identity
+    )
+    request = svc.RecordMessageLogsRequest(
+        logs=[own, other], defaults=wire_log("", message_log_pb2.MESSAGE_STATUS_SENT, "")
+    )
+    request.defaults.ClearField("identity")
+
+    recorded = await stub.RecordMessageLogs(request, metadata=PROD)
+    alone = await stub.RecordMessageLogs(svc.RecordMessageLogsRequest(logs=[full]), metadata=PROD)
+
+    assert (recorded.recorded, alone.recorded) == (2, 1)
+    evaluated = await stub.EvaluateAudience(
+        svc.EvaluateAudienceRequest(query={"dimension": "entities/message_logs"}, sample_size=10), metadata=PROD
+    )
+    assert sorted(evaluated.sample_keys) == ["m1|sent", "m2|sent", "m3|opened"]
+
+
+async def test_a_default_of_a_field_each_log_owns_is_invalid_argument_naming_it(stub: Stub) -> None:
+    request = svc.RecordMessageLogsRequest(
+        logs=[message_log_pb2.MessageLog(message_id="m1", identity=value_pb2.Identity(namespace="email", value="a"))],
+        defaults=wire_log("m9", message_log_pb2.MESSAGE_STATUS_SENT, "a@x.io"),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.RecordMessageLogs(request, metadata=PROD)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(caught.value) == (
+        "INVALID_MESSAGE_LOGS",
+        "audience.carillon.dev",
+        ["defaults.message_id", "defaults.identity"],
+    )
+
+
 async def test_get_entity_shows_the_built_in_entity_in_every_sandbox(stub: Stub) -> None:
     for metadata in (PROD, STAGING):
         read = await stub.GetEntity(svc.GetEntityRequest(name="entities/message_logs"), metadata=metadata)

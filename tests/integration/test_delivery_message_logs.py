@@ -43,7 +43,8 @@ STATUS = message_log_pb2.MessageStatus
 
 @dataclass
 class RecordingAudience(audience_service_pb2_grpc.AudienceServiceServicer):
-    """RecordMessageLogs only: keeps every log received (repeats too) and the set of distinct ones."""
+    """RecordMessageLogs only: keeps every log received (repeats too) and the set of distinct ones, each
+    with the request's defaults applied, as audience_svc applies them."""
 
     received: list[tuple[str, message_log_pb2.MessageLog]] = field(default_factory=list)
     recorded: dict[tuple[str, int], message_log_pb2.MessageLog] = field(default_factory=dict)
@@ -53,7 +54,10 @@ class RecordingAudience(audience_service_pb2_grpc.AudienceServiceServicer):
     ) -> audience_service_pb2.RecordMessageLogsResponse:
         sandbox = dict(context.invocation_metadata() or ()).get("x-carillon-sandbox", "")
         new = 0
-        for entry in request.logs:
+        for sent in request.logs:
+            entry = message_log_pb2.MessageLog()
+            entry.CopyFrom(request.defaults)
+            entry.MergeFrom(sent)  # the fields the log sets win (proto3: the ones not left empty)
             self.received.append((str(sandbox), entry))
             if (entry.message_id, entry.status) not in self.recorded:
                 self.recorded[(entry.message_id, entry.status)] = entry

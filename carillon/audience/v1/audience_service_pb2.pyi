@@ -1732,18 +1732,28 @@ class RecordMessageLogsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LOGS_FIELD_NUMBER: _builtins.int
+    DEFAULTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def logs(self) -> _containers.RepeatedCompositeFieldContainer[_message_log_pb2.MessageLog]:
         """The events (at most 5000)."""
+
+    @_builtins.property
+    def defaults(self) -> _message_log_pb2.MessageLog:
+        """What the events have in common (a batch's status, campaign, run, activity, channel and event
+        time), sent once: a field that an event leaves unset (an empty string, an unspecified enum, no
+        event time) takes its value from here. `message_id`, `identity`, `profile_id` and `entity_key` are
+        each event's own: setting them here is INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,
         *,
         logs: _abc.Iterable[_message_log_pb2.MessageLog] | None = ...,
+        defaults: _message_log_pb2.MessageLog | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["logs", b"logs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults", "logs", b"logs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -254,14 +254,7 @@ class ProfileServiceGateway:
             activity=activity,
             entity_keys=list(entity_keys),
         )
-        _add_identities(request, identities)
-        try:
-            response = await self._stub.CheckEligibility(
-                request, metadata=call_metadata(sandbox), timeout=self.timeout_s
-            )
-        except grpc.RpcError as err:
-            raise _rpc_error("CheckEligibility", err) from err
-        return [_verdict(result) for result in response.results]
+        return await self._call_check(sandbox, request, identities, with_profile=True)
 
     async def release(self, sandbox: str, message_ids: Sequence[str]) -> int:
         """One ReleaseReservations call."""
@@ -284,6 +277,17 @@ class ProfileServiceGateway:
             message_ids=list(message_ids),
             omit_profiles=bool(message_ids),
         )
+        return await self._call_check(sandbox, request, identities, with_profile=not message_ids)
+
+    async def _call_check(
+        self,
+        sandbox: str,
+        request: profile_service_pb2.CheckEligibilityRequest,
+        identities: Sequence[Identity],
+        *,
+        with_profile: bool,
+    ) -> list[Verdict]:
+        """Add the identities to ``request``, make the call and read one verdict per result."""
         _add_identities(request, identities)
         try:
             response = await self._stub.CheckEligibility(
@@ -291,7 +295,6 @@ class ProfileServiceGateway:
             )
         except grpc.RpcError as err:
             raise _rpc_error("CheckEligibility", err) from err
-        with_profile = not message_ids
         return [_verdict(result, with_profile=with_profile) for result in response.results]
 
     async def record(self, sandbox: str, communications: Sequence[Communication]) -> int:

@@ -271,9 +271,8 @@ async def test_omit_profiles_leaves_the_profiles_out_and_keeps_the_verdicts(
     assert not reserved[0].HasField("profile")
 
 
-async def test_the_delivery_gateway_reserves_without_profiles_and_checks_with_them(
-    address: str, stub: profile_service_pb2_grpc.ProfileServiceStub
-) -> None:
+async def upsert_ann(stub: profile_service_pb2_grpc.ProfileServiceStub) -> None:
+    """Profile ann (first name Ann), opted in to email, in sandbox prod."""
     await stub.UpsertProfiles(
         profile_service_pb2.UpsertProfilesRequest(
             profiles=[
@@ -289,6 +288,12 @@ async def test_the_delivery_gateway_reserves_without_profiles_and_checks_with_th
         ),
         metadata=(("x-carillon-sandbox", "prod"),),
     )
+
+
+async def test_the_delivery_gateway_reserves_without_profiles_and_checks_with_them(
+    address: str, stub: profile_service_pb2_grpc.ProfileServiceStub
+) -> None:
+    await upsert_ann(stub)
     gateway = ProfileServiceGateway(address, timeout_s=10)
     try:
         checked = await gateway.check("prod", "email", "marketing", [("email", "ann@example.com")])
@@ -357,21 +362,7 @@ def test_bad_message_keys_are_invalid_argument_naming_the_field(
 async def test_the_delivery_gateway_checks_and_reserves_in_one_call(
     address: str, stub: profile_service_pb2_grpc.ProfileServiceStub
 ) -> None:
-    await stub.UpsertProfiles(
-        profile_service_pb2.UpsertProfilesRequest(
-            profiles=[
-                profile_pb2.Profile(
-                    name="profiles/ann",
-                    first_name="Ann",
-                    identities=[value_pb2.Identity(namespace="email", value="ann@example.com")],
-                    consents=[
-                        profile_pb2.Consent(channel=channel_pb2.CHANNEL_EMAIL, state=profile_pb2.CONSENT_STATE_OPTED_IN)
-                    ],
-                )
-            ]
-        ),
-        metadata=(("x-carillon-sandbox", "prod"),),
-    )
+    await upsert_ann(stub)
     gateway = ProfileServiceGateway(address, timeout_s=10)
     try:
         verdicts = await gateway.check_and_reserve(

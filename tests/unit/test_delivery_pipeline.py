@@ -64,6 +64,7 @@ class FakeGateway:
     capped: set[Identity] = field(default_factory=set)
     # Answers as a profile service that ignores the reservation request (an older version).
     ignores_reservations: bool = False
+    other_message_ids: bool = False  # reserves under ids that are not the ledger's
 
     def allow(self, address: str, profile_id: str, first_name: str = "") -> None:
         self.verdicts[("email", address)] = allowed(address, profile_id, first_name)
@@ -104,7 +105,8 @@ class FakeGateway:
                 self.live.add(mid)
             held.append(mid)
             address = verdict.address or verdict.identity[1]
-            results.append(replace(verdict, verdict="allowed", address=address, reserved=True, message_id=mid))
+            reserved_id = mid + "x" if self.other_message_ids else mid
+            results.append(replace(verdict, verdict="allowed", address=address, reserved=True, message_id=reserved_id))
         self.reservations.append(held)
         return results
 
@@ -687,28 +689,11 @@ async def test_a_profile_service_that_allows_marketing_without_reserving_fails_t
     assert (harness.provider.recipients(), harness.rows()) == ([], {})
 
 
-class OtherIdGateway(FakeGateway):
-    """Reserves under message ids that are not the ledger's."""
-
-    async def check_and_reserve(
-        self,
-        sandbox: str,
-        channel: str,
-        identities: Sequence[Identity],
-        run: str,
-        activity: str,
-        entity_keys: Sequence[str],
-    ) -> list[Verdict]:
-        verdicts = await super().check_and_reserve(sandbox, channel, identities, run, activity, entity_keys)
-        return [replace(v, message_id=v.message_id + "x") if v.reserved else v for v in verdicts]
-
-
 async def test_a_reservation_under_another_message_id_than_the_ledgers_fails_the_batch_unsent(
     harness: Harness,
 ) -> None:
-    gateway = OtherIdGateway()
-    gateway.allow("ada@example.com", "ada")
-    harness.pipeline.gateway = harness.gateway = gateway
+    harness.gateway.allow("ada@example.com", "ada")
+    harness.gateway.other_message_ids = True
 
     with pytest.raises(Unavailable) as failed:
         await harness.deliver([to("ada@example.com")])

@@ -146,6 +146,26 @@ class LogEvent:
     about: LoggedMessage | None = None
 
 
+@dataclass(slots=True)
+class LogGroup:
+    """Message log events of one status and event time for several messages of one sandbox (the sends of
+    a batch), queued without an object per message. ``message_ids`` are distinct; ``about`` holds, per
+    field of :class:`LoggedMessage`, the value the messages share or one value per message in id order
+    (:func:`logged_column`); None: read from the ledger rows when the logs are sent."""
+
+    sandbox: str
+    status: str
+    event_time: datetime
+    message_ids: list[str]
+    about: dict[str, str | list[str]] | None = None
+
+
+def logged_column(values: list[str]) -> str | list[str]:
+    """A field of a message log batch's ``details``: the value when every message has it, else the values."""
+    first = values[0]
+    return first if values.count(first) == len(values) else values
+
+
 # Message log status of each feedback kind that has one (complaints and unsubscribes have none).
 FEEDBACK_LOG_STATUS = {
     "delivered": "delivered",
@@ -252,10 +272,11 @@ def _chunks(items: Sequence[object], size: int = _CHUNK) -> Iterable[Sequence[ob
         yield items[start : start + size]
 
 
-def _insert_new(conn: sa.Connection, table: sa.Table, columns: dict[str, list[Any]], constants: dict[str, Any]) -> None:
+def _insert_new(conn: sa.Connection, table: sa.Table, columns: dict[str, list[Any]], constants: dict[str, Any]) -> bool:
     """Insert rows given by ``columns`` (each column's values, one per row) plus the ``constants``
     columns, leaving out a row whose key exists: executemany per 1,000 rows on SQLite; on PostgreSQL one
-    ``INSERT … SELECT unnest(…)`` (:func:`carillon_chassis.bulk.pg_rows`).
+    ``INSERT … SELECT unnest(…)`` (:func:`carillon_chassis.bulk.pg_rows`). True when every row was
+    inserted by this call (False: some key was taken, which rows is not told).
 
     On PostgreSQL the rows are first inserted plainly, in a savepoint: the callers insert rows they
     just found missing, and the check of ``ON CONFLICT DO NOTHING`` cost as much again as the insert
@@ -264,13 +285,14 @@ def _insert_new(conn: sa.Connection, table: sa.Table, columns: dict[str, list[An
     names = list(columns)
     count = len(columns[names[0]]) if names else 0
     if not count:
-        return
+        return True
     if conn.dialect.name != "postgresql":
         statement = sqlite.insert(table).on_conflict_do_nothing()
         rows = [dict(zip(names, values, strict=True)) | constants for values in zip(*columns.values(), strict=True)]
+        inserted = 0
         for start in range(0, count, _CHUNK):
-            conn.execute(statement, rows[start : start + _CHUNK])
-        return
+            inserted += conn.execute(statement, rows[start : start + _CHUNK]).rowcount
+        return inserted == count
     rows_select = pg_rows(table, columns).add_columns(
         *(sa.bindparam(None, value, type_=table.c[name].type) for name, value in constants.items())
     )
@@ -280,6 +302,8 @@ def _insert_new(conn: sa.Connection, table: sa.Table, columns: dict[str, list[An
             conn.execute(insert)
     except sa.exc.IntegrityError:
         conn.execute(insert.on_conflict_do_nothing())
+        return False
+    return True
 
 
 def _details(about: Sequence[LoggedMessage | None]) -> str | None:
@@ -289,11 +313,7 @@ def _details(about: Sequence[LoggedMessage | None]) -> str | None:
     known = [a for a in about if a is not None]
     if len(known) != len(about) or not known:
         return None
-    details: dict[str, str | list[str]] = {}
-    for name in LOGGED_COLUMNS:
-        values = [getattr(a, name) for a in known]
-        details[name] = values[0] if values.count(values[0]) == len(values) else values
-    return json.dumps(details)
+    return json.dumps({name: logged_column([getattr(a, name) for a in known]) for name in LOGGED_COLUMNS})
 
 
 def logged_messages(details: str, count: int) -> list[LoggedMessage]:
@@ -372,15 +392,16 @@ class Ledger:
 
     def write(
         self, new: Sequence[LedgerEntry], changes: Sequence[StatusChange] = (), logs: Sequence[LogEvent] = ()
-    ) -> None:
+    ) -> bool:
         """Insert new rows, change existing ones and queue message logs in one transaction.
 
         A new row whose key (or id) is already taken is left as it is: the ids are derived from the
-        keys, so the existing row is the same message.
+        keys, so the existing row is the same message. True when every new row was written by this
+        call (so that no earlier attempt of their messages exists); False when some key was taken.
         """
         now = utcnow()
         with self.database.engine.begin() as conn:
-            _insert_new(
+            all_new = _insert_new(
                 conn,
                 self._table,
                 {
@@ -403,48 +424,65 @@ class Ledger:
             )
             self._apply(conn, changes, now)
             self._queue_logs(conn, logs, now)
+        return all_new
 
-    def mark(self, changes: Sequence[StatusChange], logs: Sequence[LogEvent] = ()) -> None:
+    def mark(
+        self, changes: Sequence[StatusChange], logs: Sequence[LogEvent | LogGroup] = (), *, sent: Sequence[str] = ()
+    ) -> None:
         """Record the outcome of sends (``sent`` or ``failed`` with a reason) and queue their message
-        logs in one transaction."""
+        logs in one transaction. ``sent``: ids marked sent as by a ``StatusChange(id, "sent")`` each (a
+        batch's sends, without an object per message)."""
         now = utcnow()
         with self.database.engine.begin() as conn:
-            self._apply(conn, changes, now)
+            self._apply(conn, changes, now, sent)
             self._queue_logs(conn, logs, now)
 
-    def _queue_logs(self, conn: sa.Connection, logs: Sequence[LogEvent], now: datetime) -> None:
+    def _queue_logs(self, conn: sa.Connection, logs: Sequence[LogEvent | LogGroup], now: datetime) -> None:
         """Queue log events for audience_svc: one message log batch row per sandbox, status and event
         time (a message named twice in it is queued once), holding the ids and, when every event of the
         row carries it, what the logs say about their messages (``details``: each field once when the
         same for all, else one value per message), so that sending them reads no ledger row. The same
         event queued by two changes (a replayed batch) reaches audience_svc twice, where
-        RecordMessageLogs is idempotent."""
+        RecordMessageLogs is idempotent. A :class:`LogGroup` is one row as it is."""
         if not self.message_logs or not logs:
             return
         groups: dict[tuple[str, str, datetime], dict[str, LoggedMessage | None]] = {}
+        rows = []
         for e in logs:
+            if isinstance(e, LogGroup):
+                if e.message_ids:
+                    details = json.dumps(e.about) if e.about is not None else None
+                    rows.append(self._log_row(e.sandbox, e.status, e.event_time, e.message_ids, details, now))
+                continue
             groups.setdefault((e.sandbox, e.status, e.event_time), {}).setdefault(e.message_id, e.about)
-        conn.execute(
-            self._log_batches.insert(),
-            [
-                {
-                    "sandbox": sandbox,
-                    "status": status,
-                    "event_time": event_time,
-                    "message_ids": json.dumps(list(events)),
-                    "details": _details(list(events.values())),
-                    "size": len(events),
-                    "create_time": now,
-                    "attempts": 0,
-                    "next_attempt_time": now,
-                }
-                for (sandbox, status, event_time), events in groups.items()
-            ],
-        )
+        rows += [
+            self._log_row(sandbox, status, event_time, list(events), _details(list(events.values())), now)
+            for (sandbox, status, event_time), events in groups.items()
+        ]
+        if rows:
+            conn.execute(self._log_batches.insert(), rows)
 
-    def _apply(self, conn: sa.Connection, changes: Sequence[StatusChange], now: datetime) -> None:
+    @staticmethod
+    def _log_row(
+        sandbox: str, status: str, event_time: datetime, message_ids: list[str], details: str | None, now: datetime
+    ) -> dict[str, Any]:
+        return {
+            "sandbox": sandbox,
+            "status": status,
+            "event_time": event_time,
+            "message_ids": json.dumps(message_ids),
+            "details": details,
+            "size": len(message_ids),
+            "create_time": now,
+            "attempts": 0,
+            "next_attempt_time": now,
+        }
+
+    def _apply(
+        self, conn: sa.Connection, changes: Sequence[StatusChange], now: datetime, sent: Sequence[str] = ()
+    ) -> None:
         t = self._table
-        groups: dict[tuple[str, str], list[str]] = {}
+        groups: dict[tuple[str, str], list[str]] = {(SENT, ""): list(sent)} if sent else {}
         addresses: list[tuple[str, object]] = []
         deferrals: list[tuple[str, object]] = []
         for change in changes:
@@ -454,7 +492,8 @@ class Ledger:
             if change.status == DEFERRED:
                 deferrals.append((change.message_id, change.defer_until))
         postgres = conn.dialect.name == "postgresql"
-        if postgres and changes:
+        updating = bool(changes or sent)
+        if postgres and updating:
             # Every update below finds its rows by id. PostgreSQL's cost model (random page reads cost
             # 4x sequential ones) prefers scanning the whole ledger to a few thousand primary-key
             # lookups, so each batch of a send would cost more than the one before: not here.
@@ -474,7 +513,7 @@ class Ledger:
             self._set_each(conn, t.c.defer_until, deferrals)
         if addresses:
             self._set_each(conn, t.c.address, addresses)
-        if postgres and changes:
+        if postgres and updating:
             conn.exec_driver_sql("SET LOCAL enable_seqscan = on")
             conn.exec_driver_sql("SET LOCAL enable_hashjoin = on")
             conn.exec_driver_sql("SET LOCAL enable_mergejoin = on")

@@ -54,7 +54,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import structlog
 
@@ -77,7 +77,9 @@ from delivery_svc.ledger import (
     LedgerKey,
     LogEvent,
     LoggedMessage,
+    LogGroup,
     StatusChange,
+    logged_column,
 )
 from delivery_svc.providers import (
     PROVIDER_PERMANENT,
@@ -221,6 +223,7 @@ class Prepared:
     logs_queued: bool = False  # message logs queued with the ledger write
     to_release: list[str] = field(default_factory=list)
     to_record: list[tuple[str, str]] = field(default_factory=list)
+    first_attempts: frozenset[str] = frozenset()  # messages whose ledger rows this batch wrote
 
 
 @dataclass
@@ -677,8 +680,12 @@ class SendSession:
 
         timings["render"] = time.perf_counter() - started
         started = time.perf_counter()
+        all_new = True
         if new_rows or changes:
-            await pipeline.database.run(pipeline.ledger.write, new_rows, changes, logs)
+            all_new = await pipeline.database.run(pipeline.ledger.write, new_rows, changes, logs)
+        # Messages whose ledger rows this batch wrote: no earlier attempt can have sent them (when another
+        # writer took one of the keys meanwhile, none is told, as which ones is not known).
+        first_attempts = frozenset(e.message_id for e in new_rows if e.status == PENDING) if all_new else frozenset()
         timings["ledger_write"] = time.perf_counter() - started
         return Prepared(
             ack,
@@ -692,6 +699,7 @@ class SendSession:
             logs_queued=bool(logs),
             to_release=to_release,
             to_record=to_record,
+            first_attempts=first_attempts,
         )
 
     def start_transmit(self, prepared: Prepared) -> asyncio.Future[SentBatch]:
@@ -721,6 +729,7 @@ class SendSession:
                 throttles=(self.bucket, pipeline.provider_bucket),
                 clock=pipeline.clock,
                 on_sent=self._mark_one(marked, by_id) if getattr(pipeline.provider, "mark_each_send", False) else None,
+                first_attempts=prepared.first_attempts,
             )
         timings["send"] = time.perf_counter() - started
         started = time.perf_counter()
@@ -797,17 +806,40 @@ class SendSession:
             recipient.value,
         )
 
+    def _logged_columns(self, message_ids: list[str], jobs: Mapping[str, _Job]) -> dict[str, str | list[str]] | None:
+        """What the message logs of ``message_ids`` say about their messages, as the ``about`` of a
+        :class:`LogGroup` (None when a message is not one of ``jobs``: read from the ledger later)."""
+        picked = [jobs.get(mid) for mid in message_ids]
+        if any(job is None for job in picked):
+            return None
+        found = cast(list[_Job], picked)
+        header = self.header
+        return {
+            "campaign": header.campaign,
+            "run": header.run,
+            "activity": header.activity,
+            "channel": header.channel,
+            "profile_key": logged_column([job.key[0] for job in found]),
+            "entity_key": logged_column([job.key[1] for job in found]),
+            "identity_namespace": logged_column([job.recipient.namespace for job in found]),
+            "identity_value": logged_column([job.recipient.value for job in found]),
+        }
+
     async def _mark(
         self, report: DeliveryReport, ack: BatchAck, jobs: Mapping[str, _Job], marked: Set[str] = frozenset()
     ) -> None:
-        """Mark the batch's outcomes (but the sends already in ``marked``) in one transaction and count them."""
-        changes = [StatusChange(mid, SENT) for mid in report.sent if mid not in marked]
-        changes += [StatusChange(mid, FAILED, reason) for mid, reason in report.failed.items()]
+        """Mark the batch's outcomes (but the sends already in ``marked``) in one transaction and count them.
+        The sends, most of a batch, are marked and logged as one group (no object per message)."""
+        sent = [mid for mid in report.sent if mid not in marked] if marked else list(report.sent)
+        changes = [StatusChange(mid, FAILED, reason) for mid, reason in report.failed.items()]
         now, sandbox, logged = self.pipeline.clock.now(), self.sandbox, self._logged
-        logs = [LogEvent(sandbox, mid, "sent", now, logged(jobs.get(mid))) for mid in report.sent if mid not in marked]
-        logs += [LogEvent(sandbox, mid, "failed", now, logged(jobs.get(mid))) for mid in report.failed]
-        if changes:
-            await self.pipeline.database.run(self.pipeline.ledger.mark, changes, logs)
+        logs: list[LogEvent | LogGroup] = [
+            LogEvent(sandbox, mid, "failed", now, logged(jobs.get(mid))) for mid in report.failed
+        ]
+        if sent:
+            logs.append(LogGroup(sandbox, "sent", now, sent, self._logged_columns(sent, jobs)))
+        if changes or sent:
+            await self.pipeline.database.run(self.pipeline.ledger.mark, changes, logs, sent=sent)
         ack.sent += len(report.sent)
         ack.failed.update(report.failed.values())
 

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from carillon_chassis.database import Database, utcnow
 from carillon_chassis.errors import AlreadyExists, InvalidArgument, NotFound
 from carillon_chassis.messages import message_id
-from delivery_svc.ledger import Ledger, LedgerEntry, LogEvent, StatusChange
+from delivery_svc.ledger import Ledger, LedgerEntry, LogEvent, LoggedMessage, LogGroup, StatusChange, logged_column
 from delivery_svc.message_logs import MessageLogOutbox
 from delivery_svc.tables import MIGRATIONS, LedgerRow, MessageLogOutboxRow
 from delivery_svc.templates import Template, TemplateStore
@@ -68,13 +68,16 @@ def test_the_database_refuses_a_second_row_for_the_same_ledger_key(database: Dat
 
 def test_writing_a_row_whose_key_exists_keeps_the_existing_row(database: Database) -> None:
     ledger = Ledger(database)
-    ledger.write([entry("ada", "r1")])
+    first = ledger.write([entry("ada", "r1")])
     ledger.mark([StatusChange(entry("ada", "r1").message_id, "sent")])
 
-    ledger.write([entry("ada", "r1"), entry("bob", "r1")])
+    second = ledger.write([entry("ada", "r1"), entry("bob", "r1")])
+    third = ledger.write([entry("cy", "r1"), entry("dee", "r1")])
 
     rows = {e.profile_key: e.status for e in ledger.entries("prod", RUN, "a1")}
-    assert rows == {"ada": "sent", "bob": "pending"}
+    assert rows == {"ada": "sent", "bob": "pending", "cy": "pending", "dee": "pending"}
+    # Whether every new row was written by the call: the pipeline's first attempts depend on it.
+    assert (first, second, third) == (True, False, True)
 
 
 def test_find_returns_only_the_rows_of_the_keys_in_the_run_and_activity(database: Database) -> None:
@@ -163,6 +166,40 @@ def test_queued_message_logs_are_read_back_once_per_message_and_status(database:
     assert queued == [(ada, "sent", 0), (ada, "sent", 0), (bob, "failed", 0)]
     # The second batch holds a repeat only: read back empty (the flusher deletes it with the others).
     assert due == [("prod", [(ada, "sent", "ada")]), ("prod", []), ("prod", [(bob, "failed", "bob")])]
+
+
+def test_a_log_group_queues_the_same_logs_as_one_event_per_message(database: Database) -> None:
+    ledger = Ledger(database, message_logs=True)
+    entries = [entry("ada", "r1"), entry("bob", "r1"), entry("cy", "r2")]
+    ledger.write(entries)
+    now = utcnow()
+    ids = [e.message_id for e in entries]
+    about = [LoggedMessage.of(e) for e in entries]
+
+    ledger.mark([], [LogEvent("prod", mid, "sent", now, a) for mid, a in zip(ids, about, strict=True)], sent=ids[:1])
+    grouped = {
+        "campaign": "campaigns/c1",
+        "run": RUN,
+        "activity": "a1",
+        "channel": "email",
+        "profile_key": logged_column(["ada", "bob", "cy"]),
+        "entity_key": logged_column(["r1", "r1", "r2"]),
+        "identity_namespace": logged_column(["", "", ""]),
+        "identity_value": logged_column(["", "", ""]),
+    }
+    ledger.mark([], [LogGroup("prod", "sent", now, ids, grouped)], sent=ids[1:])
+
+    statuses = {e.profile_key: e.status for e in ledger.entries("prod", RUN, "a1")}
+    batches = sa.table("message_log_batches", sa.column("id"), sa.column("message_ids"), sa.column("details"))
+    with database.engine.connect() as conn:
+        rows = conn.execute(sa.select(batches.c.message_ids, batches.c.details).order_by(batches.c.id)).all()
+    (first,) = MessageLogOutbox(database).due(100)[:1]
+    assert statuses == {"ada": "sent", "bob": "sent", "cy": "sent"}
+    assert grouped["identity_namespace"] == "" and grouped["entity_key"] == ["r1", "r1", "r2"]
+    assert len(rows) == 2 and rows[0] == rows[1]  # the same ids and details, byte for byte
+    assert [(log.message_id, log.profile_id, log.entity_key) for log in first.logs] == [
+        (e.message_id, e.profile_key, e.entity_key) for e in entries
+    ]
 
 
 def email_template() -> Template:

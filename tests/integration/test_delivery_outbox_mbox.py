@@ -6,6 +6,7 @@ file and the ledger's ``sent`` mark). Every test runs on SQLite and on PostgreSQ
 from __future__ import annotations
 
 import mailbox
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from carillon_chassis.database import Database
 from carillon_chassis.server import GrpcServer
 from delivery_svc.app import build_server
 from delivery_svc.emails import MESSAGE_ID_HEADER
+from delivery_svc.providers import OutboxIndex
 from delivery_svc.settings import DeliverySettings
 from profile_stub.app import build_server as build_profile
 from profile_stub.settings import ProfileSettings
@@ -123,3 +125,9 @@ async def test_a_batch_replayed_after_the_ledger_lost_its_sent_marks_writes_no_m
     assert (replay.sent, replay.already_sent) == (2, 0)  # sent again as far as the ledger knows...
     assert outbox_ids(stack.outbox) == written  # ...but the outbox holds each message once
     assert len(list(stack.outbox.glob("*.mbox"))) == 1
+    # The first send's ledger rows were new: the pipeline told the outbox they were first attempts, which
+    # it listed for their file instead of indexing them one by one; the replay found them in that list.
+    with sqlite3.connect(stack.outbox / OutboxIndex.FILE_NAME) as index:
+        lists = [row[0].split("\n") for row in index.execute("SELECT message_ids FROM first_attempts")]
+        one_by_one = index.execute("SELECT count(*) FROM messages").fetchone()[0]
+    assert (sorted(lists[0]), len(lists), one_by_one) == (sorted(written), 1, 0)

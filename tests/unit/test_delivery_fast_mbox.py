@@ -99,3 +99,59 @@ def test_a_batch_file_is_the_mbox_entries_of_its_messages(tmp_path: Path) -> Non
     assert data == b"".join(mbox_entry(m, stamp) for m in messages)
     assert b"From MAILER-DAEMON " in data and b"\nFrom other@example.com " in data
     assert ids_in_outbox(tmp_path) == ["m1", "m2", "m3", "m4"]
+
+
+def test_first_attempts_are_listed_for_their_file_not_indexed_one_by_one(tmp_path: Path) -> None:
+    report = deliver_batch(
+        OutboxMboxProvider(tmp_path),
+        [compose("m1"), compose("m2"), compose("m3")],
+        NO_WAIT,
+        first_attempts={"m1", "m3"},
+    )
+
+    assert report.sent == ["m1", "m2", "m3"] and ids_in_outbox(tmp_path) == ["m1", "m2", "m3"]
+    with sqlite3.connect(tmp_path / OutboxIndex.FILE_NAME) as index:
+        lists = [row[0] for row in index.execute("SELECT message_ids FROM first_attempts")]
+        one_by_one = [row[0] for row in index.execute("SELECT message_id FROM messages")]
+    assert (lists, one_by_one) == (["m1\nm3"], ["m2"])
+
+
+def test_a_retry_of_first_attempts_written_before_writes_nothing_again(tmp_path: Path) -> None:
+    deliver_batch(OutboxMboxProvider(tmp_path), [compose("m1"), compose("m2")], NO_WAIT, first_attempts={"m1", "m2"})
+
+    # The replay of a batch whose ledger rows stayed pending: no first attempts; m3 is new to the outbox.
+    report = deliver_batch(OutboxMboxProvider(tmp_path), [compose("m2"), compose("m3"), compose("m1")], NO_WAIT)
+
+    assert report.sent == ["m2", "m3", "m1"]
+    assert ids_in_outbox(tmp_path) == ["m1", "m2", "m3"]
+    assert len(list(tmp_path.glob("*.mbox"))) == 2
+
+
+def test_a_first_attempt_another_session_resent_meanwhile_is_not_written_again(tmp_path: Path) -> None:
+    # A retry elsewhere (another stream replaying the batch) wrote m2 after this batch's ledger write.
+    deliver_batch(OutboxMboxProvider(tmp_path), [compose("m2")], NO_WAIT)
+
+    report = deliver_batch(
+        OutboxMboxProvider(tmp_path), [compose("m1"), compose("m2")], NO_WAIT, first_attempts={"m1", "m2"}
+    )
+
+    assert report.sent == ["m1", "m2"]
+    assert ids_in_outbox(tmp_path) == ["m1", "m2"]
+
+
+def test_a_claim_of_first_attempts_refuses_an_id_indexed_one_by_one(tmp_path: Path) -> None:
+    index = OutboxIndex(tmp_path)
+    try:
+        with index.transaction():
+            assert index.claim("a.mbox", tmp_path / ".a.tmp", ["m1"])
+        with index.transaction():
+            assert not index.claim("b.mbox", tmp_path / ".b.tmp", ["m2", "m1"], frozenset({"m1", "m2"}))
+        with index.transaction():
+            assert index.claim("c.mbox", tmp_path / ".c.tmp", ["m2", "m3"], frozenset({"m2", "m3"}))
+        with index.transaction():  # a retry of m3 (not a first attempt) is refused: it is in c's list
+            assert not index.claim("d.mbox", tmp_path / ".d.tmp", ["m3", "m4"])
+        assert index.written(["m1", "m2", "m3", "m4"]) == {"m1", "m2", "m3"}
+        files = index.connection.execute("SELECT name FROM files ORDER BY 1").fetchall()
+    finally:
+        index.close()
+    assert files == [("a.mbox",), ("c.mbox",)]

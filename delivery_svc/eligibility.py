@@ -253,6 +253,7 @@ class ProfileServiceGateway:
             run=run,
             activity=activity,
             entity_keys=list(entity_keys),
+            profile_view=profile_service_pb2.PROFILE_VIEW_PERSONALIZATION,
         )
         return await self._call_check(sandbox, request, identities, with_profile=True)
 
@@ -276,6 +277,7 @@ class ProfileServiceGateway:
             reserve=bool(message_ids),
             message_ids=list(message_ids),
             omit_profiles=bool(message_ids),
+            profile_view=profile_service_pb2.PROFILE_VIEW_PERSONALIZATION,
         )
         return await self._call_check(sandbox, request, identities, with_profile=not message_ids)
 

@@ -174,9 +174,12 @@ def _fill_profile(
     profile: Profile,
     attributes: Mapping[str, value_pb2.Value],
     times: dict[datetime, tuple[int, int]],
+    *,
+    personalization: bool = False,
 ) -> None:
     """Fill an empty Profile message (``attributes``: the profile's attributes as Values; ``times``: the
-    cache of ``_set_time``). Empty strings are left unset, which is the same message."""
+    cache of ``_set_time``). Empty strings are left unset, which is the same message. With
+    ``personalization`` (PROFILE_VIEW_PERSONALIZATION), no attributes, consents or times."""
     message.name = f"profiles/{profile.profile_id}"
     add_identity = message.identities.add
     for ns, v in profile.identities:
@@ -191,6 +194,8 @@ def _fill_profile(
         message.time_zone = profile.time_zone
     if profile.country:
         message.country = profile.country
+    if personalization:
+        return
     for key, value in attributes.items():
         message.attributes[key].CopyFrom(value)
     for consent in profile.consents:
@@ -215,10 +220,13 @@ def profile_to_proto(profile: Profile) -> profile_pb2.Profile:
     return message
 
 
-def eligibility_to_proto(result: Eligibility, *, with_profile: bool = True) -> profile_pb2.EligibilityResult:
-    """The EligibilityResult message of a domain verdict (without the profile unless ``with_profile``)."""
+def eligibility_to_proto(
+    result: Eligibility, *, with_profile: bool = True, personalization: bool = False
+) -> profile_pb2.EligibilityResult:
+    """The EligibilityResult message of a domain verdict (without the profile unless ``with_profile``;
+    ``personalization``: PROFILE_VIEW_PERSONALIZATION)."""
     message = profile_pb2.EligibilityResult()
-    fill_eligibility(message, result, with_profile=with_profile, times={})
+    fill_eligibility(message, result, with_profile=with_profile, times={}, personalization=personalization)
     return message
 
 
@@ -228,9 +236,11 @@ def fill_eligibility(
     *,
     with_profile: bool,
     times: dict[datetime, tuple[int, int]],
+    personalization: bool = False,
 ) -> None:
     """Fill an empty EligibilityResult in place (one per recipient: built where it is sent, not copied);
-    ``times`` is the batch's cache of timestamps."""
+    ``times`` is the batch's cache of timestamps; ``personalization``: the profile as
+    PROFILE_VIEW_PERSONALIZATION has it (its attributes in the result's ``attributes`` only)."""
     message.identity.namespace, message.identity.value = result.identity
     message.verdict = _VERDICTS[result.verdict]
     if result.address:
@@ -242,7 +252,7 @@ def fill_eligibility(
         message.message_id = result.message_id
     if with_profile and result.profile is not None:
         attributes = to_value_map(result.profile.attributes) if result.profile.attributes else {}
-        _fill_profile(message.profile, result.profile, attributes, times)
+        _fill_profile(message.profile, result.profile, attributes, times, personalization=personalization)
         for key, value in attributes.items():
             message.attributes[key].CopyFrom(value)
 
@@ -322,6 +332,8 @@ class ProfileServicer(profile_service_pb2_grpc.ProfileServiceServicer):
                 field="identities",
                 reason="BATCH_TOO_LARGE",
             )
+        if request.profile_view not in profile_service_pb2.ProfileView.values():
+            raise InvalidArgument(f"unknown profile view {request.profile_view}", field="profile_view")
         results = await self.store.database.run(
             self.store.check_eligibility,
             current_sandbox(),
@@ -339,9 +351,10 @@ class ProfileServicer(profile_service_pb2_grpc.ProfileServiceServicer):
         )
         response = profile_service_pb2.CheckEligibilityResponse()
         add, with_profile = response.results.add, not request.omit_profiles
+        personalization = request.profile_view == profile_service_pb2.PROFILE_VIEW_PERSONALIZATION
         times: dict[datetime, tuple[int, int]] = {}
         for result in results:
-            fill_eligibility(add(), result, with_profile=with_profile, times=times)
+            fill_eligibility(add(), result, with_profile=with_profile, times=times, personalization=personalization)
         return response
 
     async def RecordCommunications(

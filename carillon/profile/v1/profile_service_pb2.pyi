@@ -10,6 +10,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,40 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ProfileView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ProfileViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ProfileView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROFILE_VIEW_UNSPECIFIED: _ProfileView.ValueType  # 0
+    """Not set: PROFILE_VIEW_FULL."""
+    PROFILE_VIEW_FULL: _ProfileView.ValueType  # 1
+    """The whole profile: its name, identities, names, locale, time zone, country, custom attributes (in
+    `profile.attributes` and in the result's `attributes`), consents, and create and update times.
+    """
+    PROFILE_VIEW_PERSONALIZATION: _ProfileView.ValueType  # 2
+    """What personalizing a message reads: the profile's name, identities, names, locale, time zone and
+    country, and its custom attributes in the result's `attributes` only; no consents, no times (a
+    delivery worker's batch: a third less to build and to read per recipient).
+    """
+
+class ProfileView(_ProfileView, metaclass=_ProfileViewEnumTypeWrapper):
+    """How much of a profile an eligibility result carries."""
+
+PROFILE_VIEW_UNSPECIFIED: ProfileView.ValueType  # 0
+"""Not set: PROFILE_VIEW_FULL."""
+PROFILE_VIEW_FULL: ProfileView.ValueType  # 1
+"""The whole profile: its name, identities, names, locale, time zone, country, custom attributes (in
+`profile.attributes` and in the result's `attributes`), consents, and create and update times.
+"""
+PROFILE_VIEW_PERSONALIZATION: ProfileView.ValueType  # 2
+"""What personalizing a message reads: the profile's name, identities, names, locale, time zone and
+country, and its custom attributes in the result's `attributes` only; no consents, no times (a
+delivery worker's batch: a third less to build and to read per recipient).
+"""
+Global___ProfileView: _TypeAlias = ProfileView  # noqa: Y015
 
 @_typing.final
 class UpsertProfilesRequest(_message.Message):
@@ -196,6 +231,7 @@ class CheckEligibilityRequest(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     ACTIVITY_FIELD_NUMBER: _builtins.int
     ENTITY_KEYS_FIELD_NUMBER: _builtins.int
+    PROFILE_VIEW_FIELD_NUMBER: _builtins.int
     channel: _channel_pb2.Channel.ValueType
     """The channel of the message."""
     category: _channel_pb2.MessageCategory.ValueType
@@ -228,6 +264,10 @@ class CheckEligibilityRequest(_message.Message):
     """
     activity: _builtins.str
     """With `run`: the channel activity whose messages are reserved."""
+    profile_view: Global___ProfileView.ValueType
+    """How much of each profile the results carry (unless `omit_profiles`); unspecified means
+    PROFILE_VIEW_FULL.
+    """
     @_builtins.property
     def identities(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Identity]:
         """The identities to check (at most 10000)."""
@@ -254,10 +294,11 @@ class CheckEligibilityRequest(_message.Message):
         run: _builtins.str = ...,
         activity: _builtins.str = ...,
         entity_keys: _abc.Iterable[_builtins.str] | None = ...,
+        profile_view: Global___ProfileView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "category", b"category", "channel", b"channel", "create_missing_profiles", b"create_missing_profiles", "entity_keys", b"entity_keys", "identities", b"identities", "message_ids", b"message_ids", "omit_profiles", b"omit_profiles", "purpose", b"purpose", "reserve", b"reserve", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "category", b"category", "channel", b"channel", "create_missing_profiles", b"create_missing_profiles", "entity_keys", b"entity_keys", "identities", b"identities", "message_ids", b"message_ids", "omit_profiles", b"omit_profiles", "profile_view", b"profile_view", "purpose", b"purpose", "reserve", b"reserve", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,9 +11,8 @@ import pytest
 
 from carillon.profile.v1 import profile_pb2, profile_service_pb2, profile_service_pb2_grpc
 from carillon.type.v1 import channel_pb2, value_pb2
-from profile_stub.app import build_server
-from profile_stub.settings import ProfileSettings
 from tests.conftest import DatabaseFactory
+from tests.profile_server import profile_service
 from tests.rpc_errors import failure_of
 
 METADATA = (("x-carillon-sandbox", "prod"),)
@@ -24,32 +23,26 @@ NOBODY = value_pb2.Identity(namespace="email", value="nobody@example.com")
 
 @pytest.fixture
 async def stub(database_factory: DatabaseFactory) -> AsyncIterator[profile_service_pb2_grpc.ProfileServiceStub]:
-    url, schema = database_factory.url_and_schema("profile")
-    server = await build_server(ProfileSettings(port=0, database_url=url, database_schema=schema))
-    await server.start()
-    channel = grpc.aio.insecure_channel(server.address)
-    stub = profile_service_pb2_grpc.ProfileServiceStub(channel)
-    await stub.UpsertProfiles(
-        profile_service_pb2.UpsertProfilesRequest(
-            profiles=[
-                profile_pb2.Profile(
-                    name="profiles/ann",
-                    identities=[ANN, value_pb2.Identity(namespace="phone", value="+15550100")],
-                    first_name="Ann",
-                    last_name="Lee",
-                    locale="en-GB",
-                    time_zone="Europe/London",
-                    country="GB",
-                    attributes={"tier": value_pb2.Value(string_value="gold")},
-                    consents=[profile_pb2.Consent(channel=EMAIL, state=profile_pb2.CONSENT_STATE_OPTED_IN)],
-                )
-            ]
-        ),
-        metadata=METADATA,
-    )
-    yield stub
-    await channel.close()
-    await server.stop()
+    async with profile_service(database_factory) as stub:
+        await stub.UpsertProfiles(
+            profile_service_pb2.UpsertProfilesRequest(
+                profiles=[
+                    profile_pb2.Profile(
+                        name="profiles/ann",
+                        identities=[ANN, value_pb2.Identity(namespace="phone", value="+15550100")],
+                        first_name="Ann",
+                        last_name="Lee",
+                        locale="en-GB",
+                        time_zone="Europe/London",
+                        country="GB",
+                        attributes={"tier": value_pb2.Value(string_value="gold")},
+                        consents=[profile_pb2.Consent(channel=EMAIL, state=profile_pb2.CONSENT_STATE_OPTED_IN)],
+                    )
+                ]
+            ),
+            metadata=METADATA,
+        )
+        yield stub
 
 
 View = profile_service_pb2.ProfileView.ValueType

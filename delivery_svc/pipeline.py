@@ -499,16 +499,22 @@ class SendSession:
         return rendered
 
     async def abandon(self, checked: Checked) -> None:
-        """A batch whose check started will not be sent (its stream ended first): stop the check, or
-        release what it reserved (best effort; a reservation left behind expires on its own)."""
+        """A batch whose check started will not be sent (its stream ended first): release what its check
+        reserved (best effort; a reservation left behind expires on its own).
+
+        A check still under way is waited for (within its call's deadline), not cancelled: profile_stub
+        may have committed its reservations before a cancellation reached it, and they would then count
+        against the profiles' caps until they expired."""
         checked.rendered.cancel()
-        verdicts = checked.verdicts
-        if not verdicts.done():
-            verdicts.cancel()
+        try:
+            verdicts = await asyncio.shield(checked.verdicts)
+        except asyncio.CancelledError:
+            if not checked.verdicts.cancelled():
+                raise  # this task was cancelled, not the check
             return
-        if verdicts.cancelled() or verdicts.exception() is not None:
+        except Exception:  # the check failed: it reserved nothing (past its deadline: they expire)
             return
-        await self._release([v.message_id for v in verdicts.result() if v.reserved and v.message_id])
+        await self._release([v.message_id for v in verdicts if v.reserved and v.message_id])
 
     async def release_prepared(self, prepared: Prepared) -> None:
         """A prepared batch will not be transmitted (its stream ended first): release every reservation

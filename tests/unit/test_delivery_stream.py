@@ -19,7 +19,7 @@ from carillon_chassis.errors import InvalidArgument, Unavailable
 from delivery_svc.eligibility import Communication, Identity, Verdict
 from delivery_svc.feedback import FeedbackService
 from delivery_svc.servicer import DeliveryServicer
-from tests.unit.test_delivery_pipeline import HEADER, FakeGateway, Harness, harness
+from tests.unit.test_delivery_pipeline import HEADER, SANDBOX, FakeGateway, Harness, harness, to
 from tests.unit.test_delivery_review_fixes import NoForwarding
 
 __all__ = ["harness"]  # the fixture, imported for this module's tests
@@ -209,3 +209,46 @@ async def test_a_batch_read_ahead_of_a_failed_stream_leaves_no_reservation_behin
     assert a[0] in sent and a[4] not in sent and a[5] not in sent  # the third batch was never sent
     never_sent = {mid for mid in slow.live} - {m.message_id for m in harness.provider.sent}
     assert never_sent == set()  # released, or never reserved
+
+
+class AnswerHeldGateway(SlowGateway):
+    """A gateway whose checks reserve at once but answer only when told (``answer``): a profile_stub that
+    committed its reservations while its answer was still on the way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = asyncio.Event()
+
+    async def check_and_reserve(
+        self,
+        sandbox: str,
+        channel: str,
+        identities: Sequence[Identity],
+        run: str,
+        activity: str,
+        entity_keys: Sequence[str],
+    ) -> list[Verdict]:
+        verdicts = await super().check_and_reserve(sandbox, channel, identities, run, activity, entity_keys)
+        await self.answer.wait()
+        return verdicts
+
+
+async def test_abandoning_a_batch_whose_check_is_under_way_waits_for_it_and_releases_what_it_reserved(
+    harness: Harness,
+) -> None:
+    gateway = AnswerHeldGateway()
+    harness.pipeline.gateway = harness.gateway = gateway
+    a = allow(gateway, 2)
+    session = await harness.pipeline.open(SANDBOX, HEADER)
+    checked = session.start_check([to(a[0]), to(a[1])])
+
+    abandoning = asyncio.ensure_future(session.abandon(checked))
+    for _ in range(20):  # loop turns: the check reserves, its answer is held, the abandon begins
+        await asyncio.sleep(0)
+    waiting = not abandoning.done()
+    gateway.answer.set()
+    await abandoning
+
+    (reserved,) = gateway.reservations
+    assert waiting and len(reserved) == 2  # not cancelled: the reservations were made already
+    assert sorted(gateway.released) == sorted(reserved) and gateway.live == set()

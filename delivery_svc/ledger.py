@@ -306,6 +306,21 @@ def _insert_new(conn: sa.Connection, table: sa.Table, columns: dict[str, list[An
     return True
 
 
+def _durable_commits(conn: sa.Connection) -> bool:
+    """Whether a commit on this connection survives a crash of the machine: PostgreSQL unless
+    ``synchronous_commit`` is off; SQLite with ``synchronous`` FULL or EXTRA (the chassis sets NORMAL,
+    under which a WAL commit can be lost). Read once per driver connection."""
+    info = conn.connection.info
+    durable = info.get("carillon_durable_commits")
+    if durable is None:
+        if conn.dialect.name == "postgresql":
+            durable = conn.exec_driver_sql("SELECT current_setting('synchronous_commit')").scalar() != "off"
+        else:
+            durable = int(conn.exec_driver_sql("PRAGMA synchronous").scalar() or 0) >= 2
+        info["carillon_durable_commits"] = durable
+    return bool(durable)
+
+
 def _details(about: Sequence[LoggedMessage | None]) -> str | None:
     """The ``details`` of a message log batch row (JSON): per field of :class:`LoggedMessage`, its value
     when all messages share it, else the list of values in message order; None when a message's
@@ -397,7 +412,10 @@ class Ledger:
 
         A new row whose key (or id) is already taken is left as it is: the ids are derived from the
         keys, so the existing row is the same message. True when every new row was written by this
-        call (so that no earlier attempt of their messages exists); False when some key was taken.
+        call, durably (so that no earlier attempt of their messages exists: a commit that a crash of the
+        machine can undo, as SQLite's ``synchronous=NORMAL`` or PostgreSQL's ``synchronous_commit=off``
+        allow, could have made a message sent before look new); False when some key was taken or
+        the commit is not durable.
         """
         now = utcnow()
         with self.database.engine.begin() as conn:
@@ -424,7 +442,7 @@ class Ledger:
             )
             self._apply(conn, changes, now)
             self._queue_logs(conn, logs, now)
-        return all_new
+            return all_new and _durable_commits(conn)
 
     def mark(
         self, changes: Sequence[StatusChange], logs: Sequence[LogEvent | LogGroup] = (), *, sent: Sequence[str] = ()

@@ -509,10 +509,11 @@ class SendSession:
         try:
             verdicts = await asyncio.shield(checked.verdicts)
         except asyncio.CancelledError:
-            if not checked.verdicts.cancelled():
-                raise  # this task was cancelled, not the check
+            task = asyncio.current_task()
+            if not checked.verdicts.cancelled() or (task is not None and task.cancelling()):
+                raise  # this task was cancelled (not only the check)
             return
-        except Exception:  # the check failed: it reserved nothing (past its deadline: they expire)
+        except Exception:  # the check failed: what it may have reserved before failing expires on its own
             return
         await self._release([v.message_id for v in verdicts if v.reserved and v.message_id])
 
@@ -689,8 +690,9 @@ class SendSession:
         all_new = True
         if new_rows or changes:
             all_new = await pipeline.database.run(pipeline.ledger.write, new_rows, changes, logs)
-        # Messages whose ledger rows this batch wrote: no earlier attempt can have sent them (when another
-        # writer took one of the keys meanwhile, none is told, as which ones is not known).
+        # Messages whose ledger rows this batch wrote, durably: no earlier attempt can have sent them (when
+        # another writer took one of the keys meanwhile, none is told, as which ones is not known; nor
+        # when the ledger's commits are not durable).
         first_attempts = frozenset(e.message_id for e in new_rows if e.status == PENDING) if all_new else frozenset()
         timings["ledger_write"] = time.perf_counter() - started
         return Prepared(

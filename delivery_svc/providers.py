@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import json
 import os
 import re
 import smtplib
@@ -334,8 +335,8 @@ class OutboxIndex:
     ``.outbox-index.sqlite`` in the outbox directory (WAL journal, ``synchronous=FULL``, a busy timeout so
     that the sessions of several threads and processes on one host queue for its write lock) holds
     ``files`` (every ``.mbox`` file the index knows, by name), ``messages`` (message id, primary key, and
-    the file holding it), ``first_attempts`` (per file, the list of its messages that no earlier attempt
-    can have sent: see :meth:`claim`) and ``claims`` (the files whose ids are claimed but which may not
+    the file holding it), ``first_attempts`` (per file, the JSON array of its messages that no earlier
+    attempt can have sent: see :meth:`claim`) and ``claims`` (the files whose ids are claimed but which may not
     be in place yet, with their temporary name). The ids live on disk, never in a set in memory: memory
     does not grow with the number of messages ever sent. One connection per session, closed with it.
 
@@ -343,9 +344,11 @@ class OutboxIndex:
     pages as it has ids once the index outgrows the cache, and every such page is written again at each
     commit (measured: a 5,000-id insert costs 7 ms of CPU into an empty index, 42 ms at 300,000 ids).
     The pipeline knows which messages are first attempts (their ledger rows were written for this
-    batch): nothing can have written them before, so they need no lookup, only a record that a later
-    retry (a replay after a crash between the file and the ledger's mark) can find; a retry, rare, reads
-    those lists.
+    batch, and the ledger's commits are durable): nothing can have written them before, so they need no
+    lookup, only a record that a later retry (a replay after a crash between the file and the ledger's
+    mark) can find; a retry reads every list (its cost grows with the outbox: see docs/architecture.md).
+    A version before the lists knows only ``messages``: to go back to one, copy the lists there first
+    (``INSERT OR IGNORE INTO messages SELECT value, file_id FROM first_attempts, json_each(message_ids)``).
     """
 
     FILE_NAME = ".outbox-index.sqlite"
@@ -396,7 +399,7 @@ class OutboxIndex:
         wanted = set(message_ids)
         found: set[str] = set()
         for (listed,) in self.connection.execute("SELECT message_ids FROM first_attempts"):
-            found.update(wanted.intersection(listed.split("\n")))
+            found.update(wanted.intersection(json.loads(listed)))
         return found
 
     @contextlib.contextmanager
@@ -434,7 +437,7 @@ class OutboxIndex:
         file_id = connection.execute("INSERT INTO files (name) VALUES (?)", (name,)).lastrowid
         connection.execute("INSERT INTO claims (file_id, temporary) VALUES (?, ?)", (file_id, temporary.name))
         if len(others) < len(message_ids):
-            listed = "\n".join(m for m in message_ids if m in first_attempts)
+            listed = json.dumps([m for m in message_ids if m in first_attempts])
             connection.execute("INSERT INTO first_attempts (file_id, message_ids) VALUES (?, ?)", (file_id, listed))
         inserted = connection.executemany(  # in key order: neighbouring ids share index pages
             "INSERT OR IGNORE INTO messages (message_id, file_id) VALUES (?, ?)",

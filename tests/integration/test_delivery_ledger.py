@@ -13,7 +13,16 @@ import sqlalchemy as sa
 from carillon_chassis.database import Database, utcnow
 from carillon_chassis.errors import AlreadyExists, InvalidArgument, NotFound
 from carillon_chassis.messages import message_id
-from delivery_svc.ledger import Ledger, LedgerEntry, LogEvent, LoggedMessage, LogGroup, StatusChange, logged_column
+from delivery_svc.ledger import (
+    Ledger,
+    LedgerEntry,
+    LogEvent,
+    LoggedMessage,
+    LogGroup,
+    StatusChange,
+    _durable_commits,
+    logged_column,
+)
 from delivery_svc.message_logs import MessageLogOutbox
 from delivery_svc.tables import MIGRATIONS, LedgerRow, MessageLogOutboxRow
 from delivery_svc.templates import Template, TemplateStore
@@ -76,8 +85,19 @@ def test_writing_a_row_whose_key_exists_keeps_the_existing_row(database: Databas
 
     rows = {e.profile_key: e.status for e in ledger.entries("prod", RUN, "a1")}
     assert rows == {"ada": "sent", "bob": "pending", "cy": "pending", "dee": "pending"}
-    # Whether every new row was written by the call: the pipeline's first attempts depend on it.
-    assert (first, second, third) == (True, False, True)
+    # Whether every new row was written by the call, durably: the pipeline's first attempts depend on it
+    # (the chassis opens SQLite with synchronous=NORMAL, whose commits a machine crash can undo).
+    durable = database.is_postgres
+    assert (first, second, third) == (durable, False, durable)
+
+
+def test_a_ledger_whose_commits_a_machine_crash_can_undo_says_no_row_is_surely_new(database: Database) -> None:
+    # PostgreSQL with synchronous_commit off; SQLite unless synchronous is FULL (the chassis sets NORMAL).
+    with database.engine.connect() as conn:
+        conn.exec_driver_sql("SET synchronous_commit = off" if database.is_postgres else "PRAGMA synchronous = FULL")
+        conn.commit()
+
+        assert _durable_commits(conn) is not database.is_postgres
 
 
 def test_find_returns_only_the_rows_of_the_keys_in_the_run_and_activity(database: Database) -> None:

@@ -5,6 +5,7 @@ file and the ledger's ``sent`` mark). Every test runs on SQLite and on PostgreSQ
 
 from __future__ import annotations
 
+import json
 import mailbox
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -125,9 +126,13 @@ async def test_a_batch_replayed_after_the_ledger_lost_its_sent_marks_writes_no_m
     assert (replay.sent, replay.already_sent) == (2, 0)  # sent again as far as the ledger knows...
     assert outbox_ids(stack.outbox) == written  # ...but the outbox holds each message once
     assert len(list(stack.outbox.glob("*.mbox"))) == 1
-    # The first send's ledger rows were new: the pipeline told the outbox they were first attempts, which
-    # it listed for their file instead of indexing them one by one; the replay found them in that list.
+    # The first send's ledger rows were new and durable (PostgreSQL): the pipeline told the outbox they
+    # were first attempts, which it listed for their file instead of indexing them one by one; the replay
+    # found them in that list. SQLite's ledger commits are not durable (synchronous=NORMAL): none is.
     with sqlite3.connect(stack.outbox / OutboxIndex.FILE_NAME) as index:
-        lists = [row[0].split("\n") for row in index.execute("SELECT message_ids FROM first_attempts")]
+        lists = [sorted(json.loads(row[0])) for row in index.execute("SELECT message_ids FROM first_attempts")]
         one_by_one = index.execute("SELECT count(*) FROM messages").fetchone()[0]
-    assert (sorted(lists[0]), len(lists), one_by_one) == (sorted(written), 1, 0)
+    if database.is_postgres:
+        assert (lists, one_by_one) == ([sorted(written)], 0)
+    else:
+        assert (lists, one_by_one) == ([], 2)

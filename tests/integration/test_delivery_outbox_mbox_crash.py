@@ -8,6 +8,7 @@ Not database-facing: the outbox's only store is its own SQLite index file.
 
 from __future__ import annotations
 
+import json
 import mailbox
 import signal
 import sqlite3
@@ -115,7 +116,7 @@ def ids_indexed(directory: Path) -> int:
     with sqlite3.connect(directory / OutboxIndex.FILE_NAME) as index:
         one_by_one = index.execute("SELECT count(*) FROM messages").fetchone()[0]
         lists = [row[0] for row in index.execute("SELECT message_ids FROM first_attempts")]
-    return int(one_by_one) + sum(len(listed.split("\n")) for listed in lists)
+    return int(one_by_one) + sum(len(json.loads(listed)) for listed in lists)
 
 
 @pytest.mark.parametrize("first", [False, True], ids=["retries", "first-attempts"])

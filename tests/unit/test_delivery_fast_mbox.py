@@ -3,6 +3,7 @@ batch's mbox entries are written as :func:`mbox_entry` writes them."""
 
 from __future__ import annotations
 
+import json
 import mailbox
 import sqlite3
 from pathlib import Path
@@ -113,7 +114,7 @@ def test_first_attempts_are_listed_for_their_file_not_indexed_one_by_one(tmp_pat
     with sqlite3.connect(tmp_path / OutboxIndex.FILE_NAME) as index:
         lists = [row[0] for row in index.execute("SELECT message_ids FROM first_attempts")]
         one_by_one = [row[0] for row in index.execute("SELECT message_id FROM messages")]
-    assert (lists, one_by_one) == (["m1\nm3"], ["m2"])
+    assert ([json.loads(listed) for listed in lists], one_by_one) == ([["m1", "m3"]], ["m2"])
 
 
 def test_a_retry_of_first_attempts_written_before_writes_nothing_again(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ from typing import Any, Protocol, cast
 
 import structlog
 
-from carillon_chassis.database import Database, utcnow
+from carillon_chassis.database import Database, as_utc, utcnow
 from carillon_chassis.errors import CarillonError, FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
 from carillon_chassis.messages import message_id, profile_key
 from carillon_chassis.names import parse_name, validate_id
@@ -224,6 +224,7 @@ class Prepared:
     to_release: list[str] = field(default_factory=list)
     to_record: list[tuple[str, str]] = field(default_factory=list)
     first_attempts: frozenset[str] = frozenset()  # messages whose ledger rows this batch wrote
+    others_since: datetime | None = None  # none of the other messages can have been sent before then
 
 
 @dataclass
@@ -671,6 +672,9 @@ class SendSession:
         rendered = await asyncio.to_thread(self._render_all, jobs, ahead)
         emails: list[OutgoingMessage] = []
         profiles: dict[str, str] = {}
+        # No message of the batch can have been sent before its ledger row was first written: the
+        # earliest such time (rows written below: now), for a provider that looks earlier sends up.
+        others_since = utcnow()
         for job, result in zip(jobs, rendered, strict=True):
             if isinstance(result, str):
                 skip(job.message_id, job.key, result, job.existing, job.recipient)
@@ -682,7 +686,11 @@ class SendSession:
                 profiles[job.message_id] = job.verdict.profile.profile_id
             if job.existing is None:
                 new_rows.append(self._entry(job.message_id, job.key, PENDING, "", job.recipient, result.recipient))
-            elif job.existing.status != PENDING or job.existing.address != result.recipient:
+                continue
+            created = as_utc(job.existing.create_time)
+            if created is not None and created < others_since:
+                others_since = created
+            if job.existing.status != PENDING or job.existing.address != result.recipient:
                 changes.append(StatusChange(job.message_id, PENDING, "", result.recipient))
 
         timings["render"] = time.perf_counter() - started
@@ -708,6 +716,7 @@ class SendSession:
             to_release=to_release,
             to_record=to_record,
             first_attempts=first_attempts,
+            others_since=others_since,
         )
 
     def start_transmit(self, prepared: Prepared) -> asyncio.Future[SentBatch]:
@@ -738,6 +747,7 @@ class SendSession:
                 clock=pipeline.clock,
                 on_sent=self._mark_one(marked, by_id) if getattr(pipeline.provider, "mark_each_send", False) else None,
                 first_attempts=prepared.first_attempts,
+                others_since=prepared.others_since,
             )
         timings["send"] = time.perf_counter() - started
         started = time.perf_counter()

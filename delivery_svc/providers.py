@@ -164,14 +164,16 @@ def deliver_batch(
     clock: Clock | None = None,
     on_sent: Callable[[str], None] | None = None,
     first_attempts: Collection[str] = (),
+    others_since: datetime | None = None,
 ) -> DeliveryReport:
     """Send ``messages`` in order through one session, retrying transient errors (blocking).
 
     Every attempt first takes a token from each bucket of ``throttles`` (the activity's and the
     provider's); backoff and throttling sleep on ``clock``. ``on_sent`` is called with each message's id
     as soon as the provider accepted it, before the next message is sent (an exception it raises ends
-    the batch). ``first_attempts``: the ids of messages that no earlier attempt can have sent, told to a
-    session that can use it (``expect_first_attempts``: the mbox outbox then indexes them more cheaply).
+    the batch). ``first_attempts``: the ids of messages that no earlier attempt can have sent, and
+    ``others_since``: no earlier attempt can have sent the others before then, told to a session that
+    can use them (``expect_first_attempts``: the mbox outbox then indexes them more cheaply).
     """
     clock = clock or SystemClock()
     buckets = [b for b in throttles if b is not None]
@@ -185,8 +187,8 @@ def deliver_batch(
         report.error = str(exc)
         return report
     expect = getattr(session, "expect_first_attempts", None)
-    if expect is not None and first_attempts:
-        expect(first_attempts)
+    if expect is not None and (first_attempts or others_since is not None):
+        expect(first_attempts, others_since=others_since)
     # One Retrying for the batch: each iteration over it starts a fresh retry state (the object costs
     # as much to build as one attempt's bookkeeping, so building one per message doubled the overhead).
     retrying = Retrying(
@@ -377,9 +379,10 @@ class OutboxIndex:
         """Close the connection."""
         self.connection.close()
 
-    def written(self, message_ids: Sequence[str]) -> set[str]:
-        """The ids among ``message_ids`` that a file of the outbox holds (or is about to hold)."""
-        return self._indexed(message_ids) | self._in_first_attempts(message_ids)
+    def written(self, message_ids: Sequence[str], since: datetime | None = None) -> set[str]:
+        """The ids among ``message_ids`` that a file of the outbox holds (or is about to hold); ``since``:
+        none of them can be in a file written before then (see :meth:`claim`)."""
+        return self._indexed(message_ids) | self._in_first_attempts(message_ids, since)
 
     def _indexed(self, message_ids: Sequence[str]) -> set[str]:
         """The ids among ``message_ids`` indexed one by one (``messages``)."""
@@ -393,12 +396,25 @@ class OutboxIndex:
             found.update(row[0] for row in rows)
         return found
 
-    def _in_first_attempts(self, message_ids: Sequence[str]) -> set[str]:
-        """The ids among ``message_ids`` that a file holds as first attempts: every file's list is read (a
-        file at a time), which only a batch holding messages that may have been sent before pays."""
+    # Files are named by the time they were written; a file named up to this much before ``since`` is
+    # still read (clock adjustments between the ledger's write and the file's).
+    SINCE_MARGIN = timedelta(minutes=10)
+
+    def _in_first_attempts(self, message_ids: Sequence[str], since: datetime | None = None) -> set[str]:
+        """The ids among ``message_ids`` that a file holds as first attempts: the lists of every file
+        written since ``since`` (all without it) are read, a file at a time, which only a batch holding
+        messages that are not first attempts pays."""
         wanted = set(message_ids)
         found: set[str] = set()
-        for (listed,) in self.connection.execute("SELECT message_ids FROM first_attempts"):
+        if since is None:
+            rows = self.connection.execute("SELECT message_ids FROM first_attempts")
+        else:
+            rows = self.connection.execute(
+                "SELECT message_ids FROM first_attempts JOIN files ON files.id = first_attempts.file_id"
+                " WHERE files.name >= ?",
+                (f"{since.astimezone(UTC) - self.SINCE_MARGIN:%Y%m%dT%H%M%S%fZ}",),
+            )
+        for (listed,) in rows:
             found.update(wanted.intersection(json.loads(listed)))
         return found
 
@@ -414,7 +430,12 @@ class OutboxIndex:
         self.connection.execute("COMMIT")
 
     def claim(
-        self, name: str, temporary: Path, message_ids: Sequence[str], first_attempts: AbstractSet[str] = frozenset()
+        self,
+        name: str,
+        temporary: Path,
+        message_ids: Sequence[str],
+        first_attempts: AbstractSet[str] = frozenset(),
+        others_since: datetime | None = None,
     ) -> bool:
         """Record (in the caller's transaction) that file ``name``, now at ``temporary``, holds the ids
         (distinct), unless the index holds one of them already: then nothing is recorded and the answer
@@ -426,12 +447,13 @@ class OutboxIndex:
         write), and checked only against the ids indexed one by one, which a first attempt cannot meet
         unless another session resent it meanwhile. The other ids are indexed one by one, by one insert
         that detects an id taken, instead of a lookup of every id before the insert, and checked against
-        the files' lists of first attempts."""
+        the files' lists of first attempts (``others_since``: of the files written since then; none of
+        the other ids can have been written before, their ledger rows being younger)."""
         connection = self.connection
         others = [m for m in message_ids if m not in first_attempts] if first_attempts else list(message_ids)
         if first_attempts and self._indexed([m for m in message_ids if m in first_attempts]):
             return False
-        if others and self._in_first_attempts(others):
+        if others and self._in_first_attempts(others, others_since):
             return False
         connection.execute("SAVEPOINT claim")
         file_id = connection.execute("INSERT INTO files (name) VALUES (?)", (name,)).lastrowid
@@ -545,11 +567,13 @@ class OutboxMboxSession:
         self._messages: dict[str, OutgoingEmail] = {}
         self._temporary: Path | None = None  # a temporary file not claimed yet, removed by close
         self._first_attempts: AbstractSet[str] = frozenset()
+        self._others_since: datetime | None = None
 
-    def expect_first_attempts(self, message_ids: Collection[str]) -> None:
-        """Say which of the batch's message ids no earlier attempt can have sent (see
-        :meth:`OutboxIndex.claim`): only the pipeline's ledger knows."""
+    def expect_first_attempts(self, message_ids: Collection[str], *, others_since: datetime | None = None) -> None:
+        """Say which of the batch's message ids no earlier attempt can have sent, and since when the others
+        can have been (see :meth:`OutboxIndex.claim`): only the pipeline's ledger knows."""
         self._first_attempts = message_ids if isinstance(message_ids, AbstractSet) else frozenset(message_ids)
+        self._others_since = others_since
 
     def send(self, message: OutgoingEmail) -> None:
         """Keep the email for :meth:`finish`; a message id seen before in the batch is dropped."""
@@ -568,18 +592,18 @@ class OutboxMboxSession:
             # No lookup of the ids first: the claim detects one already written (a replayed batch), and
             # only then are the written ones looked up, under the index's lock, and the file rewritten.
             fresh = list(self._messages.values())
-            first = self._first_attempts
+            first, since = self._first_attempts, self._others_since
             name, temporary = self._write(fresh)
             with self.index.transaction():
-                if not self.index.claim(name, temporary, [m.message_id for m in fresh], first):
+                if not self.index.claim(name, temporary, [m.message_id for m in fresh], first, since):
                     # Some were written meanwhile by another session (the index is locked now).
-                    taken = self.index.written([m.message_id for m in fresh])
+                    taken = self.index.written([m.message_id for m in fresh], since)
                     self._discard()
                     fresh = [m for m in fresh if m.message_id not in taken]
                     if not fresh:
                         return
                     name, temporary = self._write(fresh)
-                    if not self.index.claim(name, temporary, [m.message_id for m in fresh], first):
+                    if not self.index.claim(name, temporary, [m.message_id for m in fresh], first, since):
                         raise sqlite3.IntegrityError("the outbox index changed under its write lock")
             self._temporary = None  # claimed: the roll-forward owns it now
             _place(self.directory, temporary, self.directory / name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import mailbox
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,9 @@ def test_a_batch_repeating_written_ids_writes_only_the_new_ones_after_its_claim_
     checks: list[list[str]] = []
     written = OutboxIndex.written
 
-    def counted(self: OutboxIndex, message_ids: list[str]) -> set[str]:
+    def counted(self: OutboxIndex, message_ids: list[str], since: datetime | None = None) -> set[str]:
         checks.append(list(message_ids))
-        return written(self, message_ids)
+        return written(self, message_ids, since)
 
     monkeypatch.setattr(OutboxIndex, "written", counted)
     report = deliver_batch(OutboxMboxProvider(tmp_path), [compose("m1"), compose("m3"), compose("m2")], NO_WAIT)
@@ -73,9 +74,9 @@ def test_a_fresh_batch_is_claimed_without_looking_its_ids_up(tmp_path: Path, mon
     calls: list[int] = []
     written = OutboxIndex.written
 
-    def counted(self: OutboxIndex, message_ids: list[str]) -> set[str]:
+    def counted(self: OutboxIndex, message_ids: list[str], since: datetime | None = None) -> set[str]:
         calls.append(len(message_ids))
-        return written(self, message_ids)
+        return written(self, message_ids, since)
 
     monkeypatch.setattr(OutboxIndex, "written", counted)
     report = deliver_batch(OutboxMboxProvider(tmp_path), [compose("m1"), compose("m2")], NO_WAIT)
@@ -156,3 +157,26 @@ def test_a_claim_of_first_attempts_refuses_an_id_indexed_one_by_one(tmp_path: Pa
     finally:
         index.close()
     assert files == [("a.mbox",), ("c.mbox",)]
+
+
+def test_ids_that_are_not_first_attempts_are_looked_up_in_the_lists_of_files_written_since_their_rows(
+    tmp_path: Path,
+) -> None:
+    # File names start with the time they were written; a message cannot be in a file older than its
+    # ledger row (less a margin for clock adjustments), so older lists are not read.
+    index = OutboxIndex(tmp_path)
+    try:
+        with index.transaction():
+            assert index.claim("20260101T000000000000Z-a.mbox", tmp_path / ".a.tmp", ["m1"], frozenset({"m1"}))
+        with index.transaction():
+            assert index.claim("20260601T000000000000Z-b.mbox", tmp_path / ".b.tmp", ["m2"], frozenset({"m2"}))
+        june = datetime(2026, 6, 1, tzinfo=UTC)
+        found_since_june = index.written(["m1", "m2"], june + OutboxIndex.SINCE_MARGIN)  # b's name is the bound
+        found_within_the_margin = index.written(["m2"], june + OutboxIndex.SINCE_MARGIN / 2)
+        found_ever = index.written(["m1", "m2"])
+        with index.transaction():  # a retry of m1 told it cannot be older than June: m1's list is not read
+            claimed_since_june = index.claim("c.mbox", tmp_path / ".c.tmp", ["m1"], frozenset(), june)
+    finally:
+        index.close()
+    assert (found_since_june, found_within_the_margin, found_ever) == ({"m2"}, {"m2"}, {"m1", "m2"})
+    assert claimed_since_june

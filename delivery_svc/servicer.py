@@ -322,9 +322,13 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
                     yield ack_to_proto(ack)
                     continue
                 if isinstance(item, _Batch):
-                    prepared = await self._deliver_to_the_end(
-                        session.prepare(item.sequence, item.recipients, item.checked)
-                    )
+                    preparing = asyncio.ensure_future(session.prepare(item.sequence, item.recipients, item.checked))
+                    try:
+                        prepared = await self._deliver_to_the_end(preparing)
+                    except asyncio.CancelledError:  # prepared all the same: released below, never transmitted
+                        if not preparing.cancelled() and preparing.exception() is None:
+                            prepared = preparing.result()
+                        raise
                 if transmitting is not None:  # the batch before, transmitted (or now awaited): its finish starts
                     sent = await self._deliver_to_the_end(transmitting)
                     transmitting = None

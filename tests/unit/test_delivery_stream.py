@@ -18,6 +18,7 @@ from carillon.type.v1 import channel_pb2, value_pb2
 from carillon_chassis.errors import InvalidArgument, Unavailable
 from delivery_svc.eligibility import Communication, Identity, Verdict
 from delivery_svc.feedback import FeedbackService
+from delivery_svc.pipeline import Prepared, SendSession
 from delivery_svc.servicer import DeliveryServicer
 from tests.unit.test_delivery_pipeline import HEADER, SANDBOX, FakeGateway, Harness, harness, to
 from tests.unit.test_delivery_review_fixes import NoForwarding
@@ -252,3 +253,35 @@ async def test_abandoning_a_batch_whose_check_is_under_way_waits_for_it_and_rele
     (reserved,) = gateway.reservations
     assert waiting and len(reserved) == 2  # not cancelled: the reservations were made already
     assert sorted(gateway.released) == sorted(reserved) and gateway.live == set()
+
+
+async def test_a_stream_cancelled_while_a_batch_is_prepared_releases_what_the_batch_reserved(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = AnswerHeldGateway()
+    harness.pipeline.gateway = harness.gateway = gateway
+    a = allow(gateway, 2)
+    requests = [dpb.SendRequest(header=PROTO_HEADER), batch(0, a[0], a[1])]
+    preparing = asyncio.Event()
+    prepare = SendSession.prepare
+
+    async def watched(self: SendSession, *args: Any) -> Prepared:
+        preparing.set()
+        return await prepare(self, *args)
+
+    monkeypatch.setattr(SendSession, "prepare", watched)
+
+    async def consume() -> None:
+        async for _ in servicer(harness).Send(stream(requests), None):
+            pass
+
+    sending = asyncio.ensure_future(consume())
+    await asyncio.wait_for(preparing.wait(), 30)  # the prepare waits for the check, whose answer is held
+    sending.cancel()  # the caller goes away
+    gateway.answer.set()  # the prepare completes (a step runs to its end), and is never transmitted
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+
+    (reserved,) = gateway.reservations
+    assert len(reserved) == 2 and sorted(gateway.released) == sorted(reserved)
+    assert harness.provider.recipients() == []

@@ -197,12 +197,14 @@ async def test_logs_queued_while_audience_is_down_arrive_once_when_it_comes_up(
     database.migrate(MIGRATIONS)
 
     def attempted() -> bool:
-        waiting = MessageLogOutbox(database).waiting()
-        return bool(waiting) and min(w.attempts for w in waiting) > 0
+        # A delivery failed: audience is down. (Not every batch: the flusher stops at the first batch that
+        # audience_svc cannot take, and with the SMTP worker each message is a batch of its own, so which
+        # batches were tried before audience comes up depends on timing.)
+        return any(w.attempts > 0 for w in MessageLogOutbox(database).waiting())
 
     try:
         (ack,) = await send(stack, [batch])
-        await eventually(attempted)  # every queued log failed at least once: audience is down
+        await eventually(attempted)
         await audience.start()
         await eventually(lambda: len(audience.servicer.recorded) == 2)
         await eventually(lambda: not _pending(database))

@@ -31,7 +31,8 @@ a fast-growing table it estimates that each key matches 0.5 % of the rows, so th
 like the whole table, and it reads the sandbox's whole index range and filters it (each batch costs more
 as the communications grow). :func:`per_key` reads one index probe (or one index range) per key instead,
 through a LATERAL subquery that the planner cannot flatten into a join, whatever the statistics say;
-:func:`delete_per_key` deletes the rows it finds so, by their row ids, in the same statement.
+:func:`delete_per_key` deletes the rows it finds so, by their row ids, in the same statement, and
+:func:`update_per_key` updates them so.
 
 Rows read by thousands come back through :func:`fetch_rows`: on PostgreSQL, psycopg's tuples straight
 from the cursor, without a SQLAlchemy Row around each.
@@ -39,7 +40,7 @@ from the cursor, without a SQLAlchemy Row around each.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -199,6 +200,71 @@ def delete_per_key(
     return deleted
 
 
+def update_per_key(
+    conn: sa.Connection,
+    table: sa.Table,
+    keys: Mapping[str, Sequence[str]],
+    where: Sequence[sa.ColumnElement[bool]],
+    values: Mapping[str, Sequence[Any]],
+) -> list[str]:
+    """PostgreSQL: update the rows of ``table`` whose columns equal one of the ``keys`` (given column by
+    column: the first column a key, no key twice, and the other columns values the row must also hold)
+    and that meet the conditions ``where`` (at most one row per key), setting ``values`` (given column by
+    column too, one value per key). Returns the first column's keys of the rows updated.
+
+    One statement, as :func:`delete_per_key`: the rows are found key by key (a LATERAL probe per key with
+    ``LIMIT 1``, as :func:`per_key` with ``unique``) and updated by their row ids: ``ctid = ANY(the ids
+    found)``, a TID scan that visits them in page order, when every row gets the same values (each one
+    scalar parameter: a batch of the delivery worker); otherwise joined to the probes, each row getting its
+    own values (a TID scan per row, a third slower). (``column = ANY(:keys)`` may be planned as a read of
+    the sandbox's whole range.) A row updated by a concurrent transaction since this statement's snapshot
+    has a new row id and is left out (READ COMMITTED). Setting no indexed column keeps the update
+    heap-only."""
+    if conn.dialect.name != "postgresql":
+        raise ValueError("update_per_key is for PostgreSQL")
+    names = list(keys)
+    shared = all(list(column).count(column[0]) == len(column) for column in values.values())  # (in C)
+    row_names = names if shared else [*names, *values]
+    arrays = (array_of(list({**keys, **values}[name]), table.c[name].type) for name in row_names)
+    asked = sa.func.unnest(*arrays).table_valued(*row_names).render_derived(name="asked")
+    ctid = sa.literal_column("ctid", type_=_Tid)
+    found = (
+        sa.select(ctid.label("row"))
+        .where(*(table.c[name] == asked.c[name] for name in names), *where)
+        .limit(1)
+        .lateral("found")
+    )
+    if shared:
+        # (An array, not a subquery: ``ctid = ANY(SELECT …)`` would be planned as a join.)
+        rows = sa.select(found.c.row).select_from(asked).join(found, sa.true()).subquery("rows")
+        row_ids = sa.cast(sa.select(sa.func.array_agg(rows.c.row)).scalar_subquery(), postgresql.ARRAY(_Tid()))
+        constants = {
+            name: sa.cast(sa.bindparam(None, column[0], type_=table.c[name].type), table.c[name].type)
+            for name, column in values.items()
+        }
+        statement = table.update().where(ctid == sa.any_(row_ids)).values(constants)
+    else:
+        key = names[0]
+        given = (
+            sa.select(found.c.row, asked.c[key], *(asked.c[name] for name in values))
+            .select_from(asked)
+            .join(found, sa.true())
+            .subquery("given")
+        )
+        statement = (
+            table.update()
+            .where(ctid == given.c.row, table.c[key] == given.c[key])  # (the key: the join's, for SQLAlchemy)
+            .values({name: given.c[name] for name in values})
+        )
+    setting = "enable_seqscan"  # (see delete_per_key)
+    ((previous, _),) = fetch_rows(
+        conn, sa.select(sa.func.current_setting(setting), sa.func.set_config(setting, "off", True))
+    )
+    updated = [str(row[0]) for row in fetch_rows(conn, statement.returning(table.c[names[0]]))]
+    conn.execute(sa.select(sa.func.set_config(setting, previous, True)))
+    return updated
+
+
 def fetch_rows(conn: sa.Connection, statement: sa.Executable) -> Sequence[Sequence[Any]]:
     """Every row of ``statement`` as plain tuples: on PostgreSQL straight from the driver's cursor
     (psycopg builds them in C; SQLAlchemy's Row objects cost as much again, and these columns need no
@@ -247,12 +313,14 @@ def insert_rows(
     *,
     skip_conflicts: bool = False,
     replace_conflicts: bool = False,
+    replace_where: sa.ColumnElement[bool] | None = None,
     conflicts_unlikely: bool = False,
 ) -> int:
     """Insert ``rows`` (dicts with the same keys, no key twice) in their order: ``INSERT … SELECT
     unnest(:column array), …`` on PostgreSQL, an executemany on SQLite; with ``skip_conflicts``, a row
     whose primary key exists is left out (``ON CONFLICT DO NOTHING``); with ``replace_conflicts``, it
-    replaces the existing row's other columns (``ON CONFLICT DO UPDATE``). Returns how many rows were
+    replaces the existing row's other columns (``ON CONFLICT DO UPDATE``), only where the existing row
+    matches ``replace_where`` when given (and is left as it is otherwise). Returns how many rows were
     inserted or replaced (PostgreSQL; on SQLite, how many were given).
 
     With ``conflicts_unlikely`` (and one of the two), PostgreSQL first tries a plain ``INSERT`` in a
@@ -269,13 +337,22 @@ def insert_rows(
         except sa.exc.IntegrityError as exc:
             if getattr(exc.orig, "sqlstate", None) != _UNIQUE_VIOLATION:
                 raise
-        return insert_rows(conn, table, rows, skip_conflicts=skip_conflicts, replace_conflicts=replace_conflicts)
+        return insert_rows(
+            conn,
+            table,
+            rows,
+            skip_conflicts=skip_conflicts,
+            replace_conflicts=replace_conflicts,
+            replace_where=replace_where,
+        )
 
     def on_conflict(insert: Any) -> Any:
         if replace_conflicts:
             keys = [column.name for column in table.primary_key.columns]
             return insert.on_conflict_do_update(
-                index_elements=keys, set_={name: insert.excluded[name] for name in rows[0] if name not in keys}
+                index_elements=keys,
+                set_={name: insert.excluded[name] for name in rows[0] if name not in keys},
+                where=replace_where,
             )
         return insert.on_conflict_do_nothing() if skip_conflicts else insert
 

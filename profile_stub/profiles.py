@@ -26,6 +26,7 @@ from carillon_chassis.names import new_id, validate_id
 from profile_stub import quarantine
 from profile_stub.capping import MAX_MESSAGES_LIMIT, PERIODS, TIME_BASES, CappingRule, period_start
 from profile_stub.keysets import (
+    POSTGRES_CHUNK,
     SQLITE_CHUNK,
     KeyMatch,
     array_of,
@@ -35,6 +36,7 @@ from profile_stub.keysets import (
     insert_rows,
     key_chunks,
     per_key,
+    update_per_key,
 )
 from profile_stub.quarantine import EVENT_KINDS, OPT_OUT_KINDS, DeliveryEvent, Quarantine
 from profile_stub.tables import (
@@ -48,7 +50,6 @@ from profile_stub.tables import (
     ProfileRow,
     PurposeConsentRow,
     QuarantineRow,
-    ReservationRow,
 )
 
 CHANNELS = ("email", "sms", "push", "direct_mail")
@@ -365,39 +366,13 @@ class ProfileStore:
         if violations:
             raise InvalidArgument("invalid communications", violations=violations)
         table = CommunicationRow.__table__  # type: ignore[attr-defined]
+        now = utcnow()
         with self.database.engine.begin() as conn:
             custom_plans(conn)
             first: dict[str, Communication] = {}
             for c in communications:  # the first of the repeats of a message id counts
                 first.setdefault(c.message_id, c)
-            # Reservations become communications. The reservations deleted are returned: a message
-            # reserved for its profile shows that the profile exists (it was reserved under the profile's
-            # lock, and forgetting a profile deletes its reservations), so only the profiles of the other
-            # messages are looked up (none, when a batch confirms its reservations).
-            reservations_t = ReservationRow.__table__  # type: ignore[attr-defined]
-            reserved: set[tuple[str, str]] = set()
-            for chunk in _slices(conn, list(first)):
-                reserved.update(
-                    (mid, pid)
-                    for mid, pid in delete_per_key(
-                        conn,
-                        reservations_t,
-                        chunk,
-                        lambda match: [reservations_t.c.sandbox == sandbox, match(reservations_t.c.message_id)],
-                        ("message_id", "profile_id"),
-                        unique=True,
-                    )
-                )
-            unproven = [c.profile_id for c in communications if (c.message_id, c.profile_id) not in reserved]
-            missing_profiles = self._missing_profiles(conn, sandbox, unproven) if unproven else set()
-            missing = [i for i, c in enumerate(communications) if c.profile_id in missing_profiles]
-            if missing:  # (the reservations deleted above are restored by the rollback)
-                raise NotFound(
-                    "unknown profile",
-                    violations=[FieldViolation(f"communications[{i}].profile", "no such profile") for i in missing],
-                )
-            now = utcnow()
-            rows = [
+            rows: list[dict[str, Any]] = [
                 {
                     "sandbox": sandbox,
                     "message_id": c.message_id,
@@ -408,25 +383,97 @@ class ProfileStore:
                     "run": c.run,
                     "activity": c.activity,
                     "send_time": c.send_time or now,
+                    "expire_time": None,
+                    "count_time": c.send_time or now,  # (a reservation recorded keeps its own)
                 }
                 for c in first.values()
             ]
-            if self.database.is_postgres:  # one statement: ids recorded already are skipped by the insert
-                recorded = insert_rows(conn, table, rows, skip_conflicts=True, conflicts_unlikely=True)
-            else:
-                seen: set[str] = set()
-                for chunk in _slices(conn, list(first)):
-                    seen.update(
-                        conn.execute(
-                            sa.select(table.c.message_id).where(
-                                table.c.sandbox == sandbox, table.c.message_id.in_(chunk)
-                            )
-                        ).scalars()
-                    )
-                rows = [row for row in rows if row["message_id"] not in seen]
-                insert_rows(conn, table, rows)
-                recorded = len(rows)
-        return recorded
+            # Reservations (live or expired) become communications in place, returning the profile each was
+            # reserved for: a message reserved for its profile shows that the profile exists (it was reserved
+            # under the profile's lock, and forgetting a profile deletes its reservations), so only the
+            # profiles of the other messages are looked up (none, when a batch confirms its reservations).
+            converted = self._record_reservations(conn, sandbox, rows)
+            reserved = set(converted.items())
+            unproven = [c.profile_id for c in communications if (c.message_id, c.profile_id) not in reserved]
+            missing_profiles = self._missing_profiles(conn, sandbox, unproven) if unproven else set()
+            missing = [i for i, c in enumerate(communications) if c.profile_id in missing_profiles]
+            if missing:  # (the reservations recorded above are restored by the rollback)
+                raise NotFound(
+                    "unknown profile",
+                    violations=[FieldViolation(f"communications[{i}].profile", "no such profile") for i in missing],
+                )
+            rest = [row for row in rows if row["message_id"] not in converted]
+            if self.database.is_postgres:
+                # One statement: a message id recorded already is skipped, and one reserved meanwhile by
+                # another transaction becomes this communication.
+                return len(converted) + insert_rows(
+                    conn,
+                    table,
+                    rest,
+                    replace_conflicts=True,
+                    replace_where=table.c.expire_time.is_not(None),
+                    conflicts_unlikely=True,
+                )
+            seen: set[str] = set()  # (under SQLite's writer lock, taken by the update above)
+            for chunk in _slices(conn, [row["message_id"] for row in rest]):
+                seen.update(
+                    conn.execute(
+                        sa.select(table.c.message_id).where(table.c.sandbox == sandbox, table.c.message_id.in_(chunk))
+                    ).scalars()
+                )
+            unseen = [row for row in rest if row["message_id"] not in seen]
+            insert_rows(conn, table, unseen)
+        return len(converted) + len(unseen)
+
+    def _record_reservations(self, conn: sa.Connection, sandbox: str, rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+        """Turn the reservations (live or expired) of the rows' message ids into these communications (rows
+        of the communications table, ``expire_time`` None), in place; returns the message ids updated with
+        the profile each was reserved for.
+
+        On PostgreSQL, the reservations held for the profile each communication names (the others are
+        recorded as the messages not reserved are, once their profiles are proven), by one update per
+        batch (:func:`update_per_key`). The send time, campaign, run and activity are in no index, so that
+        the update is heap-only (migration 4)."""
+        table = CommunicationRow.__table__  # type: ignore[attr-defined]
+        converted: dict[str, str] = {}
+        if not rows:
+            return converted
+        if self.database.is_postgres:
+            fields = [name for name in rows[0] if name not in ("sandbox", "message_id", "profile_id", "count_time")]
+            for start in range(0, len(rows), POSTGRES_CHUNK):
+                batch = rows[start : start + POSTGRES_CHUNK]
+                profile_of = {row["message_id"]: row["profile_id"] for row in batch}
+                updated = update_per_key(
+                    conn,
+                    table,
+                    {"message_id": list(profile_of), "profile_id": list(profile_of.values())},
+                    (table.c.sandbox == sandbox, table.c.expire_time.is_not(None)),
+                    {name: [row[name] for row in batch] for name in fields},
+                )
+                converted.update((mid, profile_of[mid]) for mid in updated)
+            return converted
+        # SQLite: the reservations are marked recorded first (the update takes the writer lock, held to
+        # commit, and returns their profiles), then given the communications' fields, one executemany.
+        by_id = {row["message_id"]: row for row in rows}
+        for chunk in _slices(conn, list(by_id)):
+            converted.update(
+                (mid, pid)
+                for mid, pid in conn.execute(
+                    table.update()
+                    .where(table.c.sandbox == sandbox, table.c.message_id.in_(chunk), table.c.expire_time.is_not(None))
+                    .values(expire_time=None)
+                    .returning(table.c.message_id, table.c.profile_id)
+                ).all()
+            )
+        if converted:
+            names = [name for name in rows[0] if name not in ("sandbox", "message_id", "expire_time", "count_time")]
+            conn.execute(
+                table.update()
+                .where(table.c.sandbox == sandbox, table.c.message_id == sa.bindparam("b_message_id"))
+                .values({name: sa.bindparam(f"b_{name}") for name in names}),
+                [{f"b_{name}": by_id[mid][name] for name in ("message_id", *names)} for mid in converted],
+            )
+        return converted
 
     # -- reads --------------------------------------------------------------------------------
     def get_profile(self, sandbox: str, profile_id: str) -> Profile:
@@ -439,12 +486,12 @@ class ProfileStore:
         return found[profile_id]
 
     def history(self, sandbox: str, profile_id: str) -> list[Communication]:
-        """The communication history of one profile, oldest first."""
+        """The communication history of one profile, oldest first (its reservations are no history)."""
         table = CommunicationRow.__table__  # type: ignore[attr-defined]
         with self.database.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(table)
-                .where(table.c.sandbox == sandbox, table.c.profile_id == profile_id)
+                .where(table.c.sandbox == sandbox, table.c.profile_id == profile_id, table.c.expire_time.is_(None))
                 .order_by(table.c.send_time, table.c.message_id)
             ).mappings()
             return [_communication_from_row(r) for r in rows]
@@ -594,8 +641,13 @@ class ProfileStore:
                                 "message_id": message_id,
                                 "profile_id": profile.profile_id,
                                 "channel": channel,
-                                "reserve_time": now,
+                                "category": "marketing",
+                                "campaign": "",
+                                "run": message_keys.run if message_keys is not None else "",
+                                "activity": message_keys.activity if message_keys is not None else "",
+                                "send_time": now,
                                 "expire_time": now + self.reservation_ttl,
+                                "count_time": now,
                             }
                         )
                     if message_id:
@@ -612,17 +664,25 @@ class ProfileStore:
                         )
                         continue
                 results.append(Eligibility(ident, "allowed", profile, address, addresses=usable))
-            if new_reservations:  # an expired reservation of the same message id is replaced
-                reservations_t = ReservationRow.__table__  # type: ignore[attr-defined]
-                insert_rows(conn, reservations_t, new_reservations, replace_conflicts=True, conflicts_unlikely=True)
+            if new_reservations:  # an expired reservation of the same message id is replaced, never a communication
+                comms = CommunicationRow.__table__  # type: ignore[attr-defined]
+                insert_rows(
+                    conn,
+                    comms,
+                    new_reservations,
+                    replace_conflicts=True,
+                    replace_where=comms.c.expire_time.is_not(None),
+                    conflicts_unlikely=True,
+                )
         return results
 
     def release_reservations(self, sandbox: str, message_ids: Sequence[str]) -> int:
-        """Release reservations never confirmed (the message was not sent); returns how many existed."""
+        """Release reservations never confirmed (the message was not sent; live or expired); returns how many
+        existed. A message recorded already stays in the history."""
         for i, message_id in enumerate(message_ids):
             if not message_id or "\x00" in message_id:
                 raise InvalidArgument("message ids must be set, without NUL characters", field=f"message_ids[{i}]")
-        table = ReservationRow.__table__  # type: ignore[attr-defined]
+        table = CommunicationRow.__table__  # type: ignore[attr-defined]
         released = 0
         with self.database.engine.begin() as conn:
             custom_plans(conn)
@@ -632,7 +692,11 @@ class ProfileStore:
                         conn,
                         table,
                         chunk,
-                        lambda match: [table.c.sandbox == sandbox, match(table.c.message_id)],
+                        lambda match: [
+                            table.c.sandbox == sandbox,
+                            match(table.c.message_id),
+                            table.c.expire_time.is_not(None),
+                        ],
                         ("message_id",),
                         unique=True,
                     )
@@ -682,8 +746,7 @@ class ProfileStore:
                     IdentityRow,
                     ConsentRow,
                     PurposeConsentRow,
-                    CommunicationRow,
-                    ReservationRow,
+                    CommunicationRow,  # (its reservations too)
                     ProfileCounterRow,
                     ProfileAttributeRow,
                     ProfileRow,
@@ -699,7 +762,9 @@ class ProfileStore:
         returns the page and the cursor of the next one (None on the last page)."""
         validate_id(profile_id, "profile")
         table = CommunicationRow.__table__  # type: ignore[attr-defined]
-        query = sa.select(table).where(table.c.sandbox == sandbox, table.c.profile_id == profile_id)
+        query = sa.select(table).where(
+            table.c.sandbox == sandbox, table.c.profile_id == profile_id, table.c.expire_time.is_(None)
+        )
         if after is not None:
             query = query.where(
                 sa.or_(
@@ -1094,7 +1159,7 @@ class ProfileStore:
         capping check (no statement when there are none, as a delete by profile for every batch
         cost); without capping rules they are ignored by every read and replaced when their message
         id is reserved again, released, or their profile forgotten."""
-        reservations = ReservationRow.__table__  # type: ignore[attr-defined]
+        reservations = CommunicationRow.__table__  # type: ignore[attr-defined]
         for chunk in _slices(conn, list(dict.fromkeys(message_ids))):
             delete_per_key(
                 conn,
@@ -1169,41 +1234,28 @@ class ProfileStore:
         and the message ids of the profiles' expired reservations, which count no more (for the caller
         to drop: read here, they cost no statement of their own when there are none).
 
-        Both are read by one statement, so from one snapshot: a reservation that a concurrent
-        RecordCommunications turns into a communication is seen once, as one or the other. (Two
-        statements under READ COMMITTED could miss it between them, and let two reservers pass a cap.)"""
+        Sends and reservations are rows of one table, read by one statement: a reservation that a
+        concurrent RecordCommunications turns into a communication is seen once, as one or the other."""
         comms = CommunicationRow.__table__  # type: ignore[attr-defined]
-        reservations = ReservationRow.__table__  # type: ignore[attr-defined]
         sends: dict[str, list[tuple[str, datetime]]] = {}
         expired: list[str] = []
         for chunk in _slices(conn, list(profile_ids)):
-            # Per profile, the range of its sends since ``since`` and its reservations, by their indexes
-            # on the profile id: what a batch reads does not grow with the sandbox's history.
-            sent = per_key(
+            # Per profile, the range of its rows counted since ``since`` by the index on the profile id and
+            # count time: what a batch reads grows neither with the sandbox's history nor with the profile's
+            # (a reservation counts at its reservation time, live or expired, so it is in that range too).
+            rows = per_key(
                 conn,
                 chunk,
                 lambda match: sa.select(
-                    comms.c.profile_id,
-                    comms.c.channel,
-                    comms.c.send_time,
-                    sa.cast(sa.null(), reservations.c.expire_time.type).label("expire_time"),
-                    sa.cast(sa.null(), reservations.c.message_id.type).label("message_id"),
-                ).where(match(comms.c.profile_id), comms.c.send_time >= since, comms.c.category == "marketing"),
+                    comms.c.profile_id, comms.c.channel, comms.c.count_time, comms.c.expire_time, comms.c.message_id
+                ).where(
+                    match(comms.c.profile_id),
+                    comms.c.count_time >= since,
+                    comms.c.category == "marketing",
+                ),
                 sandbox=(comms.c.sandbox, sandbox),
             )
-            reserved = per_key(
-                conn,
-                chunk,
-                lambda match: sa.select(
-                    reservations.c.profile_id,
-                    reservations.c.channel,
-                    reservations.c.reserve_time,
-                    reservations.c.expire_time,
-                    reservations.c.message_id,
-                ).where(match(reservations.c.profile_id)),
-                sandbox=(reservations.c.sandbox, sandbox),
-            )
-            for pid, channel, when, expire_time, message_id in fetch_rows(conn, sa.union_all(sent, reserved)):
+            for pid, channel, when, expire_time, message_id in fetch_rows(conn, rows):
                 if expire_time is not None and as_utc(expire_time) <= now:  # type: ignore[operator]
                     expired.append(message_id)
                 else:
@@ -1214,31 +1266,22 @@ class ProfileStore:
     def _known_message_ids(
         conn: sa.Connection, sandbox: str, message_ids: Sequence[str], now: datetime
     ) -> dict[str, str]:
-        """The message ids already recorded or reserved (and not expired), with their profile ids, read
-        from one snapshot, one primary-key probe per id in each table."""
+        """The message ids already recorded or reserved (and not expired), with their profile ids: one
+        primary-key probe per id."""
         comms = CommunicationRow.__table__  # type: ignore[attr-defined]
-        reservations = ReservationRow.__table__  # type: ignore[attr-defined]
         known: dict[str, str] = {}
         for chunk in _slices(conn, list(dict.fromkeys(message_ids))):
-            recorded = per_key(
+            rows = per_key(
                 conn,
                 chunk,
                 lambda match: sa.select(comms.c.message_id, comms.c.profile_id).where(
-                    comms.c.sandbox == sandbox, match(comms.c.message_id)
+                    comms.c.sandbox == sandbox,
+                    match(comms.c.message_id),
+                    sa.or_(comms.c.expire_time.is_(None), comms.c.expire_time > now),
                 ),
                 unique=True,
             )
-            reserved = per_key(
-                conn,
-                chunk,
-                lambda match: sa.select(reservations.c.message_id, reservations.c.profile_id).where(
-                    reservations.c.sandbox == sandbox,
-                    match(reservations.c.message_id),
-                    reservations.c.expire_time > now,
-                ),
-                unique=True,
-            )
-            known.update((mid, pid) for mid, pid in fetch_rows(conn, sa.union_all(recorded, reserved)))
+            known.update((mid, pid) for mid, pid in fetch_rows(conn, rows))
         return known
 
     def _write_consents(self, conn: sa.Connection, rows: Sequence[dict[str, object]]) -> None:

@@ -25,7 +25,7 @@ from profile_stub.capping import CappingRule
 from profile_stub.keysets import custom_plans, insert_rows
 from profile_stub.profiles import Communication, Consent, MessageKeys, Profile, ProfileStore
 from profile_stub.quarantine import DeliveryEvent
-from profile_stub.tables import MIGRATIONS, CommunicationRow, ReservationRow
+from profile_stub.tables import MIGRATIONS, CommunicationRow
 from tests.conftest import DatabaseFactory
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -40,7 +40,6 @@ TABLES = (
     "profile_attributes",
     "address_quarantines",
     "communications",
-    "send_reservations",
     "delivery_events",
 )
 _SCAN = re.compile(r"^\s*(?:->\s*)?((?:Seq|Index|Index Only|Bitmap Heap|Tid|Tid Range) Scan)(?: using \S+)? on (\w+)")
@@ -95,14 +94,18 @@ def store(make_database: Callable[[str], Database]) -> ProfileStore:
         )
         insert_rows(
             conn,
-            ReservationRow.__table__,  # type: ignore[attr-defined]
+            CommunicationRow.__table__,  # type: ignore[attr-defined]
             [
                 {
                     "sandbox": "prod",
                     "message_id": f"r{i}",
                     "profile_id": pid(PROFILES // 2 + i % (PROFILES // 2)),
                     "channel": "email",
-                    "reserve_time": NOW,
+                    "category": "marketing",
+                    "campaign": "",
+                    "run": "",
+                    "activity": "",
+                    "send_time": NOW,
                     "expire_time": NOW + timedelta(hours=1),
                 }
                 for i in range(PROFILES)
@@ -202,7 +205,8 @@ def test_recording_and_releasing_a_batch_reads_and_deletes_by_key(store: Profile
     assert (recorded, released) == (BATCH + 50, BATCH)
     assert len(store.history("prod", pid(3))) == 2 + 2  # two old sends, then m3 and n3
     statements = " ".join(statement.upper() for statement, _ in plans)
-    assert "DELETE FROM SEND_RESERVATIONS" in statements and "FROM PROFILES" in statements
+    assert "UPDATE COMMUNICATIONS" in statements and "DELETE FROM COMMUNICATIONS" in statements
+    assert "FROM PROFILES" in statements
     assert {(s[:60], p) for s, p in plans if whole_range_reads(p, store.database.is_postgres)} == set()
 
 
@@ -259,22 +263,24 @@ def test_the_whole_range_check_sees_a_read_of_the_sandboxs_range(tmp_path: Path)
     assert whole_range_reads(plan, postgres=True), plan
 
 
-def test_migration_3_indexes_the_communications_by_profile_and_send_time(
+def test_migration_3_indexes_the_communications_by_profile_and_send_time_and_migration_4_by_count_time(
     make_database: Callable[[str], Database],
 ) -> None:
     database = make_database("profile")
     database.migrate(MIGRATIONS)
     with database.engine.begin() as conn:  # back to the indexes of version 2
-        conn.execute(sa.text("DROP INDEX ix_communications_profile_send_time"))
+        conn.execute(sa.text("DROP INDEX ix_communications_profile_count_time"))
         conn.execute(sa.text("CREATE INDEX ix_communications_profile_id ON communications (profile_id)"))
-        conn.execute(sa.text("DELETE FROM carillon_schema_migrations WHERE version = 3"))
+        conn.execute(sa.text("DELETE FROM carillon_schema_migrations WHERE version IN (3, 4)"))
 
-    applied = database.migrate(MIGRATIONS)
+    def indexes() -> dict[str | None, list[str | None]]:
+        with database.engine.connect() as conn:
+            return {i["name"]: i["column_names"] for i in sa.inspect(conn).get_indexes("communications")}
 
-    with database.engine.connect() as conn:
-        indexes = {i["name"]: i["column_names"] for i in sa.inspect(conn).get_indexes("communications")}
-    assert applied == [3]
-    assert indexes == {"ix_communications_profile_send_time": ["profile_id", "send_time"]}
+    assert database.migrate(MIGRATIONS[:3]) == [3]
+    assert indexes() == {"ix_communications_profile_send_time": ["profile_id", "send_time"]}
+    assert database.migrate(MIGRATIONS) == [4]
+    assert indexes() == {"ix_communications_profile_count_time": ["profile_id", "count_time"]}
     assert database.migrate(MIGRATIONS) == []
 
 

@@ -66,6 +66,27 @@ def test_insert_rows_skipping_conflicts_keeps_the_existing_rows(table: tuple[Dat
         assert sorted(conn.execute(sa.select(keys.c.key, keys.c.n))) == [("new", 3), ("plain", 1)]
 
 
+@pytest.mark.parametrize("unlikely", [False, True], ids=["on-conflict", "conflicts-unlikely"])
+def test_insert_rows_replacing_conflicts_where_a_condition_holds_keeps_the_other_existing_rows(
+    table: tuple[Database, sa.Table], unlikely: bool
+) -> None:
+    database, keys = table
+    with database.engine.begin() as conn:
+        insert_rows(conn, keys, [{"key": "small", "n": 1}, {"key": "large", "n": 10}])
+        counted = insert_rows(
+            conn,
+            keys,
+            [{"key": "small", "n": 2}, {"key": "large", "n": 20}, {"key": "new", "n": 3}],
+            replace_conflicts=True,
+            replace_where=keys.c.n < 5,
+            conflicts_unlikely=unlikely,
+        )
+
+    with database.engine.connect() as conn:
+        assert sorted(conn.execute(sa.select(keys.c.key, keys.c.n))) == [("large", 10), ("new", 3), ("small", 2)]
+    assert counted == (2 if database.is_postgres else 3)  # (SQLite counts the rows given)
+
+
 @pytest.mark.parametrize("mode", ["skip", "replace"])
 def test_insert_rows_expecting_no_conflict_gives_the_rows_of_the_on_conflict_insert_when_a_key_exists(
     table: tuple[Database, sa.Table], mode: str
@@ -74,9 +95,15 @@ def test_insert_rows_expecting_no_conflict_gives_the_rows_of_the_on_conflict_ins
     with database.engine.begin() as conn:
         insert_rows(conn, keys, [{"key": "plain", "n": 1}])
     rows = [{"key": "new", "n": 2}, {"key": "plain", "n": 3}, {"key": "other", "n": 4}]
-    flags = {"skip_conflicts": mode == "skip", "replace_conflicts": mode == "replace"}
     with database.engine.begin() as conn:
-        counted = insert_rows(conn, keys, rows, conflicts_unlikely=True, **flags)
+        counted = insert_rows(
+            conn,
+            keys,
+            rows,
+            conflicts_unlikely=True,
+            skip_conflicts=mode == "skip",
+            replace_conflicts=mode == "replace",
+        )
         insert_rows(conn, keys, [{"key": "after", "n": 5}])  # the transaction goes on after the fallback
 
     with database.engine.connect() as conn:

@@ -42,7 +42,11 @@ def reserve(store: ProfileStore, address: str, message_id: str, now: datetime = 
 
 def reservations(store: ProfileStore) -> list[tuple[str, str]]:
     with store.database.engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT message_id, profile_id FROM send_reservations ORDER BY message_id"))
+        rows = conn.execute(
+            sa.text(
+                "SELECT message_id, profile_id FROM communications WHERE expire_time IS NOT NULL ORDER BY message_id"
+            )
+        )
         return [(str(mid), str(pid)) for mid, pid in rows]
 
 

@@ -16,28 +16,11 @@ from profile_stub.capping import CappingRule
 from profile_stub.keysets import insert_rows
 from profile_stub.profiles import Communication, Consent, MessageKeys, Profile, ProfileStore
 from profile_stub.tables import MIGRATIONS, CommunicationRow
+from tests.integration.test_profile_reservations import NOW, reserve, store
 
-NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 SENT = NOW + timedelta(minutes=5)
-ANN = Profile("ann", [("email", "ann@example.com")], consents=[Consent("email", "opted_in", "form")])
-BOB = Profile("bob", [("email", "bob@example.com")], consents=[Consent("email", "opted_in", "form")])
 
-
-@pytest.fixture
-def store(make_database: Callable[[str], Database]) -> ProfileStore:
-    database = make_database("profile")
-    database.migrate(MIGRATIONS)
-    store = ProfileStore(database, reservation_ttl=timedelta(minutes=30))
-    store.upsert_profiles("prod", [ANN, BOB])
-    store.create_capping_rule("prod", CappingRule("daily", 1, "day"))
-    return store
-
-
-def reserve(store: ProfileStore, address: str, message_id: str, now: datetime = NOW) -> tuple[str, bool]:
-    result = store.check_eligibility(
-        "prod", "email", "marketing", [("email", address)], reserve=True, message_ids=[message_id], now=now
-    )[0]
-    return result.verdict, result.reserved
+__all__ = ["store"]  # the fixture, shared with the reservation tests
 
 
 def rows(store: ProfileStore) -> list[tuple[str, str, str, str, str, bool]]:

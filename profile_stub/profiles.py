@@ -406,14 +406,7 @@ class ProfileStore:
             if self.database.is_postgres:
                 # One statement: a message id recorded already is skipped, and one reserved meanwhile by
                 # another transaction becomes this communication.
-                return len(converted) + insert_rows(
-                    conn,
-                    table,
-                    rest,
-                    replace_conflicts=True,
-                    replace_where=table.c.expire_time.is_not(None),
-                    conflicts_unlikely=True,
-                )
+                return len(converted) + _insert_replacing_reservations(conn, rest)
             seen: set[str] = set()  # (under SQLite's writer lock, taken by the update above)
             for chunk in _slices(conn, [row["message_id"] for row in rest]):
                 seen.update(
@@ -665,15 +658,7 @@ class ProfileStore:
                         continue
                 results.append(Eligibility(ident, "allowed", profile, address, addresses=usable))
             if new_reservations:  # an expired reservation of the same message id is replaced, never a communication
-                comms = CommunicationRow.__table__  # type: ignore[attr-defined]
-                insert_rows(
-                    conn,
-                    comms,
-                    new_reservations,
-                    replace_conflicts=True,
-                    replace_where=comms.c.expire_time.is_not(None),
-                    conflicts_unlikely=True,
-                )
+                _insert_replacing_reservations(conn, new_reservations)
         return results
 
     def release_reservations(self, sandbox: str, message_ids: Sequence[str]) -> int:
@@ -1456,6 +1441,21 @@ class ProfileStore:
             for pid, state in fetch_rows(conn, consents):
                 found[pid].consents.append(Consent(channel, state, purpose=purpose))
         return found
+
+
+def _insert_replacing_reservations(conn: sa.Connection, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert rows of communications in one statement; a row whose message id is taken replaces it when
+    it is a reservation (live or expired), and is skipped when it is a communication. Returns how many
+    were written."""
+    comms = CommunicationRow.__table__  # type: ignore[attr-defined]
+    return insert_rows(
+        conn,
+        comms,
+        rows,
+        replace_conflicts=True,
+        replace_where=comms.c.expire_time.is_not(None),
+        conflicts_unlikely=True,
+    )
 
 
 def _counting_since(rules: Sequence[CappingRule], now: datetime) -> datetime:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -13,6 +12,7 @@ from carillon_chassis.errors import AlreadyExists, InvalidArgument, NotFound
 from profile_stub.capping import CappingRule
 from profile_stub.profiles import Communication, Consent, Profile, ProfileStore
 from profile_stub.tables import MIGRATIONS
+from tests.races import race
 
 ANN = Profile(
     "ann",
@@ -135,22 +135,9 @@ def test_concurrent_reservers_race_for_the_last_slot_and_exactly_one_wins(store:
     sent(store, "m1", NOW - timedelta(hours=1))
     sent(store, "m2", NOW - timedelta(hours=1))
     racers = 4
-    barrier = threading.Barrier(racers)
     verdicts: list[str] = []
-    errors: list[BaseException] = []
 
-    def race(i: int) -> None:
-        try:
-            barrier.wait()
-            verdicts.append(reserve(store, f"race-{i}"))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=race, args=(i,)) for i in range(racers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = race(racers, lambda i: verdicts.append(reserve(store, f"race-{i}")))
 
     assert errors == []
     assert sorted(verdicts) == ["allowed"] + ["capped"] * (racers - 1)

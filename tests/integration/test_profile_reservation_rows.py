@@ -4,7 +4,6 @@ there, and (PostgreSQL) that recording a batch is a heap-only update."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -17,6 +16,7 @@ from profile_stub.keysets import insert_rows
 from profile_stub.profiles import Communication, Consent, MessageKeys, Profile, ProfileStore
 from profile_stub.tables import MIGRATIONS, CommunicationRow
 from tests.integration.test_profile_reservations import NOW, reserve, store
+from tests.races import race
 
 SENT = NOW + timedelta(minutes=5)
 
@@ -161,25 +161,15 @@ def test_reservers_and_recorders_of_one_profile_never_pass_its_cap(store: Profil
     store.delete_capping_rule("prod", "daily")
     store.create_capping_rule("prod", CappingRule("daily", 3, "day"))
     racers = 6
-    barrier = threading.Barrier(racers)
     allowed: list[str] = []
-    errors: list[BaseException] = []
 
-    def race(i: int) -> None:
-        try:
-            barrier.wait()
-            _, reserved = reserve(store, "ann@example.com", f"race-{i}", NOW + timedelta(minutes=i))
-            if reserved:
-                allowed.append(f"race-{i}")
-                store.record_communications("prod", [recorded(f"race-{i}")])
-        except BaseException as exc:
-            errors.append(exc)
+    def reserve_and_record(i: int) -> None:
+        _, reserved = reserve(store, "ann@example.com", f"race-{i}", NOW + timedelta(minutes=i))
+        if reserved:
+            allowed.append(f"race-{i}")
+            store.record_communications("prod", [recorded(f"race-{i}")])
 
-    threads = [threading.Thread(target=race, args=(i,)) for i in range(racers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = race(racers, reserve_and_record)
 
     assert errors == []
     assert len(allowed) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -65,6 +66,9 @@ class FakeGateway:
     # Answers as a profile service that ignores the reservation request (an older version).
     ignores_reservations: bool = False
     other_message_ids: bool = False  # reserves under ids that are not the ledger's
+    # When set, a reserving check reserves at once but answers only once it is set: a profile_stub that
+    # committed its reservations while its answer was still on the way.
+    answer: asyncio.Event | None = None
 
     def allow(self, address: str, profile_id: str, first_name: str = "") -> None:
         self.verdicts[("email", address)] = allowed(address, profile_id, first_name)
@@ -108,6 +112,8 @@ class FakeGateway:
             reserved_id = mid + "x" if self.other_message_ids else mid
             results.append(replace(verdict, verdict="allowed", address=address, reserved=True, message_id=reserved_id))
         self.reservations.append(held)
+        if self.answer is not None:
+            await self.answer.wait()
         return results
 
     async def release(self, sandbox: str, message_ids: Sequence[str]) -> int:

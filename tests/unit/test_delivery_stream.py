@@ -212,33 +212,11 @@ async def test_a_batch_read_ahead_of_a_failed_stream_leaves_no_reservation_behin
     assert never_sent == set()  # released, or never reserved
 
 
-class AnswerHeldGateway(SlowGateway):
-    """A gateway whose checks reserve at once but answer only when told (``answer``): a profile_stub that
-    committed its reservations while its answer was still on the way."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.answer = asyncio.Event()
-
-    async def check_and_reserve(
-        self,
-        sandbox: str,
-        channel: str,
-        identities: Sequence[Identity],
-        run: str,
-        activity: str,
-        entity_keys: Sequence[str],
-    ) -> list[Verdict]:
-        verdicts = await super().check_and_reserve(sandbox, channel, identities, run, activity, entity_keys)
-        await self.answer.wait()
-        return verdicts
-
-
 async def test_abandoning_a_batch_whose_check_is_under_way_waits_for_it_and_releases_what_it_reserved(
     harness: Harness,
 ) -> None:
-    gateway = AnswerHeldGateway()
-    harness.pipeline.gateway = harness.gateway = gateway
+    gateway = harness.gateway
+    gateway.answer = asyncio.Event()
     a = allow(gateway, 2)
     session = await harness.pipeline.open(SANDBOX, HEADER)
     checked = session.start_check([to(a[0]), to(a[1])])
@@ -258,8 +236,8 @@ async def test_abandoning_a_batch_whose_check_is_under_way_waits_for_it_and_rele
 async def test_a_stream_cancelled_while_a_batch_is_prepared_releases_what_the_batch_reserved(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gateway = AnswerHeldGateway()
-    harness.pipeline.gateway = harness.gateway = gateway
+    gateway = harness.gateway
+    gateway.answer = asyncio.Event()
     a = allow(gateway, 2)
     requests = [dpb.SendRequest(header=PROTO_HEADER), batch(0, a[0], a[1])]
     preparing = asyncio.Event()

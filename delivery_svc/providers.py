@@ -362,7 +362,7 @@ class OutboxIndex:
             directory / self.FILE_NAME, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
         )
         try:
-            self.connection.execute("PRAGMA journal_mode=WAL")
+            _write_ahead_log(self.connection, busy_timeout_s)
             self.connection.execute("PRAGMA synchronous=FULL")
             self.connection.executescript(
                 "CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"
@@ -502,6 +502,21 @@ class OutboxIndex:
                 "INSERT OR IGNORE INTO messages (message_id, file_id) VALUES (?, ?)",
                 ((m, cursor.lastrowid) for m in message_ids),
             )
+
+
+def _write_ahead_log(connection: sqlite3.Connection, busy_timeout_s: float) -> None:
+    """Put the index in WAL mode. Sessions opening a new index at once race for it, and SQLite refuses
+    the switch with "database is locked" at once rather than waiting for the other (its busy timeout
+    does not apply): tried again until the busy timeout has passed."""
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
 
 
 class OutboxMboxProvider:

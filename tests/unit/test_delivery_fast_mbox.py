@@ -13,6 +13,7 @@ import pytest
 
 from delivery_svc.emails import MESSAGE_ID_HEADER, OutgoingEmail, compose_email
 from delivery_svc.providers import OutboxIndex, OutboxMboxProvider, RetryPolicy, deliver_batch, mbox_entry
+from tests.races import race
 
 NO_WAIT = RetryPolicy(attempts=1, initial_s=0, max_s=0)
 
@@ -180,3 +181,19 @@ def test_ids_that_are_not_first_attempts_are_looked_up_in_the_lists_of_files_wri
         index.close()
     assert (found_since_june, found_within_the_margin, found_ever) == ({"m2"}, {"m2"}, {"m1", "m2"})
     assert claimed_since_june
+
+
+def test_sessions_opening_a_new_outbox_index_at_once_all_open_it(tmp_path: Path) -> None:
+    # SQLite refuses a second connection's switch to WAL at once ("database is locked") while another
+    # makes it; each of 8 sessions racing on 50 new indexes must open all the same.
+    failures: list[BaseException] = []
+    for attempt in range(50):
+        directory = tmp_path / str(attempt)
+        directory.mkdir()
+
+        def open_index(_: int, directory: Path = directory) -> None:
+            OutboxIndex(directory).close()
+
+        failures += race(8, open_index)
+
+    assert failures == []

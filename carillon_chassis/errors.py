@@ -140,22 +140,38 @@ def error_from_rpc(err: grpc.RpcError) -> CarillonError:
     """Turn a status received from another service into the matching local error class.
 
     The peer's ErrorInfo reason and metadata and its BadRequest field violations are kept, so a
-    caller can report exactly what the other service refused.
+    caller can report exactly what the other service refused (see :func:`error_from_status`).
     """
-    mapping: dict[grpc.StatusCode, type[CarillonError]] = {
-        cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted)
-    }
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    cls = mapping.get(code, Unavailable)
     text = err.details() if hasattr(err, "details") else str(err)
-    reason: str | None = None
-    metadata: dict[str, str] = {}
-    violations: list[FieldViolation] = []
     try:
         status = rpc_status.from_call(err)
     except (ValueError, AttributeError, TypeError):
         status = None
-    for detail in status.details if status is not None else ():
+    if status is None:  # no rich details: the call's code and message alone
+        status = status_pb2.Status(code=code.value[0], message=str(text))
+    return error_from_status(status)
+
+
+def error_from_status(status: status_pb2.Status) -> CarillonError:
+    """Turn a ``google.rpc.Status`` received from another service into the matching local error class.
+
+    The class follows the code: the codes of bad input and of a missing or conflicting resource keep
+    their class, every other code (a transport failure, an unexpected error) becomes
+    :class:`Unavailable`, which callers retry. The peer's ErrorInfo reason and metadata (plus its
+    domain as ``peer_domain``) and its BadRequest field violations are kept. A status can arrive
+    without a call failing: a Send stream's refusal is a message of the stream.
+    """
+    mapping: dict[int, type[CarillonError]] = {
+        cls.code.value[0]: cls
+        for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted)
+    }
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+    cls = mapping.get(status.code, Unavailable)
+    reason: str | None = None
+    metadata: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
@@ -165,4 +181,4 @@ def error_from_rpc(err: grpc.RpcError) -> CarillonError:
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
-    return cls(f"{code.name}: {text}", reason=reason, violations=violations, metadata=metadata)
+    return cls(f"{code.name}: {status.message}", reason=reason, violations=violations, metadata=metadata)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
@@ -14,11 +15,12 @@ import structlog
 from carillon.delivery.v1 import delivery_service_pb2, delivery_service_pb2_grpc, template_pb2
 from carillon.type.v1 import channel_pb2, value_pb2
 from carillon_chassis.channels import category_name, channel_name, channel_value
-from carillon_chassis.errors import InvalidArgument
+from carillon_chassis.errors import CarillonError, InvalidArgument, to_status
 from carillon_chassis.names import parse_name, validate_id
 from carillon_chassis.pagination import page_size
 from carillon_chassis.sandbox import current_sandbox
 from carillon_chassis.values import from_nested_value, from_timestamp, from_value_map, to_timestamp
+from delivery_svc import DOMAIN
 from delivery_svc.eligibility import ProfileView
 from delivery_svc.feedback import FeedbackService, IncomingEvent
 from delivery_svc.ledger import ActivityReport, Ledger
@@ -65,6 +67,11 @@ class _Event(enum.Enum):
 
 _FINISHED, _TRANSMITTED = _Event.FINISHED, _Event.TRANSMITTED
 _BACKGROUND: set[asyncio.Future[None]] = set()
+
+# How long a refused Send stream waits for its client to half-close before it ends with its status. A
+# client that accepts refusals half-closes as soon as it reads one; one that does not (stuck, or
+# waiting for something else) must not hold the stream open for longer than this.
+REFUSAL_GRACE_S = 10.0
 
 
 def _background(work: Coroutine[Any, Any, None]) -> None:
@@ -198,6 +205,13 @@ def ack_to_proto(ack: BatchAck) -> delivery_service_pb2.SendResponse:
     return response
 
 
+def refusal_to_proto(error: CarillonError) -> delivery_service_pb2.SendResponse:
+    """The last SendResponse of a stream refused with ``error``: the status the stream then ends with."""
+    status = to_status(error, DOMAIN)
+    refusal = delivery_service_pb2.SendRefusal(code=status.code, message=status.message, details=status.details)
+    return delivery_service_pb2.SendResponse(refusal=refusal)
+
+
 def events_from_proto(request: delivery_service_pb2.RecordFeedbackRequest) -> list[IncomingEvent]:
     """The domain events of a RecordFeedbackRequest (an unset kind becomes "", refused later)."""
     return [
@@ -296,7 +310,13 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
         one case where it waits), the communications of batch n-1 are recorded (its acknowledgement
         follows, in order), and the eligibility check of batch n+2, read ahead from the stream, runs.
         Batches are transmitted one at a time, in order. A bad batch is refused (its error ends the
-        stream) after the batches before it are acknowledged."""
+        stream) after the batches before it are acknowledged.
+
+        A refused stream (a bad header or batch, or any other CarillonError that ends it) whose header
+        sets ``accepts_refusal`` gets a last response carrying the refusal's status, then is read to its
+        end (see :meth:`_drain`) before the error ends it: grpcio's asyncio client reports INTERNAL
+        instead of the status it received when it is still writing as the stream ends (grpc/grpc#36066),
+        so a client that reads the refusal half-closes first and then gets the status intact."""
         sandbox = current_sandbox()
         requests = aiter(request_iterator)
         first = await anext(requests, None)
@@ -306,9 +326,32 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
             raise InvalidArgument(
                 "the first message of a Send stream must carry the header", field="header", reason="HEADER_REQUIRED"
             )
-        session = await self.pipeline.open(sandbox, header_from_proto(first.header))
+        # A client that predates refusals would read one as an acknowledgement: it gets the status alone.
+        accepts_refusal = first.header.accepts_refusal
+        try:
+            session = await self.pipeline.open(sandbox, header_from_proto(first.header))
+        except CarillonError as refused:
+            if accepts_refusal:
+                yield refusal_to_proto(refused)
+                await self._drain(requests, None)
+            raise
         ahead: asyncio.Queue[_Ahead] = asyncio.Queue(maxsize=1)
         reader = asyncio.ensure_future(self._read_ahead(session, requests, ahead))
+        try:
+            async with contextlib.aclosing(self._deliver(session, reader, ahead)) as responses:
+                async for response in responses:
+                    yield response
+        except CarillonError as refused:  # after the cleanup: no batch is left waiting for the client
+            if accepts_refusal:
+                yield refusal_to_proto(refused)
+                await self._drain(requests, reader)
+            raise
+
+    async def _deliver(
+        self, session: SendSession, reader: asyncio.Future[None], ahead: asyncio.Queue[_Ahead]
+    ) -> AsyncGenerator[delivery_service_pb2.SendResponse, None]:
+        """The acknowledgements of the batches that ``reader`` queues in ``ahead`` (see :meth:`Send`);
+        whatever error ends the stream is raised once every batch is finished or released."""
         transmitting: asyncio.Future[SentBatch] | None = None
         finishing: asyncio.Future[BatchAck] | None = None
         prepared: Prepared | None = None  # prepared, not yet transmitting
@@ -379,7 +422,7 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
     ) -> None:
         """Read the stream's batches, start each one's check at once, and queue them (one waits at most)."""
         try:
-            async for request in requests:
+            while (request := await DeliveryServicer._next_request(requests)) is not None:
                 kind = request.WhichOneof("kind")
                 if kind != "batch":
                     field_name = "header" if kind == "header" else "batch"
@@ -398,6 +441,42 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
             raise
         except Exception as exc:  # an invalid batch, or the stream broke: raised after the batches before it
             await ahead.put(exc)
+
+    @staticmethod
+    async def _next_request(
+        requests: AsyncIterator[delivery_service_pb2.SendRequest],
+    ) -> delivery_service_pb2.SendRequest | None:
+        """The stream's next request, or None at its end; a cancellation waits for the read to end.
+
+        gRPC's request iterator cannot be read again once a read is cut off half way, and a refused
+        stream is read to its end (:meth:`_drain`) after its reader was cancelled."""
+        reading = asyncio.ensure_future(anext(requests, None))
+        try:
+            return await asyncio.shield(reading)
+        except asyncio.CancelledError:
+            await asyncio.wait({reading})
+            if not reading.cancelled():
+                reading.exception()  # retrieved: whatever it read, the stream is ending
+            raise
+
+    @staticmethod
+    async def _drain(
+        requests: AsyncIterator[delivery_service_pb2.SendRequest], reader: asyncio.Future[None] | None
+    ) -> None:
+        """Read and discard what a refused stream's client still writes, until it half-closes.
+
+        The client reads the refusal, stops writing and half-closes; the status that ends the stream
+        then reaches it intact (grpc/grpc#36066). The request iterator has one reader at a time, so this
+        waits for the read-ahead ``reader`` to stop first. A client that does not half-close gets the
+        status after REFUSAL_GRACE_S all the same."""
+        try:
+            async with asyncio.timeout(REFUSAL_GRACE_S):
+                if reader is not None:
+                    await asyncio.wait({reader})
+                async for _ in requests:
+                    pass
+        except TimeoutError:
+            log.info("a refused stream's client did not half-close", grace_s=REFUSAL_GRACE_S)
 
     @staticmethod
     async def _next(

@@ -12,6 +12,7 @@ Row values and the audience query are the shared contract's messages (``carillon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from datetime import datetime
 from typing import Any, Protocol, cast
 
 import grpc
+from google.rpc import status_pb2
 
 from carillon.audience.v1 import audience_service_pb2 as aud
 from carillon.audience.v1 import audience_service_pb2_grpc as aud_grpc
@@ -28,7 +30,7 @@ from carillon.delivery.v1 import delivery_service_pb2_grpc as dlv_grpc
 from carillon.type.v1 import channel_pb2, value_pb2
 from carillon_chassis.channels import category_value, channel_value
 from carillon_chassis.clients import call_metadata
-from carillon_chassis.errors import Unavailable, error_from_rpc
+from carillon_chassis.errors import Unavailable, error_from_rpc, error_from_status
 from carillon_chassis.values import from_timestamp, to_timestamp
 from scheduler_svc.model import Ack, Deduplicate, SendWindow, SplitSubset
 
@@ -421,15 +423,28 @@ class GrpcAudienceGateway:
 
 
 class GrpcSendStream:
-    """SendStream over one bidirectional ``Send`` call."""
+    """SendStream over one bidirectional ``Send`` call.
+
+    A worker that refuses the stream (a bad header or batch) says why in a last response, then ends
+    the stream with that status once the client half-closes: grpcio's asyncio client reports INTERNAL
+    instead of the status it received when it is still writing as the stream ends (grpc/grpc#36066).
+    So a refusal stops the writing, and from then on every call raises the refusal's error, whichever
+    of the engine's writer and reader comes first."""
 
     def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
         self._call = call
+        self._refusal: status_pb2.Status | None = None
+
+    def _raise_if_refused(self) -> None:
+        if self._refusal is not None:
+            raise error_from_status(self._refusal)
 
     async def _write(self, request: dlv.SendRequest) -> None:
+        self._raise_if_refused()
         try:
             await self._call.write(request)
         except grpc.aio.AioRpcError as err:
+            self._raise_if_refused()  # a write cut off by the refusal read meanwhile
             raise error_from_rpc(err) from None
 
     async def write(self, batch: Batch) -> None:
@@ -444,12 +459,14 @@ class GrpcSendStream:
         await self._write(dlv.SendRequest(batch=dlv.RecipientBatch(sequence=batch.sequence, recipients=recipients)))
 
     async def done_writing(self) -> None:
+        self._raise_if_refused()
         try:
             await self._call.done_writing()
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err) from None
 
     async def read(self) -> Ack | None:
+        self._raise_if_refused()
         try:
             reply = await self._call.read()
         except grpc.aio.AioRpcError as err:
@@ -457,6 +474,11 @@ class GrpcSendStream:
         if reply is grpc.aio.EOF:
             return None
         assert isinstance(reply, dlv.SendResponse)
+        if reply.HasField("refusal"):
+            refusal = reply.refusal
+            self._refusal = status_pb2.Status(code=refusal.code, message=refusal.message, details=refusal.details)
+            await self._stop_writing()
+            self._raise_if_refused()
         return Ack(
             sequence=reply.sequence,
             sent=reply.sent,
@@ -466,6 +488,14 @@ class GrpcSendStream:
             deferred=reply.deferred,
             next_window_time=from_timestamp(reply.next_window_time) if reply.HasField("next_window_time") else None,
         )
+
+    async def _stop_writing(self) -> None:
+        """Half-close after a refusal, so that the worker ends the stream with the refusal's status.
+
+        Whatever fails here (the call ending meanwhile, which grpcio may report as an error of its
+        core) changes nothing: the refusal's error is what the caller gets."""
+        with contextlib.suppress(Exception):
+            await self._call.done_writing()
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -496,6 +526,7 @@ class GrpcDeliveryGateway:
                         category=cast(channel_pb2.MessageCategory.ValueType, category_value(header.category)),
                         template=header.template,
                         rate_limit_per_second=header.rate_limit_per_second,
+                        accepts_refusal=True,
                         send_window=None
                         if header.send_window is None
                         else dlv.SendWindow(

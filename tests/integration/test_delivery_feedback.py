@@ -189,11 +189,12 @@ async def test_a_malformed_send_window_is_invalid_and_names_the_field(serving: S
     header = dpb.SendHeader()
     header.CopyFrom(HEADER)
     header.send_window.CopyFrom(dpb.SendWindow(start_local_time="25:00", end_local_time="10:00"))
+    header.accepts_refusal = True
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        # The header alone: a batch written after the server refused the header can make grpcio's asyncio
-        # client report INTERNAL instead of the server's status (grpc/grpc#36066).
-        await send(stack, [], header)
+        # Batches after the refused header: the worker (the header accepts refusals) ends the stream once
+        # they are written and the client half-closed, so the status is not lost to grpc/grpc#36066.
+        await send(stack, [BATCH], header)
 
     failure = failure_of(caught.value)
     assert (failure.code, failure.fields) == (

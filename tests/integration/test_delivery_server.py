@@ -87,6 +87,7 @@ class Stack:
     profiles: profile_service_pb2_grpc.ProfileServiceStub
     smtp: CollectingHandler
     outbox: Path
+    delivery_address: str = ""  # where delivery_svc listens (for a client that opens its own channel)
 
 
 StartStack = Callable[..., Awaitable[Stack]]
@@ -136,6 +137,7 @@ async def start_stack(database_factory: DatabaseFactory, tmp_path: Path) -> Asyn
             profiles=profile_service_pb2_grpc.ProfileServiceStub(profile_channel),
             smtp=handler,
             outbox=tmp_path / "outbox",
+            delivery_address=delivery.address,
         )
 
     yield start

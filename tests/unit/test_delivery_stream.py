@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
+from google.rpc import code_pb2
 
 from carillon.delivery.v1 import delivery_service_pb2 as dpb
 from carillon.type.v1 import channel_pb2, value_pb2
@@ -32,6 +33,7 @@ PROTO_HEADER = dpb.SendHeader(
     channel=channel_pb2.CHANNEL_EMAIL,
     category=channel_pb2.MESSAGE_CATEGORY_MARKETING,
     template=HEADER.template,
+    accepts_refusal=True,
 )
 
 
@@ -156,7 +158,8 @@ async def test_a_bad_batch_ends_the_stream_after_the_batches_before_it_are_ackno
         async for ack in servicer(harness).Send(stream(requests), None):
             acks.append(ack)
 
-    assert [(ack.sequence, ack.sent) for ack in acks] == [(1, 2)]
+    assert [(ack.sequence, ack.sent) for ack in acks[:-1]] == [(1, 2)]
+    assert acks[-1].refusal.code == code_pb2.INVALID_ARGUMENT  # the refusal comes last, then the error
     assert [v.field for v in raised.value.violations] == ["batch.recipients[0].identity"]
     assert harness.provider.recipients() == [a[0], a[1]]
 
@@ -172,7 +175,8 @@ async def test_a_header_after_the_first_batch_ends_the_stream_with_invalid_argum
         async for ack in servicer(harness).Send(stream(requests), None):
             acks.append(ack)
 
-    assert [ack.sequence for ack in acks] == [1]
+    assert [ack.sequence for ack in acks[:-1]] == [1]
+    assert acks[-1].refusal.code == code_pb2.INVALID_ARGUMENT
     assert [v.field for v in raised.value.violations] == ["header"]
 
 
@@ -188,7 +192,8 @@ async def test_a_history_that_cannot_be_recorded_fails_the_stream_at_its_batch(
         async for ack in servicer(harness).Send(stream(requests), None):
             acks.append(ack)
 
-    assert acks == []  # the first batch's acknowledgement waits for its history, which failed
+    # The first batch's acknowledgement waits for its history, which failed: only the refusal comes.
+    assert [ack.refusal.code for ack in acks] == [code_pb2.UNAVAILABLE]
     # The second batch may have been sent meanwhile (a replay records its history): never twice.
     assert harness.provider.recipients()[:2] == [a[0], a[1]]
     assert len(set(harness.provider.recipients())) == len(harness.provider.recipients())

@@ -25,10 +25,11 @@ _sym_db = _symbol_database.Default()
 from carillon.delivery.v1 import template_pb2 as carillon_dot_delivery_dot_v1_dot_template__pb2
 from carillon.type.v1 import channel_pb2 as carillon_dot_type_dot_v1_dot_channel__pb2
 from carillon.type.v1 import value_pb2 as carillon_dot_type_dot_v1_dot_value__pb2
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+carillon/delivery/v1/delivery_service.proto\x12\x14\x63\x61rillon.delivery.v1\x1a#carillon/delivery/v1/template.proto\x1a\x1e\x63\x61rillon/type/v1/channel.proto\x1a\x1c\x63\x61rillon/type/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"^\n\x15\x43reateTemplateRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12\x30\n\x08template\x18\x02 \x01(\x0b\x32\x1e.carillon.delivery.v1.Template\"J\n\x16\x43reateTemplateResponse\x12\x30\n\x08template\x18\x01 \x01(\x0b\x32\x1e.carillon.delivery.v1.Template\"\"\n\x12GetTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x13GetTemplateResponse\x12\x30\n\x08template\x18\x01 \x01(\x0b\x32\x1e.carillon.delivery.v1.Template\"=\n\x14ListTemplatesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"c\n\x15ListTemplatesResponse\x12\x31\n\ttemplates\x18\x01 \x03(\x0b\x32\x1e.carillon.delivery.v1.Template\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x86\x02\n\nSendHeader\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\x12\x0b\n\x03run\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x03 \x01(\t\x12*\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x33\n\x08\x63\x61tegory\x18\x05 \x01(\x0e\x32!.carillon.type.v1.MessageCategory\x12\x10\n\x08template\x18\x06 \x01(\t\x12\x1d\n\x15rate_limit_per_second\x18\x07 \x01(\x05\x12\x35\n\x0bsend_window\x18\x08 \x01(\x0b\x32 .carillon.delivery.v1.SendWindow\"o\n\nSendWindow\x12\x18\n\x10start_local_time\x18\x01 \x01(\t\x12\x16\n\x0e\x65nd_local_time\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61ys_of_week\x18\x03 \x03(\x05\x12\x19\n\x11\x64\x65\x66\x61ult_time_zone\x18\x04 \x01(\t\"\xd2\x01\n\tRecipient\x12,\n\x08identity\x18\x01 \x01(\x0b\x32\x1a.carillon.type.v1.Identity\x12\x12\n\nentity_key\x18\x02 \x01(\t\x12;\n\x06target\x18\x03 \x03(\x0b\x32+.carillon.delivery.v1.Recipient.TargetEntry\x1a\x46\n\x0bTargetEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"W\n\x0eRecipientBatch\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x33\n\nrecipients\x18\x02 \x03(\x0b\x32\x1f.carillon.delivery.v1.Recipient\"\x80\x01\n\x0bSendRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .carillon.delivery.v1.SendHeaderH\x00\x12\x35\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32$.carillon.delivery.v1.RecipientBatchH\x00\x42\x06\n\x04kind\"\xed\x02\n\x0cSendResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0c\n\x04sent\x18\x02 \x01(\x03\x12\x14\n\x0c\x61lready_sent\x18\x03 \x01(\x03\x12@\n\x07skipped\x18\x04 \x03(\x0b\x32/.carillon.delivery.v1.SendResponse.SkippedEntry\x12>\n\x06\x66\x61iled\x18\x05 \x03(\x0b\x32..carillon.delivery.v1.SendResponse.FailedEntry\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x06 \x01(\x03\x12\x34\n\x10next_window_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xa7\x01\n\rFeedbackEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x30\n\x04kind\x18\x03 \x01(\x0e\x32\".carillon.delivery.v1.FeedbackKind\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"L\n\x15RecordFeedbackRequest\x12\x33\n\x06\x65vents\x18\x01 \x03(\x0b\x32#.carillon.delivery.v1.FeedbackEvent\">\n\x16RecordFeedbackResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\"9\n\x18GetDeliveryReportRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x02 \x01(\t\"\xc6\x03\n\x0e\x44\x65liveryReport\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x02 \x01(\t\x12\x10\n\x08targeted\x18\x03 \x01(\x03\x12\x0c\n\x04sent\x18\x04 \x01(\x03\x12\x42\n\x07skipped\x18\x05 \x03(\x0b\x32\x31.carillon.delivery.v1.DeliveryReport.SkippedEntry\x12@\n\x06\x66\x61iled\x18\x06 \x03(\x0b\x32\x30.carillon.delivery.v1.DeliveryReport.FailedEntry\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x07 \x01(\x03\x12\x0f\n\x07pending\x18\x08 \x01(\x03\x12\x11\n\tdelivered\x18\t \x01(\x03\x12\x0e\n\x06opened\x18\n \x01(\x03\x12\x0f\n\x07\x63licked\x18\x0b \x01(\x03\x12\x0f\n\x07\x62ounced\x18\x0c \x01(\x03\x12\x12\n\ncomplained\x18\r \x01(\x03\x12\x14\n\x0cunsubscribed\x18\x0e \x01(\x03\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"Q\n\x19GetDeliveryReportResponse\x12\x34\n\x06report\x18\x01 \x01(\x0b\x32$.carillon.delivery.v1.DeliveryReport\"\xcb\x01\n\x15PreviewMessageRequest\x12\x10\n\x08template\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12G\n\x06target\x18\x03 \x03(\x0b\x32\x37.carillon.delivery.v1.PreviewMessageRequest.TargetEntry\x1a\x46\n\x0bTargetEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"\xba\x01\n\x16PreviewMessageResponse\x12\x46\n\x05parts\x18\x01 \x03(\x0b\x32\x37.carillon.delivery.v1.PreviewMessageResponse.PartsEntry\x12\x14\n\x0csms_segments\x18\x02 \x01(\x05\x12\x14\n\x0csms_encoding\x18\x03 \x01(\t\x1a,\n\nPartsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xf9\x01\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46\x45\x45\x44\x42\x41\x43K_KIND_DELIVERED\x10\x01\x12\x18\n\x14\x46\x45\x45\x44\x42\x41\x43K_KIND_OPENED\x10\x02\x12\x19\n\x15\x46\x45\x45\x44\x42\x41\x43K_KIND_CLICKED\x10\x03\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_SOFT_BOUNCE\x10\x04\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_HARD_BOUNCE\x10\x05\x12\x1b\n\x17\x46\x45\x45\x44\x42\x41\x43K_KIND_COMPLAINT\x10\x06\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSUBSCRIBE\x10\x07\x32\xef\x05\n\x0f\x44\x65liveryService\x12k\n\x0e\x43reateTemplate\x12+.carillon.delivery.v1.CreateTemplateRequest\x1a,.carillon.delivery.v1.CreateTemplateResponse\x12\x62\n\x0bGetTemplate\x12(.carillon.delivery.v1.GetTemplateRequest\x1a).carillon.delivery.v1.GetTemplateResponse\x12h\n\rListTemplates\x12*.carillon.delivery.v1.ListTemplatesRequest\x1a+.carillon.delivery.v1.ListTemplatesResponse\x12Q\n\x04Send\x12!.carillon.delivery.v1.SendRequest\x1a\".carillon.delivery.v1.SendResponse(\x01\x30\x01\x12k\n\x0eRecordFeedback\x12+.carillon.delivery.v1.RecordFeedbackRequest\x1a,.carillon.delivery.v1.RecordFeedbackResponse\x12k\n\x0ePreviewMessage\x12+.carillon.delivery.v1.PreviewMessageRequest\x1a,.carillon.delivery.v1.PreviewMessageResponse\x12t\n\x11GetDeliveryReport\x12..carillon.delivery.v1.GetDeliveryReportRequest\x1a/.carillon.delivery.v1.GetDeliveryReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+carillon/delivery/v1/delivery_service.proto\x12\x14\x63\x61rillon.delivery.v1\x1a#carillon/delivery/v1/template.proto\x1a\x1e\x63\x61rillon/type/v1/channel.proto\x1a\x1c\x63\x61rillon/type/v1/value.proto\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"^\n\x15\x43reateTemplateRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12\x30\n\x08template\x18\x02 \x01(\x0b\x32\x1e.carillon.delivery.v1.Template\"J\n\x16\x43reateTemplateResponse\x12\x30\n\x08template\x18\x01 \x01(\x0b\x32\x1e.carillon.delivery.v1.Template\"\"\n\x12GetTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x13GetTemplateResponse\x12\x30\n\x08template\x18\x01 \x01(\x0b\x32\x1e.carillon.delivery.v1.Template\"=\n\x14ListTemplatesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"c\n\x15ListTemplatesResponse\x12\x31\n\ttemplates\x18\x01 \x03(\x0b\x32\x1e.carillon.delivery.v1.Template\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9f\x02\n\nSendHeader\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\x12\x0b\n\x03run\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x03 \x01(\t\x12*\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x19.carillon.type.v1.Channel\x12\x33\n\x08\x63\x61tegory\x18\x05 \x01(\x0e\x32!.carillon.type.v1.MessageCategory\x12\x10\n\x08template\x18\x06 \x01(\t\x12\x1d\n\x15rate_limit_per_second\x18\x07 \x01(\x05\x12\x35\n\x0bsend_window\x18\x08 \x01(\x0b\x32 .carillon.delivery.v1.SendWindow\x12\x17\n\x0f\x61\x63\x63\x65pts_refusal\x18\t \x01(\x08\"o\n\nSendWindow\x12\x18\n\x10start_local_time\x18\x01 \x01(\t\x12\x16\n\x0e\x65nd_local_time\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61ys_of_week\x18\x03 \x03(\x05\x12\x19\n\x11\x64\x65\x66\x61ult_time_zone\x18\x04 \x01(\t\"\xd2\x01\n\tRecipient\x12,\n\x08identity\x18\x01 \x01(\x0b\x32\x1a.carillon.type.v1.Identity\x12\x12\n\nentity_key\x18\x02 \x01(\t\x12;\n\x06target\x18\x03 \x03(\x0b\x32+.carillon.delivery.v1.Recipient.TargetEntry\x1a\x46\n\x0bTargetEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"W\n\x0eRecipientBatch\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x33\n\nrecipients\x18\x02 \x03(\x0b\x32\x1f.carillon.delivery.v1.Recipient\"\x80\x01\n\x0bSendRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .carillon.delivery.v1.SendHeaderH\x00\x12\x35\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32$.carillon.delivery.v1.RecipientBatchH\x00\x42\x06\n\x04kind\"\xa1\x03\n\x0cSendResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0c\n\x04sent\x18\x02 \x01(\x03\x12\x14\n\x0c\x61lready_sent\x18\x03 \x01(\x03\x12@\n\x07skipped\x18\x04 \x03(\x0b\x32/.carillon.delivery.v1.SendResponse.SkippedEntry\x12>\n\x06\x66\x61iled\x18\x05 \x03(\x0b\x32..carillon.delivery.v1.SendResponse.FailedEntry\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x06 \x01(\x03\x12\x34\n\x10next_window_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x07refusal\x18\x08 \x01(\x0b\x32!.carillon.delivery.v1.SendRefusal\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"S\n\x0bSendRefusal\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"\xa7\x01\n\rFeedbackEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x30\n\x04kind\x18\x03 \x01(\x0e\x32\".carillon.delivery.v1.FeedbackKind\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"L\n\x15RecordFeedbackRequest\x12\x33\n\x06\x65vents\x18\x01 \x03(\x0b\x32#.carillon.delivery.v1.FeedbackEvent\">\n\x16RecordFeedbackResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\"9\n\x18GetDeliveryReportRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x02 \x01(\t\"\xc6\x03\n\x0e\x44\x65liveryReport\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63tivity\x18\x02 \x01(\t\x12\x10\n\x08targeted\x18\x03 \x01(\x03\x12\x0c\n\x04sent\x18\x04 \x01(\x03\x12\x42\n\x07skipped\x18\x05 \x03(\x0b\x32\x31.carillon.delivery.v1.DeliveryReport.SkippedEntry\x12@\n\x06\x66\x61iled\x18\x06 \x03(\x0b\x32\x30.carillon.delivery.v1.DeliveryReport.FailedEntry\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x07 \x01(\x03\x12\x0f\n\x07pending\x18\x08 \x01(\x03\x12\x11\n\tdelivered\x18\t \x01(\x03\x12\x0e\n\x06opened\x18\n \x01(\x03\x12\x0f\n\x07\x63licked\x18\x0b \x01(\x03\x12\x0f\n\x07\x62ounced\x18\x0c \x01(\x03\x12\x12\n\ncomplained\x18\r \x01(\x03\x12\x14\n\x0cunsubscribed\x18\x0e \x01(\x03\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"Q\n\x19GetDeliveryReportResponse\x12\x34\n\x06report\x18\x01 \x01(\x0b\x32$.carillon.delivery.v1.DeliveryReport\"\xcb\x01\n\x15PreviewMessageRequest\x12\x10\n\x08template\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12G\n\x06target\x18\x03 \x03(\x0b\x32\x37.carillon.delivery.v1.PreviewMessageRequest.TargetEntry\x1a\x46\n\x0bTargetEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.carillon.type.v1.Value:\x02\x38\x01\"\xba\x01\n\x16PreviewMessageResponse\x12\x46\n\x05parts\x18\x01 \x03(\x0b\x32\x37.carillon.delivery.v1.PreviewMessageResponse.PartsEntry\x12\x14\n\x0csms_segments\x18\x02 \x01(\x05\x12\x14\n\x0csms_encoding\x18\x03 \x01(\t\x1a,\n\nPartsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xf9\x01\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46\x45\x45\x44\x42\x41\x43K_KIND_DELIVERED\x10\x01\x12\x18\n\x14\x46\x45\x45\x44\x42\x41\x43K_KIND_OPENED\x10\x02\x12\x19\n\x15\x46\x45\x45\x44\x42\x41\x43K_KIND_CLICKED\x10\x03\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_SOFT_BOUNCE\x10\x04\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_HARD_BOUNCE\x10\x05\x12\x1b\n\x17\x46\x45\x45\x44\x42\x41\x43K_KIND_COMPLAINT\x10\x06\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSUBSCRIBE\x10\x07\x32\xef\x05\n\x0f\x44\x65liveryService\x12k\n\x0e\x43reateTemplate\x12+.carillon.delivery.v1.CreateTemplateRequest\x1a,.carillon.delivery.v1.CreateTemplateResponse\x12\x62\n\x0bGetTemplate\x12(.carillon.delivery.v1.GetTemplateRequest\x1a).carillon.delivery.v1.GetTemplateResponse\x12h\n\rListTemplates\x12*.carillon.delivery.v1.ListTemplatesRequest\x1a+.carillon.delivery.v1.ListTemplatesResponse\x12Q\n\x04Send\x12!.carillon.delivery.v1.SendRequest\x1a\".carillon.delivery.v1.SendResponse(\x01\x30\x01\x12k\n\x0eRecordFeedback\x12+.carillon.delivery.v1.RecordFeedbackRequest\x1a,.carillon.delivery.v1.RecordFeedbackResponse\x12k\n\x0ePreviewMessage\x12+.carillon.delivery.v1.PreviewMessageRequest\x1a,.carillon.delivery.v1.PreviewMessageResponse\x12t\n\x11GetDeliveryReport\x12..carillon.delivery.v1.GetDeliveryReportRequest\x1a/.carillon.delivery.v1.GetDeliveryReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,62 +50,64 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREVIEWMESSAGEREQUEST_TARGETENTRY']._serialized_options = b'8\001'
   _globals['_PREVIEWMESSAGERESPONSE_PARTSENTRY']._loaded_options = None
   _globals['_PREVIEWMESSAGERESPONSE_PARTSENTRY']._serialized_options = b'8\001'
-  _globals['_FEEDBACKKIND']._serialized_start=3132
-  _globals['_FEEDBACKKIND']._serialized_end=3381
-  _globals['_CREATETEMPLATEREQUEST']._serialized_start=201
-  _globals['_CREATETEMPLATEREQUEST']._serialized_end=295
-  _globals['_CREATETEMPLATERESPONSE']._serialized_start=297
-  _globals['_CREATETEMPLATERESPONSE']._serialized_end=371
-  _globals['_GETTEMPLATEREQUEST']._serialized_start=373
-  _globals['_GETTEMPLATEREQUEST']._serialized_end=407
-  _globals['_GETTEMPLATERESPONSE']._serialized_start=409
-  _globals['_GETTEMPLATERESPONSE']._serialized_end=480
-  _globals['_LISTTEMPLATESREQUEST']._serialized_start=482
-  _globals['_LISTTEMPLATESREQUEST']._serialized_end=543
-  _globals['_LISTTEMPLATESRESPONSE']._serialized_start=545
-  _globals['_LISTTEMPLATESRESPONSE']._serialized_end=644
-  _globals['_SENDHEADER']._serialized_start=647
-  _globals['_SENDHEADER']._serialized_end=909
-  _globals['_SENDWINDOW']._serialized_start=911
-  _globals['_SENDWINDOW']._serialized_end=1022
-  _globals['_RECIPIENT']._serialized_start=1025
-  _globals['_RECIPIENT']._serialized_end=1235
-  _globals['_RECIPIENT_TARGETENTRY']._serialized_start=1165
-  _globals['_RECIPIENT_TARGETENTRY']._serialized_end=1235
-  _globals['_RECIPIENTBATCH']._serialized_start=1237
-  _globals['_RECIPIENTBATCH']._serialized_end=1324
-  _globals['_SENDREQUEST']._serialized_start=1327
-  _globals['_SENDREQUEST']._serialized_end=1455
-  _globals['_SENDRESPONSE']._serialized_start=1458
-  _globals['_SENDRESPONSE']._serialized_end=1823
-  _globals['_SENDRESPONSE_SKIPPEDENTRY']._serialized_start=1730
-  _globals['_SENDRESPONSE_SKIPPEDENTRY']._serialized_end=1776
-  _globals['_SENDRESPONSE_FAILEDENTRY']._serialized_start=1778
-  _globals['_SENDRESPONSE_FAILEDENTRY']._serialized_end=1823
-  _globals['_FEEDBACKEVENT']._serialized_start=1826
-  _globals['_FEEDBACKEVENT']._serialized_end=1993
-  _globals['_RECORDFEEDBACKREQUEST']._serialized_start=1995
-  _globals['_RECORDFEEDBACKREQUEST']._serialized_end=2071
-  _globals['_RECORDFEEDBACKRESPONSE']._serialized_start=2073
-  _globals['_RECORDFEEDBACKRESPONSE']._serialized_end=2135
-  _globals['_GETDELIVERYREPORTREQUEST']._serialized_start=2137
-  _globals['_GETDELIVERYREPORTREQUEST']._serialized_end=2194
-  _globals['_DELIVERYREPORT']._serialized_start=2197
-  _globals['_DELIVERYREPORT']._serialized_end=2651
-  _globals['_DELIVERYREPORT_SKIPPEDENTRY']._serialized_start=1730
-  _globals['_DELIVERYREPORT_SKIPPEDENTRY']._serialized_end=1776
-  _globals['_DELIVERYREPORT_FAILEDENTRY']._serialized_start=1778
-  _globals['_DELIVERYREPORT_FAILEDENTRY']._serialized_end=1823
-  _globals['_GETDELIVERYREPORTRESPONSE']._serialized_start=2653
-  _globals['_GETDELIVERYREPORTRESPONSE']._serialized_end=2734
-  _globals['_PREVIEWMESSAGEREQUEST']._serialized_start=2737
-  _globals['_PREVIEWMESSAGEREQUEST']._serialized_end=2940
-  _globals['_PREVIEWMESSAGEREQUEST_TARGETENTRY']._serialized_start=1165
-  _globals['_PREVIEWMESSAGEREQUEST_TARGETENTRY']._serialized_end=1235
-  _globals['_PREVIEWMESSAGERESPONSE']._serialized_start=2943
-  _globals['_PREVIEWMESSAGERESPONSE']._serialized_end=3129
-  _globals['_PREVIEWMESSAGERESPONSE_PARTSENTRY']._serialized_start=3085
-  _globals['_PREVIEWMESSAGERESPONSE_PARTSENTRY']._serialized_end=3129
-  _globals['_DELIVERYSERVICE']._serialized_start=3384
-  _globals['_DELIVERYSERVICE']._serialized_end=4135
+  _globals['_FEEDBACKKIND']._serialized_start=3321
+  _globals['_FEEDBACKKIND']._serialized_end=3570
+  _globals['_CREATETEMPLATEREQUEST']._serialized_start=228
+  _globals['_CREATETEMPLATEREQUEST']._serialized_end=322
+  _globals['_CREATETEMPLATERESPONSE']._serialized_start=324
+  _globals['_CREATETEMPLATERESPONSE']._serialized_end=398
+  _globals['_GETTEMPLATEREQUEST']._serialized_start=400
+  _globals['_GETTEMPLATEREQUEST']._serialized_end=434
+  _globals['_GETTEMPLATERESPONSE']._serialized_start=436
+  _globals['_GETTEMPLATERESPONSE']._serialized_end=507
+  _globals['_LISTTEMPLATESREQUEST']._serialized_start=509
+  _globals['_LISTTEMPLATESREQUEST']._serialized_end=570
+  _globals['_LISTTEMPLATESRESPONSE']._serialized_start=572
+  _globals['_LISTTEMPLATESRESPONSE']._serialized_end=671
+  _globals['_SENDHEADER']._serialized_start=674
+  _globals['_SENDHEADER']._serialized_end=961
+  _globals['_SENDWINDOW']._serialized_start=963
+  _globals['_SENDWINDOW']._serialized_end=1074
+  _globals['_RECIPIENT']._serialized_start=1077
+  _globals['_RECIPIENT']._serialized_end=1287
+  _globals['_RECIPIENT_TARGETENTRY']._serialized_start=1217
+  _globals['_RECIPIENT_TARGETENTRY']._serialized_end=1287
+  _globals['_RECIPIENTBATCH']._serialized_start=1289
+  _globals['_RECIPIENTBATCH']._serialized_end=1376
+  _globals['_SENDREQUEST']._serialized_start=1379
+  _globals['_SENDREQUEST']._serialized_end=1507
+  _globals['_SENDRESPONSE']._serialized_start=1510
+  _globals['_SENDRESPONSE']._serialized_end=1927
+  _globals['_SENDRESPONSE_SKIPPEDENTRY']._serialized_start=1834
+  _globals['_SENDRESPONSE_SKIPPEDENTRY']._serialized_end=1880
+  _globals['_SENDRESPONSE_FAILEDENTRY']._serialized_start=1882
+  _globals['_SENDRESPONSE_FAILEDENTRY']._serialized_end=1927
+  _globals['_SENDREFUSAL']._serialized_start=1929
+  _globals['_SENDREFUSAL']._serialized_end=2012
+  _globals['_FEEDBACKEVENT']._serialized_start=2015
+  _globals['_FEEDBACKEVENT']._serialized_end=2182
+  _globals['_RECORDFEEDBACKREQUEST']._serialized_start=2184
+  _globals['_RECORDFEEDBACKREQUEST']._serialized_end=2260
+  _globals['_RECORDFEEDBACKRESPONSE']._serialized_start=2262
+  _globals['_RECORDFEEDBACKRESPONSE']._serialized_end=2324
+  _globals['_GETDELIVERYREPORTREQUEST']._serialized_start=2326
+  _globals['_GETDELIVERYREPORTREQUEST']._serialized_end=2383
+  _globals['_DELIVERYREPORT']._serialized_start=2386
+  _globals['_DELIVERYREPORT']._serialized_end=2840
+  _globals['_DELIVERYREPORT_SKIPPEDENTRY']._serialized_start=1834
+  _globals['_DELIVERYREPORT_SKIPPEDENTRY']._serialized_end=1880
+  _globals['_DELIVERYREPORT_FAILEDENTRY']._serialized_start=1882
+  _globals['_DELIVERYREPORT_FAILEDENTRY']._serialized_end=1927
+  _globals['_GETDELIVERYREPORTRESPONSE']._serialized_start=2842
+  _globals['_GETDELIVERYREPORTRESPONSE']._serialized_end=2923
+  _globals['_PREVIEWMESSAGEREQUEST']._serialized_start=2926
+  _globals['_PREVIEWMESSAGEREQUEST']._serialized_end=3129
+  _globals['_PREVIEWMESSAGEREQUEST_TARGETENTRY']._serialized_start=1217
+  _globals['_PREVIEWMESSAGEREQUEST_TARGETENTRY']._serialized_end=1287
+  _globals['_PREVIEWMESSAGERESPONSE']._serialized_start=3132
+  _globals['_PREVIEWMESSAGERESPONSE']._serialized_end=3318
+  _globals['_PREVIEWMESSAGERESPONSE_PARTSENTRY']._serialized_start=3274
+  _globals['_PREVIEWMESSAGERESPONSE_PARTSENTRY']._serialized_end=3318
+  _globals['_DELIVERYSERVICE']._serialized_start=3573
+  _globals['_DELIVERYSERVICE']._serialized_end=4324
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from carillon.delivery.v1 import template_pb2 as _template_pb2
 from carillon.type.v1 import channel_pb2 as _channel_pb2
 from carillon.type.v1 import value_pb2 as _value_pb2
 from collections import abc as _abc
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -233,6 +234,7 @@ class SendHeader(_message.Message):
     TEMPLATE_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_PER_SECOND_FIELD_NUMBER: _builtins.int
     SEND_WINDOW_FIELD_NUMBER: _builtins.int
+    ACCEPTS_REFUSAL_FIELD_NUMBER: _builtins.int
     campaign: _builtins.str
     """The campaign, `campaigns/{campaign}`."""
     run: _builtins.str
@@ -248,6 +250,11 @@ class SendHeader(_message.Message):
     rate_limit_per_second: _builtins.int
     """The most messages per second this activity sends; 0 means no limit of the activity's own (the
     provider's limit still applies). Between 1 and the worker's configured maximum (2000 by default).
+    """
+    accepts_refusal: _builtins.bool
+    """When true, the client understands `SendResponse.refusal`: a refused stream then gets a last
+    response carrying the refusal, and ends with its status once the client has half-closed. When
+    false (a client that predates refusals), a refused stream ends with its status at once.
     """
     @_builtins.property
     def send_window(self) -> Global___SendWindow:
@@ -266,10 +273,11 @@ class SendHeader(_message.Message):
         template: _builtins.str = ...,
         rate_limit_per_second: _builtins.int = ...,
         send_window: Global___SendWindow | None = ...,
+        accepts_refusal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["send_window", b"send_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "campaign", b"campaign", "category", b"category", "channel", b"channel", "rate_limit_per_second", b"rate_limit_per_second", "run", b"run", "send_window", b"send_window", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_refusal", b"accepts_refusal", "activity", b"activity", "campaign", b"campaign", "category", b"category", "channel", b"channel", "rate_limit_per_second", b"rate_limit_per_second", "run", b"run", "send_window", b"send_window", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -434,7 +442,9 @@ Global___SendRequest: _TypeAlias = SendRequest  # noqa: Y015
 
 @_typing.final
 class SendResponse(_message.Message):
-    """The acknowledgement of one batch: every recipient's outcome is durable when it is sent."""
+    """The acknowledgement of one batch (every recipient's outcome is durable when it is sent), or the
+    refusal that ends the stream.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -485,6 +495,7 @@ class SendResponse(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     DEFERRED_FIELD_NUMBER: _builtins.int
     NEXT_WINDOW_TIME_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The acknowledged batch's sequence number."""
     sent: _builtins.int
@@ -507,6 +518,15 @@ class SendResponse(_message.Message):
     def next_window_time(self) -> _timestamp_pb2.Timestamp:
         """The earliest next opening of the send window among the deferred recipients."""
 
+    @_builtins.property
+    def refusal(self) -> Global___SendRefusal:
+        """Set on the last response of a stream the worker refuses (a bad header or batch, or a failure that
+        ends the stream), when its header set `accepts_refusal`: the status the stream then ends with. A
+        client that reads it stops writing and half-closes; the worker ends the stream with this status
+        once the client has half-closed (or after a grace period). No acknowledgement fields are set on
+        such a response.
+        """
+
     def __init__(
         self,
         *,
@@ -517,14 +537,52 @@ class SendResponse(_message.Message):
         failed: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         deferred: _builtins.int = ...,
         next_window_time: _timestamp_pb2.Timestamp | None = ...,
+        refusal: Global___SendRefusal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["next_window_time", b"next_window_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_window_time", b"next_window_time", "refusal", b"refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_sent", b"already_sent", "deferred", b"deferred", "failed", b"failed", "next_window_time", b"next_window_time", "sent", b"sent", "sequence", b"sequence", "skipped", b"skipped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_sent", b"already_sent", "deferred", b"deferred", "failed", b"failed", "next_window_time", b"next_window_time", "refusal", b"refusal", "sent", b"sent", "sequence", b"sequence", "skipped", b"skipped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SendResponse: _TypeAlias = SendResponse  # noqa: Y015
+
+@_typing.final
+class SendRefusal(_message.Message):
+    """Why a Send stream is refused: a `google.rpc.Status`, field for field (the same wire format, so a
+    client may decode it as one), with the `ErrorInfo` and `BadRequest` details of the final status.
+    It is declared here because the contracts are built without the googleapis protos.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The status code, a `google.rpc.Code` value."""
+    message: _builtins.str
+    """The status message."""
+    @_builtins.property
+    def details(self) -> _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]:
+        """The status details: an `ErrorInfo` (reason and domain), and a `BadRequest` naming the fields of
+        bad input.
+        """
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        details: _abc.Iterable[_any_pb2.Any] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendRefusal: _TypeAlias = SendRefusal  # noqa: Y015
 
 @_typing.final
 class FeedbackEvent(_message.Message):

@@ -110,6 +110,11 @@ class DeliveryServiceServicer:
         its capping slot in the profile service atomically before it is sent, so activities sending at
         the same time never push a profile over a cap (the loser is skipped CAPPED). Every sent or
         failed message also becomes a message log in the audience service, delivered in the background.
+        A refused stream (a bad header or batch, or a failure that ends it) whose header sets
+        `accepts_refusal` gets a last response with `refusal` set before it ends: the client stops writing
+        and half-closes, then the stream ends with that status (grpcio's asyncio client may report INTERNAL
+        instead of a status received while it is still writing, grpc/grpc#36066; the refusal arrives as a
+        message, so it is never lost).
         Errors: INVALID_ARGUMENT (no header first, a channel this worker does not serve, a bad batch),
         NOT_FOUND (unknown template), FAILED_PRECONDITION (the template is of another channel),
         UNAVAILABLE (the profile service cannot be reached).

@@ -292,7 +292,8 @@ def copy_floor(url: str, n: int) -> float:
 # each, arrays in, no Python service around them) on the run's tables, batch by batch on one connection.
 # (1) profile_stub's check and reserve: each identity's profile (locked, as reservers lock it), its
 # addresses, consent, quarantine, attributes and sends counted against the cap, then the reservations;
-# (2) the ledger rows written pending (no lookup first: a conflict is a replay); (3) the ledger rows
+# (2) the ledger rows written pending (plain inserts, as no key is taken: no lookup first, no conflict
+# check; the services insert so too, and fall back on a conflict); (3) the ledger rows
 # marked sent, and their message logs queued (one batch row); (4) the reservations recorded as
 # communications. The message ids and the ledger run are the floor's own, so no row of the run is touched.
 DESIGN_CHECK = """
@@ -320,7 +321,6 @@ INSERT INTO communications (sandbox, message_id, profile_id, channel, category, 
                             expire_time, count_time)
 SELECT %(sandbox)s, m, p, 'email', 'marketing', '', %(run)s, 'email1', now(), now() + interval '1 hour', now()
 FROM unnest(%(messages)s::text[], %(profiles)s::text[]) AS t(m, p)
-ON CONFLICT DO NOTHING
 """
 DESIGN_LEDGER = """
 INSERT INTO send_ledger (id, sandbox, campaign, run, activity, profile_key, entity_key, channel, status, reason,
@@ -328,7 +328,6 @@ INSERT INTO send_ledger (id, sandbox, campaign, run, activity, profile_key, enti
 SELECT m, %(sandbox)s, 'campaigns/bench', %(run)s, 'email1', p, '', 'email', 'pending', '', a, now(), now(), '',
        'email', a
 FROM unnest(%(messages)s::text[], %(profiles)s::text[], %(values)s::text[]) AS t(m, p, a)
-ON CONFLICT DO NOTHING
 """
 DESIGN_MARK = """
 UPDATE send_ledger SET status = 'sent', update_time = now(), sent_time = now() WHERE id = ANY(%(messages)s::text[])
@@ -344,9 +343,28 @@ WHERE sandbox = %(sandbox)s AND message_id = ANY(%(messages)s::text[]) AND expir
 """
 
 
-def design_floor(url: str, schemas: dict[str, str], n: int, batch: int) -> tuple[float, float]:
+class StepClock:
+    """Wall time and the CPU time of one PostgreSQL backend, summed per named step."""
+
+    def __init__(self, backend_pid: int) -> None:
+        self.backend_pid = backend_pid
+        self.steps: dict[str, tuple[float, float]] = {}
+        self._at = (time.perf_counter(), process_cpu_seconds(backend_pid))
+
+    def lap(self, step: str) -> None:
+        """Charge the time since the last lap to ``step``."""
+        now = (time.perf_counter(), process_cpu_seconds(self.backend_pid))
+        wall, cpu = self.steps.get(step, (0.0, 0.0))
+        self.steps[step] = (wall + now[0] - self._at[0], cpu + now[1] - self._at[1])
+        self._at = (time.perf_counter(), process_cpu_seconds(self.backend_pid))  # (reading /proc not charged)
+
+
+def design_floor(
+    url: str, schemas: dict[str, str], n: int, batch: int
+) -> tuple[float, float, dict[str, tuple[float, float]]]:
     """The pipeline's transactions per batch as hand-written SQL on the run's tables (see DESIGN_CHECK):
-    (wall seconds, PostgreSQL CPU seconds) for all n recipients."""
+    wall seconds and PostgreSQL CPU seconds (every process) for all n recipients, and per step its wall
+    seconds and its backend's CPU seconds."""
     run_name = "campaigns/bench/runs/design-floor"
     with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute(f'SET search_path TO "{schemas["profile"]}", "{schemas["delivery"]}"')
@@ -357,29 +375,34 @@ def design_floor(url: str, schemas: dict[str, str], n: int, batch: int) -> tuple
             "ANALYZE profiles, profile_identities, consents, address_quarantines, profile_attributes, communications,"
             " send_ledger, message_log_batches"
         )
-        wall, cpu_before = 0.0, postgres_cpu_seconds()
+        started, cpu_before = time.perf_counter(), postgres_cpu_seconds()
+        clock = StepClock(conn.info.backend_pid)
         for start in range(0, n, batch):
             ids = range(start, min(n, start + batch))
             values = [address(i) for i in ids]
-            started = time.perf_counter()
             with conn.transaction():
                 rows = conn.execute(DESIGN_CHECK, {"values": values, "sandbox": "bench"}).fetchall()
                 allowed = sorted((int(r[0]) - 1, str(r[1])) for r in rows if r[6] == "opted_in" and not r[7])
                 messages = [f"floor-{start + index}" for index, _ in allowed]
                 profiles = [profile for _, profile in allowed]
                 params = {"sandbox": "bench", "run": run_name, "messages": messages, "profiles": profiles}
+                clock.lap("check (read, locks)")
                 conn.execute(DESIGN_RESERVE, params)
+            clock.lap("reserve (insert, commit)")
             with conn.transaction():
                 conn.execute(DESIGN_LEDGER, {**params, "values": [values[index] for index, _ in allowed]})
+            clock.lap("ledger write")
             with conn.transaction():
                 conn.execute(DESIGN_MARK, params)
                 conn.execute(DESIGN_LOGS, {"sandbox": "bench", "ids": json.dumps(messages), "size": len(messages)})
+            clock.lap("mark sent, queue logs")
             with conn.transaction():
                 conn.execute(DESIGN_RECORD, params)
-            wall += time.perf_counter() - started
+            clock.lap("record")
             if len(messages) != len(ids):
                 raise SystemExit(f"the design floor allowed {len(messages)} of {len(ids)} recipients")
-        return wall, postgres_cpu_seconds() - cpu_before
+        wall = time.perf_counter() - started
+        return wall, postgres_cpu_seconds() - cpu_before, clock.steps
 
 
 def stage_seconds(log: Path) -> dict[str, float]:
@@ -527,7 +550,7 @@ def run(
         # The fastest of three: one run of the floor varies by a third on a shared machine, and the fastest
         # is the floor's cost with the least noise in it (a stricter ratio than one run's).
         floor_s = min(copy_floor(url, n) for _ in range(3))
-        design_s, design_cpu = design_floor(url, schemas, n, batch)
+        design_s, design_cpu, design_steps = design_floor(url, schemas, n, batch)
         files_floor = outbox_floor(outbox_root, min(n, 5000), mean_size or 1000) if fmt == "eml" else 0.0
         rate, floor_rate = sent / send_s, n / floor_s
         stages = stage_seconds(workdir / "delivery_svc.log")
@@ -552,6 +575,8 @@ def run(
             f"  (that CPU alone caps any implementation of this design at {bound:,.0f} msg/s on {os.cpu_count()}"
             f" cores: {bound / floor_rate:.0%} of the COPY floor)"
         )
+        for step, (step_s, step_cpu) in design_steps.items():
+            print(f"  {step:<26} {step_s / n * 1e6:>6,.0f} us, backend CPU {step_cpu / n * 1e6:>4,.0f} us per message")
         if fmt == "eml":
             print(
                 f"outbox file floor files/s {files_floor:>12,.0f}  ({mean_size:,} B files;"

@@ -392,6 +392,10 @@ class SendSession:
         self.extract_stream = stream_name(sandbox, header.run, header.activity)
         # The ledger keys of the batch being transmitted, and its transmission.
         self._in_flight: tuple[frozenset[LedgerKey], asyncio.Future[SentBatch]] | None = None
+        # Addresses the provider refused permanently during this stream: quarantined by the profile
+        # service, but a batch checked ahead of the refusal still holds them as allowed (a profile with a
+        # record in two batches of a multi-entity send). Such messages are skipped, never attempted.
+        self._refused: set[str] = set()
 
     async def close(self) -> None:
         """The stream ended cleanly: complete what the provider keeps open for it (the last extract
@@ -737,11 +741,18 @@ class SendSession:
         report = None
         marked: set[str] = set()  # marked sent as the provider accepted them (providers with mark_each_send)
         by_id = {job.message_id: job for job in jobs}
-        if prepared.emails:
+        emails, quarantined = prepared.emails, []
+        if self._refused:  # refused by the provider earlier in this stream, after this batch's check
+            refused = self._refused
+            quarantined = [e.message_id for e in emails if by_id[e.message_id].verdict.address in refused]
+            if quarantined:
+                skipped = set(quarantined)
+                emails = [e for e in emails if e.message_id not in skipped]
+        if emails:
             report = await asyncio.to_thread(
                 deliver_batch,
                 pipeline.provider,
-                prepared.emails,
+                emails,
                 pipeline.retry,
                 throttles=(self.bucket, pipeline.provider_bucket),
                 clock=pipeline.clock,
@@ -751,8 +762,16 @@ class SendSession:
             )
         timings["send"] = time.perf_counter() - started
         started = time.perf_counter()
+        if quarantined:
+            report = report or DeliveryReport()
+            to_release += [mid for mid in quarantined if mid in prepared.reserved]
         if report is not None:
-            await self._mark(report, ack, by_id, marked)
+            await self._mark(report, ack, by_id, marked, quarantined)
+            self._refused.update(
+                by_id[mid].verdict.address
+                for mid, reason in report.failed.items()
+                if reason == PROVIDER_PERMANENT and mid in by_id
+            )
             await self._quarantine(report, by_id)
             to_record += [(mid, profiles[mid]) for mid in report.sent if mid in profiles]
             to_release += [mid for mid in report.failed if mid in prepared.reserved]
@@ -844,12 +863,21 @@ class SendSession:
         }
 
     async def _mark(
-        self, report: DeliveryReport, ack: BatchAck, jobs: Mapping[str, _Job], marked: Set[str] = frozenset()
+        self,
+        report: DeliveryReport,
+        ack: BatchAck,
+        jobs: Mapping[str, _Job],
+        marked: Set[str] = frozenset(),
+        quarantined: Sequence[str] = (),
     ) -> None:
-        """Mark the batch's outcomes (but the sends already in ``marked``) in one transaction and count them.
-        The sends, most of a batch, are marked and logged as one group (no object per message)."""
+        """Mark the batch's outcomes (but the sends already in ``marked``), and the messages skipped as
+        ``quarantined`` (never given to the provider), in one transaction and count them. The sends, most
+        of a batch, are marked and logged as one group (no object per message)."""
         sent = [mid for mid in report.sent if mid not in marked] if marked else list(report.sent)
         changes = [StatusChange(mid, FAILED, reason) for mid, reason in report.failed.items()]
+        if quarantined:
+            changes += [StatusChange(mid, SKIPPED, QUARANTINED) for mid in quarantined]
+            ack.skipped[QUARANTINED] += len(quarantined)
         now, sandbox, logged = self.pipeline.clock.now(), self.sandbox, self._logged
         logs: list[LogEvent | LogGroup] = [
             LogEvent(sandbox, mid, "failed", now, logged(jobs.get(mid))) for mid in report.failed

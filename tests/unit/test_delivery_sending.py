@@ -381,3 +381,30 @@ async def test_a_permanent_refusal_is_forwarded_once_as_a_hard_bounce_for_quaran
     assert [(t.kind, t.address, t.profile_key, t.channel) for t in forwarder.targets] == [
         ("hard_bounce", "gone@example.com", "gone", "email")
     ]
+
+
+async def test_an_address_refused_in_a_stream_is_skipped_by_a_batch_checked_before_the_refusal(rig: Rig) -> None:
+    # A stream checks a batch while the one before is sent (read-ahead): the profile service quarantined
+    # the refused address too late for that check, so the session itself must not attempt it again.
+    rig.allow("ok@example.com")
+    rig.allow("gone@example.com")
+    rig.provider.permanent.add("gone@example.com")
+    first = [Recipient("email", "gone@example.com", "b1"), Recipient("email", "ok@example.com", "b1")]
+    second = [Recipient("email", "gone@example.com", "b2"), Recipient("email", "ok@example.com", "b2")]
+    session = await rig.pipeline.open(SANDBOX, HEADER)
+    checked_first, checked_second = session.start_check(first), session.start_check(second)
+
+    acks = [
+        await session.finish(await session.send(1, first, checked_first)),
+        await session.finish(await session.send(2, second, checked_second)),
+    ]
+
+    assert [(a.sent, dict(a.failed), dict(a.skipped)) for a in acks] == [
+        (1, {"PROVIDER_PERMANENT": 1}, {}),
+        (1, {}, {"QUARANTINED": 1}),
+    ]
+    assert rig.provider.attempts == Counter({"gone@example.com": 1, "ok@example.com": 2})
+    entries = {(e.profile_key, e.entity_key): e for e in rig.ledger.entries(SANDBOX, HEADER.run, HEADER.activity)}
+    skipped = entries[("gone", "b2")]
+    assert (skipped.status, skipped.reason) == ("skipped", "QUARANTINED")
+    assert skipped.message_id in rig.gateway.released  # its capping reservation does not keep counting

@@ -785,7 +785,6 @@ class ProfileStore:
         if violations:
             raise InvalidArgument("invalid delivery events", violations=violations, reason="INVALID_EVENT")
         events_t = DeliveryEventRow.__table__  # type: ignore[attr-defined]
-        identity_t = IdentityRow.__table__  # type: ignore[attr-defined]
         now = utcnow()
         with self.database.engine.begin() as conn:
             custom_plans(conn)
@@ -805,26 +804,45 @@ class ProfileStore:
                 if e.event_id not in seen:
                     seen.add(e.event_id)
                     fresh.append(e)
-            profiles = self._load_profiles(conn, sandbox, list({e.profile_id for e in fresh if e.profile_id}))
+            # What the events need, read for the whole call: the addresses of the events that name only a
+            # profile, the owners of the opt-outs that name only an address, whether those profiles exist,
+            # and the recorded state of every address that bounced or was delivered to.
+            profiles = self._load_profiles(
+                conn, sandbox, list({e.profile_id for e in fresh if e.profile_id and not e.address})
+            )
+            addresses = [
+                e.address or (profiles[e.profile_id].address(e.channel) or "" if e.profile_id in profiles else "")
+                for e in fresh
+            ]
+            owners = self._identity_owners(
+                conn,
+                sandbox,
+                [
+                    (ADDRESS_NAMESPACE[e.channel], address)
+                    for e, address in zip(fresh, addresses, strict=True)
+                    if e.kind in OPT_OUT_KINDS and not e.profile_id and address
+                ],
+            )
+            opting_out = [
+                e.profile_id or owners.get((ADDRESS_NAMESPACE[e.channel], address), "")
+                for e, address in zip(fresh, addresses, strict=True)
+            ]
+            asked = [pid for e, pid in zip(fresh, opting_out, strict=True) if e.kind in OPT_OUT_KINDS and pid]
+            missing = self._missing_profiles(conn, sandbox, asked) if asked else set()
             states: dict[tuple[str, str], Quarantine] = {}
-            existing: dict[str, set[str]] = {}
+            for channel in CHANNELS:
+                bounced = [
+                    a
+                    for e, a in zip(fresh, addresses, strict=True)
+                    if a and e.channel == channel and e.kind not in OPT_OUT_KINDS
+                ]
+                if bounced:
+                    loaded = quarantine.load(conn, sandbox, channel, bounced)
+                    states.update(((channel, a), loaded.get(a) or Quarantine(channel, a)) for a in bounced)
             log_rows = []
-            for e in fresh:
-                address = e.address
-                if not address and e.profile_id in profiles:
-                    address = profiles[e.profile_id].address(e.channel) or ""
-                profile_id = e.profile_id
-                if not profile_id and address:
-                    profile_id = (
-                        conn.execute(
-                            sa.select(identity_t.c.profile_id).where(
-                                identity_t.c.sandbox == sandbox,
-                                identity_t.c.namespace == ADDRESS_NAMESPACE[e.channel],
-                                identity_t.c.value == address,
-                            )
-                        ).scalar()
-                        or ""
-                    )
+            consents = []
+            changed: dict[tuple[str, str], Quarantine] = {}
+            for e, address, profile_id in zip(fresh, addresses, opting_out, strict=True):
                 log_rows.append(
                     {
                         "sandbox": sandbox,
@@ -836,9 +854,8 @@ class ProfileStore:
                     }
                 )
                 if e.kind in OPT_OUT_KINDS:
-                    if profile_id and self._profile_exists(conn, sandbox, profile_id):
-                        self._write_consent(
-                            conn,
+                    if profile_id and profile_id not in missing:
+                        consents.append(
                             {
                                 "sandbox": sandbox,
                                 "profile_id": profile_id,
@@ -846,22 +863,17 @@ class ProfileStore:
                                 "state": "opted_out",
                                 "source": e.source or e.kind,
                                 "update_time": now,
-                            },
+                            }
                         )
                     continue
                 if not address:
                     continue  # a forgotten profile, or one without an address on the channel
                 key = (e.channel, address)
-                if key not in states:
-                    loaded = quarantine.load(conn, sandbox, e.channel, [address])
-                    if address in loaded:
-                        existing.setdefault(e.channel, set()).add(address)
-                    states[key] = loaded.get(address) or Quarantine(e.channel, address)
-                quarantine.apply(states[key], e.kind, self.soft_bounce_limit, now)
-            for channel in CHANNELS:
-                changed = [s for (c, _), s in states.items() if c == channel]
-                if changed:
-                    quarantine.save(conn, sandbox, changed, existing.get(channel, set()))
+                changed[key] = quarantine.apply(states[key], e.kind, self.soft_bounce_limit, now)
+            if consents:
+                self._write_consents(conn, consents)
+            if changed:
+                quarantine.save(conn, sandbox, list(changed.values()), postgres=self.database.is_postgres)
             if log_rows:
                 conn.execute(events_t.insert(), log_rows)
         return len(log_rows)
@@ -1110,17 +1122,6 @@ class ProfileStore:
             raise InvalidArgument("channel must be set", field="channel")
         if not address:
             raise InvalidArgument("address must be set", field="address")
-
-    @staticmethod
-    def _profile_exists(conn: sa.Connection, sandbox: str, profile_id: str) -> bool:
-        return (
-            conn.execute(
-                sa.select(ProfileRow.profile_id).where(  # type: ignore[call-overload]
-                    ProfileRow.sandbox == sandbox, ProfileRow.profile_id == profile_id
-                )
-            ).scalar()
-            is not None
-        )
 
     def _lock_counters(self, conn: sa.Connection, sandbox: str, profile_ids: Sequence[str]) -> None:
         """Serialize the reservers of ``profile_ids`` on SQLite: the first write (the counter rows'

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from carillon_chassis.database import as_utc
-from profile_stub.keysets import key_chunks, per_key
+from profile_stub.keysets import SQLITE_CHUNK, key_chunks, per_key
 from profile_stub.tables import QuarantineRow
 
 EVENT_KINDS = ("delivered", "soft_bounce", "hard_bounce", "complaint", "unsubscribe")
@@ -94,22 +95,29 @@ def apply(state: Quarantine, kind: str, soft_bounce_limit: int, now: datetime) -
     return state
 
 
-def save(conn: sa.Connection, sandbox: str, states: Sequence[Quarantine], existing: set[str]) -> None:
-    """Write states; ``existing`` names the addresses that already have a row."""
+def save(conn: sa.Connection, sandbox: str, states: Sequence[Quarantine], *, postgres: bool) -> None:
+    """Write states (one per address), in one upsert per 500 addresses."""
     table = _table()
-    for s in states:
-        values = {
+    statement = (postgresql.insert if postgres else sqlite.insert)(table)
+    statement = statement.on_conflict_do_update(
+        index_elements=[c.name for c in table.primary_key.columns],
+        set_={
+            name: statement.excluded[name]
+            for name in ("soft_bounces", "quarantined", "reason", "quarantine_time", "update_time")
+        },
+    )
+    rows = [
+        {
+            "sandbox": sandbox,
+            "channel": s.channel,
+            "address": s.address,
             "soft_bounces": s.soft_bounces,
             "quarantined": s.quarantined,
             "reason": s.reason,
             "quarantine_time": s.quarantine_time,
             "update_time": s.update_time,
         }
-        if s.address in existing:
-            conn.execute(
-                table.update()
-                .where(table.c.sandbox == sandbox, table.c.channel == s.channel, table.c.address == s.address)
-                .values(**values)
-            )
-        else:
-            conn.execute(table.insert().values(sandbox=sandbox, channel=s.channel, address=s.address, **values))
+        for s in states
+    ]
+    for start in range(0, len(rows), SQLITE_CHUNK):
+        conn.execute(statement, rows[start : start + SQLITE_CHUNK])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import sqlalchemy as sa
 
 from carillon_chassis.database import Database
 from carillon_chassis.errors import InvalidArgument
@@ -114,3 +115,89 @@ def test_an_event_without_a_type_is_refused_and_nothing_is_applied(store: Profil
 def test_the_soft_bounce_limit_must_be_between_1_and_20(store: ProfileStore) -> None:
     with pytest.raises(ValueError):
         ProfileStore(store.database, soft_bounce_limit=21)
+
+
+def _people(store: ProfileStore, n: int) -> list[str]:
+    """``n`` profiles p0.. with an email address p<i>@example.com and opt-in email consent."""
+    people = [
+        Profile(f"p{i}", [("email", f"p{i}@example.com")], consents=[Consent("email", "opted_in", "form")])
+        for i in range(n)
+    ]
+    store.upsert_profiles("prod", people)
+    return [p.profile_id for p in people]
+
+
+NO_TIMES = {"update_time": None, "quarantine_time": None}  # the times of the calls differ
+
+
+def _mixed_feedback(ids: list[str], prefix: str) -> list[DeliveryEvent]:
+    """Per profile, in order: two soft bounces and a delivery by address, a hard bounce by profile, an
+    unsubscribe by address (its owner looked up) and a complaint for a profile that does not exist."""
+    events = []
+    for pid in ids:
+        address = f"{pid}@example.com"
+        events += [
+            event(f"{prefix}{pid}-1", "soft_bounce", address),
+            event(f"{prefix}{pid}-2", "soft_bounce", address),
+            event(f"{prefix}{pid}-3", "delivered", address),
+            event(f"{prefix}{pid}-4", "hard_bounce", "", profile_id=pid),
+            event(f"{prefix}{pid}-5", "unsubscribe", address, source="link"),
+            event(f"{prefix}{pid}-6", "complaint", "", profile_id=f"gone-{pid}"),
+        ]
+    return events
+
+
+def test_a_call_reads_and_writes_the_same_number_of_statements_whatever_its_number_of_events(
+    store: ProfileStore,
+) -> None:
+    ids = _people(store, 30)
+    statements: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    sa.event.listen(store.database.engine, "before_cursor_execute", count)
+    try:
+        store.record_delivery_events("prod", _mixed_feedback(ids[:2], "a"))
+        few = len(statements)
+        statements.clear()
+        store.record_delivery_events("prod", _mixed_feedback(ids[2:], "b"))
+        many = len(statements)
+    finally:
+        sa.event.remove(store.database.engine, "before_cursor_execute", count)
+
+    assert many == few  # 12 events or 168: one statement per kind of read and write, not per event
+
+
+def test_events_applied_in_one_call_end_as_applied_one_call_each(
+    make_database: Callable[[str], Database],
+) -> None:
+    ends = []
+    for one_call in (True, False):
+        database = make_database(f"profile_{'one' if one_call else 'each'}")
+        database.migrate(MIGRATIONS)
+        store = ProfileStore(database, soft_bounce_limit=3)
+        ids = _people(store, 3)
+        events = [*_mixed_feedback(ids, "e"), event("late", "soft_bounce", "p1@example.com")]
+        if one_call:
+            assert store.record_delivery_events("prod", events) == len(events)
+        else:
+            assert sum(store.record_delivery_events("prod", [e]) for e in events) == len(events)
+        ends.append(
+            [
+                (
+                    vars(store.get_quarantine("prod", "email", f"{pid}@example.com")) | NO_TIMES,
+                    [(c.channel, c.state, c.source) for c in store.get_profile("prod", pid).consents],
+                )
+                for pid in ids
+            ]
+        )
+
+    assert ends[0] == ends[1]
+    quarantine_state, consents = ends[0][1]
+    assert (quarantine_state["quarantined"], quarantine_state["reason"], quarantine_state["soft_bounces"]) == (
+        True,
+        "hard_bounce",
+        1,
+    )
+    assert consents == [("email", "opted_out", "link")]

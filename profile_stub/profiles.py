@@ -830,6 +830,7 @@ class ProfileStore:
             asked = [pid for e, pid in zip(fresh, opting_out, strict=True) if e.kind in OPT_OUT_KINDS and pid]
             missing = self._missing_profiles(conn, sandbox, asked) if asked else set()
             states: dict[tuple[str, str], Quarantine] = {}
+            existing: set[tuple[str, str]] = set()
             for channel in CHANNELS:
                 bounced = [
                     a
@@ -837,7 +838,8 @@ class ProfileStore:
                     if a and e.channel == channel and e.kind not in OPT_OUT_KINDS
                 ]
                 if bounced:
-                    loaded = quarantine.load(conn, sandbox, channel, bounced)
+                    loaded = quarantine.load(conn, sandbox, channel, bounced, lock=True)
+                    existing.update((channel, a) for a in loaded)
                     states.update(((channel, a), loaded.get(a) or Quarantine(channel, a)) for a in bounced)
             log_rows = []
             consents = []
@@ -873,7 +875,7 @@ class ProfileStore:
             if consents:
                 self._write_consents(conn, consents)
             if changed:
-                quarantine.save(conn, sandbox, list(changed.values()), postgres=self.database.is_postgres)
+                quarantine.save(conn, sandbox, list(changed.values()), existing)
             if log_rows:
                 conn.execute(events_t.insert(), log_rows)
         return len(log_rows)

@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from carillon_chassis.database import as_utc
-from profile_stub.keysets import SQLITE_CHUNK, key_chunks, per_key
+from profile_stub.keysets import KeyMatch, key_chunks, per_key
 from profile_stub.tables import QuarantineRow
 
 EVENT_KINDS = ("delivered", "soft_bounce", "hard_bounce", "complaint", "unsubscribe")
@@ -53,21 +53,23 @@ def _table() -> sa.Table:
     return QuarantineRow.__table__  # type: ignore[attr-defined,no-any-return]
 
 
-def load(conn: sa.Connection, sandbox: str, channel: str, addresses: Iterable[str]) -> dict[str, Quarantine]:
-    """The recorded state of each address that has one."""
+def load(
+    conn: sa.Connection, sandbox: str, channel: str, addresses: Iterable[str], *, lock: bool = False
+) -> dict[str, Quarantine]:
+    """The recorded state of each address that has one. With ``lock`` (PostgreSQL), each row is locked
+    as it is read, in address order, until commit: callers that read a state, apply events to it and
+    write it back serialize on the address instead of overwriting each other's result."""
     table = _table()
-    wanted = list(dict.fromkeys(addresses))
+    wanted = sorted(set(addresses)) if lock else list(dict.fromkeys(addresses))
     found: dict[str, Quarantine] = {}
     postgres = conn.dialect.name == "postgresql"
+
+    def query(match: KeyMatch) -> sa.Select[Any]:
+        select = sa.select(table).where(table.c.sandbox == sandbox, table.c.channel == channel, match(table.c.address))
+        return select.with_for_update() if lock and postgres else select
+
     for chunk in key_chunks(wanted, postgres):
-        statement = per_key(  # one primary-key probe per address
-            conn,
-            chunk,
-            lambda match: sa.select(table).where(
-                table.c.sandbox == sandbox, table.c.channel == channel, match(table.c.address)
-            ),
-            unique=True,
-        )
+        statement = per_key(conn, chunk, query, unique=True)  # one primary-key probe per address
         for r in conn.execute(statement).mappings():
             found[r["address"]] = Quarantine(
                 channel=r["channel"],
@@ -95,17 +97,12 @@ def apply(state: Quarantine, kind: str, soft_bounce_limit: int, now: datetime) -
     return state
 
 
-def save(conn: sa.Connection, sandbox: str, states: Sequence[Quarantine], *, postgres: bool) -> None:
-    """Write states (one per address), in one upsert per 500 addresses."""
+def save(conn: sa.Connection, sandbox: str, states: Sequence[Quarantine], existing: set[tuple[str, str]]) -> None:
+    """Write states (one per channel and address); ``existing`` names the (channel, address) pairs that
+    have a row already (read, and on PostgreSQL locked, by :func:`load`). The others are inserted: when
+    another call inserted the same address meanwhile, the insert fails (the call is then retried and
+    reads that state) rather than overwrite it. One statement for the inserts, one for the updates."""
     table = _table()
-    statement = (postgresql.insert if postgres else sqlite.insert)(table)
-    statement = statement.on_conflict_do_update(
-        index_elements=[c.name for c in table.primary_key.columns],
-        set_={
-            name: statement.excluded[name]
-            for name in ("soft_bounces", "quarantined", "reason", "quarantine_time", "update_time")
-        },
-    )
     rows = [
         {
             "sandbox": sandbox,
@@ -119,5 +116,20 @@ def save(conn: sa.Connection, sandbox: str, states: Sequence[Quarantine], *, pos
         }
         for s in states
     ]
-    for start in range(0, len(rows), SQLITE_CHUNK):
-        conn.execute(statement, rows[start : start + SQLITE_CHUNK])
+    new: list[dict[str, Any]] = []
+    old: list[dict[str, Any]] = []
+    for row in rows:
+        if (row["channel"], row["address"]) in existing:
+            old.append({f"b_{name}": value for name, value in row.items()})
+        else:
+            new.append(row)
+    if new:
+        conn.execute(table.insert(), new)
+    if old:
+        keys = ("sandbox", "channel", "address")
+        conn.execute(
+            table.update()
+            .where(*(table.c[name] == sa.bindparam(f"b_{name}") for name in keys))
+            .values({name: sa.bindparam(f"b_{name}") for name in rows[0] if name not in keys}),
+            old,
+        )

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from carillon_chassis.database import Database
 from carillon_chassis.errors import InvalidArgument
+from profile_stub import quarantine
 from profile_stub.profiles import Consent, Profile, ProfileStore
-from profile_stub.quarantine import DeliveryEvent
+from profile_stub.quarantine import DeliveryEvent, Quarantine
 from profile_stub.tables import MIGRATIONS
 
 ANN = Profile("ann", [("crm_id", "c1"), ("email", "ann@example.com")], consents=[Consent("email", "opted_in", "form")])
@@ -201,3 +205,71 @@ def test_events_applied_in_one_call_end_as_applied_one_call_each(
         1,
     )
     assert consents == [("email", "opted_out", "link")]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_concurrent_calls_on_a_recorded_address_both_count(
+    store: ProfileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first call holds the state it read while the second reads it: the second must wait for the
+    # first's write (its row lock), not apply its soft bounce to the stale state and overwrite it.
+    store.record_delivery_events("prod", [event("e0", "soft_bounce")])
+    real_load, first_read = quarantine.load, threading.Event()
+
+    def load(*args: Any, **kwargs: Any) -> dict[str, Quarantine]:
+        found = real_load(*args, **kwargs)
+        if threading.current_thread().name == "first":
+            first_read.set()
+            time.sleep(0.5)
+        return found
+
+    monkeypatch.setattr(quarantine, "load", load)
+    threads = [
+        threading.Thread(
+            target=store.record_delivery_events, args=("prod", [event(f"e-{name}", "soft_bounce")]), name=name
+        )
+        for name in ("first", "second")
+    ]
+    threads[0].start()
+    assert first_read.wait(5)
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+
+    state = store.get_quarantine("prod", "email", "ann@example.com")
+    assert (state.soft_bounces, state.quarantined) == (3, True)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_delivery_racing_a_hard_bounce_on_a_new_address_never_lifts_its_quarantine(
+    store: ProfileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both calls find no state for the address; the hard bounce writes first. The delivery's write must
+    # fail (its call is retried, and then reads the quarantine) rather than overwrite it.
+    real_load, both_read = quarantine.load, threading.Barrier(2)
+
+    def load(*args: Any, **kwargs: Any) -> dict[str, Quarantine]:
+        found = real_load(*args, **kwargs)
+        both_read.wait(5)
+        if threading.current_thread().name == "delivered":
+            time.sleep(0.5)
+        return found
+
+    monkeypatch.setattr(quarantine, "load", load)
+    errors: list[BaseException] = []
+
+    def record(kind: str) -> None:
+        try:
+            store.record_delivery_events("prod", [event(f"e-{kind}", kind, "new@example.com")])
+        except sa.exc.IntegrityError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=record, args=(kind,), name=kind) for kind in ("hard_bounce", "delivered")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    monkeypatch.setattr(quarantine, "load", real_load)
+
+    assert len(errors) == 1
+    assert store.get_quarantine("prod", "email", "new@example.com").quarantined

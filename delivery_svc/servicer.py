@@ -353,6 +353,7 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
         """The acknowledgements of the batches that ``reader`` queues in ``ahead`` (see :meth:`Send`);
         whatever error ends the stream is raised once every batch is finished or released."""
         transmitting: asyncio.Future[SentBatch] | None = None
+        unfinished: SentBatch | None = None  # transmitted, its finish not started yet
         finishing: asyncio.Future[BatchAck] | None = None
         prepared: Prepared | None = None  # prepared, not yet transmitting
         try:
@@ -373,11 +374,12 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
                             prepared = preparing.result()
                         raise
                 if transmitting is not None:  # the batch before, transmitted (or now awaited): its finish starts
-                    sent = await self._deliver_to_the_end(transmitting)
+                    sent = unfinished = await self._deliver_to_the_end(transmitting)
                     transmitting = None
                     if finishing is not None:
                         yield ack_to_proto(await self._deliver_to_the_end(finishing))
                         finishing = None
+                    unfinished = None
                     if sent.unsent:  # the provider went away: nothing more is sent before this batch's error
                         await self._deliver_to_the_end(session.finish(sent))
                     finishing = asyncio.ensure_future(session.finish(sent))
@@ -409,6 +411,8 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
                 await asyncio.wait({transmitting})
                 if not transmitting.cancelled() and transmitting.exception() is None:
                     abandoned.append(asyncio.ensure_future(session.finish(transmitting.result())))
+            if unfinished is not None:  # transmitted while the batch before was acknowledged: it records too
+                abandoned.append(asyncio.ensure_future(session.finish(unfinished)))
             if finishing is not None:  # the stream went away: the batch still records what it sent
                 await asyncio.wait({finishing})
             if abandoned:

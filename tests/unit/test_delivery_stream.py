@@ -268,3 +268,33 @@ async def test_a_stream_cancelled_while_a_batch_is_prepared_releases_what_the_ba
     (reserved,) = gateway.reservations
     assert len(reserved) == 2 and sorted(gateway.released) == sorted(reserved)
     assert harness.provider.recipients() == []
+
+
+async def test_a_stream_cancelled_while_the_batch_before_records_its_history_still_records_the_last_batch(
+    harness: Harness, slow: SlowGateway
+) -> None:
+    # Batch 1 is transmitted while batch 0 records its history (held by the gate): the stream then waits
+    # for batch 0's acknowledgement before it starts batch 1's finish. Cancelled there, batch 1's sent
+    # message must still be recorded (its reservation confirmed), as a batch in flight is.
+    a = allow(slow, 2)
+    slow.gate.clear()
+    requests = [dpb.SendRequest(header=PROTO_HEADER), batch(0, a[0]), batch(1, a[1])]
+
+    async def consume() -> None:
+        async for _ in servicer(harness).Send(stream(requests), None):
+            pass
+
+    sending = asyncio.ensure_future(consume())
+    for _ in range(3000):  # both batches sent, batch 0's history held
+        if len(harness.provider.recipients()) == 2 and "record start 0" in slow.events:
+            break
+        await asyncio.sleep(0.01)
+    for _ in range(50):  # the stream reaches its wait for batch 0's acknowledgement
+        await asyncio.sleep(0)
+    sending.cancel()  # the caller goes away
+    slow.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+
+    assert harness.provider.recipients() == [a[0], a[1]]
+    assert sorted(c.profile_id for c in slow.recorded) == ["p0", "p1"]
